@@ -1,0 +1,233 @@
+"""
+Authentication shared by every protocol: the cred Portal, the realm, the
+password checker over the users file, and the throttling and logging of
+failed logins.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import os
+from typing import Any, Callable, Mapping
+
+from twisted.cred import credentials, error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from maild.accounts import Accounts, loginName
+from maild.names import InvalidName
+
+log = Logger()
+
+
+@implementer(IRealm)
+class MailRealm:
+    """
+    Gives a logged-in user the avatar each protocol asks for.
+
+    @param avatarFactories: for each interface served (C{IMessageDelivery},
+        C{pop3.IMailbox}, C{imap4.IAccount}), a callable taking the user's
+        address and returning the avatar.  An avatar with a C{logout}
+        method has it called when the session ends.
+    """
+
+    def __init__(self, avatarFactories: Mapping[type[Interface], Callable[[str], Any]]):
+        self.avatarFactories = dict(avatarFactories)
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8")
+        for iface in interfaces:
+            factory = self.avatarFactories.get(iface)
+            if factory is not None:
+                avatar = factory(avatarId)
+                return iface, avatar, getattr(avatar, "logout", lambda: None)
+        raise NotImplementedError(f"no avatar for {interfaces}")
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Checks user names and passwords against the users file.
+
+    Hash verification is slow by design, so it runs in a thread; a small
+    cache of recent successes (keyed by an HMAC of the password under a
+    per-process key, and dropped when the stored hash changes) spares
+    the clients that open many connections, as Thunderbird does.
+
+    @ivar defaultDomain: the domain of a login name given without one.
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+    CACHE_SIZE = 10_000
+
+    def __init__(self, accounts: Accounts, defaultDomain: str, reactor=None) -> None:
+        self.accounts = accounts
+        self.defaultDomain = defaultDomain
+        self.reactor = reactor
+        self._key = os.urandom(32)
+        self._cache: collections.OrderedDict[str, tuple[str, bytes]] = (
+            collections.OrderedDict()
+        )
+
+    def _digest(self, password: str) -> bytes:
+        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
+
+    def requestAvatarId(self, creds) -> defer.Deferred:
+        username = creds.username
+        password = creds.password
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        try:
+            address = loginName(username, self.defaultDomain)
+        except InvalidName:
+            return defer.fail(error.UnauthorizedLogin("invalid user name"))
+        stored = self.accounts.passwordHash(address)
+        digest = self._digest(password)
+        cached = self._cache.get(address)
+        if (
+            cached is not None
+            and stored is not None
+            and cached[0] == stored
+            and hmac.compare_digest(cached[1], digest)
+        ):
+            self._cache.move_to_end(address)
+            return defer.succeed(address)
+
+        def verified(ok: bool) -> str:
+            if not ok:
+                raise error.UnauthorizedLogin("bad credentials")
+            if stored is not None:
+                self._cache[address] = (stored, digest)
+                self._cache.move_to_end(address)
+                while len(self._cache) > self.CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            return address
+
+        if self.reactor is None:
+            from twisted.internet import reactor as defaultReactor
+
+            self.reactor = defaultReactor
+        d = threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            self.accounts.verify,
+            address,
+            password,
+        )
+        return d.addCallback(verified)
+
+
+class LoginThrottle:
+    """
+    Slows down password guessing per client address: each failure is
+    answered after a delay that starts at C{base} seconds and doubles with
+    every further failure from that address, up to C{maximum} (Dovecot's
+    schedule).  An address that stays quiet for C{forget} seconds, or logs
+    in successfully, starts again from C{base}.
+    """
+
+    def __init__(
+        self, clock, base: float = 2.0, maximum: float = 15.0, forget: float = 300.0
+    ) -> None:
+        self.clock = clock
+        self.base = base
+        self.maximum = maximum
+        self.forget = forget
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def failed(self, address: str) -> float:
+        """
+        Record a failure from C{address}.
+
+        @return: how long to wait before answering it.
+        """
+        now = self.clock.seconds()
+        count, last = self._failures.get(address, (0, now))
+        if now - last > self.forget:
+            count = 0
+        count += 1
+        self._failures[address] = (count, now)
+        if len(self._failures) > 100_000:
+            self._prune(now)
+        return min(self.base * 2 ** (count - 1), self.maximum)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+    def _prune(self, now: float) -> None:
+        for address, (_, last) in list(self._failures.items()):
+            if now - last > self.forget:
+                del self._failures[address]
+
+
+class Authenticator:
+    """
+    The one way every protocol logs a user in: the portal, then on failure
+    the throttling delay, and one log line per attempt that fail2ban can
+    match::
+
+        login failed: service=imap user=<alice@example.org> method=PLAIN rip=192.0.2.7
+    """
+
+    def __init__(self, portal: Portal, throttle: LoginThrottle) -> None:
+        self.portal = portal
+        self.throttle = throttle
+
+    def login(
+        self,
+        creds,
+        clientAddress: str,
+        service: str,
+        method: str,
+        *interfaces: type[Interface],
+    ) -> defer.Deferred:
+        """
+        @return: a Deferred firing with C{(interface, avatar, logout)}, or
+            failing with L{error.UnauthorizedLogin} after the throttling
+            delay.
+        """
+        username = creds.username
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        # Printable, bounded, without spaces: safe to put in a log line.
+        shown = "".join(c if c.isprintable() and c != " " else "?" for c in username[:128])
+
+        def succeeded(result):
+            self.throttle.succeeded(clientAddress)
+            log.info(
+                "login: service={service} user=<{user}> method={method} rip={rip}",
+                service=service,
+                user=shown,
+                method=method,
+                rip=clientAddress,
+            )
+            return result
+
+        def failed(reason):
+            if not reason.check(error.UnauthorizedLogin, error.UnhandledCredentials):
+                log.failure("login error", reason)
+            log.warn(
+                "login failed: service={service} user=<{user}> method={method} rip={rip}",
+                service=service,
+                user=shown,
+                method=method,
+                rip=clientAddress,
+            )
+            delay = self.throttle.failed(clientAddress)
+            d = defer.Deferred()
+            self.throttle.clock.callLater(
+                delay, d.errback, error.UnauthorizedLogin("authentication failed")
+            )
+            return d
+
+        d = self.portal.login(creds, None, *interfaces)
+        d.addCallbacks(succeeded, failed)
+        return d

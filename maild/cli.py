@@ -1,0 +1,141 @@
+"""
+The C{maild} command: manage users, check the configuration, send mail.
+
+    maild [--config maild.toml] [--data-dir DIR] user add|del|passwd|list [NAME] [--password-stdin]
+    maild [--config maild.toml] [--data-dir DIR] check
+    maild [--config maild.toml] [--data-dir DIR] send ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import IO
+
+from maild import client
+from maild.accounts import AccountError, Accounts
+from maild.config import Config, ConfigError, configFromOptions
+from maild.names import InvalidName, normalizeAddress
+from maild.store import MailStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maild", description="Manage a maild server.")
+    parser.add_argument("--config", "-c", help="configuration file (TOML)")
+    parser.add_argument("--data-dir", "-d", help="data folder (default ./maildata)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    user = commands.add_parser("user", help="add, delete, list users, change passwords")
+    actions = user.add_subparsers(dest="action", required=True)
+    for action, text in (("add", "add a user"), ("passwd", "change a user's password")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("name", help="user@domain (or a name in the first domain)")
+        sub.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input",
+        )
+    delete = actions.add_parser("del", help="delete a user (their mail stays on disk)")
+    delete.add_argument("name")
+    actions.add_parser("list", help="list the users")
+
+    commands.add_parser("check", help="validate the configuration and data folder")
+    send = commands.add_parser("send", help="send a message (interactive or scripted)")
+    client.addArguments(send)
+    return parser
+
+
+def _password(args, stdin: IO[str]) -> str:
+    if args.password_stdin:
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise AccountError("the passwords differ")
+    if not password:
+        raise AccountError("an empty password is not allowed")
+    return password
+
+
+def _account(name: str, config: Config) -> str:
+    if "@" not in name:
+        name = f"{name}@{config.domains[0]}"
+    address = normalizeAddress(name)
+    domain = address.rpartition("@")[2]
+    if domain not in config.domains:
+        raise AccountError(
+            f"{domain} is not a local domain (local: {', '.join(config.domains)})"
+        )
+    return address
+
+
+def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
+    accounts = Accounts(config.usersFile)
+    if args.action == "list":
+        for address in accounts.users():
+            stdout.write(address + "\n")
+        return 0
+    address = _account(args.name, config)
+    if args.action == "add":
+        accounts.add(address, _password(args, stdin))
+        MailStore(config.data_dir).mailbox(address).ensureExists()
+        stdout.write(f"added {address}\n")
+    elif args.action == "passwd":
+        accounts.setPassword(address, _password(args, stdin))
+        stdout.write(f"changed the password of {address}\n")
+    elif args.action == "del":
+        accounts.delete(address)
+        stdout.write(f"deleted {address} (the mail in {config.mailDir} is kept)\n")
+    return 0
+
+
+def _check(config: Config, stdout: IO[str]) -> int:
+    problems = []
+    accounts = Accounts(config.usersFile)
+    try:
+        users = accounts.users()
+    except OSError as e:
+        problems.append(f"{config.usersFile}: cannot read: {e.strerror}")
+        users = []
+    for source, target in list(config.aliases.items()) + list(config.catchall.items()):
+        if users and target not in users:
+            problems.append(f"{source} leads to {target}, who is not a user")
+    if config.postmaster is not None and users and config.postmaster not in users:
+        problems.append(f"postmaster: {config.postmaster} is not a user")
+    if config.data_dir.exists() and not config.data_dir.is_dir():
+        problems.append(f"data_dir: {config.data_dir} is not a folder")
+    for problem in problems:
+        stdout.write(f"error: {problem}\n")
+    if problems:
+        return 1
+    stdout.write(f"configuration OK: data in {config.data_dir}, domains {', '.join(config.domains)}\n")
+    for name, endpoint in config.enabledListeners().items():
+        stdout.write(f"  {name}: {endpoint}\n")
+    stdout.write(f"  {len(users)} user(s)\n")
+    return 0
+
+
+def main(argv: list[str] | None = None, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = configFromOptions({"config": args.config, "data_dir": args.data_dir})
+    except ConfigError as e:
+        for problem in e.problems:
+            stdout.write(f"error: {problem}\n")
+        return 1
+    try:
+        if args.command == "user":
+            return _user(args, config, stdin, stdout)
+        if args.command == "check":
+            return _check(config, stdout)
+        if args.command == "send":
+            return client.run(args, stdin, stdout)
+    except (AccountError, InvalidName) as e:
+        stdout.write(f"error: {e}\n")
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

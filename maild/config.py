@@ -1,0 +1,403 @@
+"""
+The daemon's configuration: one immutable L{Config}, read from an optional
+C{maild.toml} and then overridden by command-line options.
+
+Both the twistd plugin and the C{maild} command build their configuration
+with L{loadConfig}, so the two never disagree about a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from maild.names import InvalidName, normalizeAddress, normalizeDomain
+
+PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps")
+
+DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
+    {
+        "smtp": "tcp:8025",
+        "submission": None,
+        "smtps": None,
+        "pop3": None,
+        "pop3s": None,
+        "imap": None,
+        "imaps": None,
+    }
+)
+
+# Listeners that wrap their connections in TLS from the first byte (RFC 8314).
+IMPLICIT_TLS = frozenset({"smtps", "pop3s", "imaps"})
+
+
+class ConfigError(Exception):
+    """
+    The configuration is unusable; C{problems} lists every mistake found,
+    each a complete sentence naming the key at fault.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Every limit a client can run into.  Times are seconds, sizes octets.
+    """
+
+    message_size: int = 25 * 1024 * 1024
+    recipients: int = 100
+    # SMTP and POP3 command lines (RFC 5321 says 512; ESMTP parameters
+    # make real clients send more, Postfix allows 2048).
+    line_length: int = 2048
+    # IMAP command lines carry long UID sets (Dovecot allows 64 KiB).
+    imap_line_length: int = 65536
+    # Literals sent before LOGIN are capped far below the message size.
+    preauth_literal_size: int = 8192
+    imap_nesting_depth: int = 16
+    connections_per_ip: int = 32
+    # SMTP: a deadline for one command line and for the whole DATA
+    # transfer (RFC 5321 section 4.5.3.2), and an idle timer between commands.
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    # POP3 (RFC 1939 section 3: at least 10 minutes) and IMAP (RFC 3501
+    # section 5.4: at least 30 minutes) idle timers once logged in.
+    pop3_idle_timeout: float = 600.0
+    imap_idle_timeout: float = 1800.0
+    # A session that has not logged in is closed after this long, even
+    # if it trickles bytes.
+    login_timeout: float = 180.0
+    auth_failure_delay: float = 2.0
+    auth_failure_delay_max: float = 15.0
+    auth_failures_per_connection: int = 5
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path("maildata")
+    hostname: str = field(default_factory=socket.getfqdn)
+    domains: tuple[str, ...] = ("localhost",)
+    # The user who receives postmaster@ and abuse@ of every local domain;
+    # None means the first user of the users file.
+    postmaster: str | None = None
+    aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    catchall: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    listeners: Mapping[str, str | None] = field(default_factory=lambda: DEFAULT_LISTENERS)
+    tls: TLSFiles = field(default_factory=TLSFiles)
+    limits: Limits = field(default_factory=Limits)
+    # "fsync": sync each file and each folder (portable);
+    # "syncfs": one syncfs() of the data folder's file system per batch.
+    sync: str = "fsync"
+    # Files left in tmp/ longer than this are removed (the Maildir spec
+    # says 36 hours).
+    tmp_grace: float = 36 * 3600.0
+    # Whether plaintext logins are allowed before TLS: "loopback" allows
+    # them only from loopback addresses, "always" everywhere, "never" nowhere.
+    plaintext_auth: str = "loopback"
+
+    @property
+    def usersFile(self) -> Path:
+        return self.data_dir / "users"
+
+    @property
+    def mailDir(self) -> Path:
+        return self.data_dir / "mail"
+
+    def enabledListeners(self) -> dict[str, str]:
+        """
+        The listeners to start, by protocol name.
+        """
+        return {name: ep for name, ep in self.listeners.items() if ep}
+
+
+_TOP_KEYS = {
+    "data_dir",
+    "hostname",
+    "domains",
+    "postmaster",
+    "aliases",
+    "catchall",
+    "listen",
+    "tls",
+    "limits",
+    "store",
+    "auth",
+}
+
+
+def _checkType(problems: list[str], key: str, value: Any, kinds: tuple) -> bool:
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        problems.append(f"{key}: expected {names}, got {value!r}")
+    return ok
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _parseLimits(raw: Any, problems: list[str]) -> dict[str, Any]:
+    if not _checkType(problems, "limits", raw, (dict,)):
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(Limits)}
+    parsed = {}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(
+                f"limits.{key}: unknown key (known: {', '.join(sorted(fields))})"
+            )
+            continue
+        kind = (int,) if fields[key].type == "int" else (int, float)
+        if _checkType(problems, f"limits.{key}", value, kind):
+            if value <= 0:
+                problems.append(f"limits.{key}: must be greater than 0, got {value}")
+            else:
+                parsed[key] = value
+    return parsed
+
+
+def _parseAddressMap(
+    section: str, raw: Any, problems: list[str], keyIsDomain: bool
+) -> dict[str, str]:
+    if not _checkType(problems, section, raw, (dict,)):
+        return {}
+    parsed = {}
+    for key, target in raw.items():
+        try:
+            key = normalizeDomain(key) if keyIsDomain else normalizeAddress(key)
+            if not _checkType(problems, f"{section}.{key}", target, (str,)):
+                continue
+            parsed[key] = normalizeAddress(target)
+        except InvalidName as e:
+            problems.append(f"{section}.{key}: {e}")
+    return parsed
+
+
+def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        problems.append(f"{path}: cannot read the config file: {e.strerror}")
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        problems.append(f"{path}: not valid TOML: {e}")
+        return {}
+    base = path.resolve().parent
+    values: dict[str, Any] = {}
+    for key in raw:
+        if key not in _TOP_KEYS:
+            problems.append(
+                f"{key}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})"
+            )
+    if "data_dir" in raw and _checkType(problems, "data_dir", raw["data_dir"], (str,)):
+        values["data_dir"] = _resolve(base, raw["data_dir"])
+    if "hostname" in raw and _checkType(problems, "hostname", raw["hostname"], (str,)):
+        values["hostname"] = raw["hostname"]
+    if "domains" in raw and _checkType(problems, "domains", raw["domains"], (list,)):
+        values["domains"] = raw["domains"]
+    if "postmaster" in raw and _checkType(
+        problems, "postmaster", raw["postmaster"], (str,)
+    ):
+        values["postmaster"] = raw["postmaster"]
+    if "aliases" in raw:
+        values["aliases"] = _parseAddressMap("aliases", raw["aliases"], problems, False)
+    if "catchall" in raw:
+        values["catchall"] = _parseAddressMap(
+            "catchall", raw["catchall"], problems, True
+        )
+    listen = raw.get("listen", {})
+    if _checkType(problems, "listen", listen, (dict,)):
+        listeners = {}
+        for name, ep in listen.items():
+            if name not in PROTOCOLS:
+                problems.append(
+                    f"listen.{name}: unknown listener (known: {', '.join(PROTOCOLS)})"
+                )
+            elif _checkType(problems, f"listen.{name}", ep, (str,)):
+                listeners[name] = ep
+        if listeners:
+            values["listeners"] = listeners
+    tls = raw.get("tls", {})
+    if _checkType(problems, "tls", tls, (dict,)):
+        files = {}
+        for name, value in tls.items():
+            if name not in ("cert", "key"):
+                problems.append(f"tls.{name}: unknown key (known: cert, key)")
+            elif _checkType(problems, f"tls.{name}", value, (str,)):
+                files[name] = _resolve(base, value)
+        if files:
+            values["tls"] = files
+    if "limits" in raw:
+        values["limits"] = _parseLimits(raw["limits"], problems)
+    store = raw.get("store", {})
+    if _checkType(problems, "store", store, (dict,)):
+        for name, value in store.items():
+            if name == "sync" and _checkType(problems, "store.sync", value, (str,)):
+                values["sync"] = value
+            elif name == "tmp_grace" and _checkType(
+                problems, "store.tmp_grace", value, (int, float)
+            ):
+                values["tmp_grace"] = float(value)
+            elif name not in ("sync", "tmp_grace"):
+                problems.append(f"store.{name}: unknown key (known: sync, tmp_grace)")
+    auth = raw.get("auth", {})
+    if _checkType(problems, "auth", auth, (dict,)):
+        for name, value in auth.items():
+            if name == "plaintext" and _checkType(
+                problems, "auth.plaintext", value, (str,)
+            ):
+                values["plaintext_auth"] = value
+            elif name != "plaintext":
+                problems.append(f"auth.{name}: unknown key (known: plaintext)")
+    return values
+
+
+def _validateEndpoint(name: str, description: str, problems: list[str]) -> None:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        problems.append(f"listen.{name}: bad endpoint string {description!r}: {e}")
+
+
+def loadConfig(
+    path: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """
+    Build the configuration from C{path} (a TOML file; None for none) and
+    C{overrides} (command-line values, which win).
+
+    Override keys are L{Config} field names; C{listeners}, C{tls} and
+    C{limits} may hold only the entries to change.  A listener set to
+    C{"none"} is disabled.
+
+    @raise ConfigError: listing every problem found.
+    """
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_parseFile(Path(path), problems))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in ("listeners", "tls", "limits"):
+            merged = dict(values.get(key, {}))
+            merged.update({k: v for k, v in value.items() if v is not None})
+            values[key] = merged
+        else:
+            values[key] = value
+
+    defaults = Config()
+    listeners = dict(DEFAULT_LISTENERS)
+    for name, ep in values.pop("listeners", {}).items():
+        listeners[name] = None if ep.strip().lower() in ("", "none") else ep
+    for name, ep in listeners.items():
+        if ep is not None:
+            _validateEndpoint(name, ep, problems)
+
+    domains = []
+    for domain in values.get("domains", defaults.domains):
+        try:
+            domains.append(normalizeDomain(domain))
+        except (InvalidName, AttributeError) as e:
+            problems.append(f"domains: {domain!r}: {e}")
+    if not values.get("domains", defaults.domains):
+        problems.append("domains: at least one local domain is needed")
+
+    if values.get("postmaster") is not None:
+        try:
+            values["postmaster"] = normalizeAddress(values["postmaster"])
+        except InvalidName as e:
+            problems.append(f"postmaster: {e}")
+    for key in ("aliases", "catchall"):
+        for source, target in values.get(key, {}).items():
+            domain = source if key == "catchall" else source.rpartition("@")[2]
+            if domain not in domains:
+                problems.append(f"{key}.{source}: {domain} is not a local domain")
+
+    tls = TLSFiles(**values.pop("tls", {}))
+    if (tls.cert is None) != (tls.key is None):
+        problems.append("tls: give both cert and key, or neither")
+    for name in ("cert", "key"):
+        file = getattr(tls, name)
+        if file is not None and not _readable(file):
+            problems.append(f"tls.{name}: cannot read {file}")
+
+    if values.get("sync", defaults.sync) not in ("fsync", "syncfs"):
+        problems.append(f"store.sync: must be 'fsync' or 'syncfs', got {values['sync']!r}")
+    if values.get("plaintext_auth", defaults.plaintext_auth) not in (
+        "loopback",
+        "always",
+        "never",
+    ):
+        problems.append(
+            "auth.plaintext: must be 'loopback', 'always' or 'never', "
+            f"got {values['plaintext_auth']!r}"
+        )
+    limits = dataclasses.replace(defaults.limits, **values.pop("limits", {}))
+    if problems:
+        raise ConfigError(problems)
+    values.pop("domains", None)
+    return dataclasses.replace(
+        defaults,
+        domains=tuple(domains),
+        listeners=MappingProxyType(listeners),
+        tls=tls,
+        limits=limits,
+        aliases=MappingProxyType(values.pop("aliases", {})),
+        catchall=MappingProxyType(values.pop("catchall", {})),
+        **{k: (Path(v) if k == "data_dir" else v) for k, v in values.items()},
+    )
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            return True
+    except OSError:
+        return False
+
+
+def configFromOptions(options: Mapping[str, Any]) -> Config:
+    """
+    The configuration for command-line options, as both the twistd plugin
+    and the C{maild} command name them: C{config}, C{data_dir},
+    C{hostname}, C{domains}, one key per protocol in L{PROTOCOLS}, C{tls_cert}
+    and C{tls_key}.  Options left at None keep the file's value or the
+    default.
+
+    @raise ConfigError: listing every problem found.
+    """
+    overrides: dict[str, Any] = {
+        "data_dir": Path(options["data_dir"]) if options.get("data_dir") else None,
+        "hostname": options.get("hostname"),
+        "domains": options.get("domains") or None,
+        "listeners": {name: options.get(name) for name in PROTOCOLS},
+        "tls": {
+            "cert": Path(options["tls_cert"]) if options.get("tls_cert") else None,
+            "key": Path(options["tls_key"]) if options.get("tls_key") else None,
+        },
+    }
+    return loadConfig(options.get("config"), overrides)

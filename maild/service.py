@@ -1,0 +1,164 @@
+"""
+Wiring: build the daemon's services from a L{Config}.  Nothing here
+decides protocol behaviour; it only connects the pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application import internet, service
+from twisted.cred.portal import Portal
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+
+from maild.accounts import Accounts, LocalAddresses
+from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
+from maild.config import Config
+from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
+from maild.store import Committer, MailStore
+
+log = Logger()
+
+# How often stale temporary files are looked for.
+CLEANUP_INTERVAL = 3600.0
+
+
+class Listener(service.Service):
+    """
+    Listens on one endpoint with one factory; failing to listen stops the
+    daemon with a clear message rather than leaving it half up.
+
+    @ivar port: the listening port, once started (tests ask it for the
+        port number chosen for C{tcp:0}).
+    """
+
+    def __init__(self, name: str, description: str, endpoint, factory) -> None:
+        self.name = name
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+        self.ready: defer.Deferred | None = None
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.ready = self.endpoint.listen(self.factory)
+        self.ready.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port):
+        self.port = port
+        log.info(
+            "{name} listening on {description}", name=self.name, description=self.description
+        )
+        return port
+
+    def _failed(self, reason):
+        log.critical(
+            "cannot listen for {name} on {description}: {error}",
+            name=self.name,
+            description=self.description,
+            error=reason.getErrorMessage(),
+        )
+        from twisted.internet import reactor
+
+        if reactor.running:
+            reactor.stop()
+        return reason
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class MailService(service.MultiService):
+    """
+    The whole daemon: the shared store, accounts and portal, and one
+    L{Listener} per configured protocol.
+    """
+
+    def __init__(self, config: Config, reactor=None, syncHook=None) -> None:
+        service.MultiService.__init__(self)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
+        self.store = MailStore(config.data_dir, self.committer)
+        self.accounts = Accounts(config.usersFile)
+        self.addresses = LocalAddresses(
+            self.accounts,
+            config.domains,
+            postmaster=config.postmaster,
+            aliases=config.aliases,
+            catchall=config.catchall,
+        )
+        self.realm = MailRealm({})
+        self.portal = Portal(
+            self.realm, [PasswordChecker(self.accounts, config.domains[0], reactor)]
+        )
+        limits = config.limits
+        self.authenticator = Authenticator(
+            self.portal,
+            LoginThrottle(reactor, limits.auth_failure_delay, limits.auth_failure_delay_max),
+        )
+        self.listeners: dict[str, Listener] = {}
+        builders: dict[str, Callable[[], Any]] = {"smtp": self._mxFactory}
+        for name, description in config.enabledListeners().items():
+            builder = builders.get(name)
+            if builder is None:
+                log.warn("{name}: not available in this version, not started", name=name)
+                continue
+            endpoint = endpoints.serverFromString(reactor, description)
+            listener = Listener(name, description, endpoint, builder())
+            listener.setServiceParent(self)
+            self.listeners[name] = listener
+        cleanup = internet.TimerService(
+            CLEANUP_INTERVAL,
+            lambda: reactor.callInThread(
+                self.store.removeStaleTemporaries, config.tmp_grace
+            ),
+        )
+        cleanup.clock = reactor
+        cleanup.setServiceParent(self)
+
+    def _mxFactory(self) -> SMTPFactory:
+        return SMTPFactory(
+            SMTPSettings(
+                hostname=self.config.hostname,
+                limits=self.config.limits,
+                store=self.store,
+                addresses=self.addresses,
+                clock=self.reactor,
+                delivery=InboundDelivery(self.addresses),
+            )
+        )
+
+    def startService(self) -> None:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.committer.start()
+        log.info(
+            "maild starting: data in {data}, domains {domains}",
+            data=str(self.config.data_dir.resolve()),
+            domains=", ".join(self.config.domains),
+        )
+        service.MultiService.startService(self)
+
+    def stopService(self):
+        d = defer.maybeDeferred(service.MultiService.stopService, self)
+        d.addBoth(lambda result: (self.committer.stop(), result)[1])
+        return d
+
+    def port(self, name: str) -> int:
+        """
+        The TCP port listener C{name} is bound to.
+        """
+        return self.listeners[name].port.getHost().port
+
+
+def makeService(config: Config, reactor=None) -> MailService:
+    return MailService(config, reactor)
+

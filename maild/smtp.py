@@ -1,0 +1,627 @@
+"""
+SMTP: receiving mail for local users (MX), and authenticated submission.
+
+L{SMTPServer} subclasses Twisted's C{ESMTP} for its command parsing,
+addresses, AUTH and STARTTLS, and replaces what Twisted gets wrong for a
+real server: it frames its input itself (so that pipelined commands wait
+while a reply is pending, plaintext queued behind STARTTLS is dropped,
+and DATA is handled in chunks rather than line by line), answers with
+enhanced status codes (RFC 2034), enforces limits, and writes each message
+once, durably, before it says 250.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail.smtp import AddressError, SMTPServerError
+from zope.interface import implementer
+
+from maild.accounts import LocalAddresses
+from maild.connections import LimitedFactory
+from maild.config import Limits
+from maild.names import InvalidName, normalizeAddress
+from maild.store.delivery import DeliveryFailed
+from maild.store.interfaces import IMailStore
+
+log = Logger()
+
+COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
+
+# How much unparsed input we hold while a reply is pending before we stop
+# reading from the client.
+_HOLD_LIMIT = 64 * 1024
+# A line in DATA longer than this is passed on in pieces.
+_DATA_PIECE = 64 * 1024
+# After this many bad commands the session is closed (Postfix's
+# smtpd_hard_error_limit).
+_MAX_ERRORS = 20
+
+
+class DataDecoder:
+    """
+    Undoes the transparency of DATA (RFC 5321 section 4.5.2) piece by
+    piece: finds the end marker, removes the dot added before lines that
+    begin with one, and notices bare CR or LF, which must never be taken
+    for a line end (the "SMTP smuggling" attacks).
+    """
+
+    def __init__(self) -> None:
+        self.atLineStart = True
+        self.bareLineEnding = False
+
+    def decode(self, buffer: bytes) -> tuple[bytes, int, bool]:
+        """
+        Take what can be taken from C{buffer}.
+
+        @return: the message content (CRLF line endings), how many octets
+            of C{buffer} were used, and whether the end marker was reached.
+        """
+        if self.atLineStart and buffer[:3] == b".\r\n":
+            return b"", 3, True
+        end = buffer.find(b"\r\n.\r\n")
+        if end >= 0:
+            raw, used, done = buffer[: end + 2], end + 5, True
+        else:
+            cut = buffer.rfind(b"\r\n")
+            if cut >= 0:
+                raw, used = buffer[: cut + 2], cut + 2
+            elif len(buffer) > _DATA_PIECE:
+                # A very long line: pass it on, keeping a CR that may be
+                # the start of its line end.
+                used = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
+                raw = buffer[:used]
+            else:
+                return b"", 0, False
+            done = False
+        content = raw[1:] if self.atLineStart and raw[:1] == b"." else raw
+        content = content.replace(b"\r\n.", b"\r\n")
+        lineEnds = content.count(b"\r\n")
+        if content.count(b"\r") != lineEnds or content.count(b"\n") != lineEnds:
+            self.bareLineEnding = True
+        self.atLineStart = raw.endswith(b"\r\n")
+        return content, used, done
+
+
+def _looksLikeHeader(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and bool(name) and b" " not in name and b"\t" not in name
+
+
+@dataclass
+class Transaction:
+    """
+    One mail transaction: the envelope and the message being received.
+    """
+
+    sender: smtp.Address
+    recipients: list[str] = field(default_factory=list)
+    message: Any = None
+    decoder: DataDecoder | None = None
+    queueId: str = ""
+    size: int = 0
+    error: tuple[int, bytes] | None = None
+    firstPiece: bool = True
+
+
+@implementer(smtp.IMessageDelivery)
+class InboundDelivery:
+    """
+    The MX policy: mail from anyone, for local users only.  Never a relay.
+    """
+
+    def __init__(self, addresses: LocalAddresses) -> None:
+        self.addresses = addresses
+
+    def receivedHeader(self, helo, origin, recipients):
+        # SMTPServer writes its own Received: header (with the queue id).
+        return None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user: smtp.User) -> str:
+        """
+        @return: the local user who receives mail for C{user}.
+        @raise SMTPServerError: with the reply to give.
+        """
+        dest = user.dest
+        try:
+            domain = dest.domain.decode("ascii")
+            address = normalizeAddress(f"{dest.local.decode('ascii')}@{domain}")
+        except (UnicodeDecodeError, InvalidName):
+            raise SMTPServerError(501, "5.1.3 Bad recipient address syntax")
+        if not self.addresses.isLocalDomain(address.rpartition("@")[2]):
+            raise SMTPServerError(554, "5.7.1 Relay access denied")
+        mailbox = self.addresses.resolve(address)
+        if mailbox is None:
+            raise SMTPServerError(550, "5.1.1 Recipient address rejected: User unknown")
+        return mailbox
+
+
+@dataclass(frozen=True)
+class SMTPSettings:
+    """
+    What every session of one listener shares.
+    """
+
+    hostname: str
+    limits: Limits
+    store: IMailStore
+    addresses: LocalAddresses
+    clock: Any
+    # The policy of sessions that have not authenticated: the MX policy,
+    # or None where AUTH is required (submission).
+    delivery: smtp.IMessageDelivery | None
+    submission: bool = False
+    implicitTLS: bool = False
+    tlsContext: Any = None
+
+
+class SMTPServer(smtp.ESMTP):
+    """
+    One SMTP session.
+    """
+
+    def __init__(self, settings: SMTPSettings) -> None:
+        smtp.ESMTP.__init__(self, contextFactory=settings.tlsContext)
+        self.settings = settings
+        self.host = settings.hostname.encode("idna")
+        self.limits = settings.limits
+        self.timeout = self.limits.idle_timeout
+        self.callLater = settings.clock.callLater
+        self.delivery = settings.delivery
+        self.transaction: Transaction | None = None
+        self.user: str | None = None
+        self.clientAddress = "?"
+        self._input = b""
+        self._held = 0
+        self._paused = False
+        self._skippingLine = False
+        self._deadline = None
+        self._errors = 0
+        self._esmtp = False
+
+    # Connection ------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP maild"
+
+    def connectionMade(self) -> None:
+        smtp.ESMTP.connectionMade(self)
+        if self.settings.implicitTLS:
+            self.startedTLS = True
+
+    def connectionLost(self, reason) -> None:
+        self._cancelDeadline()
+        self._discardTransaction()
+        smtp.ESMTP.connectionLost(self, reason)
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.connectionClosed(self)
+
+    def timeoutConnection(self) -> None:
+        self.sendCode(421, b"4.4.2 " + self.host + b" Error: timeout exceeded")
+        self.transport.loseConnection()
+
+    def _startDeadline(self, seconds: float) -> None:
+        self._cancelDeadline()
+        self._deadline = self.callLater(seconds, self.timeoutConnection)
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    @property
+    def secure(self) -> bool:
+        return self.startedTLS or ISSLTransport.providedBy(self.transport)
+
+    # Input framing ---------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._input += data
+        self._process()
+
+    def _process(self) -> None:
+        while self._input and not self._held and not self.transport.disconnecting:
+            if self.mode == DATA:
+                if not self._dataPiece():
+                    break
+                continue
+            end = self._input.find(b"\n")
+            if end < 0:
+                if len(self._input) > self.limits.line_length:
+                    # Drop what we have; the rest of the line is dropped
+                    # when it comes, and answered then.
+                    self._input = b""
+                    self._skippingLine = True
+                break
+            line, self._input = self._input[:end], self._input[end + 1 :]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._skippingLine or len(line) > self.limits.line_length:
+                self._skippingLine = False
+                self._error(500, b"5.5.2 Error: line too long")
+                continue
+            self._cancelDeadline()
+            self.lineReceived(line)
+        if self.mode != DATA and not self._held:
+            if self._input or self._skippingLine:
+                # A command has begun: it must be complete within the
+                # deadline, however slowly its bytes trickle in.
+                if self._deadline is None:
+                    self._startDeadline(self.limits.command_timeout)
+            else:
+                self._cancelDeadline()
+        if self._held and len(self._input) > _HOLD_LIMIT and not self._paused:
+            self.transport.pauseProducing()
+            self._paused = True
+
+    def _hold(self) -> None:
+        """
+        Stop taking commands until L{_release}: their replies must follow
+        the one we are waiting for (RFC 2920 section 3.1).
+        """
+        self._held += 1
+        self.setTimeout(None)
+
+    def _release(self) -> None:
+        self._held -= 1
+        if self._held:
+            return
+        self.setTimeout(self.timeout)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._process()
+
+    def lookupMethod(self, command: bytes):
+        # Twisted decodes the verb as ASCII and would crash on 8-bit input.
+        if not command.isalpha():
+            return None
+        return smtp.ESMTP.lookupMethod(self, command.decode("ascii"))
+
+    def _error(self, code: int, message: bytes) -> None:
+        self._errors += 1
+        self.sendCode(code, message)
+        if self._errors >= _MAX_ERRORS:
+            self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
+            self.transport.loseConnection()
+
+    def sendSyntaxError(self) -> None:
+        self._error(500, b"5.5.2 Error: bad syntax")
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self._error(500, b"5.5.2 Error: command not recognized")
+
+    # Session commands ------------------------------------------------------
+
+    def _greeted(self, rest: bytes, esmtp: bool) -> bool:
+        if not rest.strip():
+            self._error(501, b"5.5.4 Syntax: " + (b"EHLO" if esmtp else b"HELO") + b" hostname")
+            return False
+        self._helo = (rest.strip(), self.clientAddress.encode("ascii", "replace"))
+        self._esmtp = esmtp
+        self._discardTransaction()
+        return True
+
+    def do_HELO(self, rest: bytes) -> None:
+        if self._greeted(rest, esmtp=False):
+            self.sendCode(250, self.host)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        if self._greeted(rest, esmtp=True):
+            hello = self.host + b" Hello [" + self.clientAddress.encode("ascii", "replace") + b"]"
+            self.sendCode(250, hello + b"\n" + self.listExtensions())
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.limits.message_size).encode("ascii")],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.secure:
+            ext[b"STARTTLS"] = None
+        mechanisms = self.authMechanisms()
+        if mechanisms:
+            ext[b"AUTH"] = mechanisms
+        return ext
+
+    def authMechanisms(self) -> list[bytes]:
+        """
+        The SASL mechanisms offered now (none on the MX port).
+        """
+        return []
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._discardTransaction()
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_VRFY(self, rest: bytes) -> None:
+        if not rest.strip():
+            self._error(501, b"5.5.4 Syntax: VRFY address")
+            return
+        # RFC 5321 section 3.5.3: we do not confirm which users exist.
+        self.sendCode(252, b"2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_EXPN(self, rest: bytes) -> None:
+        self.sendCode(502, b"5.5.1 EXPN is not supported")
+
+    def do_HELP(self, rest: bytes) -> None:
+        verbs = b"HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+        if self.canStartTLS and not self.secure:
+            verbs += b" STARTTLS"
+        if self.authMechanisms():
+            verbs += b" AUTH"
+        self.sendCode(214, b"2.0.0 Commands: " + verbs)
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.sendCode(221, b"2.0.0 Bye")
+        self.transport.loseConnection()
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        self._error(503, b"5.5.1 Error: authentication not enabled")
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        if self.secure:
+            self._error(503, b"5.5.1 Error: TLS already active")
+            return
+        if not self.canStartTLS:
+            self._error(502, b"5.5.1 Error: command not implemented")
+            return
+        self.sendCode(220, b"2.0.0 Ready to start TLS")
+        # Whatever the client sent behind STARTTLS came in plaintext and
+        # must not be taken as said inside TLS (CVE-2011-0411).
+        self._input = b""
+        self._cancelDeadline()
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+        # RFC 3207 section 4.2: forget everything learnt before TLS.
+        self._helo = None
+        self._esmtp = False
+        self._discardTransaction()
+
+    # The mail transaction --------------------------------------------------
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if self.transaction is not None:
+            self._error(503, b"5.5.1 Error: nested MAIL command")
+            return
+        if not self.mayStartTransaction():
+            return
+        match = self.mail_re.match(rest)
+        if not match:
+            self._error(501, b"5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            sender = smtp.Address(match.group("path"), self.host)
+        except AddressError:
+            self._error(501, b"5.1.7 Bad sender address syntax")
+            return
+        problem = self._checkMailParameters(match.group("opts"))
+        if problem is not None:
+            self._error(*problem)
+            return
+        try:
+            sender = self.delivery.validateFrom(self._helo, sender)
+        except SMTPServerError as e:
+            self._error(e.code, _bytes(e.resp))
+            return
+        self.transaction = Transaction(sender)
+        self.sendCode(250, b"2.1.0 Ok")
+
+    def mayStartTransaction(self) -> bool:
+        """
+        Whether MAIL is allowed now (submission requires AUTH); sends the
+        refusal when it is not.
+        """
+        return True
+
+    def _checkMailParameters(self, opts: bytes | None) -> tuple[int, bytes] | None:
+        for param in (opts or b"").split():
+            key, _, value = param.partition(b"=")
+            key = key.upper()
+            if key == b"SIZE":
+                if not value.isdigit():
+                    return 501, b"5.5.4 Bad SIZE parameter"
+                if int(value) > self.limits.message_size:
+                    return 552, b"5.3.4 Message size exceeds fixed limit"
+            elif key == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return 501, b"5.5.4 Unsupported BODY type"
+            elif key == b"AUTH":
+                # RFC 4954 section 5: accepted; we trust only our own AUTH.
+                pass
+            else:
+                return 555, b"5.5.4 Unsupported option: " + key[:32]
+        return None
+
+    def do_RCPT(self, rest: bytes) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self._error(503, b"5.5.1 Error: need MAIL command")
+            return
+        match = self.rcpt_re.match(rest)
+        if not match:
+            self._error(501, b"5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if match.group("opts"):
+            self._error(555, b"5.5.4 Unsupported option")
+            return
+        path = match.group("path")
+        if path.strip(b"<>").lower() == b"postmaster":
+            # RFC 5321 section 4.5.1: <Postmaster> with no domain is ours.
+            path = b"<postmaster@" + self.settings.addresses.domains[0].encode() + b">"
+        try:
+            user = smtp.User(path, self._helo, self, transaction.sender)
+        except AddressError:
+            self._error(501, b"5.1.3 Bad recipient address syntax")
+            return
+        if len(transaction.recipients) >= self.limits.recipients:
+            self.sendCode(452, b"4.5.3 Error: too many recipients")
+            return
+        try:
+            mailbox = self.delivery.validateTo(user)
+        except SMTPServerError as e:
+            self._error(e.code, _bytes(e.resp))
+            return
+        if mailbox not in transaction.recipients:
+            transaction.recipients.append(mailbox)
+        self.sendCode(250, b"2.1.5 Ok")
+
+    def do_DATA(self, rest: bytes) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self._error(503, b"5.5.1 Error: need MAIL command")
+            return
+        if not transaction.recipients:
+            self._error(554, b"5.5.1 Error: no valid recipients")
+            return
+        transaction.queueId = secrets.token_hex(6).upper()
+        try:
+            transaction.message = self.settings.store.incoming(self._traceHeaders(transaction))
+        except OSError as e:
+            log.error("cannot start a message: {error}", error=e)
+            self.sendCode(451, b"4.3.0 Error: local error in processing")
+            return
+        transaction.decoder = DataDecoder()
+        self.mode = DATA
+        self.setTimeout(None)
+        self._startDeadline(self.limits.data_timeout)
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _traceHeaders(self, transaction: Transaction) -> bytes:
+        """
+        Return-Path: and Received: (RFC 5321 section 4.4), CRLF-terminated.
+        """
+        helo = (self._helo[0] if self._helo else b"unknown").decode("ascii", "replace")
+        helo = "".join(c if c.isprintable() and not c.isspace() else "?" for c in helo[:255])
+        protocol = "ESMTP" if self._esmtp else "SMTP"
+        if self._esmtp:
+            # RFC 3848: S for TLS, A for an authenticated client.
+            protocol += ("S" if self.secure else "") + ("A" if self.user else "")
+        recipients = transaction.recipients
+        forClause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+        received = (
+            f"Received: from {helo} ([{self.clientAddress}])\r\n"
+            f"\tby {self.settings.hostname} (maild) with {protocol} id {transaction.queueId}"
+            f"{forClause};\r\n\t{smtp.rfc822date().decode('ascii')}\r\n"
+        )
+        returnPath = f"Return-Path: <{transaction.sender}>\r\n"
+        return (returnPath + received).encode("utf-8")
+
+    def _dataPiece(self) -> bool:
+        """
+        Consume DATA from the input.
+
+        @return: whether anything was consumed.
+        """
+        transaction = self.transaction
+        content, used, done = transaction.decoder.decode(self._input)
+        if not used:
+            return False
+        self._input = self._input[used:]
+        if content and transaction.error is None:
+            transaction.size += len(content)
+            if transaction.size > self.limits.message_size:
+                transaction.error = (552, b"5.3.4 Error: message too big")
+                transaction.message.discard()
+            else:
+                if transaction.firstPiece and not _looksLikeHeader(content.split(b"\r\n", 1)[0]):
+                    # No header section: keep the body out of our headers.
+                    transaction.message.write(b"\r\n")
+                transaction.message.write(content)
+            transaction.firstPiece = False
+        if transaction.decoder.bareLineEnding and transaction.error is None:
+            transaction.error = (
+                550,
+                b"5.6.0 Error: bare CR or LF in message (RFC 5321 section 2.3.8)",
+            )
+            transaction.message.discard()
+        if done:
+            self._endOfData()
+        return True
+
+    def _endOfData(self) -> None:
+        transaction = self.transaction
+        self.transaction = None
+        self.mode = COMMAND
+        self._cancelDeadline()
+        self.setTimeout(self.timeout)
+        if transaction.error is not None:
+            log.info(
+                "refused message from=<{sender}> rip={rip}: {reason}",
+                sender=str(transaction.sender),
+                rip=self.clientAddress,
+                reason=transaction.error[1].decode("ascii"),
+            )
+            self.sendCode(*transaction.error)
+            return
+        self._hold()
+        d = self.settings.store.deliver(transaction.message, transaction.recipients)
+        d.addCallbacks(self._delivered, self._deliveryFailed, (transaction,), None, (transaction,))
+        d.addBoth(lambda _: self._release())
+
+    def _delivered(self, paths, transaction: Transaction) -> None:
+        log.info(
+            "accepted {queueId} rip={rip} from=<{sender}> to={recipients} size={size}",
+            queueId=transaction.queueId,
+            rip=self.clientAddress,
+            sender=str(transaction.sender),
+            recipients=",".join(f"<{r}>" for r in transaction.recipients),
+            size=transaction.message.crlfSize,
+        )
+        if not self.transport.disconnecting:
+            self.sendCode(250, b"2.0.0 Ok: queued as " + transaction.queueId.encode("ascii"))
+
+    def _deliveryFailed(self, reason, transaction: Transaction) -> None:
+        if reason.check(DeliveryFailed):
+            log.error(
+                "cannot store {queueId}: {error}",
+                queueId=transaction.queueId,
+                error=str(reason.value),
+            )
+        else:
+            log.failure("cannot store {queueId}", reason, queueId=transaction.queueId)
+        if reason.check(DeliveryFailed) and reason.value.noSpace:
+            self.sendCode(452, b"4.3.1 Error: insufficient system storage")
+        else:
+            self.sendCode(451, b"4.3.0 Error: local error in processing")
+
+    def _discardTransaction(self) -> None:
+        transaction, self.transaction = self.transaction, None
+        if transaction is not None and transaction.message is not None and self.mode == DATA:
+            transaction.message.discard()
+        if self.mode == DATA:
+            self.mode = COMMAND
+
+
+def _bytes(text) -> bytes:
+    return text if isinstance(text, bytes) else str(text).encode("utf-8")
+
+
+class SMTPFactory(LimitedFactory):
+    """
+    Builds the sessions of one SMTP listener.
+    """
+
+    refusal = b"421 4.7.0 Error: too many connections from your address"
+    protocol = SMTPServer
+
+    def __init__(self, settings: SMTPSettings) -> None:
+        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        self.settings = settings
+
+    def buildSession(self, addr) -> SMTPServer:
+        return self.protocol(self.settings)

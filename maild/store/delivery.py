@@ -1,0 +1,369 @@
+"""
+Durable delivery: a message is streamed into a spool file as it arrives,
+and a L{Committer} makes it durable in every recipient's C{new/} before
+anyone is told it was accepted.
+
+The committer groups work: it takes every message waiting, syncs their
+files, links each into its recipients' C{new/} folders, syncs each of
+those folders once, and only then fires all their Deferreds.  The syncs run
+in worker threads, so a slow disk never stalls the reactor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from maild.store.maildir import newBaseName
+
+log = Logger()
+
+
+class DeliveryFailed(Exception):
+    """
+    The message could not be stored; C{temporary} says whether trying
+    again later may work (disk full) or not.
+    """
+
+    def __init__(self, reason: str, temporary: bool = True, noSpace: bool = False):
+        super().__init__(reason)
+        self.temporary = temporary
+        self.noSpace = noSpace
+
+
+def _failure(e: OSError) -> DeliveryFailed:
+    import errno
+
+    noSpace = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return DeliveryFailed(f"storage error: {e.strerror}", noSpace=noSpace)
+
+
+class IncomingMessage:
+    """
+    A message being received, written to C{<spool>/<unique name>} as it
+    arrives.  Data is given with CRLF line endings and stored with LF.
+
+    @ivar size: octets on disk so far.
+    @ivar crlfSize: octets the message has when served with CRLF endings.
+    """
+
+    def __init__(self, spool: Path, head: bytes = b"") -> None:
+        self.spool = spool
+        self.path = spool / newBaseName()
+        self.size = 0
+        self.crlfSize = 0
+        self.error: DeliveryFailed | None = None
+        self._pendingCR = False
+        try:
+            self._file = open(self.path, "xb", buffering=0)
+        except FileNotFoundError:
+            spool.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "xb", buffering=0)
+        if head:
+            self.write(head)
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data}; an error is remembered and reported by L{close}.
+        """
+        if self.error is not None or not data:
+            return
+        if self._pendingCR:
+            data = b"\r" + data
+            self._pendingCR = False
+        if data.endswith(b"\r"):
+            # Its LF may come with the next piece.
+            data = data[:-1]
+            self._pendingCR = True
+        self._store(data.replace(b"\r\n", b"\n"))
+
+    def _store(self, stored: bytes) -> None:
+        try:
+            self._file.write(stored)
+        except OSError as e:
+            self.error = _failure(e)
+            return
+        self.size += len(stored)
+        self.crlfSize += len(stored) + stored.count(b"\n")
+
+    def close(self) -> None:
+        """
+        Finish writing (the file stays in the spool, not yet synced).
+
+        @raise DeliveryFailed: if any write failed.
+        """
+        if self._pendingCR and self.error is None:
+            self._pendingCR = False
+            self._store(b"\r")
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self.error = _failure(e)
+        if self.error is not None:
+            self.discard()
+            raise self.error
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def discard(self) -> None:
+        """
+        Throw the message away: nothing of it stays anywhere.
+        """
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    Where to put a copy: C{folder}'s C{new/} when C{info} is None (the
+    message is new, \\Recent), else its C{cur/} with those flag letters.
+    """
+
+    folder: Path
+    info: str | None = None
+
+
+@dataclass
+class _Job:
+    message: IncomingMessage
+    targets: Sequence[Target]
+    deferred: defer.Deferred
+    placed: list[Path] | None = None
+    error: Exception | None = None
+
+
+def _libcSyncfs() -> Callable[[int], None]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    def syncfs(fd: int) -> None:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return syncfs
+
+
+def fsyncDirectory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Committer:
+    """
+    Makes messages durable in groups.
+
+    @param dataDir: the data folder (for C{syncfs} mode, its file system is
+        the one synced).
+    @param mode: C{"fsync"} syncs each file and each target folder, in
+        parallel threads; C{"syncfs"} links every message of the group and
+        then syncs the whole file system once (Linux only; fastest when the
+        data folder has a file system of its own).
+    @param syncHook: called in the worker thread after each group is
+        durable and before any Deferred fires (tests observe it).
+    """
+
+    def __init__(
+        self,
+        reactor,
+        dataDir: Path,
+        mode: str = "fsync",
+        threads: int = 8,
+        syncHook: Callable[[list[Path]], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.dataDir = dataDir
+        self.mode = mode
+        self.syncHook = syncHook
+        self._waiting: list[_Job] = []
+        self._running = False
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="maild-sync")
+        self._threads = threads
+        self._started = False
+        self._syncfs = _libcSyncfs() if mode == "syncfs" else None
+
+    def start(self) -> None:
+        if not self._started:
+            self._pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._pool.stop()
+            self._started = False
+
+    def commit(
+        self, message: IncomingMessage, targets: Sequence[Target]
+    ) -> defer.Deferred:
+        """
+        Make C{message} durable in every target folder.
+
+        @return: a Deferred that fires with the list of the paths of the
+            copies once every copy is on disk, or fails with
+            L{DeliveryFailed}; either way the spool file is gone.
+        """
+        try:
+            message.close()
+        except DeliveryFailed:
+            return defer.fail()
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(_Job(message, list(targets), d))
+        if not self._running:
+            self._runGroup()
+        return d
+
+    def _runGroup(self) -> None:
+        self.start()
+        group, self._waiting = self._waiting, []
+        self._running = True
+        d = self._syncGroup(group)
+        d.addBoth(self._groupDone, group)
+
+    def _groupDone(self, result, group: list[_Job]) -> None:
+        if isinstance(result, Failure):
+            log.failure("delivery group failed", result)
+            for job in group:
+                if job.error is None and job.placed is None:
+                    job.error = DeliveryFailed("internal error while storing")
+        for job in group:
+            job.message.discard()
+            if job.error is not None:
+                job.deferred.errback(job.error)
+            else:
+                job.deferred.callback(job.placed)
+        self._running = False
+        if self._waiting:
+            self._runGroup()
+
+    def _inPool(self, f, *args) -> defer.Deferred:
+        return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    @defer.inlineCallbacks
+    def _syncGroup(self, group: list[_Job]):
+        if self.mode == "syncfs":
+            yield self._inPool(self._linkAndSyncfs, group)
+            return
+        # Sync the files in parallel: concurrent fsyncs share journal commits.
+        shares = [group[i :: self._threads] for i in range(self._threads)]
+        yield defer.gatherResults(
+            [self._inPool(self._syncFiles, share) for share in shares if share]
+        )
+        folders = yield self._inPool(self._link, group)
+        items = sorted(folders.items())
+        shares = [items[i :: self._threads] for i in range(self._threads)]
+        yield defer.gatherResults(
+            [self._inPool(self._syncFolders, share) for share in shares if share]
+        )
+        _withdrawFailed(group)
+        if self.syncHook is not None:
+            yield self._inPool(self.syncHook, self._placed(group))
+
+    @staticmethod
+    def _placed(group: list[_Job]) -> list[Path]:
+        return [p for job in group if job.placed for p in job.placed]
+
+    @staticmethod
+    def _syncFiles(jobs: list[_Job]) -> None:
+        for job in jobs:
+            try:
+                os.fsync(job.message.fileno())
+            except OSError as e:
+                job.error = _failure(e)
+
+    @staticmethod
+    def _link(group: list[_Job]) -> dict[Path, list[_Job]]:
+        """
+        Link each synced message into its target folders, with unique names.
+
+        @return: the directories touched, and the jobs in each.
+        """
+        touched: dict[Path, list[_Job]] = {}
+        for job in group:
+            if job.error is not None:
+                continue
+            message = job.message
+            placed: list[Path] = []
+            try:
+                for target in job.targets:
+                    base = newBaseName(message.size, message.crlfSize)
+                    if target.info is None:
+                        path = target.folder / "new" / base
+                    else:
+                        path = target.folder / "cur" / (base + ":2," + target.info)
+                    try:
+                        os.link(message.path, path)
+                    except FileNotFoundError:
+                        for sub in ("cur", "new", "tmp"):
+                            (target.folder / sub).mkdir(parents=True, exist_ok=True)
+                        os.link(message.path, path)
+                    placed.append(path)
+                    touched.setdefault(path.parent, []).append(job)
+            except OSError as e:
+                job.error = _failure(e)
+                for path in placed:
+                    _unlinkQuietly(path)
+                continue
+            job.placed = placed
+        return touched
+
+    @staticmethod
+    def _syncFolders(folders: list[tuple[Path, list[_Job]]]) -> None:
+        for new, jobs in folders:
+            try:
+                fsyncDirectory(new)
+            except OSError as e:
+                failure = _failure(e)
+                for job in jobs:
+                    job.error = failure
+
+    def _linkAndSyncfs(self, group: list[_Job]) -> None:
+        self._link(group)
+        fd = os.open(self.dataDir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._syncfs(fd)
+        except OSError as e:
+            failure = _failure(e)
+            for job in group:
+                job.error = job.error or failure
+        finally:
+            os.close(fd)
+        _withdrawFailed(group)
+        if self.syncHook is not None:
+            self.syncHook(self._placed(group))
+
+
+def _withdrawFailed(group: list[_Job]) -> None:
+    """
+    Remove the copies of messages whose folder sync failed: they will be
+    refused (and sent again by the client), so they must not stay.
+    """
+    for job in group:
+        if job.error is not None and job.placed:
+            for path in job.placed:
+                _unlinkQuietly(path)
+            job.placed = None
+
+
+def _unlinkQuietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,502 @@
+"""
+One Maildir folder as this process knows it: a compact index shared by
+every session that has the folder open.
+
+The index holds, in UID order, an C{array} of UIDs, a C{bytearray} of flag
+bits and a list of base names; keywords (rare) sit in a dict.  It is built
+from the UID list and one listing of C{new/} and C{cur/}: no message file
+is read to open a folder.  Changes made through this object update the
+index at once and are announced to its listeners; changes made by anyone
+else (another process, a Maildir tool) are found by L{Folder.refresh},
+which lists a directory again only when its modification time moved.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable, Protocol, Sequence
+
+from twisted.logger import Logger
+
+from maild.store import maildir
+from maild.store.keywords import Keywords
+from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
+from maild.store.uidlist import UidList
+
+log = Logger()
+
+# Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
+SETTABLE = (
+    maildir.SEEN
+    | maildir.ANSWERED
+    | maildir.FLAGGED
+    | maildir.DELETED
+    | maildir.DRAFT
+    | maildir.FORWARDED
+)
+
+
+@dataclass
+class FolderChange:
+    """
+    What changed in a folder, by UID.
+
+    @ivar origin: the session that made the change, if any (so that it
+        can tell its client in its own way).
+    @ivar reset: the UIDVALIDITY changed: every UID the listener knew is
+        void.
+    """
+
+    added: list[int] = field(default_factory=list)
+    expunged: list[int] = field(default_factory=list)
+    flagged: list[int] = field(default_factory=list)
+    origin: object | None = None
+    reset: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.expunged or self.flagged or self.reset)
+
+
+class FolderListener(Protocol):
+    def folderChanged(self, folder: "Folder", change: FolderChange) -> None: ...
+
+
+class MessageGone(Exception):
+    """
+    The message was expunged (by someone else) before it could be read.
+    """
+
+
+class Folder:
+    """
+    The shared index of one folder.
+
+    @ivar name: the IMAP name (C{INBOX}, C{Sent}, C{Lists/Python}).
+    @ivar path: the folder's directory (holding C{cur new tmp}).
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.uidList = UidList(path)
+        self.keywords = Keywords(path)
+        self.uids = array("I")
+        self.flags = bytearray()
+        self.bases: list[str] = []
+        self.keywordLetters: dict[int, str] = {}
+        self.uidvalidity = 0
+        self._sizes: dict[int, tuple[int, int]] = {}
+        self._listeners: list[FolderListener] = []
+        self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
+        self._loaded = False
+
+    # Reading the index ----------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    @property
+    def uidnext(self) -> int:
+        return max(self.uidList.refresh().uidnext, (self.uids[-1] + 1) if self.uids else 1)
+
+    def position(self, uid: int) -> int | None:
+        """
+        The index (0-based) of C{uid}, or None if the folder lacks it.
+        """
+        i = bisect.bisect_left(self.uids, uid)
+        if i < len(self.uids) and self.uids[i] == uid:
+            return i
+        return None
+
+    def fileName(self, i: int) -> str:
+        """
+        The current file name (relative to the folder) of message C{i}.
+        """
+        bits = self.flags[i]
+        if bits & IN_NEW:
+            return "new/" + self.bases[i]
+        letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+        return "cur/" + maildir.curFileName(self.bases[i], bits, letters)
+
+    def keywordNames(self, i: int) -> list[str]:
+        if not self.flags[i] & HAS_KEYWORDS:
+            return []
+        return self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+
+    def sizes(self, i: int) -> tuple[int, int]:
+        """
+        The on-disk (LF) size and the CRLF size of message C{i}, from its
+        name when the name carries them.
+        """
+        size, crlfSize = maildir.sizesFromBase(self.bases[i])
+        if size is not None and crlfSize is not None:
+            return size, crlfSize
+        uid = self.uids[i]
+        known = self._sizes.get(uid)
+        if known is None:
+            with self.open(i) as f:
+                size = crlfSize = 0
+                while chunk := f.read(1 << 16):
+                    size += len(chunk)
+                    crlfSize += len(chunk) + chunk.count(b"\n")
+            known = self._sizes[uid] = (size, crlfSize)
+        return known
+
+    def internalDate(self, i: int) -> float:
+        """
+        When the message arrived: its file's modification time, as Dovecot
+        keeps it.
+        """
+        return self._stat(i).st_mtime
+
+    def _stat(self, i: int) -> os.stat_result:
+        uid = self.uids[i]
+        try:
+            return os.stat(self.path / self.fileName(i))
+        except FileNotFoundError:
+            i = self._relocate(uid)
+            return os.stat(self.path / self.fileName(i))
+
+    def open(self, i: int) -> IO[bytes]:
+        """
+        Open message C{i} for reading (LF line endings).
+
+        @raise MessageGone: if it was expunged by someone else.
+        """
+        uid = self.uids[i]
+        try:
+            return open(self.path / self.fileName(i), "rb")
+        except FileNotFoundError:
+            i = self._relocate(uid)
+            return open(self.path / self.fileName(i), "rb")
+
+    def _relocate(self, uid: int) -> int:
+        """
+        Another process renamed or removed the file: list the folder again.
+        """
+        self._mtimes = {"new": -1, "cur": -1}
+        self.refresh()
+        i = self.position(uid)
+        if i is None:
+            raise MessageGone(uid)
+        return i
+
+    # Keeping up with the disk ---------------------------------------------
+
+    def addListener(self, listener: FolderListener) -> None:
+        self._listeners.append(listener)
+
+    def removeListener(self, listener: FolderListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    @property
+    def listeners(self) -> Sequence[FolderListener]:
+        return tuple(self._listeners)
+
+    def _announce(self, change: FolderChange) -> None:
+        if change:
+            for listener in tuple(self._listeners):
+                listener.folderChanged(self, change)
+
+    def _dirMtimes(self) -> dict[str, int]:
+        mtimes = {}
+        for sub in ("new", "cur"):
+            try:
+                mtimes[sub] = os.stat(self.path / sub).st_mtime_ns
+            except FileNotFoundError:
+                mtimes[sub] = -2
+        return mtimes
+
+    def refresh(self) -> FolderChange:
+        """
+        Bring the index up to date with the disk (cheap when nothing
+        changed: two stats) and tell the listeners what changed.
+        """
+        mtimes = self._dirMtimes()
+        if self._loaded and mtimes == self._mtimes:
+            return FolderChange()
+        changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
+        change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
+        self._announce(change)
+        return change
+
+    def _listDir(self, sub: str) -> list[str]:
+        try:
+            return os.listdir(self.path / sub)
+        except FileNotFoundError:
+            return []
+
+    def _listing(self, subs: set[str]) -> dict[str, str | None]:
+        """
+        The base name and info (None in C{new/}) of every file in the
+        directories C{subs}.
+        """
+        listing: dict[str, str | None] = {}
+        if "new" in subs:
+            for name in self._listDir("new"):
+                if not name.startswith("."):
+                    listing[maildir.splitFileName(name)[0]] = None
+        if "cur" in subs:
+            for name in self._listDir("cur"):
+                if not name.startswith("."):
+                    base, info = maildir.splitFileName(name)
+                    listing[base] = info
+        return listing
+
+    def _scan(self, mtimes: dict[str, int], subs: set[str]) -> FolderChange:
+        """
+        List the directories C{subs} (those whose time moved) and reconcile
+        the index with them; entries in the other directory stay as they are.
+        """
+        # Record the times first: a change made while we list is seen next time.
+        self._mtimes = mtimes
+        onDisk = self._listing(subs)
+        state = self.uidList.refresh()
+        change = FolderChange()
+        if self._loaded and state.uidvalidity != self.uidvalidity:
+            change.reset = True
+            self.uids, self.flags, self.bases = array("I"), bytearray(), []
+            self.keywordLetters = {}
+        self.uidvalidity = state.uidvalidity
+
+        keptUids = array("I")
+        keptFlags = bytearray()
+        keptBases: list[str] = []
+        keywordLetters: dict[int, str] = {}
+        goneBases = []
+        listedNew, listedCur = "new" in subs, "cur" in subs
+        for uid, bits, base in zip(self.uids, self.flags, self.bases):
+            oldLetters = self.keywordLetters.get(uid, "")
+            if not (listedNew if bits & IN_NEW else listedCur):
+                newBits, letters = bits, oldLetters
+            elif base not in onDisk:
+                change.expunged.append(uid)
+                goneBases.append(base)
+                continue
+            else:
+                info = onDisk.pop(base)
+                newBits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+                if newBits != bits or letters != oldLetters:
+                    change.flagged.append(uid)
+            keptUids.append(uid)
+            keptFlags.append(newBits)
+            keptBases.append(base)
+            if letters:
+                keywordLetters[uid] = letters
+        if len(subs) == 1:
+            # A file listed here may still be indexed in the other, unlisted
+            # directory (the same base in both): it is not new.
+            indexed = set(keptBases) if onDisk else set()
+            for base in [b for b in onDisk if b in indexed]:
+                del onDisk[base]
+        if goneBases:
+            self.uidList.forget(goneBases)
+            for uid in change.expunged:
+                self._sizes.pop(uid, None)
+
+        # Files we did not know: those the UID list numbers (above our
+        # highest UID) in its order, then the others in delivery order
+        # (their names start with the delivery time).
+        if onDisk:
+            above = keptUids[-1] + 1 if keptUids else 1
+            known = state.uids
+            unnumbered = 1 << 62
+
+            def order(base: str):
+                uid = known.get(base, 0)
+                return (uid if uid >= above else unnumbered, _deliveryOrder(base))
+
+            newBases = sorted(onDisk, key=order)
+            for base, uid in zip(newBases, self.uidList.assign(newBases, above=above)):
+                info = onDisk[base]
+                bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+                keptUids.append(uid)
+                keptFlags.append(bits)
+                keptBases.append(base)
+                if letters:
+                    keywordLetters[uid] = letters
+                change.added.append(uid)
+        self.uids, self.flags, self.bases = keptUids, keptFlags, keptBases
+        self.keywordLetters = keywordLetters
+        self._loaded = True
+        return change
+
+    # Changing the folder --------------------------------------------------
+
+    def _ownChange(self, subs: Iterable[str]):
+        """
+        Remember the directory times before a change of ours, so that
+        L{_ownChangeDone} can tell whether anybody else changed them.
+        """
+        before = self._dirMtimes()
+        return before == self._mtimes
+
+    def _ownChangeDone(self, unchanged: bool) -> None:
+        if unchanged:
+            self._mtimes = self._dirMtimes()
+
+    def setFlags(
+        self,
+        positions: Sequence[int],
+        bits: int,
+        keywordLetters: str = "",
+        mode: int = 0,
+        origin: object | None = None,
+    ) -> list[int]:
+        """
+        Change the flags of messages (by index): C{mode} 0 replaces them,
+        1 adds, -1 removes.  The files are renamed in C{cur/} (a message
+        in C{new/} moves to C{cur/}).
+
+        @return: the indexes whose flags really changed.
+        """
+        bits &= SETTABLE
+        unchanged = self._ownChange(("new", "cur"))
+        changed = []
+        for i in positions:
+            old = self.flags[i]
+            uid = self.uids[i]
+            oldLetters = self.keywordLetters.get(uid, "") if old & HAS_KEYWORDS else ""
+            if mode == 0:
+                new, letters = bits, keywordLetters
+            elif mode > 0:
+                new = (old & SETTABLE) | bits
+                letters = "".join(sorted(set(oldLetters) | set(keywordLetters)))
+            else:
+                new = (old & SETTABLE) & ~bits
+                letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
+            if letters:
+                new |= HAS_KEYWORDS
+            if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
+                continue
+            if not self._rename(i, new, letters):
+                continue
+            if new & SETTABLE != old & SETTABLE or letters != oldLetters:
+                changed.append(i)
+        self._ownChangeDone(unchanged)
+        if changed:
+            self._announce(
+                FolderChange(flagged=[self.uids[i] for i in changed], origin=origin)
+            )
+        return changed
+
+    def _rename(self, i: int, bits: int, letters: str) -> bool:
+        old = self.path / self.fileName(i)
+        newName = "cur/" + maildir.curFileName(self.bases[i], bits, letters)
+        try:
+            os.rename(old, self.path / newName)
+        except FileNotFoundError:
+            return False
+        self.flags[i] = bits
+        uid = self.uids[i]
+        if letters:
+            self.keywordLetters[uid] = letters
+        else:
+            self.keywordLetters.pop(uid, None)
+        return True
+
+    def claimRecent(self, positions: Sequence[int] | None = None) -> list[int]:
+        """
+        Move messages from C{new/} to C{cur/}: the caller is the session
+        that reports them \\Recent (RFC 3501 section 2.3.2: one session
+        only).
+
+        @return: the UIDs this caller claimed.
+        """
+        if positions is None:
+            positions = [i for i, bits in enumerate(self.flags) if bits & IN_NEW]
+        unchanged = self._ownChange(("new", "cur"))
+        claimed = []
+        for i in positions:
+            if self.flags[i] & IN_NEW and self._rename(i, self.flags[i] & ~IN_NEW, ""):
+                claimed.append(self.uids[i])
+        self._ownChangeDone(unchanged)
+        return claimed
+
+    def expunge(self, uids: Iterable[int], origin: object | None = None) -> list[int]:
+        """
+        Remove messages for good.
+
+        @return: the UIDs removed (the others were already gone).
+        """
+        unchanged = self._ownChange(("new", "cur"))
+        gone: set[int] = set()
+        goneBases = []
+        for uid in uids:
+            i = self.position(uid)
+            if i is None:
+                continue
+            try:
+                os.unlink(self.path / self.fileName(i))
+            except FileNotFoundError:
+                pass
+            gone.add(uid)
+            goneBases.append(self.bases[i])
+        self._ownChangeDone(unchanged)
+        if not gone:
+            return []
+        keep = [j for j, uid in enumerate(self.uids) if uid not in gone]
+        self.uids = array("I", (self.uids[j] for j in keep))
+        self.flags = bytearray(self.flags[j] for j in keep)
+        self.bases = [self.bases[j] for j in keep]
+        for uid in gone:
+            self.keywordLetters.pop(uid, None)
+            self._sizes.pop(uid, None)
+        self.uidList.forget(goneBases)
+        expunged = sorted(gone)
+        self._announce(FolderChange(expunged=expunged, origin=origin))
+        return expunged
+
+    def addPlaced(self, paths: Sequence[Path], origin: object | None = None) -> list[int]:
+        """
+        Take into the index files this process just put into the folder
+        (by delivery, APPEND or COPY), numbering them in this order, so that
+        nobody waits for a listing of a big folder.
+
+        @return: their UIDs.
+        """
+        if not self._loaded:
+            self.refresh()
+        state = self.uidList.refresh()
+        result: dict[str, int] = {}
+        fresh: list[tuple[str, str | None]] = []
+        for path in paths:
+            base, info = maildir.splitFileName(path.name)
+            uid = state.uids.get(base)
+            i = self.position(uid) if uid is not None else None
+            if i is not None and self.bases[i] == base:
+                result[base] = uid  # a listing found it first
+            else:
+                fresh.append((base, None if path.parent.name == "new" else info))
+        above = self.uids[-1] + 1 if self.uids else 1
+        uids = self.uidList.assign([base for base, _ in fresh], above=above)
+        change = FolderChange(origin=origin)
+        for uid, (base, info) in sorted(zip(uids, fresh)):
+            bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+            self.uids.append(uid)
+            self.flags.append(bits)
+            self.bases.append(base)
+            if letters:
+                self.keywordLetters[uid] = letters
+            result[base] = uid
+            change.added.append(uid)
+        self._announce(change)
+        return [result[maildir.splitFileName(p.name)[0]] for p in paths]
+
+
+def _deliveryOrder(base: str) -> tuple[int, int, str]:
+    """
+    Sort key from a Maildir base name: seconds, microseconds, then the name.
+    """
+    sec, _, rest = base.partition(".")
+    usec = 0
+    if rest.startswith("M"):
+        digits = rest[1:].split("P", 1)[0]
+        usec = int(digits) if digits.isdigit() else 0
+    return (int(sec) if sec.isdigit() else 0, usec, base)

@@ -1,0 +1,233 @@
+"""
+The per-folder UID list, in Dovecot's C{dovecot-uidlist} version 3 format
+so that UIDs survive a move of the Maildir between maild and Dovecot::
+
+    3 V<uidvalidity> N<uidnext> G<guid>
+    <uid> :<base name>
+    ...
+
+New records are appended (as Dovecot does); the file is rewritten only to
+drop records of expunged messages.  The header's C{N} may therefore be
+older than the records: the next UID is the larger of C{N} and the last
+record's UID plus one.  All changes happen under a lock file that holds
+between processes, and a rewrite replaces the file atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from maild.store.locking import locked
+
+FILE_NAME = "dovecot-uidlist"
+LOCK_NAME = "maild-uidlist.lock"
+
+
+class CorruptUidList(Exception):
+    pass
+
+
+@dataclass
+class UidListState:
+    """
+    What the file said when last read: the UID of each base name, and
+    where the file ended so that later appends can be read alone.
+    """
+
+    uidvalidity: int
+    uidnext: int
+    guid: str
+    uids: dict[str, int] = field(default_factory=dict)
+    inode: int = 0
+    offset: int = 0
+
+
+def _parseHeader(line: str) -> tuple[int, int, str]:
+    parts = line.split()
+    if not parts or parts[0] != "3":
+        raise CorruptUidList(f"unsupported uidlist header {line!r}")
+    uidvalidity = uidnext = 0
+    guid = ""
+    for part in parts[1:]:
+        key, value = part[:1], part[1:]
+        if key == "V":
+            uidvalidity = int(value)
+        elif key == "N":
+            uidnext = int(value)
+        elif key == "G":
+            guid = value
+    if uidvalidity <= 0 or uidnext <= 0:
+        raise CorruptUidList(f"uidlist header lacks V or N: {line!r}")
+    return uidvalidity, uidnext, guid
+
+
+def _parseRecords(text: str, state: UidListState) -> None:
+    uids = state.uids
+    uidnext = state.uidnext
+    for line in text.splitlines():
+        uid, sep, base = line.partition(" :")
+        if not sep:
+            # Extension fields between the UID and the name ("12 W300 :name").
+            head, sep, base = line.partition(":")
+            uid = head.split(" ", 1)[0]
+            if not sep:
+                continue
+        uid = int(uid)
+        uids[base] = uid
+        if uid >= uidnext:
+            uidnext = uid + 1
+    state.uidnext = uidnext
+
+
+class UidList:
+    """
+    The UID list of one folder directory, and what this process last read
+    of it.
+    """
+
+    def __init__(self, folderPath: Path) -> None:
+        self.path = folderPath / FILE_NAME
+        self.lockPath = folderPath / LOCK_NAME
+        self.state: UidListState | None = None
+
+    @property
+    def uidvalidity(self) -> int:
+        return self.refresh().uidvalidity
+
+    def refresh(self) -> UidListState:
+        """
+        Catch up with the file: read only what was appended when it is
+        still the same file, all of it otherwise.  A missing or corrupt list
+        starts a new UIDVALIDITY.
+        """
+        previous = self.state
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (
+                    previous is not None
+                    and previous.inode == st.st_ino
+                    and previous.offset <= st.st_size
+                ):
+                    if previous.offset < st.st_size:
+                        f.seek(previous.offset)
+                        tail = f.read()
+                        complete = tail[: tail.rfind(b"\n") + 1]
+                        _parseRecords(complete.decode("utf-8", "replace"), previous)
+                        previous.offset += len(complete)
+                    return previous
+                data = f.read()
+        except FileNotFoundError:
+            self.state = self._create()
+            return self.state
+        complete = data[: data.rfind(b"\n") + 1]
+        header, _, records = complete.decode("utf-8", "replace").partition("\n")
+        try:
+            uidvalidity, uidnext, guid = _parseHeader(header)
+            state = UidListState(uidvalidity, uidnext, guid, inode=st.st_ino)
+            _parseRecords(records, state)
+            state.offset = len(complete)
+        except (CorruptUidList, ValueError):
+            # A list we cannot trust means UIDs may have changed: clients
+            # must be told so with a new UIDVALIDITY (RFC 3501 section 2.3.1.1).
+            state = self._create(replaceCorrupt=True)
+        self.state = state
+        return state
+
+    def _create(self, replaceCorrupt: bool = False) -> UidListState:
+        with locked(self.lockPath):
+            if not replaceCorrupt and self.path.exists():
+                # Another process created it while we waited for the lock.
+                self.state = None
+                return self._readLocked()
+            state = UidListState(
+                uidvalidity=int(time.time()), uidnext=1, guid=uuid.uuid4().hex
+            )
+            if self.state is not None and self.state.uidvalidity >= state.uidvalidity:
+                state.uidvalidity = self.state.uidvalidity + 1
+            self._writeAll(state)
+            return state
+
+    def _readLocked(self) -> UidListState:
+        with open(self.path, "rb") as f:
+            data = f.read()
+            inode = os.fstat(f.fileno()).st_ino
+        complete = data[: data.rfind(b"\n") + 1]
+        header, _, records = complete.decode("utf-8", "replace").partition("\n")
+        uidvalidity, uidnext, guid = _parseHeader(header)
+        state = UidListState(uidvalidity, uidnext, guid, inode=inode)
+        _parseRecords(records, state)
+        state.offset = len(complete)
+        return state
+
+    def assign(self, bases: list[str], above: int = 1) -> list[int]:
+        """
+        Give new UIDs to C{bases} (in that order), after catching up with
+        whatever another process appended.  A base that already has a UID
+        of at least C{above} keeps it; one with a lower UID (a file that
+        came back) is numbered again, since UIDs only grow.
+
+        @return: the UID of each base.
+        """
+        with locked(self.lockPath):
+            state = self.refresh()
+            lines = []
+            result = []
+            for base in bases:
+                uid = state.uids.get(base)
+                if uid is None or uid < above:
+                    uid = state.uidnext
+                    state.uidnext += 1
+                    state.uids[base] = uid
+                    lines.append(f"{uid} :{base}\n")
+                result.append(uid)
+            if lines:
+                with open(self.path, "ab") as f:
+                    f.write("".join(lines).encode("utf-8"))
+                    state.offset = f.tell()
+        return result
+
+    def forget(self, bases: list[str]) -> None:
+        """
+        Drop the records of expunged messages, and compact the file once
+        most of its records are dead.
+        """
+        state = self.refresh()
+        for base in bases:
+            state.uids.pop(base, None)
+        try:
+            size = os.stat(self.path).st_size
+        except OSError:
+            return
+        # A record costs about 64 octets: rewrite when the file is more than
+        # twice what the live records need.
+        if size > 64 * 1024 and size > 2 * 64 * (len(state.uids) + 1):
+            gone = set(bases)
+            with locked(self.lockPath):
+                state = self.refresh()
+                state.uids = {b: u for b, u in state.uids.items() if b not in gone}
+                self._writeAll(state)
+                self.state = state
+
+    def _writeAll(self, state: UidListState) -> None:
+        """
+        Replace the file with C{state}.  The caller holds the lock.
+        """
+        tmp = self.path.with_name(FILE_NAME + ".tmp")
+        lines = [f"3 V{state.uidvalidity} N{state.uidnext} G{state.guid}\n"]
+        lines.extend(
+            f"{uid} :{base}\n"
+            for base, uid in sorted(state.uids.items(), key=lambda item: item[1])
+        )
+        data = "".join(lines).encode("utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        state.inode = os.stat(self.path).st_ino
+        state.offset = len(data)
