@@ -25,6 +25,7 @@ import asyncio
 import collections
 import email.utils
 import json
+import math
 import os
 import random
 import sys
@@ -135,7 +136,8 @@ def makeText(rng: random.Random, length: int) -> str:
     About C{length} characters of words, cut to exactly C{length}.
     """
     words = []
-    total = 0
+    # The length of " ".join(words): each word after the first adds a space.
+    total = -1
     while total < length:
         word = rng.choice(WORDS)
         words.append(word)
@@ -200,7 +202,9 @@ class SMTPClient:
         # Set after a failed transaction: the server may still hold its
         # MAIL FROM, so the next transaction starts with RSET.
         self.needsReset = False
-        self.commands = b""
+        # Set by greet(), once the server's extensions are known.
+        self.mailCommand = b""
+        self.rcptCommand = b""
 
     @classmethod
     async def open(
@@ -298,12 +302,8 @@ class SMTPClient:
                 codes = await self.pipelinedEnvelope()
             else:
                 codes = await self.sequentialEnvelope()
-            stages = ("MAIL", "RCPT", "DATA")
-            for stage, code in zip(stages, codes):
-                if code == 421:
-                    raise ConnectionDropped(f"{stage} 421", refusal=f"{stage} 421")
             refusal = next(
-                (f"{stage} {code}" for stage, code in zip(stages, codes[:2]) if code // 100 != 2),
+                (f"{stage} {code}" for stage, code in zip(("MAIL", "RCPT"), codes) if code // 100 != 2),
                 None,
             )
             dataCode = codes[2] if len(codes) == 3 else None
@@ -319,14 +319,23 @@ class SMTPClient:
             self.writer.write(message)
             await self.writer.drain()
             sentAt = time.perf_counter()
-            code, _ = await self.readReply()
+            code = await self.transactionReply("end of data")
             latency = time.perf_counter() - sentAt
         if code == 250:
             return None, latency
         self.needsReset = True
-        if code == 421:
-            raise ConnectionDropped("end of data 421", refusal="end of data 421")
         return f"end of data {code}", 0.0
+
+    async def transactionReply(self, stage: str) -> int:
+        """
+        Read the reply to C{stage} of a transaction and return its code.
+        421 means the server is closing the connection (RFC 5321 section
+        3.8): the message counts as refused, and the connection as dropped.
+        """
+        code, _ = await self.readReply()
+        if code == 421:
+            raise ConnectionDropped(f"{stage} 421", refusal=f"{stage} 421")
+        return code
 
     async def pipelinedEnvelope(self) -> list[int]:
         """
@@ -340,11 +349,7 @@ class SMTPClient:
         await self.writer.drain()
         if reset:
             await self.expectReset()
-        codes = []
-        for _ in range(3):
-            code, _ = await self.readReply()
-            codes.append(code)
-        return codes
+        return [await self.transactionReply(stage) for stage in ("MAIL", "RCPT", "DATA")]
 
     async def sequentialEnvelope(self) -> list[int]:
         """
@@ -353,12 +358,14 @@ class SMTPClient:
         """
         if self.needsReset:
             self.writer.write(b"RSET\r\n")
+            await self.writer.drain()
             await self.expectReset()
         codes = []
-        for line in (self.mailCommand, self.rcptCommand, b"DATA\r\n"):
-            code, _ = await self.command(line)
-            codes.append(code)
-            if code // 100 not in (2, 3):
+        for stage, line in (("MAIL", self.mailCommand), ("RCPT", self.rcptCommand), ("DATA", b"DATA\r\n")):
+            self.writer.write(line)
+            await self.writer.drain()
+            codes.append(await self.transactionReply(stage))
+            if codes[-1] // 100 not in (2, 3):
                 break
         return codes
 
@@ -448,14 +455,15 @@ class LoadRun:
         connection failed.
         """
         options = self.options
-        number = None
+        # The message being delivered, whose fate a failure decides.
+        inFlight = None
         client = None
         try:
             if not options.reuse:
                 # Taken before connecting, so that a server refusing every
                 # connection uses up the messages instead of looping forever.
-                number = self.takeMessage()
-                if number is None:
+                inFlight = self.takeMessage()
+                if inFlight is None:
                     return True
             client = await SMTPClient.open(
                 self.host,
@@ -469,9 +477,10 @@ class LoadRun:
             )
             self.extensions = client.extensions
             self.pipelining = client.pipelining
-            while number is not None or (options.reuse and (number := self.takeMessage()) is not None):
-                refusal, latency = await client.deliver(self.factory.build(number))
-                number = None
+            numbers = iter(self.takeMessage, None) if options.reuse else [inFlight]
+            for inFlight in numbers:
+                refusal, latency = await client.deliver(self.factory.build(inFlight))
+                inFlight = None
                 if refusal is None:
                     self.results.accepted += 1
                     self.results.latencies.append(latency)
@@ -480,9 +489,9 @@ class LoadRun:
             await client.quit()
             return True
         except ConnectionDropped as dropped:
-            self.connectionFailed(dropped.reason, number, dropped.refusal)
+            self.connectionFailed(dropped.reason, inFlight, dropped.refusal)
         except CONNECTION_ERRORS as error:
-            self.connectionFailed(describeError(error), number, None)
+            self.connectionFailed(describeError(error), inFlight, None)
         finally:
             if client is not None:
                 client.close()
@@ -506,9 +515,9 @@ def describeError(error: BaseException) -> str:
     """
     if isinstance(error, TimeoutError):
         return "timeout"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return type(error).__name__
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error) or type(error).__name__
 
 
 def parseServer(server: str) -> tuple[str, int]:
@@ -527,8 +536,8 @@ def percentile(sortedValues: list[float], fraction: float) -> float:
     """
     if not sortedValues:
         return 0.0
-    rank = max(1, round(fraction * len(sortedValues)))
-    return sortedValues[min(rank, len(sortedValues)) - 1]
+    rank = max(1, math.ceil(fraction * len(sortedValues)))
+    return sortedValues[rank - 1]
 
 
 def countDelivered(directory: Path) -> int:
@@ -579,6 +588,9 @@ def summarize(run: LoadRun, seconds: float, cpuSeconds: float) -> dict:
 
 
 def formatCounts(counts: dict[str, int]) -> str:
+    """
+    C{counts} as "  (key: n, ...)", or nothing if empty.
+    """
     return f"  ({', '.join(f'{key}: {value}' for key, value in counts.items())})" if counts else ""
 
 

@@ -42,6 +42,8 @@ class LimitedFactory(protocol.ServerFactory):
     """
 
     refusal = b""
+    # Said to every open session when the daemon stops.
+    goodbye = b""
     # Every session is logged by the protocol; Twisted's start/stop lines
     # would only add noise.
     noisy = False
@@ -49,6 +51,7 @@ class LimitedFactory(protocol.ServerFactory):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.connections: collections.Counter[str] = collections.Counter()
+        self.sessions: set = set()
 
     def buildProtocol(self, addr):
         host = clientHost(addr)
@@ -58,12 +61,25 @@ class LimitedFactory(protocol.ServerFactory):
         session = self.buildSession(addr)
         session.factory = self
         session.clientAddress = host
+        self.sessions.add(session)
         return session
 
     def buildSession(self, addr):
         raise NotImplementedError
 
+    def closeSessions(self) -> None:
+        """
+        Say goodbye to every session and close it (the daemon is stopping).
+        """
+        for session in list(self.sessions):
+            transport = session.transport
+            if transport is not None and not transport.disconnecting:
+                if self.goodbye:
+                    transport.write(self.goodbye + b"\r\n")
+                transport.loseConnection()
+
     def connectionClosed(self, session) -> None:
+        self.sessions.discard(session)
         host = session.clientAddress
         self.connections[host] -= 1
         if self.connections[host] <= 0:

@@ -68,6 +68,7 @@ class Listener(service.Service):
 
     def stopService(self):
         service.Service.stopService(self)
+        self.factory.closeSessions()
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()

@@ -12,6 +12,7 @@ once, durably, before it says 250.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,9 @@ _DATA_PIECE = 64 * 1024
 # After this many bad commands the session is closed (Postfix's
 # smtpd_hard_error_limit).
 _MAX_ERRORS = 20
+# The command is well formed up to its address (which is then at fault).
+_FROM_PREFIX = re.compile(rb"\s*FROM:\s*<", re.I)
+_TO_PREFIX = re.compile(rb"\s*TO:\s*<", re.I)
 
 
 class DataDecoder:
@@ -402,7 +406,10 @@ class SMTPServer(smtp.ESMTP):
             return
         match = self.mail_re.match(rest)
         if not match:
-            self._error(501, b"5.5.4 Syntax: MAIL FROM:<address>")
+            if _FROM_PREFIX.match(rest):
+                self._error(501, b"5.1.7 Bad sender address syntax")
+            else:
+                self._error(501, b"5.5.4 Syntax: MAIL FROM:<address>")
             return
         try:
             sender = smtp.Address(match.group("path"), self.host)
@@ -454,7 +461,10 @@ class SMTPServer(smtp.ESMTP):
             return
         match = self.rcpt_re.match(rest)
         if not match:
-            self._error(501, b"5.5.4 Syntax: RCPT TO:<address>")
+            if _TO_PREFIX.match(rest):
+                self._error(501, b"5.1.3 Bad recipient address syntax")
+            else:
+                self._error(501, b"5.5.4 Syntax: RCPT TO:<address>")
             return
         if match.group("opts"):
             self._error(555, b"5.5.4 Unsupported option")
@@ -505,7 +515,7 @@ class SMTPServer(smtp.ESMTP):
         """
         Return-Path: and Received: (RFC 5321 section 4.4), CRLF-terminated.
         """
-        helo = (self._helo[0] if self._helo else b"unknown").decode("ascii", "replace")
+        helo = ((self._helo and self._helo[0]) or b"unknown").decode("ascii", "replace")
         helo = "".join(c if c.isprintable() and not c.isspace() else "?" for c in helo[:255])
         protocol = "ESMTP" if self._esmtp else "SMTP"
         if self._esmtp:
@@ -617,6 +627,7 @@ class SMTPFactory(LimitedFactory):
     """
 
     refusal = b"421 4.7.0 Error: too many connections from your address"
+    goodbye = b"421 4.3.2 Service shutting down"
     protocol = SMTPServer
 
     def __init__(self, settings: SMTPSettings) -> None:

@@ -1,0 +1,205 @@
+"""
+Shared test fixtures: a temporary data folder with users, and the daemon's
+services started on loopback ports chosen by the system.
+"""
+
+from __future__ import annotations
+
+import functools
+import select
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+from twisted.trial import unittest
+
+from maild.accounts import hashPassword
+from maild.config import PROTOCOLS, Config, loadConfig
+from maild.service import MailService
+from maild.store import MailStore
+
+PASSWORD = "correct horse battery staple"
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+@functools.lru_cache(maxsize=None)
+def passwordHash(password: str = PASSWORD) -> str:
+    # Hashing is slow by design: do it once per test run.
+    return hashPassword(password)
+
+
+def writeUsers(dataDir: Path, users: dict[str, str]) -> None:
+    """
+    Write a users file for C{users} (address -> password) and create their
+    mailboxes, as C{maild user add} does.
+    """
+    dataDir.mkdir(parents=True, exist_ok=True)
+    with open(dataDir / "users", "a", encoding="utf-8") as f:
+        for address, password in users.items():
+            f.write(f"{address}:{passwordHash(password)}\n")
+    store = MailStore(dataDir)
+    for address in users:
+        store.mailbox(address).ensureExists()
+
+
+def makeConfig(dataDir: Path, listeners=("smtp",), limits: dict | None = None, **values) -> Config:
+    """
+    A configuration with C{listeners} on loopback ports chosen by the system
+    and the others disabled.
+    """
+    overrides: dict[str, Any] = {
+        "data_dir": dataDir,
+        "hostname": "mx.test",
+        "domains": ["localhost", "example.org"],
+        "listeners": {name: (LOOPBACK if name in listeners else "none") for name in PROTOCOLS},
+        "limits": limits or {},
+    }
+    overrides.update(values)
+    return loadConfig(None, overrides)
+
+
+class ServerTestCase(unittest.TestCase):
+    """
+    A test case with a running daemon: C{self.service}, its data folder
+    C{self.dataDir} and the users C{alice@localhost} and C{bob@example.org}.
+    """
+
+    listeners: tuple[str, ...] = ("smtp",)
+    users = {"alice@localhost": PASSWORD, "bob@example.org": PASSWORD}
+    limits: dict[str, Any] = {}
+    configValues: dict[str, Any] = {}
+
+    def setUp(self):
+        self.dataDir = Path(self.mktemp()).resolve()
+        writeUsers(self.dataDir, self.users)
+        return self.startServer()
+
+    @defer.inlineCallbacks
+    def startServer(self, syncHook=None, **values):
+        """
+        Start the daemon (again, after L{stopServer}) with the class's
+        settings, changed by C{values}.
+        """
+        settings = {"limits": self.limits, **self.configValues, **values}
+        self.config = makeConfig(self.dataDir, self.listeners, **settings)
+        self.service = MailService(self.config, reactor, syncHook=syncHook)
+        self.service.startService()
+        self.addCleanup(self.stopServer)
+        yield defer.gatherResults([lst.ready for lst in self.service.listeners.values()])
+
+    def stopServer(self):
+        service, self.service = getattr(self, "service", None), None
+        if service is not None and service.running:
+            return service.stopService()
+        return None
+
+    def port(self, name: str = "smtp") -> int:
+        return self.service.port(name)
+
+    def inThread(self, f, *args, **kwargs) -> defer.Deferred:
+        """
+        Run a blocking client in a thread while the reactor serves it.
+        """
+        return threads.deferToThread(f, *args, **kwargs)
+
+    def maildir(self, address: str, folder: str = "") -> Path:
+        local, _, domain = address.partition("@")
+        return self.dataDir / "mail" / domain / local / folder
+
+    def messages(self, address: str, folder: str = "") -> list[Path]:
+        """
+        The message files of a folder, new/ and cur/, oldest first.
+        """
+        root = self.maildir(address, folder)
+        files = [p for sub in ("new", "cur") for p in (root / sub).glob("*") if p.is_file()]
+        return sorted(files, key=lambda p: p.name)
+
+
+class RawClient:
+    """
+    A blocking line-oriented socket client for byte-exact protocol tests.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10):
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def readLine(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(self.buffer)
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def readReply(self) -> tuple[int, list[bytes]]:
+        """
+        One SMTP reply: its code and its lines' texts.
+        """
+        lines = []
+        while True:
+            line = self.readLine()
+            lines.append(line[4:])
+            if line[3:4] != b"-":
+                return int(line[:3]), lines
+
+    def command(self, line: bytes) -> tuple[int, list[bytes]]:
+        self.send(line + b"\r\n")
+        return self.readReply()
+
+    def startTLS(self, context: ssl.SSLContext, hostname: str = "mx.test") -> None:
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+
+    def trickle(self, pieces, interval: float) -> None:
+        """
+        Send C{pieces} one by one, C{interval} seconds apart, until the
+        server says something or closes (kept in the buffer).
+        """
+        for piece in pieces:
+            try:
+                self.sock.sendall(piece)
+            except OSError:
+                return
+            readable, _, _ = select.select([self.sock], [], [], interval)
+            if readable:
+                chunk = self.sock.recv(65536)
+                self.buffer += chunk
+                return
+
+    def closed(self, wait: float = 5.0) -> bool:
+        """
+        Whether the server closes the connection within C{wait} seconds
+        (what it still sends is kept in the buffer).
+        """
+        self.sock.settimeout(wait)
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
