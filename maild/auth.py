@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import ipaddress
 import os
 from typing import Any, Callable, Mapping
 
@@ -231,3 +232,25 @@ class Authenticator:
         d = self.portal.login(creds, None, *interfaces)
         d.addCallbacks(succeeded, failed)
         return d
+
+
+def isLoopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # Not an IP address: a UNIX socket or similar local transport.
+        return not host[:1].isdigit() and ":" not in host
+
+
+def plaintextLoginAllowed(policy: str, clientHost: str, secure: bool) -> bool:
+    """
+    Whether a password may be sent on this connection (the
+    C{auth.plaintext} setting): always over TLS; before TLS only from
+    loopback addresses under C{"loopback"} (as Dovecot treats them), from
+    anywhere under C{"always"}, and never under C{"never"}.
+    """
+    if secure or policy == "always":
+        return True
+    if policy == "never":
+        return False
+    return isLoopback(clientHost)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 
 
 def clientHost(address) -> str:
@@ -67,19 +67,35 @@ class LimitedFactory(protocol.ServerFactory):
     def buildSession(self, addr):
         raise NotImplementedError
 
-    def closeSessions(self) -> None:
+    def closeSessions(self, clock, grace: float = 5.0) -> defer.Deferred:
         """
         Say goodbye to every session and close it (the daemon is stopping).
+
+        @return: a Deferred that fires once all are closed; those still open
+            after C{grace} seconds are aborted.
         """
+        if not self.sessions:
+            return defer.succeed(None)
         for session in list(self.sessions):
             transport = session.transport
             if transport is not None and not transport.disconnecting:
                 if self.goodbye:
                     transport.write(self.goodbye + b"\r\n")
                 transport.loseConnection()
+        self._allClosed = defer.Deferred()
+        abort = clock.callLater(grace, self._abortSessions)
+        self._allClosed.addBoth(lambda result: abort.active() and abort.cancel())
+        return self._allClosed
+
+    def _abortSessions(self) -> None:
+        for session in list(self.sessions):
+            session.transport.abortConnection()
 
     def connectionClosed(self, session) -> None:
         self.sessions.discard(session)
+        if not self.sessions and getattr(self, "_allClosed", None) is not None:
+            allClosed, self._allClosed = self._allClosed, None
+            allClosed.callback(None)
         host = session.clientAddress
         self.connections[host] -= 1
         if self.connections[host] <= 0:

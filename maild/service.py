@@ -11,12 +11,14 @@ from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
-from maild.config import Config
+from maild.config import IMPLICIT_TLS, Config
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
 from maild.store import Committer, MailStore
+from maild.tls import ServerTLS, certificateFiles
 
 log = Logger()
 
@@ -33,8 +35,9 @@ class Listener(service.Service):
         port number chosen for C{tcp:0}).
     """
 
-    def __init__(self, name: str, description: str, endpoint, factory) -> None:
+    def __init__(self, name: str, description: str, endpoint, factory, clock) -> None:
         self.name = name
+        self.clock = clock
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
@@ -68,11 +71,13 @@ class Listener(service.Service):
 
     def stopService(self):
         service.Service.stopService(self)
-        self.factory.closeSessions()
+        stopped = []
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
-        return None
+            stopped.append(defer.maybeDeferred(port.stopListening))
+        factory = getattr(self.factory, "wrappedFactory", self.factory)
+        stopped.append(factory.closeSessions(self.clock))
+        return defer.gatherResults(stopped)
 
 
 class MailService(service.MultiService):
@@ -83,6 +88,7 @@ class MailService(service.MultiService):
 
     def __init__(self, config: Config, reactor=None, syncHook=None) -> None:
         service.MultiService.__init__(self)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
@@ -106,6 +112,9 @@ class MailService(service.MultiService):
             self.portal,
             LoginThrottle(reactor, limits.auth_failure_delay, limits.auth_failure_delay_max),
         )
+        # STARTTLS is offered wherever it applies, so TLS is always set up
+        # (with a self-signed certificate when none is configured).
+        self.tls = ServerTLS(*certificateFiles(config))
         self.listeners: dict[str, Listener] = {}
         builders: dict[str, Callable[[], Any]] = {"smtp": self._mxFactory}
         for name, description in config.enabledListeners().items():
@@ -114,7 +123,11 @@ class MailService(service.MultiService):
                 log.warn("{name}: not available in this version, not started", name=name)
                 continue
             endpoint = endpoints.serverFromString(reactor, description)
-            listener = Listener(name, description, endpoint, builder())
+            factory = builder()
+            if name in IMPLICIT_TLS and description.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
+                # RFC 8314: TLS from the first byte, with the same certificate.
+                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            listener = Listener(name, description, endpoint, factory, reactor)
             listener.setServiceParent(self)
             self.listeners[name] = listener
         cleanup = internet.TimerService(
@@ -135,11 +148,11 @@ class MailService(service.MultiService):
                 addresses=self.addresses,
                 clock=self.reactor,
                 delivery=InboundDelivery(self.addresses),
+                tlsContext=self.tls,
             )
         )
 
     def startService(self) -> None:
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.committer.start()
         log.info(
             "maild starting: data in {data}, domains {domains}",

@@ -10,8 +10,9 @@ import os
 import smtplib
 import threading
 import time
+from io import BytesIO
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, ssl
 from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
 
@@ -396,21 +397,30 @@ class SMTPDeliveryTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_twistedClient(self):
         """
-        Twisted's own smtp.sendmail delivers through maild (it takes LF line
-        ends and sends CRLF).
+        Twisted's own ESMTP client delivers through maild, upgrading to TLS
+        with STARTTLS and verifying the certificate made for the host name
+        (it takes LF line ends and sends CRLF).
         """
         sent = message(subject="From Twisted")
-        result = yield twistedSMTP.sendmail(
-            "127.0.0.1",
+        trust = ssl.Certificate.loadPEM(self.service.tls.certPath.read_bytes())
+        result = defer.Deferred()
+        factory = twistedSMTP.ESMTPSenderFactory(
+            None,
+            None,
             "carol@remote.test",
             ["bob@example.org"],
-            sent.replace(b"\r\n", b"\n"),
-            port=self.port(),
-            requireTransportSecurity=False,
+            BytesIO(sent.replace(b"\r\n", b"\n")),
+            result,
+            contextFactory=ssl.optionsForClientTLS("mx.test", trustRoot=trust),
+            requireAuthentication=False,
+            requireTransportSecurity=True,
         )
-        self.assertEqual(result[0], 1)
+        reactor.connectTCP("127.0.0.1", self.port(), factory)
+        accepted, recipients = yield result
+        self.assertEqual(accepted, 1)
         [path] = self.messages("bob@example.org")
         self.assertEqual(storedBody(path), sent)
+        self.assertIn(b"with ESMTPS id", path.read_bytes())
 
     @defer.inlineCallbacks
     def test_severalRecipientsOneFile(self):
