@@ -10,9 +10,11 @@ making them durable in a different way:
   parallel-fsync  per batch of B files: write all, fsync them from T
                   threads, rename all, one fsync of new/
 
-and reports files/s and the latency of one iteration (a file in fsync
-mode, a batch in the others).  Each mode runs in a fresh directory under
---dir (default: the current directory), which is removed afterwards.
+and reports files/s, the latency of one iteration (a file in fsync mode,
+a batch in the others) and, where Linux shows them, the write requests,
+cache flushes and octets the block device received per file.  Each mode
+runs in a fresh directory under --dir (default: the current directory),
+which is removed afterwards.
 
 Example::
 
@@ -152,6 +154,21 @@ def probeParallelFsync(
     return latencies
 
 
+def deviceCounters(path: Path) -> tuple[int, int, int] | None:
+    """
+    The write requests, cache flushes and 512-octet sectors written so far
+    by the block device holding C{path}, or None where Linux does not show
+    them.  They count everything on the device, not only this probe.
+    """
+    device = path.stat().st_dev
+    try:
+        fields = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat").read_text().split()
+        # Documentation/block/stat.rst: writes are fields 5 and 7, flushes 16.
+        return int(fields[4]), int(fields[15]), int(fields[6])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def percentile(sortedValues: list[float], fraction: float) -> float:
     """
     The nearest-rank percentile of an ascending, non-empty list.
@@ -188,6 +205,7 @@ def runMode(mode: str, options: argparse.Namespace, payload: bytes) -> dict:
     names = [f"{number}.{os.getpid()}.probe" for number in range(options.files)]
     batches = [names[i : i + options.batch] for i in range(0, len(names), options.batch)]
     with ProbeDirectory(options.dir) as directory:
+        countersBefore = deviceCounters(directory.path)
         start = time.perf_counter()
         if mode == "fsync":
             latencies = probeFsync(directory, names, payload)
@@ -196,8 +214,9 @@ def runMode(mode: str, options: argparse.Namespace, payload: bytes) -> dict:
         else:
             latencies = probeParallelFsync(directory, batches, payload, options.threads)
         seconds = time.perf_counter() - start
+        countersAfter = deviceCounters(directory.path)
     latencies.sort()
-    return {
+    result = {
         "mode": mode,
         "files": options.files,
         "size": options.size,
@@ -208,6 +227,12 @@ def runMode(mode: str, options: argparse.Namespace, payload: bytes) -> dict:
         "iteration_p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
         "iteration_p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
     }
+    if countersBefore is not None and countersAfter is not None:
+        writes, flushes, sectors = (after - before for before, after in zip(countersBefore, countersAfter))
+        result["device_writes_per_file"] = round(writes / options.files, 2)
+        result["device_flushes_per_file"] = round(flushes / options.files, 2)
+        result["device_kib_per_file"] = round(sectors * 512 / 1024 / options.files, 1)
+    return result
 
 
 def formatResult(result: dict) -> str:
@@ -220,11 +245,17 @@ def formatResult(result: dict) -> str:
         unit = f"per batch of {result['batch']}"
     else:
         unit = f"per batch of {result['batch']}, {result['threads']} threads"
-    return (
+    line = (
         f"{result['mode']:<15} {result['files']} files x {result['size']} octets: "
         f"{result['files_per_second']:9.1f} files/s   "
         f"p50 {result['iteration_p50_ms']:.3f} ms  p99 {result['iteration_p99_ms']:.3f} ms  ({unit})"
     )
+    if "device_writes_per_file" in result:
+        line += (
+            f"\n{'':<16}device, per file: {result['device_writes_per_file']:.2f} write requests, "
+            f"{result['device_flushes_per_file']:.2f} flushes, {result['device_kib_per_file']:.1f} KiB"
+        )
+    return line
 
 
 def parseArguments(argv: list[str]) -> argparse.Namespace:

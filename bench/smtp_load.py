@@ -244,8 +244,10 @@ class SMTPClient:
         # handed to the kernel, so latency is timed from the "." being sent.
         self.writer.transport.set_write_buffer_limits(high=0)
         code, lines = await self.readReply()
+        # A refusal here only counts against a message taken for this
+        # connection, that is with --one-message-per-connection.
         if code != 220:
-            raise ConnectionDropped(f"greeting {code}")
+            raise ConnectionDropped(f"greeting {code}", refusal=f"greeting {code}")
         # An address literal is the right EHLO argument for a client
         # without a name of its own (RFC 5321 section 4.1.3).
         localHost = self.writer.get_extra_info("sockname")[0]
@@ -258,7 +260,7 @@ class SMTPClient:
         else:
             code, lines = await self.command(f"HELO {literal}\r\n".encode("ascii"))
             if code != 250:
-                raise ConnectionDropped(f"HELO {code}")
+                raise ConnectionDropped(f"HELO {code}", refusal=f"HELO {code}")
         self.pipelining = usePipelining and "PIPELINING" in self.extensions
         sizeParameter = f" SIZE={size}" if "SIZE" in self.extensions else ""
         self.mailCommand = f"MAIL FROM:<{sender}>{sizeParameter}\r\n".encode("ascii")
@@ -373,7 +375,7 @@ class SMTPClient:
         """
         Read the reply to RSET, which must succeed for the session to go on.
         """
-        code, _ = await self.readReply()
+        code = await self.transactionReply("RSET")
         if code != 250:
             raise ConnectionDropped(f"RSET {code}")
         self.needsReset = False

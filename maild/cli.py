@@ -90,7 +90,7 @@ def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
     return 0
 
 
-def _check(config: Config, stdout: IO[str]) -> int:
+def _check(config: Config, stdout: IO[str], stderr: IO[str]) -> int:
     problems = []
     accounts = Accounts(config.usersFile)
     try:
@@ -106,7 +106,7 @@ def _check(config: Config, stdout: IO[str]) -> int:
     if config.data_dir.exists() and not config.data_dir.is_dir():
         problems.append(f"data_dir: {config.data_dir} is not a folder")
     for problem in problems:
-        stdout.write(f"error: {problem}\n")
+        stderr.write(f"error: {problem}\n")
     if problems:
         return 1
     stdout.write(f"configuration OK: data in {config.data_dir}, domains {', '.join(config.domains)}\n")
@@ -116,23 +116,31 @@ def _check(config: Config, stdout: IO[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
+def main(
+    argv: list[str] | None = None,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
     args = _parser().parse_args(argv)
     try:
         config = configFromOptions({"config": args.config, "data_dir": args.data_dir})
     except ConfigError as e:
         for problem in e.problems:
-            stdout.write(f"error: {problem}\n")
+            stderr.write(f"error: {problem}\n")
         return 1
     try:
         if args.command == "user":
             return _user(args, config, stdin, stdout)
         if args.command == "check":
-            return _check(config, stdout)
+            return _check(config, stdout, stderr)
         if args.command == "send":
-            return client.run(args, stdin, stdout)
+            return client.run(args, stdin, stdout, stderr)
     except (AccountError, InvalidName) as e:
-        stdout.write(f"error: {e}\n")
+        stderr.write(f"error: {e}\n")
         return 1
     return 2
 

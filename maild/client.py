@@ -96,7 +96,12 @@ def tlsContext(args: argparse.Namespace) -> ssl.SSLContext:
     return context
 
 
-def run(args: argparse.Namespace, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
+def run(
+    args: argparse.Namespace,
+    stdin: IO[str] = sys.stdin,
+    stdout: IO[str] = sys.stdout,
+    stderr: IO[str] = sys.stderr,
+) -> int:
     """
     Send one message; return the exit status.
     """
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace, stdin: IO[str] = sys.stdin, stdout: IO[str] = 
     recipients = args.to or [r.strip() for r in ask("To (comma-separated)").split(",") if r.strip()]
     subject = args.subject if args.subject is not None else ask("Subject")
     if not sender or not recipients:
-        stdout.write("error: a sender and at least one recipient are needed\n")
+        stderr.write("error: a sender and at least one recipient are needed\n")
         return 2
     body = stdin.read() if args.body_stdin else readBody(stdin, stdout.write)
     if args.user and password is None:
@@ -126,10 +131,10 @@ def run(args: argparse.Namespace, stdin: IO[str] = sys.stdin, stdout: IO[str] = 
     try:
         refused, (code, reply) = _send(args, host, port, message, sender, recipients, password)
     except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
-        stdout.write(f"error: {_describe(e)}\n")
+        stderr.write(f"error: {_describe(e)}\n")
         return 1
     for address, (rcode, rreply) in refused.items():
-        stdout.write(f"refused {address}: {rcode} {rreply.decode('utf-8', 'replace')}\n")
+        stderr.write(f"refused {address}: {rcode} {rreply.decode('utf-8', 'replace')}\n")
     stdout.write(f"{code} {reply.decode('utf-8', 'replace')}\n")
     return 1 if refused or code != 250 else 0
 

@@ -44,8 +44,24 @@ class Listener(service.Service):
         self.port = None
         self.ready: defer.Deferred | None = None
 
+    def privilegedStartService(self) -> None:
+        # Bind here, as twistd binds privileged ports, so that a port that
+        # cannot be had stops the daemon at once with a clear message.
+        service.Service.privilegedStartService(self)
+        self._listen()
+        failure = []
+        self.ready.addErrback(lambda reason: failure.append(reason) or reason)
+        if failure:
+            # _failed has logged why.
+            self.ready.addErrback(lambda _: None)
+            raise SystemExit(1)
+
     def startService(self) -> None:
         service.Service.startService(self)
+        if self.ready is None:
+            self._listen()
+
+    def _listen(self) -> None:
         self.ready = self.endpoint.listen(self.factory)
         self.ready.addCallbacks(self._listening, self._failed)
 
@@ -63,10 +79,6 @@ class Listener(service.Service):
             description=self.description,
             error=reason.getErrorMessage(),
         )
-        from twisted.internet import reactor
-
-        if reactor.running:
-            reactor.stop()
         return reason
 
     def stopService(self):

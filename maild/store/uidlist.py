@@ -66,16 +66,17 @@ def _parseHeader(line: str) -> tuple[int, int, str]:
 
 
 def _parseRecords(text: str, state: UidListState) -> None:
+    """
+    Read C{<uid> [extension fields] :<base name>} lines into C{state}.  A
+    line that makes no sense is skipped: its file gets a new UID.
+    """
     uids = state.uids
     uidnext = state.uidnext
     for line in text.splitlines():
-        uid, sep, base = line.partition(" :")
-        if not sep:
-            # Extension fields between the UID and the name ("12 W300 :name").
-            head, sep, base = line.partition(":")
-            uid = head.split(" ", 1)[0]
-            if not sep:
-                continue
+        head, sep, base = line.partition(" :")
+        uid = head.split(" ", 1)[0]
+        if not sep or not uid.isdigit() or not base:
+            continue
         uid = int(uid)
         uids[base] = uid
         if uid >= uidnext:

@@ -1,0 +1,160 @@
+"""
+Users, passwords and addresses; the password checker and login throttling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bcrypt
+from twisted.cred import credentials, error
+from twisted.internet import task
+from twisted.trial import unittest
+
+from maild.accounts import (
+    AccountError,
+    Accounts,
+    LocalAddresses,
+    hashPassword,
+    verifyPassword,
+)
+from maild.auth import LoginThrottle, PasswordChecker, isLoopback, plaintextLoginAllowed
+from maild.names import InvalidName
+from tests.support import PASSWORD, passwordHash
+
+
+class PasswordTests(unittest.SynchronousTestCase):
+    def test_argon2id(self):
+        stored = passwordHash()
+        self.assertTrue(stored.startswith("{ARGON2ID}$argon2id$"))
+        self.assertTrue(verifyPassword(stored, PASSWORD))
+        self.assertFalse(verifyPassword(stored, PASSWORD + "x"))
+
+    def test_dovecotBlfCrypt(self):
+        """
+        Dovecot's {BLF-CRYPT} hashes ($2y$) are verified.
+        """
+        hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$")
+        self.assertTrue(verifyPassword("{BLF-CRYPT}" + hashed, "pw"))
+        self.assertFalse(verifyPassword("{BLF-CRYPT}" + hashed, "pW"))
+
+    def test_unknownSchemeNeverMatches(self):
+        self.assertFalse(verifyPassword("{PLAIN}pw", "pw"))
+        self.assertFalse(verifyPassword("pw", "pw"))
+        self.assertRaises(AccountError, hashPassword, "pw", "PLAIN")
+
+
+class AccountsTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        self.accounts = Accounts(self.path)
+
+    def test_addListDeletePasswd(self):
+        """
+        Users are added in Dovecot passwd-file form (the file readable by
+        its owner only), listed in order, re-read after outside changes.
+        """
+        self.accounts.add("Alice@Example.org", "pw1")
+        self.accounts.add("bob@example.org", "pw2")
+        self.assertRaises(AccountError, self.accounts.add, "alice@example.org", "x")
+        self.assertEqual(self.accounts.users(), ["alice@example.org", "bob@example.org"])
+        self.assertEqual(self.path.stat().st_mode & 0o777, 0o600)
+        line = self.path.read_text().splitlines()[0]
+        self.assertRegex(line, r"^alice@example\.org:\{ARGON2ID\}\$argon2id\$")
+        self.accounts.setPassword("alice@example.org", "new")
+        self.assertTrue(self.accounts.verify("alice@example.org", "new"))
+        self.assertFalse(self.accounts.verify("alice@example.org", "pw1"))
+        self.accounts.delete("bob@example.org")
+        self.assertEqual(Accounts(self.path).users(), ["alice@example.org"])
+        self.assertRaises(AccountError, self.accounts.delete, "bob@example.org")
+
+    def test_keepsDovecotFields(self):
+        """
+        Extra passwd-file fields and comments written for Dovecot survive.
+        """
+        self.path.write_text("# users\ncarol@example.org:{PLAIN}x:1000:1000::/home/carol::userdb_quota_rule=*:storage=1G\n")
+        self.accounts.setPassword("carol@example.org", "pw")
+        self.assertIn("::userdb_quota_rule=*:storage=1G", self.path.read_text())
+
+    def test_badNamesRefused(self):
+        for bad in ("../x@example.org", "x@../example.org", "a/b@example.org", "x\x00@example.org", "x@", "a" * 65 + "@example.org", "x@ex ample.org"):
+            self.assertRaises(InvalidName, self.accounts.add, bad, "pw")
+        self.assertFalse(self.path.exists())
+
+
+class AddressTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.accounts = Accounts(Path(self.mktemp()))
+        self.path = self.accounts.path
+        self.path.write_text(
+            f"alice@example.org:{passwordHash()}\nbob@example.org:{passwordHash()}\ncarol@other.test:x\n"
+        )
+
+    def test_resolve(self):
+        """
+        Users, aliases, role accounts (to the postmaster user, the first user
+        by default) and catch-alls; other domains are not local.
+        """
+        addresses = LocalAddresses(
+            self.accounts,
+            ["example.org", "other.test"],
+            aliases={"sales@example.org": "bob@example.org"},
+            catchall={"other.test": "carol@other.test"},
+        )
+        self.assertEqual(addresses.resolve("ALICE@example.org"), "alice@example.org")
+        self.assertEqual(addresses.resolve("sales@example.org"), "bob@example.org")
+        self.assertEqual(addresses.resolve("postmaster@other.test"), "alice@example.org")
+        self.assertEqual(addresses.resolve("abuse@example.org"), "alice@example.org")
+        self.assertEqual(addresses.resolve("anything@other.test"), "carol@other.test")
+        self.assertIsNone(addresses.resolve("nobody@example.org"))
+        self.assertIsNone(addresses.resolve("alice@elsewhere.test"))
+        self.assertTrue(addresses.ownsSender("bob@example.org", "Sales@example.org"))
+        self.assertTrue(addresses.ownsSender("alice@example.org", "postmaster@example.org"))
+        self.assertFalse(addresses.ownsSender("bob@example.org", "alice@example.org"))
+        configured = LocalAddresses(self.accounts, ["example.org"], postmaster="bob@example.org")
+        self.assertEqual(configured.resolve("postmaster@example.org"), "bob@example.org")
+
+
+class CheckerTests(unittest.TestCase):
+    def setUp(self):
+        path = Path(self.mktemp())
+        path.write_text(f"alice@example.org:{passwordHash()}\n")
+        self.checker = PasswordChecker(Accounts(path), "example.org")
+
+    def test_goodPassword(self):
+        d = self.checker.requestAvatarId(credentials.UsernamePassword(b"alice", PASSWORD.encode()))
+        return d.addCallback(self.assertEqual, "alice@example.org")
+
+    def test_badPasswordAndUnknownUser(self):
+        bad = self.checker.requestAvatarId(credentials.UsernamePassword(b"alice@example.org", b"wrong"))
+        unknown = self.checker.requestAvatarId(credentials.UsernamePassword(b"eve@example.org", b"x"))
+        invalid = self.checker.requestAvatarId(credentials.UsernamePassword(b"../x", b"x"))
+        return self.assertFailure(bad, error.UnauthorizedLogin).addCallback(
+            lambda _: self.assertFailure(unknown, error.UnauthorizedLogin)
+        ).addCallback(lambda _: self.assertFailure(invalid, error.UnauthorizedLogin))
+
+
+class ThrottleTests(unittest.SynchronousTestCase):
+    def test_doublingPerAddress(self):
+        """
+        Failures from one address are answered after 2, 4, 8, 15, 15 s;
+        another address starts at 2 s; success or quiet resets.
+        """
+        clock = task.Clock()
+        throttle = LoginThrottle(clock, 2.0, 15.0, forget=300)
+        self.assertEqual([throttle.failed("192.0.2.1") for _ in range(5)], [2, 4, 8, 15, 15])
+        self.assertEqual(throttle.failed("192.0.2.2"), 2)
+        throttle.succeeded("192.0.2.1")
+        self.assertEqual(throttle.failed("192.0.2.1"), 2)
+        clock.advance(301)
+        self.assertEqual(throttle.failed("192.0.2.2"), 2)
+
+    def test_plaintextPolicy(self):
+        self.assertTrue(isLoopback("127.0.0.1"))
+        self.assertTrue(isLoopback("::1"))
+        self.assertFalse(isLoopback("192.0.2.1"))
+        self.assertTrue(plaintextLoginAllowed("loopback", "127.0.0.1", False))
+        self.assertFalse(plaintextLoginAllowed("loopback", "192.0.2.1", False))
+        self.assertTrue(plaintextLoginAllowed("loopback", "192.0.2.1", True))
+        self.assertTrue(plaintextLoginAllowed("always", "192.0.2.1", False))
+        self.assertFalse(plaintextLoginAllowed("never", "127.0.0.1", False))

@@ -1,0 +1,99 @@
+"""
+Configuration: the TOML file, command-line overrides, and the clear error
+for each mistake.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from maild.config import ConfigError, configFromOptions, loadConfig
+
+
+class ConfigTests(unittest.SynchronousTestCase):
+    def write(self, text: str) -> Path:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def problems(self, text: str, **overrides) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            loadConfig(self.write(text), overrides)
+        return caught.exception.problems
+
+    def test_defaults(self):
+        """
+        With no file and no options: ./maildata, localhost, SMTP on 8025,
+        25 MiB messages, 100 recipients.
+        """
+        config = loadConfig()
+        self.assertEqual(config.data_dir, Path("maildata"))
+        self.assertEqual(config.domains, ("localhost",))
+        self.assertEqual(config.listeners["smtp"], "tcp:8025")
+        self.assertEqual(config.limits.message_size, 25 * 1024 * 1024)
+        self.assertEqual(config.limits.recipients, 100)
+
+    def test_fileThenOptions(self):
+        """
+        The file's values are used, paths in it are relative to it, and
+        command-line options win over it.
+        """
+        path = self.write(
+            'data_dir = "data"\nhostname = "mail.example.org"\ndomains = ["Example.ORG"]\n'
+            'postmaster = "alice@example.org"\n[aliases]\n"sales@example.org" = "alice@example.org"\n'
+            '[listen]\nsmtp = "tcp:2525"\n[limits]\nmessage_size = 1000\n[store]\nsync = "syncfs"\n'
+        )
+        config = loadConfig(path)
+        self.assertEqual(config.data_dir, path.resolve().parent / "data")
+        self.assertEqual(config.domains, ("example.org",))
+        self.assertEqual(config.aliases["sales@example.org"], "alice@example.org")
+        self.assertEqual(config.listeners["smtp"], "tcp:2525")
+        self.assertEqual(config.limits.message_size, 1000)
+        self.assertEqual(config.sync, "syncfs")
+        overridden = configFromOptions(
+            {"config": str(path), "data_dir": "/srv/mail", "smtp": "none", "domains": ["x.test", "example.org"]}
+        )
+        self.assertEqual(overridden.data_dir, Path("/srv/mail"))
+        self.assertIsNone(overridden.listeners["smtp"])
+        self.assertEqual(overridden.domains, ("x.test", "example.org"))
+
+    def test_everyMistakeReported(self):
+        """
+        Unknown keys, wrong types, bad endpoint strings, bad names and
+        unreadable files are each reported with the key at fault, all at
+        once.
+        """
+        problems = self.problems(
+            'colour = "blue"\ndomains = ["ok.test", "bad/domain"]\n'
+            '[listen]\nsmtp = "tcpp:25"\nfax = "tcp:1"\n'
+            '[limits]\nmessage_size = "big"\nrecipients = -1\nwarp = 9\n'
+            '[tls]\ncert = "/nonexistent/cert.pem"\nkey = "/nonexistent/key.pem"\n'
+            '[store]\nsync = "sometimes"\n'
+            '[aliases]\n"x@elsewhere.test" = "a@ok.test"\n'
+        )
+        text = "\n".join(problems)
+        for expected in (
+            "colour: unknown key",
+            "domains: 'bad/domain'",
+            "listen.smtp: bad endpoint string 'tcpp:25'",
+            "listen.fax: unknown listener",
+            "limits.message_size: expected int",
+            "limits.recipients: must be greater than 0",
+            "limits.warp: unknown key",
+            "tls.cert: cannot read /nonexistent/cert.pem",
+            "store.sync: must be 'fsync' or 'syncfs'",
+            "aliases.x@elsewhere.test: elsewhere.test is not a local domain",
+        ):
+            self.assertIn(expected, text)
+
+    def test_badToml(self):
+        [problem] = self.problems('data_dir = "unterminated\n')
+        self.assertIn("not valid TOML", problem)
+
+    def test_unreadableFile(self):
+        with self.assertRaises(ConfigError) as caught:
+            loadConfig("/nonexistent/maild.toml")
+        self.assertIn("cannot read the config file", caught.exception.problems[0])

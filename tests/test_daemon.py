@@ -1,0 +1,255 @@
+"""
+The daemon as users run it: twistd with the plugin and with mail.tac,
+packaging, and a SIGKILL in the middle of a delivery storm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from maild.config import PROTOCOLS
+from tests.support import freePort, writeUsers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def waitForPort(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"daemon exited with {process.returncode}: {process.stdout.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+class Daemon:
+    """
+    twistd running maild in the foreground, in its own folder.
+    """
+
+    def __init__(self, folder: Path, args: list[str], env: dict | None = None) -> None:
+        self.folder = folder
+        environment = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args],
+            cwd=folder,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def stop(self, sig=signal.SIGTERM) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        output, _ = self.process.communicate(timeout=30)
+        return output
+
+
+class PluginTests(unittest.TestCase):
+    def setUp(self):
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir()
+
+    def test_helpListsEveryOption(self):
+        """
+        `twistd maild --help` lists every option of the command line.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "maild", "--help"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ["--config", "--data-dir", "--hostname", "--domain", "--tls-cert", "--tls-key"] + [
+            f"--{name}" for name in PROTOCOLS
+        ]:
+            self.assertIn(option + "=", result.stdout)
+
+    def test_runsInForeground(self):
+        """
+        `twistd -n maild` listens on the given port, accepts mail for a user
+        added with `maild user add`, and stops on SIGTERM.
+        """
+        port = freePort()
+        subprocess.run(
+            [sys.executable, "-m", "maild.cli", "user", "add", "alice@localhost", "--password-stdin"],
+            input="pw\n",
+            text=True,
+            check=True,
+            cwd=self.folder,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        daemon = Daemon(self.folder, ["-n", "maild", "--smtp", f"tcp:{port}:interface=127.0.0.1"])
+        try:
+            waitForPort(port, daemon.process)
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                client.sendmail("bob@example.org", ["alice@localhost"], b"Subject: hi\r\n\r\nhello\r\n")
+        finally:
+            output = daemon.stop()
+        # twistd ends itself with the signal it received, as it should.
+        self.assertIn(daemon.process.returncode, (0, -signal.SIGTERM), output)
+        self.assertEqual(len(os.listdir(self.folder / "maildata/mail/localhost/alice/new")), 1)
+        self.assertIn("accepted ", output)
+        self.assertIn("Main loop terminated", output)
+
+    def test_tacFile(self):
+        """
+        `twistd -ny mail.tac` builds the same service from maild.toml.
+        """
+        port = freePort()
+        config = self.folder / "maild.toml"
+        config.write_text(f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n')
+        daemon = Daemon(self.folder, ["-ny", str(ROOT / "mail.tac")], {"MAILD_CONFIG": str(config)})
+        try:
+            waitForPort(port, daemon.process)
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                code, _ = client.ehlo()
+        finally:
+            daemon.stop()
+        self.assertEqual(code, 250)
+        self.assertTrue((self.folder / "data").is_dir())
+
+    def test_badConfigurationExits(self):
+        """
+        A bad configuration stops twistd with the list of problems.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "maild", "--smtp", "tcp:banana"],
+            capture_output=True,
+            text=True,
+            cwd=self.folder,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("listen.smtp: bad endpoint string 'tcp:banana'", result.stdout + result.stderr)
+
+    def test_portInUseExits(self):
+        """
+        A listener that cannot bind stops the daemon with a clear message.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            daemon = Daemon(self.folder, ["-n", "maild", "--smtp", f"tcp:{port}:interface=127.0.0.1"])
+            output = daemon.process.communicate(timeout=30)[0]
+        self.assertNotEqual(daemon.process.returncode, 0)
+        self.assertIn(f"cannot listen for smtp on tcp:{port}:interface=127.0.0.1", output)
+
+
+class CrashTests(unittest.TestCase):
+    def test_sigkillDuringStorm(self):
+        """
+        A daemon killed with SIGKILL while 8 clients deliver loses no message
+        it answered 250, and starts again cleanly over what it left behind;
+        leftover spool files are removed after the grace period.
+        """
+        folder = Path(self.mktemp()).resolve()
+        writeUsers(folder / "data", {"alice@localhost": "pw"})
+        port = freePort()
+        (folder / "maild.toml").write_text(
+            f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n[store]\ntmp_grace = 1\n'
+        )
+        args = ["-n", "maild", "--config", "maild.toml"]
+        daemon = Daemon(folder, args)
+        waitForPort(port, daemon.process)
+        acknowledged: list[str] = []
+        stop = threading.Event()
+
+        def client(n: int) -> None:
+            i = 0
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    while not stop.is_set():
+                        marker = f"storm-{n}-{i}"
+                        body = f"Subject: {marker}\r\n\r\n" + ("x" * 70 + "\r\n") * 50
+                        smtp.sendmail("bob@example.org", ["alice@localhost"], body)
+                        acknowledged.append(marker)
+                        i += 1
+            except (smtplib.SMTPException, OSError):
+                pass
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(10)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        daemon.stop()
+
+        new = folder / "data/mail/localhost/alice/new"
+        stored = {}
+        for path in new.iterdir():
+            subject = path.read_bytes().split(b"Subject: ", 1)[1].split(b"\n", 1)[0].decode()
+            stored[subject] = stored.get(subject, 0) + 1
+        self.assertGreater(len(acknowledged), 20)
+        missing = [m for m in acknowledged if m not in stored]
+        self.assertEqual(missing, [])
+        self.assertEqual([m for m, count in stored.items() if count > 1], [])
+
+        time.sleep(1.1)
+        daemon = Daemon(folder, args)
+        try:
+            waitForPort(port, daemon.process)
+            with smtplib.SMTP("127.0.0.1", port) as smtp:
+                smtp.sendmail("bob@example.org", ["alice@localhost"], "Subject: after\r\n\r\nok\r\n")
+            deadline = time.monotonic() + 10
+            while os.listdir(folder / "data/tmp") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(os.listdir(folder / "data/tmp"), [])
+        finally:
+            daemon.stop()
+
+
+class PackagingTests(unittest.TestCase):
+    def test_pluginFoundAfterInstall(self):
+        """
+        After `pip install .` into a virtualenv, `twistd maild --help` works
+        from any folder: the plugin file is installed, and twisted/plugins is
+        not shadowed by a package of ours.
+        """
+        self.assertFalse((ROOT / "twisted" / "__init__.py").exists())
+        self.assertFalse((ROOT / "twisted" / "plugins" / "__init__.py").exists())
+        with tempfile.TemporaryDirectory() as venv:
+            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+            bin = Path(venv) / "bin"
+            install = subprocess.run(
+                [bin / "python", "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+                capture_output=True,
+                text=True,
+            )
+            if install.returncode != 0:
+                raise unittest.SkipTest(f"pip install failed (no package index?): {install.stderr[-500:]}")
+            plugin = list(Path(venv).glob("lib/python*/site-packages/twisted/plugins/maild_plugin.py"))
+            self.assertEqual(len(plugin), 1)
+            result = subprocess.run(
+                [bin / "python", "-c", "from twisted.scripts.twistd import run; run()", "maild", "--help"],
+                capture_output=True,
+                text=True,
+                cwd="/",
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("--imaps=", result.stdout)
+            console = subprocess.run([bin / "maild", "--help"], capture_output=True, text=True, cwd="/")
+            self.assertEqual(console.returncode, 0, console.stderr)

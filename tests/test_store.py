@@ -1,0 +1,486 @@
+"""
+The Maildir store on real files: names, the UID list, the folder index,
+keywords, folders and subscriptions, delivery and clean-up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from maild.names import InvalidName
+from maild.store import (
+    Committer,
+    DeliveryFailed,
+    FolderExists,
+    MailStore,
+    NoSuchFolder,
+)
+from maild.store import maildir
+from maild.store.folder import Folder
+from maild.store.keywords import Keywords, TooManyKeywords
+from maild.store.uidlist import UidList
+
+
+def put(folder: Path, name: str, data: bytes = b"Subject: x\n\nbody\n") -> Path:
+    """
+    Write a message file as an outside Maildir tool would.
+    """
+    for sub in ("cur", "new", "tmp"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+class NameTests(unittest.SynchronousTestCase):
+    def test_flagsRoundTrip(self):
+        """
+        Info letters become flag bits and keyword letters, and back, in
+        ASCII order.
+        """
+        bits, keywords = maildir.flagBits("STRb a")
+        self.assertEqual(bits & 0x3F, maildir.SEEN | maildir.DELETED | maildir.ANSWERED)
+        self.assertTrue(bits & maildir.HAS_KEYWORDS)
+        self.assertEqual(keywords, "ab")
+        self.assertEqual(maildir.infoString(bits, keywords), "RSTab")
+
+    def test_baseNamesAreUniqueAndCarrySizes(self):
+        names = {maildir.newBaseName(10, 12) for _ in range(1000)}
+        self.assertEqual(len(names), 1000)
+        self.assertEqual(maildir.sizesFromBase(names.pop()), (10, 12))
+        self.assertEqual(maildir.sizesFromBase("123.M1P2.host"), (None, None))
+
+    def test_folderNames(self):
+        """
+        IMAP names map to Maildir++ directories and back; dots and tildes
+        are escaped, non-ASCII is modified UTF-7.
+        """
+        for name, directory in (
+            ("INBOX", ""),
+            ("inbox", ""),
+            ("Sent", ".Sent"),
+            ("Lists/Python", ".Lists.Python"),
+            ("v1.2", ".v1~2e2"),
+            ("a~b", ".a~7eb"),
+            ("Entwürfe", ".Entw&APw-rfe"),
+            ("INBOX/Sub", ".INBOX.Sub"),
+        ):
+            self.assertEqual(maildir.folderDirName(name), directory)
+            if directory:
+                expected = maildir.validateFolderName(name)
+                self.assertEqual(maildir.folderNameFromDir(directory), expected)
+
+    def test_badFolderNames(self):
+        """
+        Names that could leave the user's folder or confuse the layout are
+        refused.
+        """
+        for bad in ("", "..", "a/../b", "/abs", "a//b", "a/", "x\x00y", "a*", "%", "a\\b", "a" * 300):
+            self.assertRaises(InvalidName, maildir.validateFolderName, bad)
+        self.assertIsNone(maildir.folderNameFromDir(".."))
+        self.assertIsNone(maildir.folderNameFromDir("..deleted-1"))
+        self.assertIsNone(maildir.folderNameFromDir("cur"))
+
+
+class UidListTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        self.path.mkdir()
+
+    def test_assignAppendsDovecotRecords(self):
+        """
+        UIDs are given in order and appended in Dovecot's version 3 format;
+        a base that has a UID keeps it.
+        """
+        uids = UidList(self.path)
+        self.assertEqual(uids.assign(["a", "b"]), [1, 2])
+        self.assertEqual(uids.assign(["b", "c"]), [2, 3])
+        lines = (self.path / "dovecot-uidlist").read_text().splitlines()
+        self.assertRegex(lines[0], r"^3 V\d+ N1 G[0-9a-f]{32}$")
+        self.assertEqual(lines[1:], ["1 :a", "2 :b", "3 :c"])
+
+    def test_twoReadersAgree(self):
+        """
+        Two UidList objects on one folder (two processes) never hand out a
+        UID twice: each catches up with the other's appends under the lock.
+        """
+        first, second = UidList(self.path), UidList(self.path)
+        self.assertEqual(first.assign(["a"]), [1])
+        self.assertEqual(second.assign(["b", "a"]), [2, 1])
+        self.assertEqual(first.assign(["c", "b"]), [3, 2])
+        self.assertEqual(first.uidvalidity, second.uidvalidity)
+
+    def test_readsDovecotFile(self):
+        """
+        A list written by Dovecot, with extension fields and a header whose
+        N is behind its records, is read as Dovecot reads it.
+        """
+        (self.path / "dovecot-uidlist").write_text(
+            "3 V1700000000 N5 G0123456789abcdef0123456789abcdef\n"
+            "3 :1700000000.M1P1.host,S=10,W=11\n"
+            "9 W300 :1700000001.M1P1.host\n"
+        )
+        uids = UidList(self.path)
+        state = uids.refresh()
+        self.assertEqual(state.uidvalidity, 1700000000)
+        self.assertEqual(state.uidnext, 10)
+        self.assertEqual(state.uids["1700000001.M1P1.host"], 9)
+        self.assertEqual(uids.assign(["new"]), [10])
+
+    def test_renumberBelowFloor(self):
+        """
+        A base whose recorded UID is below the floor given (a file that came
+        back after its UID was passed) gets a new, higher UID.
+        """
+        uids = UidList(self.path)
+        uids.assign(["a", "b"])
+        self.assertEqual(uids.assign(["a"], above=3), [3])
+
+    def test_corruptListStartsNewValidity(self):
+        """
+        A list that cannot be read gets a new, larger UIDVALIDITY.
+        """
+        uids = UidList(self.path)
+        uids.assign(["a"])
+        old = uids.uidvalidity
+        (self.path / "dovecot-uidlist").write_text("garbage\n")
+        fresh = UidList(self.path)
+        fresh.state = uids.state
+        self.assertGreater(fresh.refresh().uidvalidity, old - 1)
+        self.assertEqual(fresh.refresh().uids, {})
+
+    def test_compaction(self):
+        """
+        Once most records are of expunged messages, the file is rewritten
+        without them, keeping every live UID.
+        """
+        uids = UidList(self.path)
+        bases = [f"1700000000.M{i}P12345Q{i}.host.example.org,S=10240,W=10400" for i in range(3000)]
+        uids.assign(bases)
+        uids.forget(bases[:2900])
+        text = (self.path / "dovecot-uidlist").read_text().splitlines()
+        self.assertEqual(len(text), 101)
+        self.assertRegex(text[0], r" N3001 ")
+        self.assertEqual(UidList(self.path).refresh().uids, {b: i + 1 for i, b in enumerate(bases) if i >= 2900})
+
+
+class KeywordTests(unittest.SynchronousTestCase):
+    def test_lettersAndNames(self):
+        """
+        Keywords get letters a-z in Dovecot's dovecot-keywords file, found
+        again case-insensitively; the 27th is refused.
+        """
+        path = Path(self.mktemp())
+        path.mkdir()
+        keywords = Keywords(path)
+        self.assertEqual(keywords.letters(["$Forwarded", "Junk"]), "ab")
+        self.assertEqual(keywords.letters(["junk"]), "b")
+        self.assertEqual(Keywords(path).names("ba"), ["Junk", "$Forwarded"])
+        self.assertEqual((path / "dovecot-keywords").read_text(), "0 $Forwarded\n1 Junk\n")
+        keywords.letters([f"k{i}" for i in range(24)])
+        self.assertRaises(TooManyKeywords, keywords.letters, ["one-too-many"])
+
+
+class FolderTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        self.changes = []
+        put(self.path, "new/1700000002.M1P1Q1.h,S=17,W=20")
+        put(self.path, "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S")
+        self.folder = Folder("INBOX", self.path)
+        self.folder.addListener(self)
+
+    def folderChanged(self, folder, change):
+        self.changes.append(change)
+
+    def test_loadInDeliveryOrder(self):
+        """
+        Opening a folder numbers its files by delivery time, reads flags
+        from the names, and reads no message file.
+        """
+        self.folder.refresh()
+        self.assertEqual(list(self.folder.uids), [1, 2])
+        self.assertEqual(self.folder.flags[0], maildir.SEEN)
+        self.assertEqual(self.folder.flags[1], maildir.IN_NEW)
+        self.assertEqual(self.folder.sizes(0), (17, 20))
+        self.assertEqual(self.changes[0].added, [1, 2])
+
+    def test_refreshIsCheapWhenNothingChanged(self):
+        self.folder.refresh()
+        self.changes.clear()
+        self.assertFalse(self.folder.refresh())
+        self.assertEqual(self.changes, [])
+
+    def test_outsideChangesFound(self):
+        """
+        Files added, renamed (flags) and removed by another program are
+        found by refresh and announced.
+        """
+        self.folder.refresh()
+        time.sleep(0.01)
+        os.rename(self.path / "new/1700000002.M1P1Q1.h,S=17,W=20", self.path / "cur/1700000002.M1P1Q1.h,S=17,W=20:2,FS")
+        os.unlink(self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S")
+        put(self.path, "new/1700000003.M1P1Q1.h")
+        change = self.folder.refresh()
+        self.assertEqual((change.added, change.expunged, change.flagged), ([3], [1], [2]))
+        self.assertEqual(self.folder.flags[0], maildir.SEEN | maildir.FLAGGED)
+        self.assertEqual(self.folder.sizes(1), (len(b"Subject: x\n\nbody\n"), len(b"Subject: x\n\nbody\n") + 3))
+
+    def test_setFlagsRenames(self):
+        """
+        Setting flags renames the file into cur/ with the letters in order;
+        the change is announced with its origin; no rescan follows.
+        """
+        self.folder.refresh()
+        changed = self.folder.setFlags([0, 1], maildir.FLAGGED | maildir.ANSWERED, mode=1, origin="me")
+        self.assertEqual(changed, [0, 1])
+        self.assertEqual(
+            sorted(os.listdir(self.path / "cur")),
+            ["1700000001.M1P1Q1.h,S=17,W=20:2,FRS", "1700000002.M1P1Q1.h,S=17,W=20:2,FR"],
+        )
+        self.assertEqual(self.changes[-1].origin, "me")
+        self.changes.clear()
+        self.assertFalse(self.folder.refresh())
+        self.folder.setFlags([0], maildir.SEEN, mode=-1)
+        self.assertEqual(self.folder.flags[0], maildir.FLAGGED | maildir.ANSWERED)
+
+    def test_keywordsInNames(self):
+        self.folder.refresh()
+        letters = self.folder.keywords.letters(["$Label1"])
+        self.folder.setFlags([0], 0, letters, mode=1)
+        self.assertEqual(self.folder.keywordNames(0), ["$Label1"])
+        self.assertTrue(os.path.exists(self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,Sa"))
+        reopened = Folder("INBOX", self.path)
+        reopened.refresh()
+        self.assertEqual(reopened.keywordNames(0), ["$Label1"])
+
+    def test_claimRecentOnce(self):
+        """
+        Messages in new/ are claimed (moved to cur/) by one caller only.
+        """
+        self.folder.refresh()
+        self.assertEqual(self.folder.claimRecent(), [2])
+        self.assertEqual(self.folder.claimRecent(), [])
+        self.assertEqual(os.listdir(self.path / "new"), [])
+
+    def test_expunge(self):
+        self.folder.refresh()
+        self.assertEqual(self.folder.expunge([1, 7]), [1])
+        self.assertEqual(list(self.folder.uids), [2])
+        self.assertEqual(self.changes[-1].expunged, [1])
+        self.assertEqual(len(os.listdir(self.path / "cur")), 0)
+
+    def test_renamedUnderneathIsFound(self):
+        """
+        Opening a message whose file another process renamed finds it again;
+        one that was removed raises MessageGone.
+        """
+        from maild.store import MessageGone
+
+        self.folder.refresh()
+        os.rename(self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S", self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,RS")
+        with self.folder.open(0) as f:
+            self.assertEqual(f.read(), b"Subject: x\n\nbody\n")
+        os.unlink(self.path / "new/1700000002.M1P1Q1.h,S=17,W=20")
+        self.assertRaises(MessageGone, self.folder.open, 1)
+
+    def test_uidsSurviveReopen(self):
+        """
+        A second index of the same folder (a restart) gives the same UIDs,
+        and new files get UIDs above every earlier one.
+        """
+        self.folder.refresh()
+        self.folder.expunge([2])
+        put(self.path, "new/1600000000.M1P1Q1.h")
+        again = Folder("INBOX", self.path)
+        again.refresh()
+        self.assertEqual(list(again.uids), [1, 3])
+        self.assertEqual(again.uidvalidity, self.folder.uidvalidity)
+
+
+class MailboxTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.store = MailStore(Path(self.mktemp()))
+        self.mailbox = self.store.mailbox("Alice@Example.org")
+        self.mailbox.ensureExists()
+
+    def test_specialFoldersSubscribed(self):
+        self.assertEqual(
+            self.mailbox.folderNames(), ["INBOX", "Archive", "Drafts", "Junk", "Sent", "Trash"]
+        )
+        self.assertEqual(sorted(self.mailbox.subscriptions()), ["Archive", "Drafts", "Junk", "Sent", "Trash"])
+        self.assertEqual(self.mailbox.specialUse("Sent"), "\\Sent")
+        self.assertEqual(self.mailbox.root, self.store.root / "example.org" / "alice")
+
+    def test_createRenameDelete(self):
+        """
+        A folder with children is renamed with them (and so are their
+        subscriptions); deleting a folder keeps its children.
+        """
+        self.mailbox.create("Lists")
+        self.mailbox.create("Lists/Python")
+        self.mailbox.subscribe("Lists/Python")
+        self.assertRaises(FolderExists, self.mailbox.create, "Lists")
+        self.mailbox.rename("Lists", "Mailing")
+        self.assertIn("Mailing/Python", self.mailbox.folderNames())
+        self.assertNotIn("Lists", self.mailbox.folderNames())
+        self.assertIn("Mailing/Python", self.mailbox.subscriptions())
+        self.mailbox.delete("Mailing")
+        self.assertIn("Mailing/Python", self.mailbox.folderNames())
+        self.assertRaises(NoSuchFolder, self.mailbox.folder, "Mailing")
+        self.assertRaises(NoSuchFolder, self.mailbox.delete, "Mailing")
+
+    def test_renameInboxMovesMessages(self):
+        put(self.mailbox.root, "new/1.M1P1Q1.h")
+        self.mailbox.rename("INBOX", "Old")
+        self.assertEqual(len(self.mailbox.folder("Old").refresh().added), 1)
+        self.assertEqual(len(self.mailbox.folder("INBOX").refresh().added), 0)
+
+    def test_escapesRefused(self):
+        """
+        No user or folder name can reach outside the store.
+        """
+        for address in ("../x@example.org", "x@../example.org", "a/b@example.org", "x\x00@example.org", "@example.org"):
+            self.assertRaises(InvalidName, self.store.mailbox, address)
+        for name in ("../../etc", "a/../..", "..", "x\x00"):
+            self.assertRaises(InvalidName, self.mailbox.create, name)
+
+    def test_dovecotSubscriptionsFile(self):
+        (self.mailbox.root / "subscriptions").write_text("V\t2\n\nSent\nLists\tPython\n")
+        self.assertEqual(self.mailbox.subscriptions(), ["Sent", "Lists/Python"])
+
+    def test_staleTemporariesRemoved(self):
+        old = put(self.mailbox.root, "tmp/old")
+        fresh = put(self.mailbox.folderPath("Sent"), "tmp/fresh")
+        spool = put(self.store.spool, "crashed")
+        os.utime(old, (0, 0))
+        os.utime(spool, (0, 0))
+        self.assertEqual(self.store.removeStaleTemporaries(3600), 2)
+        self.assertFalse(old.exists())
+        self.assertFalse(spool.exists())
+        self.assertTrue(fresh.exists())
+
+
+class DeliveryTests(unittest.TestCase):
+    syncMode = "fsync"
+
+    def setUp(self):
+        self.data = Path(self.mktemp())
+        self.committer = Committer(reactor, self.data, self.syncMode)
+        self.addCleanup(self.committer.stop)
+        self.store = MailStore(self.data, self.committer)
+        self.box = self.store.mailbox("alice@localhost")
+        self.box.ensureExists()
+
+    @defer.inlineCallbacks
+    def test_crlfToLfAndSizes(self):
+        """
+        CRLF in, LF on disk; S= is the size on disk, W= the CRLF size; a CR
+        split from its LF between writes is still one line end.
+        """
+        message = self.store.incoming(b"Return-Path: <a@b>\r\n")
+        message.write(b"Subject: hi\r")
+        message.write(b"\n\r\nbody\r\n")
+        [path] = yield self.store.deliver(message, ["alice@localhost"])
+        stored = b"Return-Path: <a@b>\nSubject: hi\n\nbody\n"
+        self.assertEqual(path.read_bytes(), stored)
+        self.assertEqual(maildir.sizesFromBase(path.name), (len(stored), len(stored) + 4))
+        self.assertEqual(os.listdir(self.data / "tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_openFolderLearnsOfDelivery(self):
+        """
+        A delivery into a folder that is open adds it to the index at once
+        (announced to listeners), with no listing of the folder.
+        """
+        folder = self.box.folder("INBOX")
+        folder.refresh()
+        seen = []
+        folder.addListener(type("L", (), {"folderChanged": lambda s, f, c: seen.append(c)})())
+        message = self.store.incoming()
+        message.write(b"Subject: a\r\n\r\nb\r\n")
+        yield self.store.deliver(message, ["alice@localhost"])
+        self.assertEqual([c.added for c in seen], [[1]])
+        self.assertEqual(list(folder.uids), [1])
+
+    @defer.inlineCallbacks
+    def test_manyAtOnceAreGrouped(self):
+        """
+        Messages committed together are all stored, each exactly once.
+        """
+        ds = []
+        for i in range(200):
+            message = self.store.incoming()
+            message.write(b"Subject: %d\r\n\r\nbody\r\n" % i)
+            ds.append(self.store.deliver(message, ["alice@localhost"]))
+        yield defer.gatherResults(ds)
+        bodies = sorted(p.read_bytes() for p in (self.box.root / "new").iterdir())
+        self.assertEqual(bodies, sorted(b"Subject: %d\n\nbody\n" % i for i in range(200)))
+
+    @defer.inlineCallbacks
+    def test_missingMaildirCreated(self):
+        message = self.store.incoming()
+        message.write(b"x\r\n")
+        [path] = yield self.store.deliver(message, ["new@localhost"])
+        self.assertEqual(path.parent, self.store.userRoot("new@localhost") / "new")
+
+    @defer.inlineCallbacks
+    def test_writeErrorReported(self):
+        """
+        A write error is reported as DeliveryFailed when the message is
+        committed, and nothing is stored.
+        """
+        message = self.store.incoming()
+        os.close(message.fileno())
+        message.write(b"data\r\n")
+        yield self.assertFailure(self.store.deliver(message, ["alice@localhost"]), DeliveryFailed)
+        self.assertEqual(os.listdir(self.box.root / "new"), [])
+        self.assertEqual(os.listdir(self.data / "tmp"), [])
+
+
+class SyncfsDeliveryTests(DeliveryTests):
+    """
+    The same, syncing with syncfs().
+    """
+
+    syncMode = "syncfs"
+    if not sys.platform.startswith("linux"):
+        skip = "syncfs() is Linux only"
+
+
+class CrossProcessLockTests(unittest.SynchronousTestCase):
+    def test_uidsUniqueAcrossProcesses(self):
+        """
+        Four processes numbering new files in one folder at once never give
+        two files the same UID.
+        """
+        path = Path(self.mktemp()).resolve()
+        path.mkdir()
+        script = textwrap.dedent(
+            """
+            import sys
+            from pathlib import Path
+            from maild.store.uidlist import UidList
+            uids = UidList(Path(sys.argv[1]))
+            for i in range(100):
+                print(uids.assign([f"{sys.argv[2]}-{i}"])[0])
+            """
+        )
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, str(path), str(n)], stdout=subprocess.PIPE, env=env)
+            for n in range(4)
+        ]
+        assigned = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assigned += [int(x) for x in out.split()]
+        self.assertEqual(sorted(assigned), list(range(1, 401)))
