@@ -198,6 +198,29 @@ class RawClient:
         self.sock.close()
 
 
+def spoolMessages(dataDir: Path) -> list[str]:
+    """
+    The messages left in the spool (the empty files it makes ahead of need
+    are not messages).
+    """
+    spool = dataDir / "tmp"
+    return sorted(p.name for p in spool.iterdir() if p.stat().st_size) if spool.exists() else []
+
+
+@defer.inlineCallbacks
+def waitForEmptySpool(dataDir: Path, timeout: float = 5.0):
+    """
+    Wait (spool files are removed by a worker thread) until no message is
+    left in the spool, or the timeout passes; return what is left.
+    """
+    from twisted.internet import task
+
+    deadline = time.monotonic() + timeout
+    while spoolMessages(dataDir) and time.monotonic() < deadline:
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    return spoolMessages(dataDir)
+
+
 def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
 
 from maild.smtp import DataDecoder
-from tests.support import RawClient, ServerTestCase
+from tests.support import RawClient, ServerTestCase, waitForEmptySpool
 
 
 def message(subject: str = "Hello", body: str = "Hi there.\r\n", extra: str = "") -> bytes:
@@ -441,7 +441,7 @@ class SMTPDeliveryTests(ServerTestCase):
         self.assertEqual(os.stat(a).st_ino, os.stat(b).st_ino)
         self.assertEqual(os.stat(a).st_nlink, 2)
         self.assertNotIn(b"for <", a.read_bytes().split(b"\n\n")[0])
-        self.assertEqual(os.listdir(self.dataDir / "tmp"), [])
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
 
     @defer.inlineCallbacks
     def test_headerlessMessage(self):
@@ -520,7 +520,7 @@ class SMTPDeliveryTests(ServerTestCase):
         self.assertEqual((big[0], big[1][0][:5]), (552, b"5.3.4"))
         self.assertEqual(after[0], 250)
         self.assertEqual(len(self.messages("alice@localhost")), 1)
-        self.assertEqual(os.listdir(self.dataDir / "tmp"), [])
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
 
     @defer.inlineCallbacks
     def test_bareLineEndsRejected(self):
@@ -563,12 +563,8 @@ class SMTPDeliveryTests(ServerTestCase):
             client.close()
 
         yield self.inThread(run)
-        for _ in range(50):
-            if not os.listdir(self.dataDir / "tmp"):
-                break
-            yield deferLater(0.02)
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
         self.assertEqual(self.messages("alice@localhost"), [])
-        self.assertEqual(os.listdir(self.dataDir / "tmp"), [])
 
     @defer.inlineCallbacks
     def test_concurrentDeliveries(self):
@@ -680,7 +676,7 @@ class DurabilityTests(ServerTestCase):
         self.assertEqual(ok[0], 250)
         [path] = self.messages("alice@localhost")
         self.assertIn(b"Subject: attempt 1", path.read_bytes())
-        self.assertEqual(os.listdir(self.dataDir / "tmp"), [])
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
 
 
 class LimitTests(ServerTestCase):
@@ -751,9 +747,4 @@ class LimitTests(ServerTestCase):
         self.assertTrue(closed)
         self.assertEqual(self.messages("alice@localhost"), [])
 
-
-def deferLater(seconds: float) -> defer.Deferred:
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
 

@@ -27,6 +27,7 @@ from maild.store import maildir
 from maild.store.folder import Folder
 from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.uidlist import UidList
+from tests.support import waitForEmptySpool
 
 
 def put(folder: Path, name: str, data: bytes = b"Subject: x\n\nbody\n") -> Path:
@@ -393,7 +394,7 @@ class DeliveryTests(unittest.TestCase):
         stored = b"Return-Path: <a@b>\nSubject: hi\n\nbody\n"
         self.assertEqual(path.read_bytes(), stored)
         self.assertEqual(maildir.sizesFromBase(path.name), (len(stored), len(stored) + 4))
-        self.assertEqual(os.listdir(self.data / "tmp"), [])
+        self.assertEqual((yield waitForEmptySpool(self.data)), [])
 
     @defer.inlineCallbacks
     def test_openFolderLearnsOfDelivery(self):
@@ -443,7 +444,7 @@ class DeliveryTests(unittest.TestCase):
         message.write(b"data\r\n")
         yield self.assertFailure(self.store.deliver(message, ["alice@localhost"]), DeliveryFailed)
         self.assertEqual(os.listdir(self.box.root / "new"), [])
-        self.assertEqual(os.listdir(self.data / "tmp"), [])
+        self.assertEqual((yield waitForEmptySpool(self.data)), [])
 
 
 class SyncfsDeliveryTests(DeliveryTests):
@@ -476,11 +477,17 @@ class CrossProcessLockTests(unittest.SynchronousTestCase):
         )
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         procs = [
-            subprocess.Popen([sys.executable, "-c", script, str(path), str(n)], stdout=subprocess.PIPE, env=env)
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(path), str(n)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
             for n in range(4)
         ]
         assigned = []
         for proc in procs:
-            out, _ = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 0, err)
             assigned += [int(x) for x in out.split()]
         self.assertEqual(sorted(assigned), list(range(1, 401)))

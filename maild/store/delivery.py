@@ -11,12 +11,13 @@ in worker threads, so a slow disk never stalls the reactor.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -47,27 +48,82 @@ def _failure(e: OSError) -> DeliveryFailed:
     return DeliveryFailed(f"storage error: {e.strerror}", noSpace=noSpace)
 
 
+class Spool:
+    """
+    The folder where messages are received, with empty files made ahead
+    of need by a worker thread.
+
+    Creating or removing a file waits for the file system's journal, which
+    the syncs of the committer keep busy: done in the reactor thread, it
+    would stall every connection for as long as a journal commit takes.
+    """
+
+    def __init__(self, path: Path, reactor, ahead: int = 64) -> None:
+        self.path = path
+        self.reactor = reactor
+        self.ahead = ahead
+        self._ready: collections.deque[tuple[Path, Any]] = collections.deque()
+        self._refilling = False
+
+    def take(self) -> tuple[Path, Any]:
+        """
+        A new, empty spool file (path and unbuffered binary file object).
+        """
+        item = self._ready.popleft() if self._ready else self._create()
+        self._refill()
+        return item
+
+    def _create(self) -> tuple[Path, Any]:
+        path = self.path / newBaseName()
+        try:
+            return path, open(path, "xb", buffering=0)
+        except FileNotFoundError:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return path, open(path, "xb", buffering=0)
+
+    def _refill(self) -> None:
+        if self._refilling or len(self._ready) > self.ahead // 2:
+            return
+        self._refilling = True
+        wanted = self.ahead - len(self._ready)
+        d = threads.deferToThread(lambda: [self._create() for _ in range(wanted)])
+        d.addCallback(self._ready.extend)
+        d.addErrback(lambda reason: log.failure("cannot make spool files", reason))
+        d.addBoth(lambda _: setattr(self, "_refilling", False))
+
+    def remove(self, path: Path) -> None:
+        """
+        Remove a spool file, in a worker thread.
+        """
+        self.reactor.callInThread(_unlinkQuietly, path)
+
+    def close(self) -> None:
+        """
+        Remove the files made ahead (the daemon is stopping).
+        """
+        while self._ready:
+            path, file = self._ready.popleft()
+            file.close()
+            _unlinkQuietly(path)
+
+
 class IncomingMessage:
     """
-    A message being received, written to C{<spool>/<unique name>} as it
-    arrives.  Data is given with CRLF line endings and stored with LF.
+    A message being received, written to a spool file as it arrives.  Data
+    is given with CRLF line endings and stored with LF.
 
     @ivar size: octets on disk so far.
     @ivar crlfSize: octets the message has when served with CRLF endings.
     """
 
-    def __init__(self, spool: Path, head: bytes = b"") -> None:
+    def __init__(self, spool: Spool, head: bytes = b"") -> None:
         self.spool = spool
-        self.path = spool / newBaseName()
+        self.path, self._file = spool.take()
         self.size = 0
         self.crlfSize = 0
         self.error: DeliveryFailed | None = None
         self._pendingCR = False
-        try:
-            self._file = open(self.path, "xb", buffering=0)
-        except FileNotFoundError:
-            spool.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "xb", buffering=0)
+        self._gone = False
         if head:
             self.write(head)
 
@@ -120,14 +176,25 @@ class IncomingMessage:
         """
         Throw the message away: nothing of it stays anywhere.
         """
+        if not self._gone:
+            self._gone = True
+            self._close()
+            self.spool.remove(self.path)
+
+    def _close(self) -> None:
         try:
             self._file.close()
         except OSError:
             pass
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+
+    def removeNow(self) -> None:
+        """
+        Remove the spool file at once (in the committer's worker thread,
+        once the message is linked where it belongs).
+        """
+        self._gone = True
+        self._close()
+        _unlinkQuietly(self.path)
 
 
 @dataclass(frozen=True)
@@ -247,8 +314,8 @@ class Committer:
                 if job.error is None and job.placed is None:
                     job.error = DeliveryFailed("internal error while storing")
         for job in group:
-            job.message.discard()
             if job.error is not None:
+                job.message.discard()
                 job.deferred.errback(job.error)
             else:
                 job.deferred.callback(job.placed)
@@ -325,6 +392,7 @@ class Committer:
                     _unlinkQuietly(path)
                 continue
             job.placed = placed
+            message.removeNow()
         return touched
 
     @staticmethod

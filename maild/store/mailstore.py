@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Target
+from maild.store.delivery import Committer, IncomingMessage, Spool, Target
 from maild.store.folder import Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
@@ -69,6 +69,7 @@ class MailStore:
         self.root = dataDir / "mail"
         self.spool = dataDir / "tmp"
         self.committer = committer
+        self._spool = Spool(self.spool, committer.reactor) if committer is not None else None
         self._folders: weakref.WeakValueDictionary[Path, Folder] = (
             weakref.WeakValueDictionary()
         )
@@ -102,7 +103,7 @@ class MailStore:
         """
         Start receiving a message (CRLF line endings in, LF on disk).
         """
-        return IncomingMessage(self.spool, head)
+        return IncomingMessage(self._spool, head)
 
     def deliver(
         self, message: IncomingMessage, recipients: Sequence[str]
@@ -134,6 +135,13 @@ class MailStore:
             return paths
 
         return d.addCallback(announce)
+
+    def close(self) -> None:
+        """
+        Remove the spool files made ahead of need (the daemon is stopping).
+        """
+        if self._spool is not None:
+            self._spool.close()
 
     def removeStaleTemporaries(self, grace: float) -> int:
         """
