@@ -3,6 +3,7 @@ The C{maild} command: manage users, check the configuration, send mail.
 
     maild [--config maild.toml] [--data-dir DIR] user add|del|passwd|list [NAME] [--password-stdin]
     maild [--config maild.toml] [--data-dir DIR] check
+    maild [--config maild.toml] [--data-dir DIR] cert [--renew]
     maild [--config maild.toml] [--data-dir DIR] send ...
 """
 
@@ -18,6 +19,7 @@ from maild.accounts import AccountError, Accounts
 from maild.config import Config, ConfigError, configFromOptions
 from maild.names import InvalidName, normalizeAddress
 from maild.store import MailStore
+from maild.tls import certificateFiles, fingerprint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="list the users")
 
     commands.add_parser("check", help="validate the configuration and data folder")
+    cert = commands.add_parser(
+        "cert", help="make the self-signed TLS certificate (if none is configured) and show it"
+    )
+    cert.add_argument(
+        "--renew", action="store_true", help="replace the self-signed certificate with a new one"
+    )
     send = commands.add_parser("send", help="send a message (interactive or scripted)")
     client.addArguments(send)
     return parser
@@ -116,6 +124,18 @@ def _check(config: Config, stdout: IO[str], stderr: IO[str]) -> int:
     return 0
 
 
+def _cert(args, config: Config, stdout: IO[str]) -> int:
+    if args.renew and config.tls.cert is None:
+        for path in (config.data_dir / "tls" / "cert.pem", config.data_dir / "tls" / "key.pem"):
+            path.unlink(missing_ok=True)
+    certPath, keyPath = certificateFiles(config)
+    stdout.write(
+        f"certificate {certPath}\nkey         {keyPath}\nSHA-256     {fingerprint(certPath)}\n"
+        "(send SIGHUP to a running daemon to use a new certificate)\n"
+    )
+    return 0
+
+
 def main(
     argv: list[str] | None = None,
     stdin: IO[str] | None = None,
@@ -137,6 +157,8 @@ def main(
             return _user(args, config, stdin, stdout)
         if args.command == "check":
             return _check(config, stdout, stderr)
+        if args.command == "cert":
+            return _cert(args, config, stdout)
         if args.command == "send":
             return client.run(args, stdin, stdout, stderr)
     except (AccountError, InvalidName) as e:

@@ -23,8 +23,8 @@ PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps")
 DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
     {
         "smtp": "tcp:8025",
-        "submission": None,
-        "smtps": None,
+        "submission": "tcp:8587",
+        "smtps": "tcp:8465",
         "pop3": None,
         "pop3s": None,
         "imap": None,
@@ -106,9 +106,12 @@ class Config:
     # Files left in tmp/ longer than this are removed (the Maildir spec
     # says 36 hours).
     tmp_grace: float = 36 * 3600.0
-    # Whether plaintext logins are allowed before TLS: "loopback" allows
-    # them only from loopback addresses, "always" everywhere, "never" nowhere.
+    # Whether IMAP and POP3 take passwords before TLS: "loopback" only from
+    # loopback addresses, "always" everywhere, "never" nowhere.
     plaintext_auth: str = "loopback"
+    # Whether submission offers AUTH before TLS (by default it never does,
+    # whatever the client's address, as Postfix's smtpd_tls_auth_only).
+    submission_plaintext_auth: bool = False
 
     @property
     def usersFile(self) -> Path:
@@ -268,8 +271,14 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 problems, "auth.plaintext", value, (str,)
             ):
                 values["plaintext_auth"] = value
-            elif name != "plaintext":
-                problems.append(f"auth.{name}: unknown key (known: plaintext)")
+            elif name == "submission_plaintext" and _checkType(
+                problems, "auth.submission_plaintext", value, (bool,)
+            ):
+                values["submission_plaintext_auth"] = value
+            elif name not in ("plaintext", "submission_plaintext"):
+                problems.append(
+                    f"auth.{name}: unknown key (known: plaintext, submission_plaintext)"
+                )
     return values
 
 

@@ -5,18 +5,22 @@ decides protocol behaviour; it only connects the pieces.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, Callable
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.mail.smtp import IMessageDelivery
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
+from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
 from maild.tls import ServerTLS, certificateFiles
 
@@ -128,7 +132,14 @@ class MailService(service.MultiService):
         # (with a self-signed certificate when none is configured).
         self.tls = ServerTLS(*certificateFiles(config))
         self.listeners: dict[str, Listener] = {}
-        builders: dict[str, Callable[[], Any]] = {"smtp": self._mxFactory}
+        self.realm.avatarFactories[IMessageDelivery] = lambda user: SubmissionDelivery(
+            self.addresses, user
+        )
+        builders: dict[str, Callable[[], Any]] = {
+            "smtp": self._mxFactory,
+            "submission": lambda: self._submissionFactory(implicitTLS=False),
+            "smtps": lambda: self._submissionFactory(implicitTLS=True),
+        }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
             if builder is None:
@@ -164,6 +175,23 @@ class MailService(service.MultiService):
             )
         )
 
+    def _submissionFactory(self, implicitTLS: bool) -> SMTPFactory:
+        return SMTPFactory(
+            SMTPSettings(
+                hostname=self.config.hostname,
+                limits=self.config.limits,
+                store=self.store,
+                addresses=self.addresses,
+                clock=self.reactor,
+                delivery=None,
+                implicitTLS=implicitTLS,
+                tlsContext=self.tls,
+                authenticator=self.authenticator,
+                plaintextAuth=self.config.submission_plaintext_auth,
+            ),
+            SubmissionServer,
+        )
+
     def startService(self) -> None:
         self.committer.start()
         log.info(
@@ -171,6 +199,15 @@ class MailService(service.MultiService):
             data=str(self.config.data_dir.resolve()),
             domains=", ".join(self.config.domains),
         )
+        if self.config.plaintext_auth == "always":
+            log.warn("IMAP and POP3 accept passwords without TLS from any address")
+        if self.config.submission_plaintext_auth:
+            log.warn("submission accepts passwords without TLS")
+        if threading.current_thread() is threading.main_thread():
+            # certbot and friends renew the certificate, then send SIGHUP.
+            signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.tls.reload)
+            )
         service.MultiService.startService(self)
 
     def stopService(self):

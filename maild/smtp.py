@@ -43,6 +43,8 @@ _DATA_PIECE = 64 * 1024
 # After this many bad commands the session is closed (Postfix's
 # smtpd_hard_error_limit).
 _MAX_ERRORS = 20
+# How much of a message's header section submission looks at.
+_MAX_HEADER_SECTION = 256 * 1024
 # The command is well formed up to its address (which is then at fault).
 _FROM_PREFIX = re.compile(rb"\s*FROM:\s*<", re.I)
 _TO_PREFIX = re.compile(rb"\s*TO:\s*<", re.I)
@@ -112,6 +114,9 @@ class Transaction:
     size: int = 0
     error: tuple[int, bytes] | None = None
     firstPiece: bool = True
+    # The header section, collected for checkHeaders (submission).
+    headers: bytearray = field(default_factory=bytearray)
+    headersDone: bool = False
 
 
 @implementer(smtp.IMessageDelivery)
@@ -135,18 +140,30 @@ class InboundDelivery:
         @return: the local user who receives mail for C{user}.
         @raise SMTPServerError: with the reply to give.
         """
-        dest = user.dest
-        try:
-            domain = dest.domain.decode("ascii")
-            address = normalizeAddress(f"{dest.local.decode('ascii')}@{domain}")
-        except (UnicodeDecodeError, InvalidName):
-            raise SMTPServerError(501, "5.1.3 Bad recipient address syntax")
-        if not self.addresses.isLocalDomain(address.rpartition("@")[2]):
-            raise SMTPServerError(554, "5.7.1 Relay access denied")
-        mailbox = self.addresses.resolve(address)
-        if mailbox is None:
-            raise SMTPServerError(550, "5.1.1 Recipient address rejected: User unknown")
-        return mailbox
+        return localRecipient(
+            self.addresses, user, SMTPServerError(554, "5.7.1 Relay access denied")
+        )
+
+
+def localRecipient(addresses: LocalAddresses, user: smtp.User, notLocal: SMTPServerError) -> str:
+    """
+    The local user who receives mail for the recipient C{user}.
+
+    @raise SMTPServerError: C{notLocal} for another domain, or the reply
+        for a bad or unknown address.
+    """
+    dest = user.dest
+    try:
+        domain = dest.domain.decode("ascii")
+        address = normalizeAddress(f"{dest.local.decode('ascii')}@{domain}")
+    except (UnicodeDecodeError, InvalidName):
+        raise SMTPServerError(501, "5.1.3 Bad recipient address syntax")
+    if not addresses.isLocalDomain(address.rpartition("@")[2]):
+        raise notLocal
+    mailbox = addresses.resolve(address)
+    if mailbox is None:
+        raise SMTPServerError(550, "5.1.1 Recipient address rejected: User unknown")
+    return mailbox
 
 
 @dataclass(frozen=True)
@@ -163,15 +180,22 @@ class SMTPSettings:
     # The policy of sessions that have not authenticated: the MX policy,
     # or None where AUTH is required (submission).
     delivery: smtp.IMessageDelivery | None
-    submission: bool = False
     implicitTLS: bool = False
     tlsContext: Any = None
+    # Submission only: logins, and whether AUTH is offered before TLS.
+    authenticator: Any = None
+    plaintextAuth: bool = False
 
 
 class SMTPServer(smtp.ESMTP):
     """
     One SMTP session.
+
+    @cvar checksHeaders: whether the header section of each message is
+        handed to L{checkHeaders} (submission checks the From: header).
     """
+
+    checksHeaders = False
 
     def __init__(self, settings: SMTPSettings) -> None:
         smtp.ESMTP.__init__(self, contextFactory=settings.tlsContext)
@@ -391,7 +415,12 @@ class SMTPServer(smtp.ESMTP):
         self._cancelDeadline()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
-        # RFC 3207 section 4.2: forget everything learnt before TLS.
+        self.forgetSession()
+
+    def forgetSession(self) -> None:
+        """
+        RFC 3207 section 4.2: forget everything learnt before TLS.
+        """
         self._helo = None
         self._esmtp = False
         self._discardTransaction()
@@ -552,6 +581,8 @@ class SMTPServer(smtp.ESMTP):
                     # No header section: keep the body out of our headers.
                     transaction.message.write(b"\r\n")
                 transaction.message.write(content)
+                if self.checksHeaders and not transaction.headersDone:
+                    self._collectHeaders(transaction, content)
             transaction.firstPiece = False
         if transaction.decoder.bareLineEnding and transaction.error is None:
             transaction.error = (
@@ -563,12 +594,39 @@ class SMTPServer(smtp.ESMTP):
             self._endOfData()
         return True
 
+    def _collectHeaders(self, transaction: Transaction, content: bytes) -> None:
+        headers = transaction.headers
+        start = max(0, len(headers) - 3)
+        headers += content
+        end = headers.find(b"\r\n\r\n", start)
+        if headers.startswith(b"\r\n"):
+            end = 0
+        if end >= 0 or len(headers) > _MAX_HEADER_SECTION:
+            transaction.headersDone = True
+            del headers[end + 2 if end >= 0 else _MAX_HEADER_SECTION :]
+            transaction.error = self.checkHeaders(bytes(headers))
+            if transaction.error is not None:
+                transaction.message.discard()
+
+    def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:
+        """
+        Look at the header section of a message (CRLF line ends).
+
+        @return: the reply refusing the message, or None to accept it.
+        """
+        return None
+
     def _endOfData(self) -> None:
         transaction = self.transaction
         self.transaction = None
         self.mode = COMMAND
         self._cancelDeadline()
         self.setTimeout(self.timeout)
+        if self.checksHeaders and not transaction.headersDone and transaction.error is None:
+            transaction.headersDone = True
+            transaction.error = self.checkHeaders(bytes(transaction.headers))
+            if transaction.error is not None:
+                transaction.message.discard()
         if transaction.error is not None:
             log.info(
                 "refused message from=<{sender}> rip={rip}: {reason}",
@@ -585,9 +643,10 @@ class SMTPServer(smtp.ESMTP):
 
     def _delivered(self, paths, transaction: Transaction) -> None:
         log.info(
-            "accepted {queueId} rip={rip} from=<{sender}> to={recipients} size={size}",
+            "accepted {queueId} rip={rip}{login} from=<{sender}> to={recipients} size={size}",
             queueId=transaction.queueId,
             rip=self.clientAddress,
+            login=f" user=<{self.user}>" if self.user else "",
             sender=str(transaction.sender),
             recipients=",".join(f"<{r}>" for r in transaction.recipients),
             size=transaction.message.crlfSize,
@@ -628,11 +687,11 @@ class SMTPFactory(LimitedFactory):
 
     refusal = b"421 4.7.0 Error: too many connections from your address"
     goodbye = b"421 4.3.2 Service shutting down"
-    protocol = SMTPServer
 
-    def __init__(self, settings: SMTPSettings) -> None:
+    def __init__(self, settings: SMTPSettings, protocol: type[SMTPServer] = SMTPServer) -> None:
         LimitedFactory.__init__(self, settings.limits.connections_per_ip)
         self.settings = settings
+        self.protocol = protocol
 
     def buildSession(self, addr) -> SMTPServer:
         return self.protocol(self.settings)

@@ -118,6 +118,16 @@ class ServerTestCase(unittest.TestCase):
         return sorted(files, key=lambda p: p.name)
 
 
+def clientContext(service: MailService, minimum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """
+    A client TLS context that trusts the daemon's (self-signed) certificate.
+    """
+    context = ssl.create_default_context(cafile=str(service.tls.certPath))
+    if minimum is not None:
+        context.minimum_version = minimum
+    return context
+
+
 class RawClient:
     """
     A blocking line-oriented socket client for byte-exact protocol tests.

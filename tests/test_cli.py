@@ -76,6 +76,32 @@ class UserCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(self.data / "mail/localhost")), ["alice"])
 
 
+class CertCommandTests(unittest.SynchronousTestCase):
+    def test_makeShowRenew(self):
+        """
+        cert makes a self-signed certificate for the host name (with
+        subjectAltName) in the data folder, shows its fingerprint, keeps it
+        on the next call, and replaces it with --renew.
+        """
+        from cryptography import x509
+
+        data = Path(self.mktemp()).resolve()
+        config = data.parent / "maild.toml"
+        data.mkdir(parents=True)
+        config.write_text(f'data_dir = "{data}"\nhostname = "mail.example.org"\n')
+        status, out, _ = run(["--config", str(config), "cert"])
+        self.assertEqual(status, 0)
+        certPath = data / "tls/cert.pem"
+        self.assertIn(f"certificate {certPath}", out)
+        self.assertEqual((data / "tls/key.pem").stat().st_mode & 0o777, 0o600)
+        certificate = x509.load_pem_x509_certificate(certPath.read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertIn("mail.example.org", names.get_values_for_type(x509.DNSName))
+        self.assertEqual(run(["--config", str(config), "cert"])[1], out)
+        renewed = run(["--config", str(config), "cert", "--renew"])[1]
+        self.assertNotEqual(renewed.splitlines()[2], out.splitlines()[2])
+
+
 class CheckCommandTests(unittest.SynchronousTestCase):
     def test_goodAndBad(self):
         """

@@ -24,6 +24,14 @@ from tests.support import freePort, writeUsers
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def listenOnly(**listeners: str) -> list[str]:
+    """
+    twistd options that start the given listeners and disable the others,
+    so that tests never take the default ports.
+    """
+    return [f"--{name}={listeners.get(name, 'none')}" for name in PROTOCOLS]
+
+
 def waitForPort(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +104,7 @@ class PluginTests(unittest.TestCase):
             cwd=self.folder,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
-        daemon = Daemon(self.folder, ["-n", "maild", "--smtp", f"tcp:{port}:interface=127.0.0.1"])
+        daemon = Daemon(self.folder, ["-n", "maild", *listenOnly(smtp=f"tcp:{port}:interface=127.0.0.1")])
         try:
             waitForPort(port, daemon.process)
             with smtplib.SMTP("127.0.0.1", port) as client:
@@ -115,7 +123,10 @@ class PluginTests(unittest.TestCase):
         """
         port = freePort()
         config = self.folder / "maild.toml"
-        config.write_text(f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n')
+        config.write_text(
+            f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n'
+            'submission = "none"\nsmtps = "none"\npop3 = "none"\npop3s = "none"\nimap = "none"\nimaps = "none"\n'
+        )
         daemon = Daemon(self.folder, ["-ny", str(ROOT / "mail.tac")], {"MAILD_CONFIG": str(config)})
         try:
             waitForPort(port, daemon.process)
@@ -148,10 +159,59 @@ class PluginTests(unittest.TestCase):
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            daemon = Daemon(self.folder, ["-n", "maild", "--smtp", f"tcp:{port}:interface=127.0.0.1"])
+            daemon = Daemon(self.folder, ["-n", "maild", *listenOnly(smtp=f"tcp:{port}:interface=127.0.0.1")])
             output = daemon.process.communicate(timeout=30)[0]
         self.assertNotEqual(daemon.process.returncode, 0)
         self.assertIn(f"cannot listen for smtp on tcp:{port}:interface=127.0.0.1", output)
+
+
+class ReloadTests(unittest.TestCase):
+    def test_sighupReloadsCertificate(self):
+        """
+        SIGHUP makes the daemon serve the renewed certificate to new
+        connections; a broken file is logged and the old one kept.
+        """
+        import ssl
+
+        from maild.tls import generateSelfSigned
+
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir()
+        port = freePort()
+        daemon = Daemon(folder, ["-n", "maild", *listenOnly(smtps=f"tcp:{port}:interface=127.0.0.1")])
+
+        def served() -> bytes:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw) as tls:
+                    return tls.getpeercert(binary_form=True)
+
+        def servedAfterHangup(previous: bytes) -> bytes:
+            daemon.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                current = served()
+                if current != previous:
+                    return current
+                time.sleep(0.05)
+            return current
+
+        try:
+            waitForPort(port, daemon.process)
+            first = served()
+            tls = folder / "maildata/tls"
+            generateSelfSigned("renewed.test", tls / "cert.pem", tls / "key.pem")
+            second = servedAfterHangup(first)
+            (tls / "cert.pem").write_text("broken")
+            third = servedAfterHangup(second)
+        finally:
+            output = daemon.stop()
+        self.assertNotEqual(first, second)
+        self.assertEqual(second, third)
+        self.assertIn("TLS certificate reloaded", output)
+        self.assertIn("TLS reload failed, keeping the current certificate", output)
 
 
 class CrashTests(unittest.TestCase):
@@ -167,7 +227,7 @@ class CrashTests(unittest.TestCase):
         (folder / "maild.toml").write_text(
             f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n[store]\ntmp_grace = 1\n'
         )
-        args = ["-n", "maild", "--config", "maild.toml"]
+        args = ["-n", "maild", "--config", "maild.toml", *listenOnly(smtp=f"tcp:{port}:interface=127.0.0.1")]
         daemon = Daemon(folder, args)
         waitForPort(port, daemon.process)
         acknowledged: list[str] = []

@@ -1,0 +1,291 @@
+"""
+Submission (RFC 6409) and SMTPS (RFC 8314): STARTTLS, AUTH, sender
+checks, no relaying; TLS versions and certificate reloading.
+"""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import ssl
+import time
+
+from twisted.internet import defer
+
+from maild.tls import fingerprint, generateSelfSigned
+from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
+
+
+def plain(user: str, password: str = PASSWORD, authzid: str = "") -> bytes:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
+
+
+def message(sender: str = "alice@localhost", subject: str = "Hi") -> bytes:
+    return f"From: Alice <{sender}>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n\r\nHello Bob.\r\n".encode()
+
+
+class SubmissionTests(ServerTestCase):
+    listeners = ("submission", "smtps")
+    limits = {"auth_failure_delay": 0.2, "auth_failure_delay_max": 0.4, "auth_failures_per_connection": 3}
+    configValues = {"aliases": {"sales@localhost": "alice@localhost"}}
+
+    def session(self, tls: bool = True) -> RawClient:
+        client = RawClient(self.port("submission"))
+        client.readReply()
+        client.command(b"EHLO client.test")
+        if tls:
+            assert client.command(b"STARTTLS")[0] == 220
+            client.startTLS(clientContext(self.service))
+            client.command(b"EHLO client.test")
+        return client
+
+    def inSession(self, f, tls: bool = True):
+        def run():
+            client = self.session(tls)
+            try:
+                return f(client)
+            finally:
+                client.close()
+
+        return self.inThread(run)
+
+    @defer.inlineCallbacks
+    def test_authOnlyAfterTLS(self):
+        """
+        Before TLS, EHLO offers STARTTLS and no AUTH, AUTH gets 538 5.7.11
+        and MAIL gets 530 5.7.0, even from loopback; after STARTTLS, EHLO
+        offers AUTH PLAIN LOGIN and no STARTTLS.
+        """
+
+        def run():
+            client = RawClient(self.port("submission"))
+            client.readReply()
+            before = client.command(b"EHLO client.test")[1]
+            auth = client.command(b"AUTH PLAIN " + plain("alice@localhost"))
+            mail = client.command(b"MAIL FROM:<alice@localhost>")
+            client.command(b"STARTTLS")
+            client.startTLS(clientContext(self.service))
+            after = client.command(b"EHLO client.test")[1]
+            client.close()
+            return before, auth, mail, after
+
+        before, auth, mail, after = yield self.inThread(run)
+        self.assertIn(b"STARTTLS", before)
+        self.assertFalse([line for line in before if line.startswith(b"AUTH")])
+        self.assertEqual((auth[0], auth[1][0][:6]), (538, b"5.7.11"))
+        self.assertEqual((mail[0], mail[1][0][:5]), (530, b"5.7.0"))
+        self.assertIn(b"AUTH PLAIN LOGIN", after)
+        self.assertNotIn(b"STARTTLS", after)
+
+    @defer.inlineCallbacks
+    def test_smtplibSubmission(self):
+        """
+        smtplib with STARTTLS and login sends mail to local users; it is
+        stored with "ESMTPSA" in its Received: header and logged with the
+        user.
+        """
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port("submission")) as client:
+                client.starttls(context=clientContext(self.service))
+                client.login("alice@localhost", PASSWORD)
+                client.sendmail("alice@localhost", ["bob@example.org"], message())
+
+        yield self.inThread(run)
+        [path] = self.messages("bob@example.org")
+        self.assertRegex(path.read_bytes(), rb"\n\tby mx\.test \(maild\) with ESMTPSA id ")
+
+    @defer.inlineCallbacks
+    def test_mechanisms(self):
+        """
+        AUTH PLAIN with an initial response, PLAIN after a 334, and LOGIN
+        with its two prompts all work; "*" aborts.
+        """
+
+        def run(mechanism):
+            client = self.session()
+            try:
+                if mechanism == "plain-ir":
+                    return [client.command(b"AUTH PLAIN " + plain("alice@localhost"))]
+                if mechanism == "plain":
+                    return [client.command(b"AUTH PLAIN"), client.command(plain("alice@localhost"))]
+                if mechanism == "login":
+                    return [
+                        client.command(b"AUTH LOGIN"),
+                        client.command(base64.b64encode(b"alice@localhost")),
+                        client.command(base64.b64encode(PASSWORD.encode())),
+                    ]
+                return [client.command(b"AUTH LOGIN"), client.command(b"*"), client.command(b"NOOP")]
+            finally:
+                client.close()
+
+        self.assertEqual([c for c, _ in (yield self.inThread(run, "plain-ir"))], [235])
+        replies = yield self.inThread(run, "plain")
+        self.assertEqual([c for c, _ in replies], [334, 235])
+        replies = yield self.inThread(run, "login")
+        self.assertEqual([c for c, _ in replies], [334, 334, 235])
+        self.assertEqual([base64.b64decode(r[1][0]) for r in replies[:2]], [b"Username:", b"Password:"])
+        replies = yield self.inThread(run, "abort")
+        self.assertEqual([c for c, _ in replies], [334, 501, 250])
+
+    @defer.inlineCallbacks
+    def test_badPasswordDelayed(self):
+        """
+        A wrong password gets 535 5.7.8 only after the throttling delay; a
+        different authorization identity is refused the same way; after the
+        per-connection limit the session is closed with 421.
+        """
+
+        def run(client):
+            start = time.monotonic()
+            first = client.command(b"AUTH PLAIN " + plain("alice@localhost", "wrong"))
+            elapsed = time.monotonic() - start
+            second = client.command(b"AUTH PLAIN " + plain("alice@localhost", authzid="bob@example.org"))
+            third = client.command(b"AUTH PLAIN " + plain("nobody@localhost"))
+            return first, elapsed, second, third, client.closed(), client.buffer
+
+        first, elapsed, second, third, closed, rest = yield self.inSession(run)
+        self.assertEqual((first[0], first[1][0][:5]), (535, b"5.7.8"))
+        self.assertGreaterEqual(elapsed, 0.19)
+        self.assertEqual(second[0], 535)
+        self.assertEqual((third[0], third[1][0][:5]), (535, b"5.7.8"))
+        self.assertTrue(closed)
+        self.assertTrue(rest.startswith(b"421 4.7.0 "), rest)
+
+    @defer.inlineCallbacks
+    def test_senderMustBeTheUser(self):
+        """
+        The envelope sender and the From: header must be the user's own
+        address or one of their aliases (553 5.7.1); other domains are not
+        relayed (550 5.7.1); nothing refused is stored.
+        """
+
+        def run(client):
+            client.command(b"AUTH PLAIN " + plain("alice@localhost"))
+            replies = [
+                client.command(b"MAIL FROM:<bob@example.org>"),
+                client.command(b"MAIL FROM:<>"),
+                client.command(b"MAIL FROM:<sales@localhost>"),
+                client.command(b"RCPT TO:<someone@elsewhere.test>"),
+                client.command(b"RCPT TO:<bob@example.org>"),
+                client.command(b"DATA"),
+            ]
+            client.send(message(sender="bob@example.org") + b".\r\n")
+            replies.append(client.readReply())
+            for line in (b"MAIL FROM:<alice@localhost>", b"RCPT TO:<bob@example.org>", b"DATA"):
+                client.command(line)
+            client.send(message(sender="sales@localhost", subject="From the alias") + b".\r\n")
+            replies.append(client.readReply())
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual(
+            [(code, lines[0][:5]) for code, lines in replies],
+            [
+                (553, b"5.7.1"),
+                (553, b"5.7.1"),
+                (250, b"2.1.0"),
+                (550, b"5.7.1"),
+                (250, b"2.1.5"),
+                (354, b"End d"),
+                (553, b"5.7.1"),
+                (250, b"2.0.0"),
+            ],
+        )
+        [path] = self.messages("bob@example.org")
+        self.assertIn(b"Subject: From the alias", path.read_bytes())
+
+    @defer.inlineCallbacks
+    def test_startTLSInjection(self):
+        """
+        A command sent in the same packet as STARTTLS is never run inside
+        TLS (CVE-2011-0411): the first reply in TLS is to our own EHLO.
+        """
+
+        def run():
+            client = RawClient(self.port("submission"))
+            client.readReply()
+            client.command(b"EHLO client.test")
+            client.send(b"STARTTLS\r\nRSET\r\n")
+            ready = client.readReply()
+            client.startTLS(clientContext(self.service))
+            client.send(b"NOOP\r\n")
+            first = client.readReply()
+            client.close()
+            return ready, first
+
+        ready, first = yield self.inThread(run)
+        self.assertEqual(ready[0], 220)
+        self.assertEqual(first, (250, [b"2.0.0 Ok"]))
+
+    @defer.inlineCallbacks
+    def test_smtps(self):
+        """
+        SMTPS speaks TLS from the first byte and offers AUTH at once.
+        """
+
+        def run():
+            with smtplib.SMTP_SSL("127.0.0.1", self.port("smtps"), context=clientContext(self.service)) as client:
+                code, ehlo = client.ehlo()
+                client.login("alice", PASSWORD)
+                client.sendmail("alice@localhost", ["bob@example.org"], message())
+                return ehlo
+
+        ehlo = yield self.inThread(run)
+        self.assertIn(b"AUTH PLAIN LOGIN", ehlo)
+        self.assertNotIn(b"STARTTLS", ehlo)
+        self.assertEqual(len(self.messages("bob@example.org")), 1)
+
+    @defer.inlineCallbacks
+    def test_tlsVersions(self):
+        """
+        TLS 1.0 and 1.1 handshakes fail; 1.2 and 1.3 succeed.
+        """
+
+        def handshake(version):
+            context = clientContext(self.service)
+            context.minimum_version = version
+            context.maximum_version = version
+            try:
+                client = RawClient(self.port("smtps"))
+                client.startTLS(context, "127.0.0.1")
+                client.readReply()
+                client.close()
+                return True
+            except (ssl.SSLError, OSError):
+                return False
+
+        results = {}
+        for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            results[version.name] = yield self.inThread(handshake, version)
+        self.assertEqual(results, {"TLSv1": False, "TLSv1_1": False, "TLSv1_2": True, "TLSv1_3": True})
+
+    @defer.inlineCallbacks
+    def test_certificateReload(self):
+        """
+        After reload, new connections get the new certificate; a broken new
+        file keeps the old one in use.
+        """
+        tls = self.service.tls
+
+        def served():
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            client = RawClient(self.port("smtps"))
+            client.startTLS(context)
+            der = client.sock.getpeercert(binary_form=True)
+            client.close()
+            return der
+
+        before = yield self.inThread(served)
+        generateSelfSigned("renewed.test", tls.certPath, tls.keyPath)
+        self.assertTrue(tls.reload())
+        after = yield self.inThread(served)
+        self.assertNotEqual(before, after)
+        good = fingerprint(tls.certPath)
+        tls.certPath.write_text("not a certificate")
+        self.assertFalse(tls.reload())
+        still = yield self.inThread(served)
+        self.assertEqual(still, after)
+        self.assertTrue(good)
