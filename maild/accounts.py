@@ -11,6 +11,7 @@ verified too.  Both libraries compare in constant time.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +85,21 @@ class Accounts:
     disk, so C{maild user add} takes effect without a restart.
     """
 
+    # Look at the file at most this often (seconds): every RCPT asks.
+    RECHECK = 1.0
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: dict[str, _Entry] = {}
         self._order: list[str] = []
         self._stamp: tuple[int, int, int] | None = None
+        self._checked = float("-inf")
 
     def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.RECHECK:
+            return
+        self._checked = now
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -206,6 +215,7 @@ class Accounts:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._stamp = None
+        self._checked = float("-inf")
 
 
 class LocalAddresses:

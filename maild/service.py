@@ -212,7 +212,7 @@ class MailService(service.MultiService):
 
     def stopService(self):
         d = defer.maybeDeferred(service.MultiService.stopService, self)
-        d.addBoth(lambda result: (self.committer.stop(), self.store.close(), result)[2])
+        d.addBoth(lambda result: (self.committer.stop(), result)[1])
         return d
 
     def port(self, name: str) -> int:

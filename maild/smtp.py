@@ -12,8 +12,9 @@ once, durably, before it says 250.
 
 from __future__ import annotations
 
+import itertools
 import re
-import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,17 @@ class DataDecoder:
             self.bareLineEnding = True
         self.atLineStart = raw.endswith(b"\r\n")
         return content, used, done
+
+
+_queueSequence = itertools.count(int(time.time() * 1000) & 0xFFFFFFFFF)
+
+
+def _nextQueueId() -> str:
+    """
+    A queue id for log lines and Received: headers: unique within this
+    process (a counter started from the clock), 12 hex digits.
+    """
+    return f"{next(_queueSequence) & 0xFFFFFFFFFFFF:012X}"
 
 
 def _looksLikeHeader(line: bytes) -> bool:
@@ -527,7 +539,7 @@ class SMTPServer(smtp.ESMTP):
         if not transaction.recipients:
             self._error(554, b"5.5.1 Error: no valid recipients")
             return
-        transaction.queueId = secrets.token_hex(6).upper()
+        transaction.queueId = _nextQueueId()
         try:
             transaction.message = self.settings.store.incoming(self._traceHeaders(transaction))
         except OSError as e:

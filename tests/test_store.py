@@ -19,6 +19,7 @@ from maild.names import InvalidName
 from maild.store import (
     Committer,
     DeliveryFailed,
+    IncomingMessage,
     FolderExists,
     MailStore,
     NoSuchFolder,
@@ -436,14 +437,34 @@ class DeliveryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_writeErrorReported(self):
         """
-        A write error is reported as DeliveryFailed when the message is
-        committed, and nothing is stored.
+        A storage error, for a small message (kept in memory until the
+        commit) or a big one (written out as it arrives), is reported as
+        DeliveryFailed when the message is committed, and nothing is stored.
+        """
+        if (self.data / "tmp").exists():
+            (self.data / "tmp").rmdir()
+        (self.data / "tmp").write_text("a file where the spool folder should be")
+        for size in (100, IncomingMessage.SPILL * 3):
+            message = self.store.incoming()
+            message.write(b"x" * (size - 2) + b"\r\n")
+            yield self.assertFailure(self.store.deliver(message, ["alice@localhost"]), DeliveryFailed)
+        self.assertEqual(os.listdir(self.box.root / "new"), [])
+
+    @defer.inlineCallbacks
+    def test_bigMessageWrittenInPieces(self):
+        """
+        A message bigger than the in-memory limit is in the spool before it
+        is committed, and arrives whole.
         """
         message = self.store.incoming()
-        os.close(message.fileno())
-        message.write(b"data\r\n")
-        yield self.assertFailure(self.store.deliver(message, ["alice@localhost"]), DeliveryFailed)
-        self.assertEqual(os.listdir(self.box.root / "new"), [])
+        line = b"y" * 998 + b"\r\n"
+        for _ in range(400):
+            message.write(line)
+        yield message._spilled
+        self.assertIsNotNone(message.path)
+        self.assertGreaterEqual(message.path.stat().st_size, IncomingMessage.SPILL)
+        [path] = yield self.store.deliver(message, ["alice@localhost"])
+        self.assertEqual(path.read_bytes(), (b"y" * 998 + b"\n") * 400)
         self.assertEqual((yield waitForEmptySpool(self.data)), [])
 
 

@@ -50,30 +50,23 @@ def _failure(e: OSError) -> DeliveryFailed:
 
 class Spool:
     """
-    The folder where messages are received, with empty files made ahead
-    of need by a worker thread.
+    The folder where messages are received.
 
-    Creating or removing a file waits for the file system's journal, which
-    the syncs of the committer keep busy: done in the reactor thread, it
-    would stall every connection for as long as a journal commit takes.
+    Creating, writing or removing a file can wait for the file system's
+    journal, which the committer's syncs keep busy: the reactor thread
+    never does any of it.  Small messages stay in memory until they are
+    committed; larger ones are written out in pieces by worker threads.
     """
 
-    def __init__(self, path: Path, reactor, ahead: int = 64) -> None:
+    def __init__(self, path: Path, reactor) -> None:
         self.path = path
         self.reactor = reactor
-        self.ahead = ahead
-        self._ready: collections.deque[tuple[Path, Any]] = collections.deque()
-        self._refilling = False
 
-    def take(self) -> tuple[Path, Any]:
+    def create(self) -> tuple[Path, Any]:
         """
-        A new, empty spool file (path and unbuffered binary file object).
+        A new spool file (path and unbuffered binary file).  Blocking: call
+        it from a worker thread.
         """
-        item = self._ready.popleft() if self._ready else self._create()
-        self._refill()
-        return item
-
-    def _create(self) -> tuple[Path, Any]:
         path = self.path / newBaseName()
         try:
             return path, open(path, "xb", buffering=0)
@@ -81,48 +74,36 @@ class Spool:
             self.path.mkdir(parents=True, exist_ok=True)
             return path, open(path, "xb", buffering=0)
 
-    def _refill(self) -> None:
-        if self._refilling or len(self._ready) > self.ahead // 2:
-            return
-        self._refilling = True
-        wanted = self.ahead - len(self._ready)
-        d = threads.deferToThread(lambda: [self._create() for _ in range(wanted)])
-        d.addCallback(self._ready.extend)
-        d.addErrback(lambda reason: log.failure("cannot make spool files", reason))
-        d.addBoth(lambda _: setattr(self, "_refilling", False))
-
-    def remove(self, path: Path) -> None:
-        """
-        Remove a spool file, in a worker thread.
-        """
-        self.reactor.callInThread(_unlinkQuietly, path)
-
-    def close(self) -> None:
-        """
-        Remove the files made ahead (the daemon is stopping).
-        """
-        while self._ready:
-            path, file = self._ready.popleft()
-            file.close()
-            _unlinkQuietly(path)
+    def inThread(self, f, *args) -> defer.Deferred:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
 
 class IncomingMessage:
     """
-    A message being received, written to a spool file as it arrives.  Data
-    is given with CRLF line endings and stored with LF.
+    A message being received.  Data is given with CRLF line endings and
+    stored with LF; up to L{SPILL} octets are kept in memory, and more is
+    written to a spool file by worker threads, one piece after another, so
+    a big message never sits whole in memory.
 
     @ivar size: octets on disk so far.
     @ivar crlfSize: octets the message has when served with CRLF endings.
+    @ivar path: the spool file, once there is one.
     """
+
+    SPILL = 128 * 1024
 
     def __init__(self, spool: Spool, head: bytes = b"") -> None:
         self.spool = spool
-        self.path, self._file = spool.take()
+        self.path: Path | None = None
+        self._file = None
         self.size = 0
         self.crlfSize = 0
         self.error: DeliveryFailed | None = None
         self._pendingCR = False
+        self._pieces: list[bytes] = []
+        self._buffered = 0
+        # Spills run one after another, in this chain.
+        self._spilled = defer.succeed(None)
         self._gone = False
         if head:
             self.write(head)
@@ -131,7 +112,7 @@ class IncomingMessage:
         """
         Append C{data}; an error is remembered and reported by L{close}.
         """
-        if self.error is not None or not data:
+        if self.error is not None or self._gone or not data:
             return
         if self._pendingCR:
             data = b"\r" + data
@@ -140,61 +121,95 @@ class IncomingMessage:
             # Its LF may come with the next piece.
             data = data[:-1]
             self._pendingCR = True
-        self._store(data.replace(b"\r\n", b"\n"))
+        self._keep(data.replace(b"\r\n", b"\n"))
 
-    def _store(self, stored: bytes) -> None:
-        try:
-            self._file.write(stored)
-        except OSError as e:
-            self.error = _failure(e)
-            return
+    def _keep(self, stored: bytes) -> None:
+        self._pieces.append(stored)
+        self._buffered += len(stored)
         self.size += len(stored)
         self.crlfSize += len(stored) + stored.count(b"\n")
+        if self._buffered >= self.SPILL:
+            pieces, self._pieces, self._buffered = self._pieces, [], 0
+            self._spilled.addCallback(lambda _: self.spool.inThread(self._writeOut, pieces))
 
-    def close(self) -> None:
+    def _writeOut(self, pieces: list[bytes]) -> None:
         """
-        Finish writing (the file stays in the spool, not yet synced).
+        Append pieces to the spool file, making it first if need be.  Runs in
+        a worker thread; errors are kept for L{close}.
+        """
+        if self.error is not None or self._gone:
+            return
+        try:
+            if self._file is None:
+                self.path, self._file = self.spool.create()
+            self._file.write(b"".join(pieces))
+        except OSError as e:
+            self.error = _failure(e)
+        except Exception:
+            log.failure("cannot write a spool file")
+            self.error = DeliveryFailed("internal error while storing")
 
-        @raise DeliveryFailed: if any write failed.
+    def close(self) -> defer.Deferred:
         """
-        if self._pendingCR and self.error is None:
+        Finish receiving: wait for pieces on their way to the spool file.
+
+        @return: a Deferred that fires when they are written, or fails with
+            L{DeliveryFailed} (the message then discarded) if anything could
+            not be stored.
+        """
+        if self._pendingCR:
             self._pendingCR = False
-            self._store(b"\r")
-        if self.error is None:
-            try:
-                self._file.flush()
-            except OSError as e:
-                self.error = _failure(e)
-        if self.error is not None:
-            self.discard()
-            raise self.error
+            self._keep(b"\r")
+        closed: defer.Deferred = defer.Deferred()
 
-    def fileno(self) -> int:
-        return self._file.fileno()
+        def check(_):
+            if self.error is None:
+                closed.callback(None)
+            else:
+                error = self.error
+                self.discard()
+                closed.errback(error)
+
+        self._spilled.addCallback(check)
+        return closed
+
+    def writeRemaining(self, sync: bool = True) -> None:
+        """
+        Write what is still in memory, and sync the file unless told not
+        to.  Runs in a worker thread (the committer's).
+
+        @raise OSError: if that fails.
+        """
+        pieces, self._pieces, self._buffered = self._pieces, [], 0
+        if self._file is None:
+            self.path, self._file = self.spool.create()
+        self._file.write(b"".join(pieces))
+        if sync:
+            os.fsync(self._file.fileno())
 
     def discard(self) -> None:
         """
         Throw the message away: nothing of it stays anywhere.
         """
-        if not self._gone:
-            self._gone = True
-            self._close()
-            self.spool.remove(self.path)
-
-    def _close(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        if self._gone:
+            return
+        self._gone = True
+        self._pieces = []
+        # After any spill in progress, in a worker thread.
+        self._spilled.addCallback(lambda _: self.spool.inThread(self.removeNow))
+        self._spilled.addErrback(lambda reason: log.failure("cannot remove a spool file", reason))
 
     def removeNow(self) -> None:
         """
-        Remove the spool file at once (in the committer's worker thread,
-        once the message is linked where it belongs).
+        Remove the spool file at once (in a worker thread).
         """
         self._gone = True
-        self._close()
-        _unlinkQuietly(self.path)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            _unlinkQuietly(self.path)
 
 
 @dataclass(frozen=True)
@@ -290,14 +305,14 @@ class Committer:
             copies once every copy is on disk, or fails with
             L{DeliveryFailed}; either way the spool file is gone.
         """
-        try:
-            message.close()
-        except DeliveryFailed:
-            return defer.fail()
         d: defer.Deferred = defer.Deferred()
-        self._waiting.append(_Job(message, list(targets), d))
-        if not self._running:
-            self._runGroup()
+
+        def closed(_):
+            self._waiting.append(_Job(message, list(targets), d))
+            if not self._running:
+                self._runGroup()
+
+        message.close().addCallbacks(closed, d.errback)
         return d
 
     def _runGroup(self) -> None:
@@ -331,20 +346,27 @@ class Committer:
         if self.mode == "syncfs":
             yield self._inPool(self._linkAndSyncfs, group)
             return
-        # Sync the files in parallel: concurrent fsyncs share journal commits.
-        shares = [group[i :: self._threads] for i in range(self._threads)]
-        yield defer.gatherResults(
-            [self._inPool(self._syncFiles, share) for share in shares if share]
-        )
-        folders = yield self._inPool(self._link, group)
-        items = sorted(folders.items())
-        shares = [items[i :: self._threads] for i in range(self._threads)]
-        yield defer.gatherResults(
-            [self._inPool(self._syncFolders, share) for share in shares if share]
-        )
+        if len(group) > 2:
+            # Sync the files in parallel: concurrent fsyncs share journal
+            # commits.  A small group is synced in the same thread as the
+            # rest of its work: each hop to a thread costs more than it saves.
+            shares = [group[i :: self._threads] for i in range(self._threads)]
+            yield defer.gatherResults(
+                [self._inPool(self._syncFiles, share) for share in shares if share]
+            )
+        yield self._inPool(self._placeGroup, group, len(group) <= 2)
+
+    def _placeGroup(self, group: list[_Job], syncFilesFirst: bool) -> None:
+        """
+        Link the synced messages into their folders and sync each folder
+        once; then tell the sync hook.
+        """
+        if syncFilesFirst:
+            self._syncFiles(group)
+        self._syncFolders(sorted(self._link(group).items()))
         _withdrawFailed(group)
         if self.syncHook is not None:
-            yield self._inPool(self.syncHook, self._placed(group))
+            self.syncHook(self._placed(group))
 
     @staticmethod
     def _placed(group: list[_Job]) -> list[Path]:
@@ -354,7 +376,7 @@ class Committer:
     def _syncFiles(jobs: list[_Job]) -> None:
         for job in jobs:
             try:
-                os.fsync(job.message.fileno())
+                job.message.writeRemaining()
             except OSError as e:
                 job.error = _failure(e)
 
@@ -407,9 +429,14 @@ class Committer:
 
     def _linkAndSyncfs(self, group: list[_Job]) -> None:
         """
-        Sync the file system, link, sync again: a crash can then never leave
-        a link to a file whose data was not yet on disk.
+        Write, sync the file system, link, sync again: a crash can then never
+        leave a link to a file whose data was not yet on disk.
         """
+        for job in group:
+            try:
+                job.message.writeRemaining(sync=False)
+            except OSError as e:
+                job.error = _failure(e)
         fd = os.open(self.dataDir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._syncfsGroup(fd, group)

@@ -136,13 +136,6 @@ class MailStore:
 
         return d.addCallback(announce)
 
-    def close(self) -> None:
-        """
-        Remove the spool files made ahead of need (the daemon is stopping).
-        """
-        if self._spool is not None:
-            self._spool.close()
-
     def removeStaleTemporaries(self, grace: float) -> int:
         """
         Remove files older than C{grace} seconds from the spool and from
