@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import email.utils
 import json
 import math
 import os
 import random
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -183,6 +185,30 @@ def dotStuff(body: bytes) -> bytes:
     return stuffed
 
 
+@dataclass
+class Security:
+    """
+    TLS and AUTH for the sessions: implicit TLS (SMTPS), STARTTLS, and a
+    user to log in as (AUTH PLAIN), as a submission server wants.
+    """
+
+    implicit: bool = False
+    starttls: bool = False
+    context: ssl.SSLContext | None = None
+    user: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def fromOptions(cls, options: argparse.Namespace) -> "Security":
+        context = None
+        if options.tls or options.starttls:
+            context = ssl.create_default_context(cafile=options.cafile)
+            if options.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return cls(options.tls, options.starttls, context, options.user, options.password)
+
+
 class SMTPClient:
     """
     One SMTP session over asyncio streams.
@@ -217,37 +243,63 @@ class SMTPClient:
         recipient: str,
         size: int,
         usePipelining: bool,
+        security: Security,
     ) -> SMTPClient:
         """
-        Connect, read the greeting and say EHLO.
+        Connect (with TLS from the first byte for --tls), read the greeting
+        and say EHLO; then STARTTLS and AUTH when asked for.
         """
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(
-                host, port, local_addr=(localAddress, 0) if localAddress else None
+                host,
+                port,
+                local_addr=(localAddress, 0) if localAddress else None,
+                ssl=security.context if security.implicit else None,
+                server_hostname=host if security.implicit else None,
             )
             client = cls(reader, writer, timeout)
             try:
                 await client.greet(sender, recipient, size, usePipelining)
+                if security.starttls:
+                    await client.startTLS(security.context, host)
+                    await client.greet(sender, recipient, size, usePipelining, greeting=False)
+                if security.user:
+                    await client.authenticate(security.user, security.password)
             except BaseException:
                 client.close()
                 raise
         return client
 
+    async def startTLS(self, context: ssl.SSLContext, host: str) -> None:
+        code, _ = await self.command(b"STARTTLS\r\n")
+        if code != 220:
+            raise ConnectionDropped(f"STARTTLS {code}", refusal=f"STARTTLS {code}")
+        await self.writer.start_tls(context, server_hostname=host)
+
+    async def authenticate(self, user: str, password: str) -> None:
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        code, _ = await self.command(f"AUTH PLAIN {token}\r\n".encode("ascii"))
+        if code != 235:
+            raise ConnectionDropped(f"AUTH {code}", refusal=f"AUTH {code}")
+
     async def greet(
-        self, sender: str, recipient: str, size: int, usePipelining: bool
+        self, sender: str, recipient: str, size: int, usePipelining: bool, greeting: bool = True
     ) -> None:
         """
-        Read the greeting, say EHLO (HELO if refused) and prepare the
-        transaction commands for the extensions the server offers.
+        Read the greeting (unless after STARTTLS), say EHLO (HELO if
+        refused) and prepare the transaction commands for the extensions the
+        server offers.
         """
         # A zero high-water mark makes drain() wait until every byte is
         # handed to the kernel, so latency is timed from the "." being sent.
         self.writer.transport.set_write_buffer_limits(high=0)
-        code, lines = await self.readReply()
-        # A refusal here only counts against a message taken for this
-        # connection, that is with --one-message-per-connection.
-        if code != 220:
-            raise ConnectionDropped(f"greeting {code}", refusal=f"greeting {code}")
+        self.extensions = {}
+        if greeting:
+            code, lines = await self.readReply()
+            # A refusal here only counts against a message taken for this
+            # connection, that is with --one-message-per-connection.
+            if code != 220:
+                raise ConnectionDropped(f"greeting {code}", refusal=f"greeting {code}")
         # An address literal is the right EHLO argument for a client
         # without a name of its own (RFC 5321 section 4.1.3).
         localHost = self.writer.get_extra_info("sockname")[0]
@@ -413,6 +465,7 @@ class LoadRun:
     """
 
     def __init__(self, options: argparse.Namespace, factory: MessageFactory) -> None:
+        self.security = Security.fromOptions(options)
         self.options = options
         self.factory = factory
         self.host, self.port = parseServer(options.server)
@@ -476,6 +529,7 @@ class LoadRun:
                 options.recipient,
                 options.size,
                 options.pipelining,
+                self.security,
             )
             self.extensions = client.extensions
             self.pipelining = client.pipelining
@@ -663,6 +717,13 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         "--verify-dir", type=Path, metavar="DIR",
         help="after the run, count the files in every new/ and cur/ folder under DIR",
     )
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument("--tls", action="store_true", help="TLS from the first byte (SMTPS)")
+    security.add_argument("--starttls", action="store_true", help="STARTTLS after EHLO")
+    parser.add_argument("--cafile", help="trust the certificates in this PEM file")
+    parser.add_argument("--insecure", action="store_true", help="do not verify the certificate")
+    parser.add_argument("--user", help="AUTH PLAIN as USER (submission)")
+    parser.add_argument("--password", default="", help="the password for --user")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     options = parser.parse_args(argv)
     if options.messages < 1 or options.concurrency < 1:

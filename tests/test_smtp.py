@@ -8,16 +8,18 @@ from __future__ import annotations
 import email
 import os
 import smtplib
+import subprocess
 import threading
 import time
 from io import BytesIO
+from pathlib import Path
 
 from twisted.internet import defer, reactor, ssl
 from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
 
 from maild.smtp import DataDecoder
-from tests.support import RawClient, ServerTestCase, waitForEmptySpool
+from tests.support import RawClient, ServerTestCase, waitForEmptySpool, writeUsers
 
 
 def message(subject: str = "Hello", body: str = "Hi there.\r\n", extra: str = "") -> bytes:
@@ -676,6 +678,67 @@ class DurabilityTests(ServerTestCase):
         self.assertEqual(ok[0], 250)
         [path] = self.messages("alice@localhost")
         self.assertIn(b"Subject: attempt 1", path.read_bytes())
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
+
+
+class DiskFullTests(ServerTestCase):
+    """
+    A real full disk: the data folder on a small tmpfs (needs the right to
+    mount, as root in CI; skipped otherwise).
+    """
+
+    def setUp(self):
+        self.dataDir = Path(self.mktemp()).resolve()
+        self.dataDir.mkdir(parents=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(self.dataDir)],
+            capture_output=True,
+        )
+        if mounted.returncode != 0:
+            raise unittest.SkipTest("cannot mount a tmpfs here")
+        self.addCleanup(subprocess.run, ["umount", "-l", str(self.dataDir)])
+        writeUsers(self.dataDir, self.users)
+        return self.startServer()
+
+    @defer.inlineCallbacks
+    def test_diskFull(self):
+        """
+        Messages are accepted until the disk is full; then DATA gets 452
+        4.3.1, nothing incomplete is in new/, the session goes on, and mail
+        is accepted again once space is freed.
+        """
+        filler = self.dataDir / "filler"
+
+        def run():
+            client = RawClient(self.port())
+            client.readReply()
+            client.command(b"EHLO c")
+            replies = []
+            for n in range(40):
+                for line in (b"MAIL FROM:<carol@remote.test>", b"RCPT TO:<alice@localhost>", b"DATA"):
+                    client.command(line)
+                client.send(message(subject=f"n{n}", body=("z" * 76 + "\r\n") * 600) + b".\r\n")
+                replies.append(client.readReply())
+                if replies[-1][0] != 250:
+                    break
+            noop = client.command(b"NOOP")
+            filler.unlink()
+            for line in (b"MAIL FROM:<carol@remote.test>", b"RCPT TO:<alice@localhost>", b"DATA"):
+                client.command(line)
+            client.send(message(subject="after") + b".\r\n")
+            return replies, noop, client.readReply()
+
+        filler.write_bytes(b"f" * 100_000)
+        replies, noop, after = yield self.inThread(run)
+        codes = [code for code, _ in replies]
+        self.assertGreater(codes.count(250), 0)
+        self.assertEqual((codes[-1], replies[-1][1][0][:5]), (452, b"4.3.1"))
+        self.assertEqual(noop[0], 250)
+        self.assertEqual(after[0], 250)
+        stored = self.messages("alice@localhost")
+        self.assertEqual(len(stored), codes.count(250) + 1)
+        for path in stored[:-1]:
+            self.assertTrue(storedBody(path).endswith(("z" * 76 + "\r\n").encode() * 600), path.name)
         self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
 
 
