@@ -11,11 +11,13 @@ from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.mail import pop3
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
+from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
 from maild.store import Committer, MailStore
 from maild.tls import ServerTLS, certificateFiles
@@ -116,7 +118,11 @@ class MailService(service.MultiService):
         # (with a self-signed certificate when none is configured).
         self.tls = ServerTLS(*certificateFiles(config))
         self.listeners: dict[str, Listener] = {}
-        builders: dict[str, Callable[[], Any]] = {"smtp": self._mxFactory}
+        builders: dict[str, Callable[[], Any]] = {
+            "smtp": self._mxFactory,
+            "pop3": self._pop3Factory,
+            "pop3s": self._pop3Factory,
+        }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
             if builder is None:
@@ -148,6 +154,21 @@ class MailService(service.MultiService):
                 addresses=self.addresses,
                 clock=self.reactor,
                 delivery=InboundDelivery(self.addresses),
+                tlsContext=self.tls,
+            )
+        )
+
+    def _pop3Factory(self) -> POP3Factory:
+        self.realm.avatarFactories[pop3.IMailbox] = lambda address: Maildrop(
+            self.store.mailbox(address)
+        )
+        return POP3Factory(
+            POP3Settings(
+                hostname=self.config.hostname,
+                limits=self.config.limits,
+                authenticator=self.authenticator,
+                clock=self.reactor,
+                plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
             )
         )
