@@ -266,7 +266,8 @@ class POP3SessionTests(POP3TestCase):
         """
         STAT, LIST, UIDL, TOP, RETR, DELE, RSET and QUIT with poplib: sizes
         are CRLF octet counts, message numbers stay put after DELE, RSET
-        unmarks, and the deletion happens at QUIT.
+        unmarks, and the deletion happens at QUIT; the messages left were
+        all retrieved, so they are \\Seen.
         """
         sent = [message(subject=f"number {n}", body=f"Body {n}.\r\n" * (n + 1)) for n in range(3)]
         yield self.deliver(*sent)
@@ -304,6 +305,7 @@ class POP3SessionTests(POP3TestCase):
         self.assertTrue(bye.startswith(b"+OK"))
         remaining = self.messages(ALICE)
         self.assertEqual(len(remaining), 2)
+        self.assertEqual([p.name.endswith(":2,S") for p in remaining], [True, True])
         self.assertEqual(
             sorted(withoutTrace(p.read_bytes().replace(b"\n", b"\r\n")) for p in remaining),
             [sent[1], sent[2]],
@@ -622,22 +624,39 @@ class MaildropTests(POP3TestCase):
     def test_retrSetsSeen(self):
         """
         RETR marks the message \\Seen in the store (its file moves to cur/
-        with the S flag); TOP does not.
+        with the S flag): soon, while the session goes on, and at the
+        latest when the session ends, with or without QUIT.  TOP does not.
         """
-        yield self.deliver(message(subject="one"), message(subject="two"))
+        yield self.deliver(message(subject="one"), message(subject="two"), message(subject="six"))
+
+        def seen() -> list[str]:
+            return sorted(p.name for p in self.messages(ALICE) if p.name.endswith(":2,S"))
+
+        def waitFor(count: int) -> list[str]:
+            deadline = time.monotonic() + 5
+            while len(seen()) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return seen()
 
         def run(client):
             client.command(b"RETR 1")
             client.readMultiline()
             client.command(b"TOP 2 0")
             client.readMultiline()
-            return client.command(b"QUIT")
+            during = waitFor(1)
+            client.command(b"RETR 3")
+            client.readMultiline()
+            return during
 
-        yield self.session(run)
-        names = sorted((p.parent.name, p.name.partition(":")[2]) for p in self.messages(ALICE))
-        self.assertEqual(sorted(names), [("cur", "2,S"), ("new", "")])
-        [seen] = [p for p in self.messages(ALICE) if p.parent.name == "cur"]
-        self.assertIn(b"Subject: one", seen.read_bytes())
+        during = yield self.session(run)
+        after = yield self.inThread(waitFor, 2)
+        self.assertEqual(len(during), 1)
+        self.assertEqual(len(after), 2)
+        names = {p.read_bytes().split(b"Subject: ")[1][:3]: p for p in self.messages(ALICE)}
+        self.assertEqual(names[b"one"].parent.name, "cur")
+        self.assertTrue(names[b"one"].name.endswith(":2,S"))
+        self.assertEqual(names[b"two"].parent.name, "new")
+        self.assertTrue(names[b"six"].name.endswith(":2,S"))
 
     @defer.inlineCallbacks
     def test_expungedElsewhere(self):
