@@ -111,6 +111,17 @@ class POP3TestCase(ServerTestCase):
     def client(self) -> POPClient:
         return POPClient(self.port("pop3"))
 
+    def tryLogin(self, user: str = ALICE) -> bytes:
+        """
+        The reply to a login on a new connection, which is then closed
+        (blocking: call it in a thread).
+        """
+        client = self.client()
+        try:
+            return client.login(user)
+        finally:
+            client.close()
+
     def session(self, f, user: str = ALICE) -> defer.Deferred:
         """
         Run C{f(client)} in a thread on a raw session logged in as C{user}.
@@ -545,15 +556,12 @@ class MaildropTests(POP3TestCase):
         """
 
         def run():
-            first, second = self.client(), self.client()
+            first = self.client()
             ok = first.login()
-            refused = second.login()
-            second.close()
+            refused = self.tryLogin()
             first.command(b"QUIT")
-            third = self.client()
-            again = third.login()
-            third.close()
-            return ok, refused, again
+            first.close()
+            return ok, refused, self.tryLogin()
 
         ok, refused, again = yield self.inThread(run)
         self.assertEqual(ok, b"+OK Logged in.")
@@ -586,13 +594,7 @@ class MaildropTests(POP3TestCase):
         state = yield self.inThread(holder.stdout.readline)
         self.assertEqual(state, b"held\n")
 
-        def run():
-            client = self.client()
-            reply = client.login()
-            client.close()
-            return reply
-
-        refused = yield self.inThread(run)
+        refused = yield self.inThread(self.tryLogin)
         self.assertTrue(refused.startswith(b"-ERR [IN-USE]"))
 
     @defer.inlineCallbacks
@@ -702,14 +704,9 @@ class MaildropTests(POP3TestCase):
         self.patch(Folder, "refresh", broken)
 
         def run():
-            client = self.client()
-            reply = client.login()
-            client.close()
+            reply = self.tryLogin()
             failing[0] = False
-            client = self.client()
-            again = client.login()
-            client.close()
-            return reply, again
+            return reply, self.tryLogin()
 
         reply, again = yield self.inThread(run)
         self.assertEqual(reply, b"-ERR [SYS/TEMP] Cannot open the mailbox, try again later.")
