@@ -84,10 +84,13 @@ def lfChunks(f: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
     ends.  Our files have LF; a file that another tool wrote with CRLF is
     read the same way rather than sent with CR CR LF.
     """
+    # One read system call per piece (a buffered file's read() makes a
+    # second one to find the end), and a file reads short only at its end:
+    # no read just to learn that.
+    read = getattr(f, "read1", f.read)
     carry = b""
     while True:
-        chunk = f.read(size)
-        # A file reads short only at its end: no read just to learn that.
+        chunk = read(size)
         last = len(chunk) < size
         if carry:
             chunk, carry = carry + chunk, b""
