@@ -51,7 +51,7 @@ _LISTING_BATCH = 4096
 # How much unparsed input we hold while a response is pending before we
 # stop reading from the client.
 _HOLD_LIMIT = 64 * 1024
-# Retrieved messages are marked \\Seen in batches, this long after the
+# Retrieved messages are marked \Seen in batches, this long after the
 # first RETR of a batch (one change of the folder for many messages).
 _SEEN_DELAY = 0.05
 # A line count this long (TOP) means "the whole body" anyway.
@@ -221,7 +221,7 @@ class Maildrop:
         self.bases: list[str] = []
         self.sizes: list[int] = []
         self.deleted: set[int] = set()
-        # Retrieved, not yet marked \\Seen in the store.
+        # Retrieved, not yet marked \Seen in the store.
         self._retrieved: set[int] = set()
         self._hold: ExclusiveHold | None = None
 

@@ -1075,6 +1075,51 @@ class TLSTests(POP3TestCase):
         self.assertIn(b"Subject: Hello", lines)
 
     @defer.inlineCallbacks
+    def test_thunderbirdSequence(self):
+        """
+        Thunderbird's sequence (CAPA, STLS, CAPA again, AUTH PLAIN without
+        initial response, STAT, LIST, UIDL, then RETR and DELE per message,
+        QUIT) downloads and removes every message.
+        """
+        yield self.deliver(message(subject="one"), message(subject="two"))
+
+        def run():
+            client = self.client()
+            client.readLine()
+            client.command(b"CAPA")
+            before = client.readMultiline()
+            client.command(b"STLS")
+            client.startTLS(self.tlsContext(), hostname="127.0.0.1")
+            client.command(b"CAPA")
+            after = client.readMultiline()
+            challenge = client.command(b"AUTH PLAIN")
+            loggedIn = client.command(plain(ALICE))
+            stat = client.command(b"STAT")
+            client.command(b"LIST")
+            client.readMultiline()
+            client.command(b"UIDL")
+            client.readMultiline()
+            bodies = []
+            for n in (b"1", b"2"):
+                client.command(b"RETR " + n)
+                bodies.append(client.readMultiline())
+                client.command(b"DELE " + n)
+            bye = client.command(b"QUIT")
+            client.close()
+            return before, after, challenge, loggedIn, stat, bodies, bye
+
+        before, after, challenge, loggedIn, stat, bodies, bye = yield self.inThread(run)
+        self.assertIn(b"STLS\r\n", before)
+        self.assertNotIn(b"STLS", after)
+        self.assertIn(b"SASL PLAIN\r\n", after)
+        self.assertEqual((challenge, loggedIn), (b"+ ", b"+OK Logged in."))
+        self.assertTrue(stat.startswith(b"+OK 2 "))
+        self.assertIn(b"Subject: one", bodies[0])
+        self.assertIn(b"Subject: two", bodies[1])
+        self.assertEqual(bye, b"+OK Logging out, 2 messages deleted.")
+        self.assertEqual(self.messages(ALICE), [])
+
+    @defer.inlineCallbacks
     def test_tlsVersions(self):
         """
         POP3S (and so STLS, with the same context) accepts TLS 1.2 and 1.3
