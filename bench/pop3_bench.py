@@ -8,7 +8,8 @@ either one RETR at a time (as clients do: send, read the whole response,
 send the next) or pipelined (up to D commands in flight, topped up
 whenever at least R can be sent: by default D=16, R=1, a sliding window).
 It reports messages/s and MB/s (10^6 octets, CRLF sizes as POP3 counts
-them).  Each response's end marker is looked for from the size its +OK
+them), and the time between consecutive responses (median, 99th
+percentile, maximum), where a per-message stall would show.  Each response's end marker is looked for from the size its +OK
 line gives (stuffing only adds octets); --verify also counts every
 message's octets, un-stuffed, against that size, at some cost in client
 CPU.
@@ -192,6 +193,8 @@ def session(options, mode: str) -> dict:
     octets = 0
     sent = received = 0
     start = time.perf_counter()
+    # When each response was complete: a stall shows as a long gap.
+    completed = [start]
     while received < count:
         free = depth - (sent - received)
         if sent < count and (free >= options.refill or sent == received):
@@ -200,7 +203,9 @@ def session(options, mode: str) -> dict:
             sent = batch[-1]
         octets += retrieved(client, options.verify)
         received += 1
+        completed.append(time.perf_counter())
     seconds = time.perf_counter() - start
+    gaps = sorted(b - a for a, b in zip(completed, completed[1:]))
     client.command(b"QUIT")
     client.close()
     timings.update(
@@ -211,6 +216,9 @@ def session(options, mode: str) -> dict:
         messages_per_second=count / seconds if seconds else 0.0,
         mb_per_second=octets / seconds / 1e6 if seconds else 0.0,
         octets=octets,
+        gap_median_ms=gaps[len(gaps) // 2] * 1000 if gaps else 0.0,
+        gap_p99_ms=gaps[len(gaps) * 99 // 100] * 1000 if gaps else 0.0,
+        gap_max_ms=gaps[-1] * 1000 if gaps else 0.0,
     )
     return timings
 
@@ -272,7 +280,9 @@ def main(argv: list[str]) -> int:
             f"{result['messages_per_second']:,.0f} messages/s, "
             f"{result['mb_per_second']:.1f} MB/s; "
             f"login {result['login_ms']:.1f} ms, LIST {result['list_ms']:.1f} ms, "
-            f"UIDL {result['uidl_ms']:.1f} ms"
+            f"UIDL {result['uidl_ms']:.1f} ms; between responses: median "
+            f"{result['gap_median_ms']:.3f} ms, 99th percentile {result['gap_p99_ms']:.3f} ms, "
+            f"max {result['gap_max_ms']:.1f} ms"
         )
     return 0
 
