@@ -89,6 +89,14 @@ class POPClient(RawClient):
         body, self.buffer = self.buffer[:end], self.buffer[end:]
         return body
 
+    def stls(self, context: ssl.SSLContext) -> bytes:
+        """
+        STLS, then TLS, verifying the certificate for the loopback address.
+        """
+        reply = self.command(b"STLS")
+        self.startTLS(context, hostname="127.0.0.1")
+        return reply
+
     def login(self, user: str = ALICE) -> bytes:
         greeting = self.readLine()
         assert greeting.startswith(b"+OK"), greeting
@@ -1088,8 +1096,7 @@ class TLSTests(POP3TestCase):
             client.readLine()
             client.command(b"CAPA")
             before = client.readMultiline()
-            client.command(b"STLS")
-            client.startTLS(self.tlsContext(), hostname="127.0.0.1")
+            client.stls(self.tlsContext())
             client.command(b"CAPA")
             after = client.readMultiline()
             challenge = client.command(b"AUTH PLAIN")
@@ -1182,8 +1189,7 @@ class PlaintextRefusedTests(POP3TestCase):
             ]
             client.command(b"AUTH")
             mechanisms = client.readMultiline()
-            client.command(b"STLS")
-            client.startTLS(self.tlsContext(), hostname="127.0.0.1")
+            client.stls(self.tlsContext())
             client.command(b"CAPA")
             afterTLS = client.readMultiline()
             client.command(b"USER " + ALICE.encode())
