@@ -25,8 +25,8 @@ DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
         "smtp": "tcp:8025",
         "submission": "tcp:8587",
         "smtps": "tcp:8465",
-        "pop3": None,
-        "pop3s": None,
+        "pop3": "tcp:8110",
+        "pop3s": "tcp:8995",
         "imap": None,
         "imaps": None,
     }

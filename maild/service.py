@@ -14,11 +14,13 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.mail.smtp import IMessageDelivery
+from twisted.mail import pop3
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
+from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
@@ -135,10 +137,15 @@ class MailService(service.MultiService):
         self.realm.avatarFactories[IMessageDelivery] = lambda user: SubmissionDelivery(
             self.addresses, user
         )
+        self.realm.avatarFactories[pop3.IMailbox] = lambda user: Maildrop(
+            self.store.mailbox(user)
+        )
         builders: dict[str, Callable[[], Any]] = {
             "smtp": self._mxFactory,
             "submission": lambda: self._submissionFactory(implicitTLS=False),
             "smtps": lambda: self._submissionFactory(implicitTLS=True),
+            "pop3": self._pop3Factory,
+            "pop3s": self._pop3Factory,
         }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
@@ -190,6 +197,18 @@ class MailService(service.MultiService):
                 plaintextAuth=self.config.submission_plaintext_auth,
             ),
             SubmissionServer,
+        )
+
+    def _pop3Factory(self) -> POP3Factory:
+        return POP3Factory(
+            POP3Settings(
+                hostname=self.config.hostname,
+                limits=self.config.limits,
+                authenticator=self.authenticator,
+                clock=self.reactor,
+                plaintextAuth=self.config.plaintext_auth,
+                tlsContext=self.tls,
+            )
         )
 
     def startService(self) -> None:
