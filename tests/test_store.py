@@ -280,6 +280,28 @@ class FolderTests(unittest.SynchronousTestCase):
         self.assertEqual(self.changes[-1].expunged, [1])
         self.assertEqual(len(os.listdir(self.path / "cur")), 0)
 
+    def test_expungeRenamedUnderneath(self):
+        """
+        Expunging a message whose file another process renamed (a flag
+        change) finds it under its new name and removes it.
+        """
+        self.folder.refresh()
+        os.rename(self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S", self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,FS")
+        self.assertEqual(self.folder.expunge([1]), [1])
+        self.assertEqual(os.listdir(self.path / "cur"), [])
+        self.assertEqual(list(Folder("INBOX", self.path).refresh().added), [2])
+
+    def test_sizeOfForeignCrlfFile(self):
+        """
+        A file without sizes in its name, written with CRLF (or a mix) by
+        another tool, is measured as it will be served: CRLF line ends.
+        """
+        put(self.path, "new/1700000005.M1P1Q1.h", b"A: b\r\n\r\nx\ny" + b"z" * 65523 + b"\r\nend\n")
+        self.folder.refresh()
+        data = (self.path / "new/1700000005.M1P1Q1.h").read_bytes()
+        served = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.assertEqual(self.folder.sizes(2), (len(data), len(served)))
+
     def test_renamedUnderneathIsFound(self):
         """
         Opening a message whose file another process renamed finds it again;

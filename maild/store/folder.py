@@ -140,11 +140,17 @@ class Folder:
         uid = self.uids[i]
         known = self._sizes.get(uid)
         if known is None:
+            # Served with CRLF: each LF gains a CR, unless it has one already
+            # (a file written with CRLF by another tool).
             with self.open(i) as f:
                 size = crlfSize = 0
+                afterCR = False
                 while chunk := f.read(1 << 16):
                     size += len(chunk)
-                    crlfSize += len(chunk) + chunk.count(b"\n")
+                    crlfSize += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
+                    if afterCR and chunk.startswith(b"\n"):
+                        crlfSize -= 1
+                    afterCR = chunk.endswith(b"\r")
             known = self._sizes[uid] = (size, crlfSize)
         return known
 
@@ -428,23 +434,22 @@ class Folder:
 
         @return: the UIDs removed (the others were already gone).
         """
+        uids = [uid for uid in uids if self.position(uid) is not None]
         unchanged = self._ownChange(("new", "cur"))
-        gone: set[int] = set()
-        goneBases = []
-        for uid in uids:
-            i = self.position(uid)
-            if i is None:
-                continue
-            try:
-                os.unlink(self.path / self.fileName(i))
-            except FileNotFoundError:
-                pass
-            gone.add(uid)
-            goneBases.append(self.bases[i])
+        missing = self._unlink(uids)
+        if missing:
+            # Renamed (flags) or removed by another process: look again,
+            # then remove those that are still there under their new name.
+            unchanged = False
+            self._mtimes = {"new": -1, "cur": -1}
+            self.refresh()
+            self._unlink([uid for uid in missing if self.position(uid) is not None])
         self._ownChangeDone(unchanged)
+        gone = {uid for uid in uids if self.position(uid) is not None}
         if not gone:
             return []
         keep = [j for j, uid in enumerate(self.uids) if uid not in gone]
+        goneBases = [self.bases[j] for j, uid in enumerate(self.uids) if uid in gone]
         self.uids = array("I", (self.uids[j] for j in keep))
         self.flags = bytearray(self.flags[j] for j in keep)
         self.bases = [self.bases[j] for j in keep]
@@ -455,6 +460,20 @@ class Folder:
         expunged = sorted(gone)
         self._announce(FolderChange(expunged=expunged, origin=origin))
         return expunged
+
+    def _unlink(self, uids: list[int]) -> list[int]:
+        """
+        Remove the files of C{uids}.
+
+        @return: the UIDs whose file was not where the index said.
+        """
+        missing = []
+        for uid in uids:
+            try:
+                os.unlink(os.path.join(self._dir, self.fileName(self.position(uid))))
+            except FileNotFoundError:
+                missing.append(uid)
+        return missing
 
     def addPlaced(self, paths: Sequence[Path], origin: object | None = None) -> list[int]:
         """
