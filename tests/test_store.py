@@ -294,9 +294,10 @@ class FolderTests(unittest.SynchronousTestCase):
     def test_sizeOfForeignCrlfFile(self):
         """
         A file without sizes in its name, written with CRLF (or a mix) by
-        another tool, is measured as it will be served: CRLF line ends.
+        another tool, is measured as it will be served: CRLF line ends (here
+        a CRLF is split between two reads).
         """
-        put(self.path, "new/1700000005.M1P1Q1.h", b"A: b\r\n\r\nx\ny" + b"z" * 65523 + b"\r\nend\n")
+        put(self.path, "new/1700000005.M1P1Q1.h", b"A: b\r\n\r\nx\ny" + b"z" * 65524 + b"\r\nend\n")
         self.folder.refresh()
         data = (self.path / "new/1700000005.M1P1Q1.h").read_bytes()
         served = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
