@@ -21,7 +21,7 @@ from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
-from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
+from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
 from maild.tls import ServerTLS, certificateFiles
@@ -169,7 +169,7 @@ class MailService(service.MultiService):
         cleanup.clock = reactor
         cleanup.setServiceParent(self)
 
-    def _mxFactory(self) -> SMTPFactory:
+    def _smtpFactory(self, protocol: type[SMTPServer], **settings) -> SMTPFactory:
         return SMTPFactory(
             SMTPSettings(
                 hostname=self.config.hostname,
@@ -177,26 +177,22 @@ class MailService(service.MultiService):
                 store=self.store,
                 addresses=self.addresses,
                 clock=self.reactor,
-                delivery=InboundDelivery(self.addresses),
                 tlsContext=self.tls,
-            )
+                **settings,
+            ),
+            protocol,
         )
 
+    def _mxFactory(self) -> SMTPFactory:
+        return self._smtpFactory(SMTPServer, delivery=InboundDelivery(self.addresses))
+
     def _submissionFactory(self, implicitTLS: bool) -> SMTPFactory:
-        return SMTPFactory(
-            SMTPSettings(
-                hostname=self.config.hostname,
-                limits=self.config.limits,
-                store=self.store,
-                addresses=self.addresses,
-                clock=self.reactor,
-                delivery=None,
-                implicitTLS=implicitTLS,
-                tlsContext=self.tls,
-                authenticator=self.authenticator,
-                plaintextAuth=self.config.submission_plaintext_auth,
-            ),
+        return self._smtpFactory(
             SubmissionServer,
+            delivery=None,
+            implicitTLS=implicitTLS,
+            authenticator=self.authenticator,
+            plaintextAuth=self.config.submission_plaintext_auth,
         )
 
     def _pop3Factory(self) -> POP3Factory:

@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
@@ -104,6 +104,20 @@ class ServerTestCase(unittest.TestCase):
         Run a blocking client in a thread while the reactor serves it.
         """
         return threads.deferToThread(f, *args, **kwargs)
+
+    def inSession(self, open: Callable[[], "RawClient"], f: Callable[["RawClient"], Any]) -> defer.Deferred:
+        """
+        In a thread: open a client session, run C{f} with it, close it.
+        """
+
+        def run():
+            client = open()
+            try:
+                return f(client)
+            finally:
+                client.close()
+
+        return self.inThread(run)
 
     def maildir(self, address: str, folder: str = "") -> Path:
         local, _, domain = address.partition("@")

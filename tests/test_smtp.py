@@ -120,14 +120,7 @@ class SMTPCommandTests(ServerTestCase):
         return client
 
     def inSession(self, f):
-        def run():
-            client = self.session()
-            try:
-                return f(client)
-            finally:
-                client.close()
-
-        return self.inThread(run)
+        return ServerTestCase.inSession(self, self.session, f)
 
     @defer.inlineCallbacks
     def test_greetingAndEhlo(self):

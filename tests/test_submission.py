@@ -39,15 +39,8 @@ class SubmissionTests(ServerTestCase):
             client.command(b"EHLO client.test")
         return client
 
-    def inSession(self, f, tls: bool = True):
-        def run():
-            client = self.session(tls)
-            try:
-                return f(client)
-            finally:
-                client.close()
-
-        return self.inThread(run)
+    def inSession(self, f):
+        return ServerTestCase.inSession(self, self.session, f)
 
     @defer.inlineCallbacks
     def test_authOnlyAfterTLS(self):
