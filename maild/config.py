@@ -27,8 +27,8 @@ DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
         "smtps": None,
         "pop3": None,
         "pop3s": None,
-        "imap": None,
-        "imaps": None,
+        "imap": "tcp:8143",
+        "imaps": "tcp:8993",
     }
 )
 

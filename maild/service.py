@@ -11,11 +11,13 @@ from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.mail.imap4 import IAccount
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
+from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPSettings
 from maild.store import Committer, MailStore
 from maild.tls import ServerTLS, certificateFiles
@@ -103,7 +105,7 @@ class MailService(service.MultiService):
             aliases=config.aliases,
             catchall=config.catchall,
         )
-        self.realm = MailRealm({})
+        self.realm = MailRealm({IAccount: lambda address: Account(self.store, address)})
         self.portal = Portal(
             self.realm, [PasswordChecker(self.accounts, config.domains[0], reactor)]
         )
@@ -116,7 +118,11 @@ class MailService(service.MultiService):
         # (with a self-signed certificate when none is configured).
         self.tls = ServerTLS(*certificateFiles(config))
         self.listeners: dict[str, Listener] = {}
-        builders: dict[str, Callable[[], Any]] = {"smtp": self._mxFactory}
+        builders: dict[str, Callable[[], Any]] = {
+            "smtp": self._mxFactory,
+            "imap": lambda: self._imapFactory(implicitTLS=False),
+            "imaps": lambda: self._imapFactory(implicitTLS=True),
+        }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
             if builder is None:
@@ -149,6 +155,20 @@ class MailService(service.MultiService):
                 clock=self.reactor,
                 delivery=InboundDelivery(self.addresses),
                 tlsContext=self.tls,
+            )
+        )
+
+    def _imapFactory(self, implicitTLS: bool) -> IMAPFactory:
+        return IMAPFactory(
+            IMAPSettings(
+                hostname=self.config.hostname,
+                limits=self.config.limits,
+                store=self.store,
+                authenticator=self.authenticator,
+                clock=self.reactor,
+                plaintextAuth=self.config.plaintext_auth,
+                tlsContext=self.tls,
+                implicitTLS=implicitTLS,
             )
         )
 
