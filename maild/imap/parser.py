@@ -284,7 +284,11 @@ def decodeMailbox(raw: bytes) -> str:
 
     try:
         name = raw.decode("imap4-utf-7")
+        # Twisted's decoder is lenient: only the canonical form is a name.
+        canonical = name.encode("imap4-utf-7") == raw
     except (UnicodeError, ValueError):
+        canonical = False
+    if not canonical:
         raise InvalidName("mailbox name is not valid modified UTF-7")
     if name.upper() == INBOX:
         return INBOX
