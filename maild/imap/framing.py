@@ -70,6 +70,8 @@ class CommandFramer:
         self.literalSink = None
         self.literalSize = 0
         self.skipping = False
+        # The rest of a refused command's line, after its skipped literal.
+        self.discardLine = False
         self.skippedTail = b""
         self.skipStart = b""
         # When set, the next line goes here instead of being a command
@@ -82,13 +84,6 @@ class CommandFramer:
         Forget what was received but not yet used (after STARTTLS).
         """
         self.buffer = b""
-
-    @property
-    def busy(self) -> bool:
-        """
-        Whether a command is partly received.
-        """
-        return bool(self.parts or self.literalLeft or self.skipping or self.buffer)
 
     def feed(self, data: bytes) -> None:
         if self.buffer:
@@ -118,6 +113,8 @@ class CommandFramer:
             self.parts.append(Literal(message=self.literalSink, size=self.literalSize))
         elif self.literalChunks is not None:
             self.parts.append(Literal(b"".join(self.literalChunks)))
+        else:
+            self.discardLine = True
         self.literalSink = self.literalChunks = None
 
     def _line(self) -> bool:
@@ -136,6 +133,10 @@ class CommandFramer:
             line = line[:-1]
         if self.skipping:
             self._endSkipping(line)
+            return True
+        if self.discardLine:
+            self.discardLine = False
+            self._skipAnnouncedLiteral(line)
             return True
         if len(line) > self.lineLimit:
             self.skipStart = line[:64]
@@ -168,9 +169,7 @@ class CommandFramer:
             self.parts = []
             if not synchronizing:
                 # Read past the data without keeping it.
-                self.literalLeft = size
-                self.literalChunks = None
-                self.literalSink = None
+                self._skipAnnouncedLiteral(line)
         return True
 
     def _startSkipping(self) -> None:
@@ -187,9 +186,14 @@ class CommandFramer:
         self.skippedTail = self.skipStart = b""
         self.parts = []
         self.sink.lineTooLong(start)
-        m = LITERAL_SPEC.search(tail)
+        self._skipAnnouncedLiteral(tail)
+
+    def _skipAnnouncedLiteral(self, line: bytes) -> None:
+        m = LITERAL_SPEC.search(line)
         if m is not None and m.group(2):
             # The dropped line announced a literal that is coming anyway.
             self.literalLeft = int(m.group(1))
             self.literalChunks = None
             self.literalSink = None
+            if not self.literalLeft:
+                self.discardLine = True

@@ -113,8 +113,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionMade(self) -> None:
         self.canStartTLS = ITLSTransport(self.transport, None) is not None
-        self.timeOut = self.limits.login_timeout
-        self.setTimeout(self.timeOut)
+        # No idle timer before login: the login deadline covers it.
+        self.timeOut = None
         # A client that has not logged in by then is closed however it
         # trickles its bytes.
         self._loginDeadline = self.callLater(self.limits.login_timeout, self._loginTimedOut)
@@ -479,6 +479,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._loginDeadline = None
             # RFC 3501 section 5.4: at least 30 minutes once logged in.
             self.timeOut = self.limits.imap_idle_timeout
+            self.setTimeout(self.timeOut)
             caps = b" ".join(self.listCapabilities())
             self._send(tag + b" OK [CAPABILITY " + caps + b"] Logged in")
 
@@ -824,6 +825,8 @@ class IMAPServer(imap4.IMAP4Server):
             names = atomList(args.next(), "flag")
         else:
             names = atomList(args.tokens[args.pos :], "flag")
+            if not names:
+                raise BadCommand("Missing flags")
             args.pos = len(args.tokens)
         args.end()
         bits, keywords = _flagBits(names)
