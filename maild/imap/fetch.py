@@ -153,8 +153,7 @@ class MessageData:
     @property
     def data(self) -> bytes:
         if self._data is None:
-            with self.folder.open(self.index) as f:
-                self._data = f.read().replace(b"\n", b"\r\n")
+            self._data = self.folder.read(self.index).replace(b"\n", b"\r\n")
         return self._data
 
     @property
@@ -356,8 +355,7 @@ class FetchRequest:
                 self.missing += 1
                 continue
             try:
-                with folder.open(i) as f:
-                    data = f.read().replace(b"\n", b"\r\n")
+                data = folder.read(i).replace(b"\n", b"\r\n")
             except (MessageGone, FileNotFoundError):
                 self.missing += 1
                 continue

@@ -83,6 +83,7 @@ class Folder:
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
+        self._dir = str(path) + os.sep
         self.uidList = UidList(path)
         self.keywords = Keywords(path)
         self.uids = array("I")
@@ -123,6 +124,13 @@ class Folder:
         letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
         return "cur/" + maildir.curFileName(self.bases[i], bits, letters)
 
+    def filePath(self, i: int) -> str:
+        """
+        The path of message C{i}, as a string: FETCH opens thousands of
+        files a second, and pathlib would cost a third of that.
+        """
+        return self._dir + self.fileName(i)
+
     def keywordNames(self, i: int) -> list[str]:
         if not self.flags[i] & HAS_KEYWORDS:
             return []
@@ -157,10 +165,10 @@ class Folder:
     def _stat(self, i: int) -> os.stat_result:
         uid = self.uids[i]
         try:
-            return os.stat(self.path / self.fileName(i))
+            return os.stat(self.filePath(i))
         except FileNotFoundError:
             i = self._relocate(uid)
-            return os.stat(self.path / self.fileName(i))
+            return os.stat(self.filePath(i))
 
     def open(self, i: int) -> IO[bytes]:
         """
@@ -170,10 +178,37 @@ class Folder:
         """
         uid = self.uids[i]
         try:
-            return open(self.path / self.fileName(i), "rb")
+            return open(self.filePath(i), "rb", buffering=0)
         except FileNotFoundError:
             i = self._relocate(uid)
-            return open(self.path / self.fileName(i), "rb")
+            return open(self.filePath(i), "rb", buffering=0)
+
+    def read(self, i: int) -> bytes:
+        """
+        The whole of message C{i} (LF line endings), read with as few
+        system calls as its size allows: FETCH of bodies reads thousands
+        of files a second.
+
+        @raise MessageGone: if it was expunged by someone else.
+        """
+        uid = self.uids[i]
+        try:
+            fd = os.open(self.filePath(i), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            i = self._relocate(uid)
+            fd = os.open(self.filePath(i), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = maildir.sizesFromBase(self.bases[i])[0]
+            want = (size if size is not None else 1 << 16) + 1
+            data = os.read(fd, want)
+            if len(data) < want:
+                return data
+            pieces = [data]
+            while chunk := os.read(fd, 1 << 20):
+                pieces.append(chunk)
+            return b"".join(pieces)
+        finally:
+            os.close(fd)
 
     def _relocate(self, uid: int) -> int:
         """
@@ -243,10 +278,9 @@ class Folder:
                 if not name.startswith("."):
                     listing[maildir.splitFileName(name)[0]] = None
         if "cur" in subs:
-            for name in self._listDir("cur"):
-                if not name.startswith("."):
-                    base, info = maildir.splitFileName(name)
-                    listing[base] = info
+            names = [n for n in self._listDir("cur") if not n.startswith(".")]
+            # (base, ":2,", info) -> base: info, without a call per file.
+            listing.update(n.partition(INFO_SEPARATOR)[::2] for n in names)
         return listing
 
     def _scan(self, mtimes: dict[str, int], subs: set[str]) -> FolderChange:
@@ -306,22 +340,35 @@ class Folder:
         if onDisk:
             above = keptUids[-1] + 1 if keptUids else 1
             known = state.uids
-            unnumbered = 1 << 62
-
-            def order(base: str):
-                uid = known.get(base, 0)
-                return (uid if uid >= above else unnumbered, _deliveryOrder(base))
-
-            newBases = sorted(onDisk, key=order)
-            for base, uid in zip(newBases, self.uidList.assign(newBases, above=above)):
-                info = onDisk[base]
-                bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
-                keptUids.append(uid)
-                keptFlags.append(bits)
-                keptBases.append(base)
-                if letters:
-                    keywordLetters[uid] = letters
-                change.added.append(uid)
+            # Opening a folder of 100,000 messages must stay cheap: the
+            # files the list numbers come in its order (sorted as plain
+            # tuples); only the others need their names parsed.
+            numbered = [(uid, base) for base, uid in known.items() if uid >= above and base in onDisk]
+            numbered.sort()
+            unnumbered: list[str] = []
+            if len(numbered) < len(onDisk):
+                numberedBases = {base for _, base in numbered}
+                unnumbered = sorted(
+                    (base for base in onDisk if base not in numberedBases), key=_deliveryOrder
+                )
+            newUids = [uid for uid, _ in numbered]
+            if unnumbered:
+                newUids += self.uidList.assign(unnumbered, above=above)
+            newBases = [base for _, base in numbered] + unnumbered
+            infos = list(map(onDisk.__getitem__, newBases))
+            parsed = {
+                info: (IN_NEW, "") if info is None else maildir.flagBits(info)
+                for info in set(infos)
+            }
+            bitsOf = {info: bits for info, (bits, _) in parsed.items()}
+            keptUids.extend(newUids)
+            keptFlags += bytes(map(bitsOf.__getitem__, infos))
+            keptBases.extend(newBases)
+            if any(letters for _, letters in parsed.values()):
+                for uid, info in zip(newUids, infos):
+                    if parsed[info][1]:
+                        keywordLetters[uid] = parsed[info][1]
+            change.added.extend(newUids)
         self.uids, self.flags, self.bases = keptUids, keptFlags, keptBases
         self.keywordLetters = keywordLetters
         self._loaded = True
@@ -387,10 +434,10 @@ class Folder:
         return changed
 
     def _rename(self, i: int, bits: int, letters: str) -> bool:
-        old = self.path / self.fileName(i)
+        old = self.filePath(i)
         newName = "cur/" + maildir.curFileName(self.bases[i], bits, letters)
         try:
-            os.rename(old, self.path / newName)
+            os.rename(old, self._dir + newName)
         except FileNotFoundError:
             return False
         self.flags[i] = bits
@@ -433,7 +480,7 @@ class Folder:
             if i is None:
                 continue
             try:
-                os.unlink(self.path / self.fileName(i))
+                os.unlink(self.filePath(i))
             except FileNotFoundError:
                 pass
             gone.add(uid)

@@ -15,6 +15,7 @@ C{.A.B}, a C{.} inside a name is written C{~2e} and a C{~} is C{~7e}.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -91,6 +92,7 @@ def splitFileName(name: str) -> tuple[str, str]:
     return base, info
 
 
+@functools.lru_cache(maxsize=4096)
 def flagBits(info: str) -> tuple[int, str]:
     """
     The flag byte and the keyword letters of an info string.

@@ -158,7 +158,7 @@ class MailStore:
             base = maildir.newBaseName(size, crlfSize)
             name = maildir.curFileName(base, source.flags[i] & SETTABLE, letters)
             plan.append(
-                (source.uids[i], source.path / source.fileName(i), destination.path / "cur" / name)
+                (source.uids[i], source.filePath(i), destination.path / "cur" / name)
             )
         d = self.committer.callInPool(_linkAll, plan, destination.path / "cur")
 
