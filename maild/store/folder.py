@@ -30,6 +30,8 @@ from maild.store.uidlist import UidList
 
 log = Logger()
 
+_READ_SIZE = 64 * 1024
+
 # Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
 SETTABLE = (
     maildir.SEEN
@@ -198,10 +200,10 @@ class Folder:
             i = self._relocate(uid)
             fd = os.open(self.filePath(i), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = maildir.sizesFromBase(self.bases[i])[0]
-            want = (size if size is not None else 1 << 16) + 1
-            data = os.read(fd, want)
-            if len(data) < want:
+            # Most messages fit one read of this size (below malloc's mmap
+            # threshold, so the buffer costs nothing to shrink).
+            data = os.read(fd, _READ_SIZE)
+            if len(data) < _READ_SIZE:
                 return data
             pieces = [data]
             while chunk := os.read(fd, 1 << 20):

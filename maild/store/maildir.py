@@ -110,6 +110,7 @@ def flagBits(info: str) -> tuple[int, str]:
     return bits, "".join(sorted(set(keywords)))
 
 
+@functools.lru_cache(maxsize=4096)
 def infoString(bits: int, keywords: str = "") -> str:
     """
     The Maildir info letters, in ASCII order, for a flag byte and keyword
