@@ -35,7 +35,6 @@ import selectors
 import shutil
 import smtplib
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -159,7 +158,6 @@ class Session:
         tag = b"T%d " % self.tag
         started = time.perf_counter()
         self.sock.sendall(tag + line + b"\r\n")
-        kept = []
         window = bytes(self.buffer)
         self.buffer.clear()
         first = True

@@ -19,7 +19,7 @@ from maild.imap import wire
 from maild.imap.fetch import FetchRequest, MessageData, parseItems, render, sectionContent
 from maild.imap.framing import ACCEPT, CommandFramer
 from maild.imap.mailbox import SelectedFolder
-from maild.imap.mime import MessagePart, envelope
+from maild.imap.mime import envelope
 from maild.imap.parser import Atom, BadCommand, Literal, Quoted, SequenceSet, formatUidSet, parseSequenceSet, tokenize
 from maild.store import MailStore
 from maild.store import maildir

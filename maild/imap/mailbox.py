@@ -23,8 +23,6 @@ from maild.store.maildir import DELETED, HAS_KEYWORDS, IN_NEW, SEEN
 # Translation tables that turn the flag bytes into 0/1 bytes, so that
 # counting and finding run at C speed over 100,000 messages.
 _UNSEEN = bytes(0 if b & SEEN else 1 for b in range(256))
-_IN_NEW = bytes(1 if b & IN_NEW else 0 for b in range(256))
-_DELETED = bytes(1 if b & DELETED else 0 for b in range(256))
 _VISIBLE = ~(IN_NEW | HAS_KEYWORDS) & 0xFF
 
 
@@ -49,8 +47,7 @@ class SelectedFolder:
         if writable:
             self.recent = set(folder.claimRecent())
         else:
-            flags = folder.flags
-            self.recent = {folder.uids[i] for i in _positions(flags.translate(_IN_NEW))}
+            self.recent = {folder.uids[i] for i in folder.positionsWith(IN_NEW)}
         self._expunged: set[int] = set()
         self._flagged: set[int] = set()
         self._added = False
@@ -142,7 +139,7 @@ class SelectedFolder:
         """
         folder = self.folder
         if among is None:
-            return [folder.uids[i] for i in _positions(folder.flags.translate(_DELETED))]
+            return [folder.uids[i] for i in folder.positionsWith(DELETED)]
         out = []
         for uid in among:
             i = folder.position(uid)
@@ -237,16 +234,3 @@ class SelectedFolder:
         else:
             self.recent.update(folder.uids[i] for i in positions if folder.flags[i] & IN_NEW)
         return [b"* %d EXISTS" % len(self.uids), b"* %d RECENT" % len(self.recent)]
-
-
-def _positions(mask: bytes) -> list[int]:
-    """
-    The indexes of the 1 bytes of a 0/1 mask.
-    """
-    out = []
-    find = mask.find
-    i = find(1)
-    while i >= 0:
-        out.append(i)
-        i = find(1, i + 1)
-    return out

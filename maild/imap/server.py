@@ -51,7 +51,7 @@ from maild.imap.search import CHARSETS, Search, parseKeys
 from maild.names import InvalidName
 from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder, Target
 from maild.store.keywords import TooManyKeywords
-from maild.store.maildir import DELETED, SEEN, infoString
+from maild.store.maildir import SEEN, infoString
 
 log = Logger()
 

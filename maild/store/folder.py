@@ -14,6 +14,7 @@ which lists a directory again only when its modification time moved.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import time
 from array import array
@@ -137,6 +138,20 @@ class Folder:
         if not self.flags[i] & HAS_KEYWORDS:
             return []
         return self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+
+    def positionsWith(self, bit: int) -> list[int]:
+        """
+        The indexes of the messages whose flag byte has C{bit}, found at C
+        speed (a SELECT of 100,000 messages must not loop over them).
+        """
+        mask = self.flags.translate(_bitTable(bit))
+        out = []
+        find = mask.find
+        i = find(1)
+        while i >= 0:
+            out.append(i)
+            i = find(1, i + 1)
+        return out
 
     def sizes(self, i: int) -> tuple[int, int]:
         """
@@ -459,7 +474,7 @@ class Folder:
         @return: the UIDs this caller claimed.
         """
         if positions is None:
-            positions = [i for i, bits in enumerate(self.flags) if bits & IN_NEW]
+            positions = self.positionsWith(IN_NEW)
         unchanged = self._ownChange(("new", "cur"))
         claimed = []
         for i in positions:
@@ -537,6 +552,11 @@ class Folder:
             change.added.append(uid)
         self._announce(change)
         return [result[maildir.splitFileName(p.name)[0]] for p in paths]
+
+
+@functools.lru_cache(maxsize=16)
+def _bitTable(bit: int) -> bytes:
+    return bytes(1 if b & bit else 0 for b in range(256))
 
 
 def _deliveryOrder(base: str) -> tuple[int, int, str]:
