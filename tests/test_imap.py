@@ -452,6 +452,35 @@ class CommandTests(IMAPTestCase):
         self.assertEqual(keywords, "0 $Label1\n1 Work\n")
 
     @defer.inlineCallbacks
+    def test_implicitSeen(self):
+        """
+        FETCH BODY[] (not BODY.PEEK[]) and RFC822.TEXT set \\Seen, on disk
+        too, and report the new FLAGS in the same response; in a read-only
+        (EXAMINE) session nothing changes.
+        """
+        yield self.deliver(sampleMessage("one"), sampleMessage("two"), sampleMessage("three"))
+
+        def run(client):
+            client.command(b"e EXAMINE INBOX")
+            examined = client.command(b"f FETCH 3 BODY[TEXT]")[0]
+            client.command(b"s SELECT INBOX")
+            peek = client.command(b"a FETCH 1 BODY.PEEK[]")[0]
+            body = client.command(b"b FETCH 1 BODY[]")[0]
+            text = client.command(b"c UID FETCH 2 (RFC822.TEXT FLAGS)")[0]
+            again = client.command(b"d FETCH 1 BODY[]")[0]
+            return examined, peek, body, text, again
+
+        examined, peek, body, text, again = yield self.session(run)
+        self.assertNotIn(b"FLAGS", examined[0])
+        self.assertNotIn(b"FLAGS", peek[0])
+        self.assertTrue(body[0].endswith(b" FLAGS (\\Seen \\Recent))"), body)
+        self.assertTrue(text[0].endswith(b"FLAGS (\\Seen \\Recent))"), text)
+        self.assertEqual(text[0].count(b"FLAGS"), 1)
+        self.assertNotIn(b"FLAGS", again[0])
+        infos = sorted(p.name.rpartition(":2,")[2] for p in self.messages("alice@localhost"))
+        self.assertEqual(infos, ["", "S", "S"])
+
+    @defer.inlineCallbacks
     def test_expungeCloseAndUidExpunge(self):
         """
         EXPUNGE removes \\Deleted messages with EXPUNGE responses; UID
