@@ -181,3 +181,25 @@ class IdleTests(IMAPTestCase):
         bad, noop = yield self.session(run, select=b"INBOX")
         self.assertEqual(bad, ([], b"i BAD Expected DONE"))
         self.assertEqual(noop, ([], b"n OK NOOP completed"))
+
+
+class ResetTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_uidValidityChangeEndsSession(self):
+        """
+        When the UID list is lost (another tool removed it), UIDVALIDITY
+        changes and a session with the folder selected is closed with BYE
+        at its next command, rather than going on with UIDs that mean
+        something else now.
+        """
+        yield self.deliver(sampleMessage("one"))
+
+        def run(client):
+            (self.maildir("alice@localhost") / "dovecot-uidlist").unlink()
+            (self.maildir("alice@localhost") / "new").touch()
+            client.send(b"a NOOP\r\n")
+            return client.closed(5), client.buffer
+
+        closed, rest = yield self.session(run, select=b"INBOX")
+        self.assertTrue(closed)
+        self.assertEqual(rest, b"* BYE Mailbox UIDVALIDITY changed, select it again\r\n")

@@ -52,6 +52,7 @@ class SelectedFolder:
         self._flagged: set[int] = set()
         self._added = False
         self.synced = True
+        self.reset = False
         self._flagCache: dict = {}
         folder.addListener(self)
 
@@ -151,8 +152,9 @@ class SelectedFolder:
 
     def folderChanged(self, folder: Folder, change: FolderChange) -> None:
         if change.reset:
-            self._expunged.update(self.uids)
-            self.synced = False
+            # The UIDs the client knows mean nothing any more: the session
+            # must end (RFC 3501 2.3.1.1).
+            self.reset = True
             self.notify()
             return
         if change.added:

@@ -93,7 +93,7 @@ class MessagePart:
         headers = {}
         for name, raw in headerFields(self.header):
             key = name.decode("ascii", "replace")
-            if (key in wanted) != negate or (not names and negate):
+            if (key in wanted) != negate:
                 headers[key] = unfold(raw).decode("utf-8", "replace")
         return headers
 

@@ -161,7 +161,7 @@ def splitTag(line: bytes) -> tuple[bytes | None, bytes | None, bytes]:
     if len(words) < 2 or not words[1]:
         return tag, None, b""
     name = words[1]
-    if not name.isalpha() and not name.replace(b".", b"").isalpha():
+    if not name.isalpha():
         return tag, None, b""
     return tag, name.upper(), words[2] if len(words) > 2 else b""
 
@@ -326,8 +326,6 @@ class Arguments:
         if isinstance(token, Literal):
             return token.data
         if isinstance(token, (Atom, Quoted)):
-            if isinstance(token, Atom) and b"[" in token and not token.endswith(b"]"):
-                raise BadCommand(f"Bad {what}")
             return bytes(token)
         raise BadCommand(f"Bad {what}")
 

@@ -180,12 +180,10 @@ class IMAPServer(imap4.IMAP4Server):
             caps.append(b"AUTH=PLAIN" if self._plaintextAllowed() else b"LOGINDISABLED")
         return caps
 
-    def capabilities(self):
-        return {cap: None for cap in self.listCapabilities()[1:]}
-
     def sendServerGreeting(self) -> None:
         caps = b" ".join(self.listCapabilities())
-        self._send(b"* OK [CAPABILITY " + caps + b"] " + self.IDENT)
+        host = self.settings.hostname.encode("idna")
+        self._send(b"* OK [CAPABILITY " + caps + b"] " + host + b" " + self.IDENT)
 
     # Input --------------------------------------------------------------------
 
@@ -302,6 +300,8 @@ class IMAPServer(imap4.IMAP4Server):
                 return
             if self.view is not None:
                 self.view.folder.refresh()
+                if self.closing:
+                    return
             result = handler(self, tag, Arguments(tokens), uid)
         except BadCommand as e:
             self._discardIncoming()
@@ -368,6 +368,9 @@ class IMAPServer(imap4.IMAP4Server):
                 self.transport.write(b"\r\n".join(lines) + b"\r\n")
 
     def _viewChanged(self) -> None:
+        if self.view is not None and self.view.reset:
+            self._bye(b"Mailbox UIDVALIDITY changed, select it again")
+            return
         # RFC 2177: a session in IDLE is told at once.
         if self.idling is not None and self.view is not None:
             self._sendUpdates(expunges=True)

@@ -12,7 +12,6 @@ from maild.store import maildir
 
 _MONTHS = [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"]
 _MONTH_NUMBERS = {m.lower(): i + 1 for i, m in enumerate(_MONTHS)}
-_ATOM_UNSAFE = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | frozenset(range(0x7F, 0x100))
 
 
 def literal(data: bytes) -> bytes:
@@ -31,15 +30,6 @@ def string(value: bytes | str | None) -> bytes:
     if any(b >= 0x80 or b in (0x0A, 0x0D, 0x00) for b in value):
         return literal(value)
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-def astring(value: bytes) -> bytes:
-    """
-    An atom when it can be one, otherwise a string.
-    """
-    if value and not any(b in _ATOM_UNSAFE for b in value) and value.upper() != b"NIL":
-        return value
-    return string(value)
 
 
 class Adjacent(list):
