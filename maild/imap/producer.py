@@ -6,13 +6,17 @@ asks it to pause, and goes on when it is drained.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-# Written per reactor turn at most, so that other sessions are served too.
+# Written per reactor turn at most, and the longest a turn may take, so
+# that other sessions are served too (ENVELOPE or BODYSTRUCTURE of many
+# messages produces few octets for much work).
 TURN_BUDGET = 1024 * 1024
+TURN_SECONDS = 0.02
 # A bigger transport buffer and send size while we stream: fewer reactor
 # turns per megabyte (Twisted's defaults are 64 KiB and 128 KiB).
 BUFFER_SIZE = 512 * 1024
@@ -44,6 +48,7 @@ class ResponseProducer:
         self._scheduled = None
         written = 0
         write = self.transport.write
+        deadline = time.monotonic() + TURN_SECONDS
         try:
             while not self.paused and not self.finished:
                 chunk = next(self.chunks, None)
@@ -52,7 +57,7 @@ class ResponseProducer:
                     return
                 write(chunk)
                 written += len(chunk)
-                if written >= TURN_BUDGET and not self.paused:
+                if (written >= TURN_BUDGET or time.monotonic() > deadline) and not self.paused:
                     self._scheduled = self.clock.callLater(0, self._produce)
                     return
         except Exception as e:
