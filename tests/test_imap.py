@@ -536,8 +536,8 @@ class CommandTests(IMAPTestCase):
         """
         APPEND with flags and a date: SELECT shows it under the APPENDUID
         UID with those flags and INTERNALDATE; a missing folder gets
-        [TRYCREATE] before the data is sent, a bad date BAD, an empty
-        message NO.
+        [TRYCREATE] before the data is sent (or, for {n+}, with the data
+        read past), a bad date BAD, an empty message NO.
         """
         message = sampleMessage("dated")
 
@@ -554,6 +554,8 @@ class CommandTests(IMAPTestCase):
             r["badDate"] = client.readUntilTagged(b"e")[1]
             client.send(b"f APPEND INBOX {0+}\r\n\r\n")
             r["empty"] = client.readUntilTagged(b"f")[1]
+            client.send(b"g APPEND Nope {5+}\r\nhello\r\nh NOOP\r\n")
+            r["missingPlus"] = client.readUntilTagged(b"g")[1], client.readUntilTagged(b"h")[1]
             return r
 
         r = yield self.session(run)
@@ -571,6 +573,7 @@ class CommandTests(IMAPTestCase):
         self.assertEqual(r["missing"], b"d NO [TRYCREATE] Mailbox does not exist")
         self.assertTrue(r["badDate"].startswith(b"e BAD"), r["badDate"])
         self.assertTrue(r["empty"].startswith(b"f NO"), r["empty"])
+        self.assertEqual(r["missingPlus"], (b"g NO [TRYCREATE] Mailbox does not exist", b"h OK NOOP completed"))
         self.assertEqual(len(self.messages("alice@localhost")), 1)
 
     @defer.inlineCallbacks

@@ -30,16 +30,21 @@ class LiteralLimitTests(IMAPTestCase):
         """
         `APPEND INBOX {4294967295}` gets NO [TOOBIG] at once, with no
         continuation: the client never sends the data, and the session
-        goes on.
+        goes on; the non-synchronizing form, whose data is coming anyway,
+        ends the session rather than reading 4 GB.
         """
 
         def run(client):
             refused = client.command(b"a APPEND INBOX {4294967295}")
-            return refused, client.command(b"b NOOP")
+            noop = client.command(b"b NOOP")
+            client.send(b"c APPEND INBOX {4294967295+}\r\n" + b"x" * 1000)
+            return refused, noop, client.closed(), client.buffer
 
-        refused, noop = yield self.session(run)
+        refused, noop, closed, rest = yield self.session(run)
         self.assertEqual(refused, ([], b"a NO [TOOBIG] Message too big"))
         self.assertEqual(noop, ([], b"b OK NOOP completed"))
+        self.assertTrue(closed)
+        self.assertEqual(rest, b"c NO [TOOBIG] Message too big\r\n* BYE Literal too big\r\n")
 
     @defer.inlineCallbacks
     def test_preauthLiteralCap(self):

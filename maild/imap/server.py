@@ -237,32 +237,34 @@ class IMAPServer(imap4.IMAP4Server):
         return tokenize(segments, self.limits.imap_nesting_depth)
 
     def _appendLiteral(self, tag: bytes, parts: list, size: int, synchronizing: bool) -> LiteralDecision:
-        refuse = REFUSE if synchronizing or size <= self.limits.message_size else CLOSE
+        def refuse(reply: bytes) -> LiteralDecision:
+            self._send(tag + b" " + reply)
+            if synchronizing:
+                # The client sends nothing more of this command.
+                return REFUSE
+            if size <= self.limits.message_size:
+                return REFUSE  # read past the data and drop it
+            # RFC 7888 section 4: too much to read past; the session ends.
+            self._bye(b"Literal too big")
+            return CLOSE
+
         try:
             tokens = self._tokensBeforeLiteral(parts)
             name = decodeMailbox(Arguments(tokens).mailbox())
         except BadCommand as e:
-            self._send(tag + b" BAD " + str(e).encode())
-            return refuse
+            return refuse(b"BAD " + str(e).encode())
         except InvalidName:
-            self._send(tag + b" NO Invalid mailbox name")
-            return refuse
+            return refuse(b"NO Invalid mailbox name")
         if size > self.limits.message_size:
             # RFC 7889: refused before a single octet of it is read.
-            if refuse is CLOSE:
-                self._bye(b"[TOOBIG] Message too big")
-            else:
-                self._send(tag + b" NO [TOOBIG] Message too big")
-            return refuse
+            return refuse(b"NO [TOOBIG] Message too big")
         if not self.account.mailbox.exists(name):
-            self._send(tag + b" NO [TRYCREATE] Mailbox does not exist")
-            return refuse
+            return refuse(b"NO [TRYCREATE] Mailbox does not exist")
         try:
             self._incoming = self.settings.store.incoming()
         except OSError as e:
             log.error("cannot start a message: {error}", error=e)
-            self._send(tag + b" NO [SERVERBUG] Cannot store the message")
-            return refuse
+            return refuse(b"NO [SERVERBUG] Cannot store the message")
         if synchronizing:
             self._send(b"+ Ready for literal data")
         return LiteralDecision(accept=True, sink=self._incoming)
