@@ -14,8 +14,6 @@ from zope.interface import implementer
 from maild.store import Folder, MailStore, UserMailbox
 from maild.store.maildir import IMAP_DELIMITER, IN_NEW, INBOX, SEEN
 
-_UNSEEN = bytes(0 if b & SEEN else 1 for b in range(256))
-_RECENT = bytes(1 if b & IN_NEW else 0 for b in range(256))
 
 
 def patternMatcher(pattern: str) -> re.Pattern[str]:
@@ -160,10 +158,10 @@ class Account:
         folder.refresh()
         values = {
             b"MESSAGES": lambda: len(folder),
-            b"RECENT": lambda: folder.flags.translate(_RECENT).count(1),
+            b"RECENT": lambda: folder.countWith(IN_NEW),
             b"UIDNEXT": lambda: folder.uidnext,
             b"UIDVALIDITY": lambda: folder.uidvalidity,
-            b"UNSEEN": lambda: folder.flags.translate(_UNSEEN).count(1),
+            b"UNSEEN": lambda: folder.countWith(SEEN, wanted=False),
             b"APPENDLIMIT": lambda: limit,
         }
         return [(item, values[item]()) for item in items]

@@ -18,11 +18,10 @@ from zope.interface import implementer
 
 from maild.imap import wire
 from maild.store import Folder, FolderChange
+from maild.store.folder import bitTable
 from maild.store.maildir import DELETED, HAS_KEYWORDS, IN_NEW, SEEN
 
-# Translation tables that turn the flag bytes into 0/1 bytes, so that
-# counting and finding run at C speed over 100,000 messages.
-_UNSEEN = bytes(0 if b & SEEN else 1 for b in range(256))
+# The flag bits a client sees (the others are the store's bookkeeping).
 _VISIBLE = ~(IN_NEW | HAS_KEYWORDS) & 0xFF
 
 
@@ -89,7 +88,7 @@ class SelectedFolder:
         The sequence number of the first unseen message, if any.
         """
         if self.synced:
-            found = self.folder.flags.translate(_UNSEEN).find(1)
+            found = self.folder.flags.translate(bitTable(SEEN, wanted=False)).find(1)
             return found + 1 if found >= 0 else None
         for seq, bits in enumerate(self.flagBytes(), 1):
             if not bits & SEEN:
