@@ -304,8 +304,11 @@ class StartTLSTests(IMAPTestCase):
     def test_imapsIsSecure(self):
         """
         On the IMAPS listener the session knows it is secure: no STARTTLS,
-        AUTH=PLAIN offered, LOGIN accepted under plaintext_auth = never.
+        AUTH=PLAIN offered, LOGIN accepted under plaintext_auth = never;
+        FETCH streams bodies through TLS.
         """
+        body = "z" * 70 + "\r\n"
+        yield self.deliver(*(sampleMessage(f"m{i}", body=body * 300) for i in range(40)))
 
         def run():
             raw = socket.create_connection(("127.0.0.1", self.port("imaps")), timeout=10)
@@ -314,10 +317,15 @@ class StartTLSTests(IMAPTestCase):
             client.buffer = b""
             greeting = client.readLine()
             login = client.login()
+            client.command(b"s SELECT INBOX")
+            fetched = client.command(b"f UID FETCH 1:* (BODY.PEEK[])")
             client.close()
-            return greeting, login
+            return greeting, login, fetched
 
-        greeting, login = yield self.inThread(run)
+        greeting, login, (untagged, tagged) = yield self.inThread(run)
         self.assertNotIn(b"STARTTLS", greeting)
         self.assertIn(b" AUTH=PLAIN", greeting)
         self.assertTrue(login.startswith(b"L OK"))
+        self.assertEqual(tagged, b"f OK FETCH completed")
+        self.assertEqual(len(untagged), 40)
+        self.assertTrue(all(line.endswith((body * 300).encode() + b")") for line in untagged))
