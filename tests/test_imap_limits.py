@@ -160,6 +160,51 @@ class LiteralLimitTests(IMAPTestCase):
         self.assertEqual(noop, ([], b"z OK NOOP completed"))
 
 
+class PipeliningTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_pipelinedCommandsAnsweredInOrder(self):
+        """
+        Commands sent in one write, some answered at once and some after a
+        FETCH streamed or an APPEND stored, are answered in order.
+        """
+        yield self.deliver(*(sampleMessage(f"m{i}") for i in range(20)))
+        message = sampleMessage("appended")
+
+        def run(client):
+            client.send(
+                b"a FETCH 1:* (FLAGS BODY.PEEK[])\r\nb NOOP\r\n"
+                b"c APPEND INBOX {%d+}\r\n%b\r\nd UID FETCH 21 (UID)\r\ne STATUS INBOX (MESSAGES)\r\n"
+                % (len(message), message)
+            )
+            lines = []
+            while not lines or not lines[-1].startswith(b"e "):
+                lines.append(client.readResponse())
+            return [line.split(b" ", 2)[:2] for line in lines if not line.startswith(b"* ")]
+
+        tagged = yield self.session(run, select=b"INBOX")
+        self.assertEqual(tagged, [[b"a", b"OK"], [b"b", b"OK"], [b"c", b"OK"], [b"d", b"OK"], [b"e", b"OK"]])
+
+    @defer.inlineCallbacks
+    def test_droppedDuringAppend(self):
+        """
+        A connection lost in the middle of an APPEND literal leaves nothing
+        behind: no message, no spool file.
+        """
+
+        def run(client):
+            client.send(b"a APPEND INBOX {100000+}\r\n" + b"x" * 5000)
+            time.sleep(0.2)
+
+        yield self.session(run)
+        factory = self.service.listeners["imap"].factory
+        for _ in range(100):
+            if not factory.sessions:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(self.messages("alice@localhost"), [])
+        self.assertEqual(list((self.dataDir / "tmp").iterdir()), [])
+
+
 class TimeoutTests(IMAPTestCase):
     limits = {"login_timeout": 0.5, "imap_idle_timeout": 0.6}
 
