@@ -256,8 +256,12 @@ def measureSync(port: int, repeat: int) -> dict:
         data, elapsed = session.command(b"FETCH 1:1000 BODY.PEEK[]", keep=False)
         bodies.append(1000 / elapsed)
     results["fetch_bodies_msgs_per_s"] = max(bodies)
-    data, elapsed = session.command(b"FETCH 1:20000 BODY.PEEK[]", keep=False)
-    results["fetch_bodies_20000_msgs_per_s"] = 20000 / elapsed
+    # The first pass may read files that are not in the page cache (the
+    # disk then sets the pace); the second is the warm figure.
+    cold = session.command(b"FETCH 1:20000 BODY.PEEK[]", keep=False)[1]
+    warm = session.command(b"FETCH 1:20000 BODY.PEEK[]", keep=False)[1]
+    results["fetch_bodies_20000_first_msgs_per_s"] = 20000 / cold
+    results["fetch_bodies_20000_warm_msgs_per_s"] = 20000 / warm
 
     searches = [session.command(b"UID SEARCH UNSEEN") for _ in range(repeat)]
     results["uid_search_unseen_s"] = min(t for _, t in searches)
