@@ -19,7 +19,7 @@ import email.utils
 from dataclasses import dataclass
 from email.policy import compat32
 from itertools import compress
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from maild.imap import wire
 from maild.imap.fetch import MessageData
@@ -46,6 +46,8 @@ _DATE_KEYS = {b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"
 # Marks, in a flag byte string, a message someone else expunged.
 GONE = 0xFF
 CHARSETS = (b"US-ASCII", b"UTF-8")
+# Messages read between two pauses of a search that reads messages.
+_PAUSE_EVERY = 50
 
 
 @dataclass
@@ -182,12 +184,23 @@ class Search:
 
     def run(self, key: Key, uid: bool) -> list[int]:
         """
-        The sequence numbers (or UIDs) of the matching messages.
+        The sequence numbers (or UIDs) of the matching messages, at once.
+        """
+        for _ in self.steps(key, uid):
+            pass
+        return self.result
+
+    def steps(self, key: Key, uid: bool) -> Iterator[None]:
+        """
+        Evaluate C{key}, pausing (yielding) every few messages read, so
+        that a search through the bodies of a big folder can share the
+        reactor (L{twisted.internet.task.cooperate}); the answer is then in
+        C{self.result}.
         """
         present = self.flags.translate(_table(lambda b: b != GONE))
-        mask = self._and(self._eval(key, present), present)
+        mask = self._and((yield from self._eval(key, present)), present)
         values = self.view.uids if uid else range(1, self.count + 1)
-        return list(compress(values, mask))
+        self.result = list(compress(values, mask))
 
     def _and(self, a: bytes, b: bytes) -> bytes:
         return (int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(self.count, "little")
@@ -198,19 +211,20 @@ class Search:
     def _not(self, a: bytes) -> bytes:
         return (int.from_bytes(a, "little") ^ int.from_bytes(self.ones, "little")).to_bytes(self.count, "little")
 
-    def _eval(self, key: Key, candidates: bytes) -> bytes:
+    def _eval(self, key: Key, candidates: bytes) -> Iterator[None]:
         kind = key.kind
         if kind == "all":
             return self.ones
         if kind == "and":
             mask = candidates
             for child in sorted(key.arg, key=lambda k: not k.cheap):
-                mask = self._and(mask, self._eval(child, mask))
+                mask = self._and(mask, (yield from self._eval(child, mask)))
             return mask
         if kind == "or":
-            return self._or(self._eval(key.arg, candidates), self._eval(key.arg2, candidates))
+            first = yield from self._eval(key.arg, candidates)
+            return self._or(first, (yield from self._eval(key.arg2, candidates)))
         if kind == "not":
-            return self._not(self._eval(key.arg, candidates))
+            return self._not((yield from self._eval(key.arg, candidates)))
         if kind == "flag":
             bit, wanted = key.arg, key.arg2
             return self.flags.translate(_table(lambda b: b != GONE and bool(b & bit) == wanted))
@@ -229,8 +243,11 @@ class Search:
                 mask[start:stop] = self.ones[start:stop]
             return bytes(mask)
         if kind == "keyword":
-            return self._perMessage(candidates, self._keywordTest(key.arg), needsMessage=False)
-        return self._perMessage(candidates, self._messageTest(key), needsMessage=kind not in ("larger", "smaller") and not (kind == "date" and key.arg in (b"BEFORE", b"ON", b"SINCE")))
+            return (yield from self._perMessage(candidates, self._keywordTest(key.arg), needsMessage=False))
+        needsMessage = kind not in ("larger", "smaller") and not (
+            kind == "date" and key.arg in (b"BEFORE", b"ON", b"SINCE")
+        )
+        return (yield from self._perMessage(candidates, self._messageTest(key), needsMessage))
 
     def _sessionPositions(self, uids) -> list[int]:
         sessionUids = self.view.uids
@@ -247,11 +264,15 @@ class Search:
             mask[p] = 1
         return bytes(mask)
 
-    def _perMessage(self, candidates: bytes, test: Callable, needsMessage: bool) -> bytes:
+    def _perMessage(self, candidates: bytes, test: Callable, needsMessage: bool) -> Iterator[None]:
         mask = bytearray(self.count)
         view = self.view
         p = candidates.find(1)
+        done = 0
         while p >= 0:
+            done += 1
+            if not done % _PAUSE_EVERY:
+                yield None
             i = view.index(p)
             if i is not None:
                 try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.cred import credentials, error as credError
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -776,9 +776,19 @@ class IMAPServer(imap4.IMAP4Server):
                 self._done(tag, b"NO [BADCHARSET (US-ASCII UTF-8)] Unsupported charset", b"SEARCH", uid)
                 return
         key = parseKeys(tokens)
-        found = Search(self.view).run(key, uid)
-        self._send(b"* SEARCH" + b"".join(b" %d" % n for n in found))
-        self._done(tag, b"OK SEARCH completed", b"SEARCH", uid)
+        search = Search(self.view)
+
+        def answer(_=None):
+            if self.transport is None or self.transport.disconnecting:
+                return
+            self._send(b"* SEARCH" + b"".join(b" %d" % n for n in search.result))
+            self._done(tag, b"OK SEARCH completed", b"SEARCH", uid)
+
+        if key.cheap:
+            search.run(key, uid)
+            return answer()
+        # Keys that read messages take turns with the other sessions.
+        return task.cooperate(search.steps(key, uid)).whenDone().addCallback(answer)
 
     def do_FETCH(self, tag, args, uid):
         view = self.view
