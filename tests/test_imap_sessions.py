@@ -203,3 +203,25 @@ class ResetTests(IMAPTestCase):
         closed, rest = yield self.session(run, select=b"INBOX")
         self.assertTrue(closed)
         self.assertEqual(rest, b"* BYE Mailbox UIDVALIDITY changed, select it again\r\n")
+
+
+class BigStoreTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_storeInChunks(self):
+        """
+        A STORE over more messages than one chunk changes every one of
+        them (on disk too) and answers each with its FETCH, in order.
+        """
+        from maild.imap import server
+
+        self.patch(server, "_STORE_CHUNK", 7)
+        yield self.deliver(*(sampleMessage(f"m{i}") for i in range(30)))
+
+        def run(client):
+            return client.command(b"a STORE 2:29 +FLAGS (\\Flagged)")
+
+        untagged, tagged = yield self.session(run, select=b"INBOX")
+        self.assertEqual(tagged, b"a OK STORE completed")
+        self.assertEqual(untagged, [b"* %d FETCH (FLAGS (\\Flagged \\Recent))" % n for n in range(2, 30)])
+        flagged = [p for p in self.messages("alice@localhost") if p.name.endswith(":2,F")]
+        self.assertEqual(len(flagged), 28)

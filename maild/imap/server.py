@@ -62,6 +62,8 @@ _UNAUTH, _AUTH, _SELECTED = "unauth", "auth", "select"
 _ANY = frozenset({_UNAUTH, _AUTH, _SELECTED})
 _LOGGED_IN = frozenset({_AUTH, _SELECTED})
 _SELECTED_ONLY = frozenset({_SELECTED})
+# Messages whose flags one turn of the reactor changes in a big STORE.
+_STORE_CHUNK = 1000
 # Sequence-number commands during which no EXPUNGE may be sent
 # (RFC 3501 section 7.4.1).
 _NO_EXPUNGE = frozenset({b"FETCH", b"STORE", b"SEARCH", b"COPY"})
@@ -856,24 +858,46 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"NO [LIMIT] Too many keywords", b"STORE", uid)
             return
         positions = [p for start, stop in spans for p in range(start, stop)]
-        indexes = [i for p in positions if (i := view.index(p)) is not None]
-        folder.setFlags(indexes, bits, letters, modes[item], origin=view)
-        lines = []
-        if len(folder.keywords.allNames()) != before:
-            flags = b" ".join(view.getFlags())
-            lines += [b"* FLAGS (" + flags + b")", b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted"]
-        if not silent:
+        mode = modes[item]
+
+        def store(chunk: list[int]) -> None:
+            # Folder indexes are looked up per chunk: others may expunge
+            # between two chunks.
+            indexes = [i for p in chunk if (i := view.index(p)) is not None]
+            folder.setFlags(indexes, bits, letters, mode, origin=view)
+
+        def answer(_=None) -> None:
+            if self.transport is None or self.transport.disconnecting:
+                return
+            lines = []
+            if len(folder.keywords.allNames()) != before:
+                flags = b" ".join(view.getFlags())
+                lines += [b"* FLAGS (" + flags + b")", b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted"]
+            missing = 0
             for p in positions:
                 i = view.index(p)
                 if i is None:
-                    continue
-                uidPart = b"UID %d " % view.uids[p] if uid else b""
-                lines.append(b"* %d FETCH (%bFLAGS %b)" % (p + 1, uidPart, view.flagList(i)))
-        if lines:
-            self.transport.write(b"\r\n".join(lines) + b"\r\n")
-        missing = len(indexes) != len(positions) and not uid
-        text = b"NO [EXPUNGEISSUED] Some messages were expunged" if missing else b"OK STORE completed"
-        self._done(tag, text, b"STORE", uid)
+                    missing += 1
+                elif not silent:
+                    uidPart = b"UID %d " % view.uids[p] if uid else b""
+                    lines.append(b"* %d FETCH (%bFLAGS %b)" % (p + 1, uidPart, view.flagList(i)))
+            if lines:
+                self.transport.write(b"\r\n".join(lines) + b"\r\n")
+            gone = missing and not uid
+            self._done(tag, b"NO [EXPUNGEISSUED] Some messages were expunged" if gone else b"OK STORE completed", b"STORE", uid)
+
+        if len(positions) <= _STORE_CHUNK:
+            store(positions)
+            return answer()
+
+        def chunks():
+            # Renaming 100,000 files takes seconds: other sessions get
+            # their turns between chunks (Thunderbird's "mark folder read").
+            for start in range(0, len(positions), _STORE_CHUNK):
+                store(positions[start : start + _STORE_CHUNK])
+                yield None
+
+        return task.cooperate(chunks()).whenDone().addCallback(answer)
 
     def do_COPY(self, tag, args, uid, move=False):
         view = self.view
