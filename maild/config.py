@@ -27,8 +27,8 @@ DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
         "smtps": "tcp:8465",
         "pop3": "tcp:8110",
         "pop3s": "tcp:8995",
-        "imap": None,
-        "imaps": None,
+        "imap": "tcp:8143",
+        "imaps": "tcp:8993",
     }
 )
 

@@ -13,13 +13,15 @@ from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
-from twisted.mail.smtp import IMessageDelivery
 from twisted.mail import pop3
+from twisted.mail.imap4 import IAccount
+from twisted.mail.smtp import IMessageDelivery
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
+from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
@@ -121,7 +123,13 @@ class MailService(service.MultiService):
             aliases=config.aliases,
             catchall=config.catchall,
         )
-        self.realm = MailRealm({})
+        self.realm = MailRealm(
+            {
+                IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user),
+                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user)),
+                IAccount: lambda user: Account(self.store, user),
+            }
+        )
         self.portal = Portal(
             self.realm, [PasswordChecker(self.accounts, config.domains[0], reactor)]
         )
@@ -134,18 +142,14 @@ class MailService(service.MultiService):
         # (with a self-signed certificate when none is configured).
         self.tls = ServerTLS(*certificateFiles(config))
         self.listeners: dict[str, Listener] = {}
-        self.realm.avatarFactories[IMessageDelivery] = lambda user: SubmissionDelivery(
-            self.addresses, user
-        )
-        self.realm.avatarFactories[pop3.IMailbox] = lambda user: Maildrop(
-            self.store.mailbox(user)
-        )
         builders: dict[str, Callable[[], Any]] = {
             "smtp": self._mxFactory,
             "submission": lambda: self._submissionFactory(implicitTLS=False),
             "smtps": lambda: self._submissionFactory(implicitTLS=True),
             "pop3": self._pop3Factory,
             "pop3s": self._pop3Factory,
+            "imap": lambda: self._imapFactory(implicitTLS=False),
+            "imaps": lambda: self._imapFactory(implicitTLS=True),
         }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
@@ -204,6 +208,20 @@ class MailService(service.MultiService):
                 clock=self.reactor,
                 plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
+            )
+        )
+
+    def _imapFactory(self, implicitTLS: bool) -> IMAPFactory:
+        return IMAPFactory(
+            IMAPSettings(
+                hostname=self.config.hostname,
+                limits=self.config.limits,
+                store=self.store,
+                authenticator=self.authenticator,
+                clock=self.reactor,
+                plaintextAuth=self.config.plaintext_auth,
+                tlsContext=self.tls,
+                implicitTLS=implicitTLS,
             )
         )
 

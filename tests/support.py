@@ -250,3 +250,111 @@ def freePort() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+class IMAPClient(RawClient):
+    """
+    A blocking IMAP client speaking raw bytes: each response is returned
+    as one byte string with its literals inlined.
+    """
+
+    def readResponse(self) -> bytes:
+        """
+        One response line, with the literals it announces read into it.
+        """
+        line = self.readLine()
+        while line.endswith(b"}") and b"{" in line:
+            size = line[line.rindex(b"{") + 1 : -1]
+            if not size.isdigit():
+                break
+            line += b"\r\n" + self.readExactly(int(size))
+            line += self.readLine()
+        return line
+
+    def readExactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError(self.buffer)
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def readUntilTagged(self, tag: bytes) -> tuple[list[bytes], bytes]:
+        """
+        The untagged responses up to the tagged one, and the tagged one.
+        """
+        untagged = []
+        while True:
+            line = self.readResponse()
+            if line.startswith(tag + b" "):
+                return untagged, line
+            untagged.append(line)
+
+    def command(self, line: bytes, tag: bytes | None = None) -> tuple[list[bytes], bytes]:
+        """
+        Send C{tag line} and read up to its tagged response.
+        """
+        if tag is None:
+            tag = line.split(b" ", 1)[0]
+            self.send(line + b"\r\n")
+        else:
+            self.send(tag + b" " + line + b"\r\n")
+        return self.readUntilTagged(tag)
+
+    def login(self, user: str = "alice@localhost", password: str = PASSWORD) -> bytes:
+        _, tagged = self.command(b'L LOGIN "%s" "%s"' % (user.encode(), password.encode()))
+        assert tagged.startswith(b"L OK"), tagged
+        return tagged
+
+
+class IMAPTestCase(ServerTestCase):
+    """
+    A running daemon with IMAP, and raw IMAP sessions in threads.
+    """
+
+    listeners = ("smtp", "imap", "imaps")
+
+    def connect(self, login: bool = True, user: str = "alice@localhost") -> IMAPClient:
+        client = IMAPClient(self.port("imap"))
+        greeting = client.readLine()
+        assert greeting.startswith(b"* OK"), greeting
+        if login:
+            client.login(user)
+        return client
+
+    def session(self, f, login: bool = True, select: bytes | None = None):
+        """
+        Run C{f(client)} in a thread on a new session (logged in, and with
+        C{select} selected when given); the session is closed afterwards.
+        """
+
+        def run():
+            client = self.connect(login)
+            try:
+                if select is not None:
+                    _, tagged = client.command(b"S SELECT " + select)
+                    assert tagged.startswith(b"S OK"), tagged
+                return f(client)
+            finally:
+                client.close()
+
+        return self.inThread(run)
+
+    @defer.inlineCallbacks
+    def deliver(self, *messages: bytes, rcpt: str = "alice@localhost"):
+        """
+        Deliver C{messages} through the store, one by one, as SMTP does.
+        """
+        for message in messages:
+            incoming = self.service.store.incoming()
+            incoming.write(message)
+            yield self.service.store.deliver(incoming, [rcpt])
+
+
+def sampleMessage(subject: str = "Hello", body: str = "Hi there.\r\n", sender: str = "carol@remote.test") -> bytes:
+    return (
+        f"From: Carol <{sender}>\r\nTo: alice@localhost\r\nSubject: {subject}\r\n"
+        f"Date: Wed, 25 Nov 2026 10:00:00 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@remote.test>\r\n\r\n{body}"
+    ).encode("utf-8")

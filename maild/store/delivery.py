@@ -341,6 +341,14 @@ class Committer:
     def _inPool(self, f, *args) -> defer.Deferred:
         return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
 
+    def callInPool(self, f, *args) -> defer.Deferred:
+        """
+        Run blocking file work (links, directory syncs) in the committer's
+        threads, off the reactor thread.
+        """
+        self.start()
+        return self._inPool(f, *args)
+
     @defer.inlineCallbacks
     def _syncGroup(self, group: list[_Job]):
         if self.mode == "syncfs":

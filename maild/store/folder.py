@@ -14,6 +14,7 @@ which lists a directory again only when its modification time moved.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import time
 from array import array
@@ -29,6 +30,8 @@ from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList
 
 log = Logger()
+
+_READ_SIZE = 64 * 1024
 
 # Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
 SETTABLE = (
@@ -83,7 +86,7 @@ class Folder:
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
-        self._dir = str(path)
+        self._dir = str(path) + os.sep
         self.uidList = UidList(path)
         self.keywords = Keywords(path)
         self.uids = array("I")
@@ -124,10 +127,37 @@ class Folder:
         letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
         return "cur/" + maildir.curFileName(self.bases[i], bits, letters)
 
+    def filePath(self, i: int) -> str:
+        """
+        The path of message C{i}, as a string: FETCH opens thousands of
+        files a second, and pathlib would cost a third of that.
+        """
+        return self._dir + self.fileName(i)
+
     def keywordNames(self, i: int) -> list[str]:
         if not self.flags[i] & HAS_KEYWORDS:
             return []
         return self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+
+    def positionsWith(self, bit: int) -> list[int]:
+        """
+        The indexes of the messages whose flag byte has C{bit}, found at C
+        speed (a SELECT of 100,000 messages must not loop over them).
+        """
+        mask = self.flags.translate(bitTable(bit))
+        out = []
+        find = mask.find
+        i = find(1)
+        while i >= 0:
+            out.append(i)
+            i = find(1, i + 1)
+        return out
+
+    def countWith(self, bit: int, wanted: bool = True) -> int:
+        """
+        How many messages have C{bit} set (or clear, when not C{wanted}).
+        """
+        return self.flags.translate(bitTable(bit, wanted)).count(1)
 
     def sizes(self, i: int) -> tuple[int, int]:
         """
@@ -164,10 +194,10 @@ class Folder:
     def _stat(self, i: int) -> os.stat_result:
         uid = self.uids[i]
         try:
-            return os.stat(self.path / self.fileName(i))
+            return os.stat(self.filePath(i))
         except FileNotFoundError:
             i = self._relocate(uid)
-            return os.stat(self.path / self.fileName(i))
+            return os.stat(self.filePath(i))
 
     def open(self, i: int) -> IO[bytes]:
         """
@@ -179,10 +209,37 @@ class Folder:
         # os.path.join, not Path's "/": this runs for every message served,
         # and pathlib's parsing cost a sixth of a POP3 RETR.
         try:
-            return open(os.path.join(self._dir, self.fileName(i)), "rb")
+            return open(self.filePath(i), "rb", buffering=0)
         except FileNotFoundError:
             i = self._relocate(uid)
-            return open(os.path.join(self._dir, self.fileName(i)), "rb")
+            return open(self.filePath(i), "rb", buffering=0)
+
+    def read(self, i: int) -> bytes:
+        """
+        The whole of message C{i} (LF line endings), read with as few
+        system calls as its size allows: FETCH of bodies reads thousands
+        of files a second.
+
+        @raise MessageGone: if it was expunged by someone else.
+        """
+        uid = self.uids[i]
+        try:
+            fd = os.open(self.filePath(i), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            i = self._relocate(uid)
+            fd = os.open(self.filePath(i), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # Most messages fit one read of this size (below malloc's mmap
+            # threshold, so the buffer costs nothing to shrink).
+            data = os.read(fd, _READ_SIZE)
+            if len(data) < _READ_SIZE:
+                return data
+            pieces = [data]
+            while chunk := os.read(fd, 1 << 20):
+                pieces.append(chunk)
+            return b"".join(pieces)
+        finally:
+            os.close(fd)
 
     def _relocate(self, uid: int) -> int:
         """
@@ -252,10 +309,9 @@ class Folder:
                 if not name.startswith("."):
                     listing[maildir.splitFileName(name)[0]] = None
         if "cur" in subs:
-            for name in self._listDir("cur"):
-                if not name.startswith("."):
-                    base, info = maildir.splitFileName(name)
-                    listing[base] = info
+            names = [n for n in self._listDir("cur") if not n.startswith(".")]
+            # (base, ":2,", info) -> base: info, without a call per file.
+            listing.update(n.partition(INFO_SEPARATOR)[::2] for n in names)
         return listing
 
     def _scan(self, mtimes: dict[str, int], subs: set[str]) -> FolderChange:
@@ -315,22 +371,35 @@ class Folder:
         if onDisk:
             above = keptUids[-1] + 1 if keptUids else 1
             known = state.uids
-            unnumbered = 1 << 62
-
-            def order(base: str):
-                uid = known.get(base, 0)
-                return (uid if uid >= above else unnumbered, _deliveryOrder(base))
-
-            newBases = sorted(onDisk, key=order)
-            for base, uid in zip(newBases, self.uidList.assign(newBases, above=above)):
-                info = onDisk[base]
-                bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
-                keptUids.append(uid)
-                keptFlags.append(bits)
-                keptBases.append(base)
-                if letters:
-                    keywordLetters[uid] = letters
-                change.added.append(uid)
+            # Opening a folder of 100,000 messages must stay cheap: the
+            # files the list numbers come in its order (sorted as plain
+            # tuples); only the others need their names parsed.
+            numbered = [(uid, base) for base, uid in known.items() if uid >= above and base in onDisk]
+            numbered.sort()
+            unnumbered: list[str] = []
+            if len(numbered) < len(onDisk):
+                numberedBases = {base for _, base in numbered}
+                unnumbered = sorted(
+                    (base for base in onDisk if base not in numberedBases), key=_deliveryOrder
+                )
+            newUids = [uid for uid, _ in numbered]
+            if unnumbered:
+                newUids += self.uidList.assign(unnumbered, above=above)
+            newBases = [base for _, base in numbered] + unnumbered
+            infos = list(map(onDisk.__getitem__, newBases))
+            parsed = {
+                info: (IN_NEW, "") if info is None else maildir.flagBits(info)
+                for info in set(infos)
+            }
+            bitsOf = {info: bits for info, (bits, _) in parsed.items()}
+            keptUids.extend(newUids)
+            keptFlags += bytes(map(bitsOf.__getitem__, infos))
+            keptBases.extend(newBases)
+            if any(letters for _, letters in parsed.values()):
+                for uid, info in zip(newUids, infos):
+                    if parsed[info][1]:
+                        keywordLetters[uid] = parsed[info][1]
+            change.added.extend(newUids)
         self.uids, self.flags, self.bases = keptUids, keptFlags, keptBases
         self.keywordLetters = keywordLetters
         self._loaded = True
@@ -396,10 +465,10 @@ class Folder:
         return changed
 
     def _rename(self, i: int, bits: int, letters: str) -> bool:
-        old = self.path / self.fileName(i)
+        old = self.filePath(i)
         newName = "cur/" + maildir.curFileName(self.bases[i], bits, letters)
         try:
-            os.rename(old, self.path / newName)
+            os.rename(old, self._dir + newName)
         except FileNotFoundError:
             return False
         self.flags[i] = bits
@@ -419,7 +488,7 @@ class Folder:
         @return: the UIDs this caller claimed.
         """
         if positions is None:
-            positions = [i for i, bits in enumerate(self.flags) if bits & IN_NEW]
+            positions = self.positionsWith(IN_NEW)
         unchanged = self._ownChange(("new", "cur"))
         claimed = []
         for i in positions:
@@ -470,7 +539,7 @@ class Folder:
         missing = []
         for uid in uids:
             try:
-                os.unlink(os.path.join(self._dir, self.fileName(self.position(uid))))
+                os.unlink(self.filePath(self.position(uid)))
             except FileNotFoundError:
                 missing.append(uid)
         return missing
@@ -510,6 +579,16 @@ class Folder:
             change.added.append(uid)
         self._announce(change)
         return [result[maildir.splitFileName(p.name)[0]] for p in paths]
+
+
+@functools.lru_cache(maxsize=16)
+def bitTable(bit: int, wanted: bool = True) -> bytes:
+    """
+    A C{bytes.translate} table that turns flag bytes into 1 where C{bit}
+    is set (or clear, when not C{wanted}) and 0 elsewhere: counting and
+    finding then run at C speed over 100,000 messages.
+    """
+    return bytes(1 if bool(b & bit) == wanted else 0 for b in range(256))
 
 
 def _deliveryOrder(base: str) -> tuple[int, int, str]:

@@ -15,6 +15,7 @@ C{.A.B}, a C{.} inside a name is written C{~2e} and a C{~} is C{~7e}.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -91,6 +92,7 @@ def splitFileName(name: str) -> tuple[str, str]:
     return base, info
 
 
+@functools.lru_cache(maxsize=4096)
 def flagBits(info: str) -> tuple[int, str]:
     """
     The flag byte and the keyword letters of an info string.
@@ -108,6 +110,7 @@ def flagBits(info: str) -> tuple[int, str]:
     return bits, "".join(sorted(set(keywords)))
 
 
+@functools.lru_cache(maxsize=4096)
 def infoString(bits: int, keywords: str = "") -> str:
     """
     The Maildir info letters, in ASCII order, for a flag byte and keyword

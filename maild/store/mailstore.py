@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Spool, Target
-from maild.store.folder import Folder
+from maild.store.delivery import Committer, IncomingMessage, Spool, Target, fsyncDirectory
+from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
 
@@ -136,6 +136,39 @@ class MailStore:
 
         return d.addCallback(announce)
 
+    def copy(
+        self, source: Folder, indexes: Sequence[int], destination: Folder, origin=None
+    ) -> defer.Deferred:
+        """
+        Copy messages (by index in C{source}) into C{destination} as hard
+        links, keeping their flags and keywords, durably (the destination's
+        C{cur/} is synced once, in a worker thread), and number them there
+        in this order.
+
+        @return: a Deferred firing with C{(source UID, destination UID)}
+            pairs for the messages copied; those expunged meanwhile by
+            another process are left out.
+        @raise maild.store.keywords.TooManyKeywords: if the destination has
+            no letter left for a keyword.
+        """
+        plan = []
+        for i in indexes:
+            names = source.keywordNames(i)
+            letters = destination.keywords.letters(names) if names else ""
+            size, crlfSize = source.sizes(i)
+            base = maildir.newBaseName(size, crlfSize)
+            name = maildir.curFileName(base, source.flags[i] & SETTABLE, letters)
+            plan.append(
+                (source.uids[i], source.filePath(i), destination.path / "cur" / name)
+            )
+        d = self.committer.callInPool(_linkAll, plan, destination.path / "cur")
+
+        def linked(done: list[tuple[int, Path]]) -> list[tuple[int, int]]:
+            uids = destination.addPlaced([path for _, path in done], origin=origin)
+            return [(uid, new) for (uid, _), new in zip(done, uids)]
+
+        return d.addCallback(linked)
+
     def removeStaleTemporaries(self, grace: float) -> int:
         """
         Remove files older than C{grace} seconds from the spool and from
@@ -167,6 +200,19 @@ class MailStore:
         if removed:
             log.info("removed {count} stale temporary files", count=removed)
         return removed
+
+
+def _linkAll(plan: list[tuple[int, Path, Path]], directory: Path) -> list[tuple[int, Path]]:
+    done = []
+    for uid, source, target in plan:
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            continue
+        done.append((uid, target))
+    if done:
+        fsyncDirectory(directory)
+    return done
 
 
 @implementer(IUserMailbox)

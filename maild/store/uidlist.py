@@ -16,6 +16,7 @@ between processes, and a rewrite replaces the file atomically.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ def _parseHeader(line: str) -> tuple[int, int, str]:
     return uidvalidity, uidnext, guid
 
 
+_SIMPLE_RECORD = re.compile(r"^(\d+) :(.*)$", re.M)
+
+
 def _parseRecords(text: str, state: UidListState) -> None:
     """
     Read C{<uid> [extension fields] :<base name>} lines into C{state}.  A
@@ -72,7 +76,18 @@ def _parseRecords(text: str, state: UidListState) -> None:
     """
     uids = state.uids
     uidnext = state.uidnext
+    simple = _SIMPLE_RECORD.findall(text)
+    if len(simple) == text.count("\n") + (0 if text.endswith("\n") or not text else 1):
+        # Every record is "<uid> :<base>" (what we write): parsed in bulk,
+        # which matters when a folder of 100,000 messages is opened.
+        pairs = [(base, int(uid)) for uid, base in simple]
+        uids.update(pairs)
+        if pairs:
+            state.uidnext = max(uidnext, max(uid for _, uid in pairs) + 1)
+        return
     for line in text.splitlines():
+        # Dovecot puts extension fields between the UID and the name
+        # ("12 W300 S290 :name"): the UID is the first word.
         head, sep, base = line.partition(" :")
         uid = head.split(" ", 1)[0]
         if not sep or not uid.isdigit() or not base:
