@@ -245,7 +245,7 @@ class MailService(service.MultiService):
 
     def stopService(self):
         d = defer.maybeDeferred(service.MultiService.stopService, self)
-        d.addBoth(lambda result: (self.committer.stop(), result)[1])
+        d.addBoth(lambda result: (self.committer.stop(), self.store.watcher.stop(), result)[2])
         return d
 
     def port(self, name: str) -> int:

@@ -25,7 +25,7 @@ from tests.support import PASSWORD, passwordHash
 
 class PasswordTests(unittest.SynchronousTestCase):
     def test_argon2id(self):
-        stored = passwordHash()
+        stored = hashPassword(PASSWORD)
         self.assertTrue(stored.startswith("{ARGON2ID}$argon2id$"))
         self.assertTrue(verifyPassword(stored, PASSWORD))
         self.assertFalse(verifyPassword(stored, PASSWORD + "x"))

@@ -6,6 +6,7 @@ at once, including mail delivered by SMTP.
 
 from __future__ import annotations
 
+import os
 import select
 import smtplib
 
@@ -164,6 +165,63 @@ class IdleTests(IMAPTestCase):
         self.assertEqual(flagged, b"* 1 FETCH (UID 1 FLAGS (\\Deleted \\Recent))\r\n")
         self.assertEqual(expunged, b"* 1 EXPUNGE\r\n")
         self.assertEqual(done, ([], b"i2 OK IDLE terminated"))
+
+    @defer.inlineCallbacks
+    def test_otherProgramsReachIdle(self):
+        """
+        A message another program puts into the Maildir (another maild on the
+        same data folder, procmail...) reaches a session in IDLE at once,
+        and so does its removal: the folder is watched while in IDLE.
+        """
+        new = self.maildir("alice@localhost") / "new"
+
+        def run():
+            idler = self.connect()
+            try:
+                idler.command(b"i1 SELECT INBOX")
+                idler.send(b"i2 IDLE\r\n")
+                assert idler.readLine() == b"+ idling"
+                (new.parent / "tmp" / "outside").write_bytes(sampleMessage("outside"))
+                os.rename(new.parent / "tmp" / "outside", new / "1700000000.M1P99Q1.elsewhere")
+                arrived = waitFor(idler, b"RECENT\r\n")
+                idler.buffer = b""
+                # The session claimed it as \\Recent: it is in cur/ now.
+                [path] = new.parent.glob("*/1700000000.M1P99Q1.elsewhere*")
+                os.unlink(path)
+                removed = waitFor(idler, b"EXPUNGE\r\n")
+                idler.send(b"DONE\r\n")
+                idler.readUntilTagged(b"i2")
+                return arrived, removed
+            finally:
+                idler.close()
+
+        arrived, removed = yield self.inThread(run)
+        self.assertEqual(arrived, b"* 1 EXISTS\r\n* 1 RECENT\r\n")
+        self.assertEqual(removed, b"* 1 EXPUNGE\r\n")
+
+    @defer.inlineCallbacks
+    def test_pollingWithoutInotify(self):
+        """
+        Where inotify cannot be used, a folder in IDLE is looked at every
+        few seconds (here made short) instead.
+        """
+        watcher = self.service.store.watcher
+        watcher.stop()
+        watcher.pollInterval = 0.1
+        new = self.maildir("alice@localhost") / "new"
+
+        def run():
+            idler = self.connect()
+            try:
+                idler.command(b"i1 SELECT INBOX")
+                idler.send(b"i2 IDLE\r\n")
+                assert idler.readLine() == b"+ idling"
+                (new / "1700000000.M1P99Q2.elsewhere").write_bytes(sampleMessage("polled"))
+                return waitFor(idler, b"RECENT\r\n")
+            finally:
+                idler.close()
+
+        self.assertEqual((yield self.inThread(run)), b"* 1 EXISTS\r\n* 1 RECENT\r\n")
 
     @defer.inlineCallbacks
     def test_idleWithoutDone(self):

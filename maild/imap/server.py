@@ -103,6 +103,8 @@ class IMAPServer(imap4.IMAP4Server):
         self.account: Account | None = None
         self.view: SelectedFolder | None = None
         self.idling: bytes | None = None
+        # The folder watched for other programs' changes while in IDLE.
+        self._watching = None
         self.failures = 0
         self.closing = False
         self._logout: Callable[[], None] | None = None
@@ -129,6 +131,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._loginDeadline = None
         if self._producer is not None:
             self._producer.stopProducing()
+        self._stopWatching()
         self._deselect()
         if self._incoming is not None:
             self._incoming.discard()
@@ -954,12 +957,22 @@ class IMAPServer(imap4.IMAP4Server):
     def do_IDLE(self, tag, args, uid):
         args.end()
         self.idling = tag
+        if self.view is not None:
+            # Other programs' changes too must reach us at once.
+            self._watching = self.view.folder
+            self.settings.store.watcher.watch(self._watching)
         self._send(b"+ idling")
         self._sendUpdates(expunges=True)
         self.framer.lineHandler = self._idleLine
 
+    def _stopWatching(self) -> None:
+        if self._watching is not None:
+            self.settings.store.watcher.unwatch(self._watching)
+            self._watching = None
+
     def _idleLine(self, line: bytes) -> None:
         tag, self.idling = self.idling, None
+        self._stopWatching()
         if line.strip().upper() != b"DONE":
             self._send(tag + b" BAD Expected DONE")
             return

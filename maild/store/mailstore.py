@@ -22,6 +22,7 @@ from maild.store import maildir
 from maild.store.delivery import Committer, IncomingMessage, Spool, Target, fsyncDirectory
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
+from maild.store.watch import FolderWatcher
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
 
 log = Logger()
@@ -70,6 +71,7 @@ class MailStore:
         self.spool = dataDir / "tmp"
         self.committer = committer
         self._spool = Spool(self.spool, committer.reactor) if committer is not None else None
+        self.watcher = FolderWatcher(committer.reactor) if committer is not None else None
         self._folders: weakref.WeakValueDictionary[Path, Folder] = (
             weakref.WeakValueDictionary()
         )
