@@ -378,6 +378,19 @@ class MailboxTests(unittest.SynchronousTestCase):
         for name in ("../../etc", "a/../..", "..", "x\x00"):
             self.assertRaises(InvalidName, self.mailbox.create, name)
 
+    def test_recentFoldersStayLoaded(self):
+        """
+        A folder nobody holds stays loaded while it is among the recently
+        used, within the limits on folders and messages.
+        """
+        first = id(self.mailbox.folder("INBOX"))
+        self.assertEqual(id(self.mailbox.folder("INBOX")), first)
+        self.store.KEEP_FOLDERS = 2
+        self.mailbox.folder("Sent")
+        self.mailbox.folder("Drafts")
+        self.assertIsNone(self.store.loadedFolder(self.mailbox.folderPath("INBOX")))
+        self.assertIsNotNone(self.store.loadedFolder(self.mailbox.folderPath("Drafts")))
+
     def test_dovecotSubscriptionsFile(self):
         (self.mailbox.root / "subscriptions").write_text("V\t2\n\nSent\nLists\tPython\n")
         self.assertEqual(self.mailbox.subscriptions(), ["Sent", "Lists/Python"])

@@ -6,6 +6,7 @@ open folder.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import time
@@ -61,10 +62,18 @@ def makeMaildir(path: Path) -> None:
 @implementer(IMailStore)
 class MailStore:
     """
+    @cvar KEEP_MESSAGES: how many messages the recently used folders that
+        nobody holds may keep loaded, in all (an index costs some tens of
+        octets per message).
+    @cvar KEEP_FOLDERS: and how many such folders at most.
+
     @param dataDir: the data folder.
     @param committer: makes deliveries durable (None for a store that
         only manages folders, as the command line does).
     """
+
+    KEEP_MESSAGES = 200_000
+    KEEP_FOLDERS = 64
 
     def __init__(self, dataDir: Path, committer: Committer | None = None) -> None:
         self.root = dataDir / "mail"
@@ -75,6 +84,7 @@ class MailStore:
         self._folders: weakref.WeakValueDictionary[Path, Folder] = (
             weakref.WeakValueDictionary()
         )
+        self._recent: collections.OrderedDict[Path, Folder] = collections.OrderedDict()
 
     def userRoot(self, address: str) -> Path:
         """
@@ -90,12 +100,21 @@ class MailStore:
     def folderAt(self, name: str, path: Path) -> Folder:
         """
         The shared index of the folder in C{path}, loaded on first use and
-        kept while anybody holds it.
+        kept while anybody holds it, and for a while after: the folders used
+        last stay loaded (up to L{KEEP_MESSAGES} messages in all), so that a
+        client reconnecting, or a POP3 login, does not list a big folder
+        again.
         """
         folder = self._folders.get(path)
         if folder is None:
             folder = Folder(name, path)
             self._folders[path] = folder
+        self._recent[path] = folder
+        self._recent.move_to_end(path)
+        kept = sum(len(f) for f in self._recent.values())
+        while kept > self.KEEP_MESSAGES or len(self._recent) > self.KEEP_FOLDERS:
+            _, dropped = self._recent.popitem(last=False)
+            kept -= len(dropped)
         return folder
 
     def loadedFolder(self, path: Path) -> Folder | None:
