@@ -515,6 +515,28 @@ class SyncfsDeliveryTests(DeliveryTests):
 
 
 class CrossProcessLockTests(unittest.SynchronousTestCase):
+    def test_nestedHoldKeepsTheLock(self):
+        """
+        Taking the lock again inside its block, and leaving that inner
+        block, does not release it: another process still cannot take it.
+        """
+        from maild.store.locking import locked
+
+        path = Path(self.mktemp())
+        probe = (
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR);"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+        )
+
+        def otherProcessCanLock() -> bool:
+            return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True).returncode == 0
+
+        with locked(path):
+            with locked(path):
+                self.assertFalse(otherProcessCanLock())
+            self.assertFalse(otherProcessCanLock())
+        self.assertTrue(otherProcessCanLock())
+
     def test_uidsUniqueAcrossProcesses(self):
         """
         Four processes numbering new files in one folder at once never give

@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+class _Held:
+    """
+    This process's hold on one lock file.
+    """
+
+    def __init__(self) -> None:
+        self.threadLock = threading.RLock()
+        self.fd: int | None = None
+        self.depth = 0
+
+
+_held: dict[str, _Held] = {}
+_heldGuard = threading.Lock()
 
 
 @contextmanager
@@ -18,13 +34,34 @@ def locked(path: Path) -> Iterator[None]:
     """
     Hold an exclusive lock on C{path} (created if missing) for the
     duration of the block.  Blocks until the lock is free.
+
+    The lock may be taken again inside the block.  POSIX locks belong to
+    the process and closing any descriptor of the file drops them all, so
+    a nested hold must reuse the first one's descriptor rather than open
+    the file again (which would release the outer lock when it ends); and
+    they do not keep this process's threads apart, which a thread lock
+    does.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    key = os.fspath(path)
+    with _heldGuard:
+        held = _held.setdefault(key, _Held())
+    with held.threadLock:
+        if held.depth == 0:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            held.fd = fd
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth == 0:
+                fd, held.fd = held.fd, None
+                os.close(fd)
 
 
 class ExclusiveHold:
