@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
 from twisted.cred import error
@@ -82,11 +81,30 @@ class SubmissionDelivery:
         return localRecipient(self.addresses, user, NO_RELAY)
 
     def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:
-        parsed = BytesHeaderParser().parsebytes(headers)
-        for _, address in getaddresses(parsed.get_all("From", []) + parsed.get_all("Sender", [])):
+        for _, address in getaddresses(headerValues(headers, ("from", "sender"))):
             if address and not self.addresses.ownsSender(self.user, address):
                 return 553, f"5.7.1 From: address {address} not owned by user {self.user}".encode()
         return None
+
+
+def headerValues(headers: bytes, names: tuple[str, ...]) -> list[str]:
+    """
+    The values of the header fields called C{names} (lower case) in a
+    header section, unfolded.  (The email package's parser does the same at
+    ten times the cost, for every message sent.)
+    """
+    values: list[str] = []
+    wanted = False
+    for line in headers.decode("utf-8", "replace").split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            if wanted:
+                values[-1] += line
+            continue
+        name, colon, value = line.partition(":")
+        wanted = bool(colon) and name.strip().lower() in names
+        if wanted:
+            values.append(value)
+    return values
 
 
 class SubmissionServer(SMTPServer):

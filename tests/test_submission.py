@@ -11,7 +11,9 @@ import ssl
 import time
 
 from twisted.internet import defer
+from twisted.trial import unittest
 
+from maild.submission import headerValues
 from maild.tls import fingerprint, generateSelfSigned
 from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
 
@@ -22,6 +24,22 @@ def plain(user: str, password: str = PASSWORD, authzid: str = "") -> bytes:
 
 def message(sender: str = "alice@localhost", subject: str = "Hi") -> bytes:
     return f"From: Alice <{sender}>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n\r\nHello Bob.\r\n".encode()
+
+
+class HeaderValuesTests(unittest.SynchronousTestCase):
+    def test_unfoldedValues(self):
+        """
+        Folded fields are unfolded; names match whatever their case; other
+        fields and the body are left alone.
+        """
+        headers = (
+            b"Subject: from: not this\r\nFROM: Alice\r\n <alice@localhost>,\r\n\tbob@example.org\r\n"
+            b"X-From: no\r\nsender: =?utf-8?q?S=C3=A9?= <s@localhost>\r\n\r\n"
+        )
+        self.assertEqual(
+            headerValues(headers, ("from", "sender")),
+            [" Alice <alice@localhost>,\tbob@example.org", " =?utf-8?q?S=C3=A9?= <s@localhost>"],
+        )
 
 
 class SubmissionTests(ServerTestCase):
