@@ -35,6 +35,7 @@ import selectors
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -113,7 +114,8 @@ def fill(args) -> None:
     (data / "maild.toml").write_text(
         f'data_dir = "{data}"\nhostname = "bench.test"\ndomains = ["localhost"]\n'
         f'[listen]\nsmtp = "tcp:{args.smtp_port}:interface=127.0.0.1"\n'
-        f'imap = "tcp:{args.imap_port}:interface=127.0.0.1"\nimaps = "none"\n'
+        f'imap = "tcp:{args.imap_port}:interface=127.0.0.1"\n'
+        f'imaps = "tcp:{args.imap_port + 1}:interface=127.0.0.1"\n'
         "[limits]\nconnections_per_ip = 20000\n"
     )
     print(f"filled {data} with {args.count} + {args.idle_messages} messages in {time.monotonic() - started:.1f} s")
@@ -124,9 +126,16 @@ class Session:
     A minimal blocking IMAP client that reads responses as fast as it can.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            # IMAPS; the daemon's certificate is self-signed, and what is
+            # measured here is the cost of the encryption, not of trust.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock)
         self.buffer = bytearray()
         self.tag = 0
         self.readUntil(b"\r\n")
@@ -262,6 +271,19 @@ def measureSync(port: int, repeat: int) -> dict:
     warm = session.command(b"FETCH 1:20000 BODY.PEEK[]", keep=False)[1]
     results["fetch_bodies_20000_first_msgs_per_s"] = 20000 / cold
     results["fetch_bodies_20000_warm_msgs_per_s"] = 20000 / warm
+
+    # The same over IMAPS (TLS from the first byte, on the next port).
+    secure = Session(port + 1, tls=True)
+    secure.login("bench@localhost")
+    secure.command(b'EXAMINE "INBOX"')
+    tlsBodies = []
+    for _ in range(repeat):
+        data, elapsed = secure.command(b"FETCH 1:1000 BODY.PEEK[]", keep=False)
+        tlsBodies.append(1000 / elapsed)
+    results["imaps_fetch_bodies_msgs_per_s"] = max(tlsBodies)
+    warmTLS = secure.command(b"FETCH 1:20000 BODY.PEEK[]", keep=False)[1]
+    results["imaps_fetch_bodies_20000_warm_msgs_per_s"] = 20000 / warmTLS
+    secure.close()
 
     searches = [session.command(b"UID SEARCH UNSEEN") for _ in range(repeat)]
     results["uid_search_unseen_s"] = min(t for _, t in searches)
