@@ -1126,41 +1126,6 @@ class TLSTests(POP3TestCase):
         self.assertEqual(bye, b"+OK Logging out, 2 messages deleted.")
         self.assertEqual(self.messages(ALICE), [])
 
-    @defer.inlineCallbacks
-    def test_tlsVersions(self):
-        """
-        POP3S (and so STLS, with the same context) accepts TLS 1.2 and 1.3
-        and refuses TLS 1.0 and 1.1.
-        """
-
-        def handshake(version: ssl.TLSVersion) -> str | None:
-            context = self.tlsContext()
-            context.minimum_version = context.maximum_version = version
-            # Let the client offer old versions; the refusal must be the server's.
-            context.set_ciphers("DEFAULT:@SECLEVEL=0")
-            try:
-                client = poplib.POP3_SSL(
-                    "127.0.0.1", self.port("pop3s"), context=context, timeout=10
-                )
-            except (ssl.SSLError, OSError):
-                return None
-            negotiated = client.sock.version()
-            client.quit()
-            return negotiated
-
-        def run():
-            return [
-                handshake(v)
-                for v in (
-                    ssl.TLSVersion.TLSv1,
-                    ssl.TLSVersion.TLSv1_1,
-                    ssl.TLSVersion.TLSv1_2,
-                    ssl.TLSVersion.TLSv1_3,
-                )
-            ]
-
-        self.assertEqual((yield self.inThread(run)), [None, None, "TLSv1.2", "TLSv1.3"])
-
 
 class PlaintextRefusedTests(POP3TestCase):
     """

@@ -1,6 +1,7 @@
 """
 Submission (RFC 6409) and SMTPS (RFC 8314): STARTTLS, AUTH, sender
-checks, no relaying; TLS versions and certificate reloading.
+checks, no relaying; certificate reloading.  (TLS versions, for every
+implicit-TLS listener, are in test_tls.)
 """
 
 from __future__ import annotations
@@ -246,30 +247,6 @@ class SubmissionTests(ServerTestCase):
         self.assertIn(b"AUTH PLAIN LOGIN", ehlo)
         self.assertNotIn(b"STARTTLS", ehlo)
         self.assertEqual(len(self.messages("bob@example.org")), 1)
-
-    @defer.inlineCallbacks
-    def test_tlsVersions(self):
-        """
-        TLS 1.0 and 1.1 handshakes fail; 1.2 and 1.3 succeed.
-        """
-
-        def handshake(version):
-            context = clientContext(self.service)
-            context.minimum_version = version
-            context.maximum_version = version
-            try:
-                client = RawClient(self.port("smtps"))
-                client.startTLS(context, "127.0.0.1")
-                client.readReply()
-                client.close()
-                return True
-            except (ssl.SSLError, OSError):
-                return False
-
-        results = {}
-        for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-            results[version.name] = yield self.inThread(handshake, version)
-        self.assertEqual(results, {"TLSv1": False, "TLSv1_1": False, "TLSv1_2": True, "TLSv1_3": True})
 
     @defer.inlineCallbacks
     def test_certificateReload(self):

@@ -11,7 +11,6 @@ in worker threads, so a slow disk never stalls the reactor.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import ctypes.util
 import os

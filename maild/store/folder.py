@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import functools
 import os
-import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
