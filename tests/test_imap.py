@@ -646,6 +646,28 @@ class CommandTests(IMAPTestCase):
         self.assertEqual(results[-1][1], b"w NO [BADCHARSET (US-ASCII UTF-8)] Unsupported charset")
 
     @defer.inlineCallbacks
+    def test_foreignCrlfFile(self):
+        """
+        A message file another tool wrote with CRLF line ends (and no sizes
+        in its name) is served with CRLF, not CR CR LF, by both FETCH paths,
+        and RFC822.SIZE is the size of what is served.
+        """
+        sent = sampleMessage("crlf", body="one\r\ntwo\r\n")
+        (self.maildir("alice@localhost") / "cur" / "1700000000.M1P1Q1.tool:2,S").write_bytes(sent)
+
+        def run(client):
+            fast = client.command(b"f FETCH 1 (RFC822.SIZE BODY.PEEK[])")
+            general = client.command(b"g FETCH 1 (BODY.PEEK[TEXT] BODY.PEEK[])")
+            return fast, general
+
+        fast, general = yield self.session(run, select=b"INBOX")
+        self.assertEqual(
+            fast[0][0], b"* 1 FETCH (RFC822.SIZE %d BODY[] {%d}\r\n%b)" % (len(sent), len(sent), sent)
+        )
+        self.assertTrue(general[0][0].endswith(b"BODY[] {%d}\r\n%b)" % (len(sent), sent)))
+        self.assertIn(b"BODY[TEXT] {10}\r\none\r\ntwo\r\n", general[0][0])
+
+    @defer.inlineCallbacks
     def test_uidsStableAcrossRestart(self):
         """
         UIDVALIDITY and UIDs survive a daemon restart, and new UIDs go on

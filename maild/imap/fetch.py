@@ -153,7 +153,7 @@ class MessageData:
     @property
     def data(self) -> bytes:
         if self._data is None:
-            self._data = self.folder.read(self.index).replace(b"\n", b"\r\n")
+            self._data = self.folder.readCRLF(self.index)
         return self._data
 
     @property
@@ -264,11 +264,12 @@ class FetchRequest:
         return self._general()
 
     def _general(self) -> Iterator[bytes]:
+        return _batched(self._generalLines())
+
+    def _generalLines(self) -> Iterator[bytes]:
         view = self.view
         items = self.items
         hasFlags = any(i.name == b"FLAGS" for i in items)
-        batch: list[bytes] = []
-        size = 0
         for p in self.positions():
             i = view.index(p)
             if i is None:
@@ -282,14 +283,7 @@ class FetchRequest:
                 continue
             if i in self.seenSet and not hasFlags:
                 rendered.append(b"FLAGS " + view.flagList(i))
-            line = b"* %d FETCH (%b)\r\n" % (p + 1, b" ".join(rendered))
-            batch.append(line)
-            size += len(line)
-            if size >= BATCH:
-                yield b"".join(batch)
-                batch, size = [], 0
-        if batch:
-            yield b"".join(batch)
+            yield b"* %d FETCH (%b)\r\n" % (p + 1, b" ".join(rendered))
 
     def _flagsOnly(self, names: list[bytes]) -> Iterator[bytes]:
         """
@@ -341,21 +335,22 @@ class FetchRequest:
         """
         Fast path: whole messages, read and framed inline.
         """
+        return _batched(self._bodyLines())
+
+    def _bodyLines(self) -> Iterator[bytes]:
         view = self.view
         folder = view.folder
         items = self.items
         kinds = [(item.name, item.label) for item in items]
         hasFlags = any(name == b"FLAGS" for name, _ in kinds)
         flagList = view.flagList
-        batch: list[bytes] = []
-        size = 0
         for p in self.positions():
             i = view.index(p)
             if i is None:
                 self.missing += 1
                 continue
             try:
-                data = folder.read(i).replace(b"\n", b"\r\n")
+                data = folder.readCRLF(i)
             except (MessageGone, FileNotFoundError):
                 self.missing += 1
                 continue
@@ -373,11 +368,20 @@ class FetchRequest:
                     pieces.append(b"%b {%d}\r\n%b" % (label, len(data), data))
             if i in self.seenSet and not hasFlags:
                 pieces.append(b"FLAGS " + flagList(i))
-            line = b"* %d FETCH (%b)\r\n" % (p + 1, b" ".join(pieces))
-            batch.append(line)
-            size += len(line)
-            if size >= BATCH:
-                yield b"".join(batch)
-                batch, size = [], 0
-        if batch:
+            yield b"* %d FETCH (%b)\r\n" % (p + 1, b" ".join(pieces))
+
+
+def _batched(lines: Iterator[bytes]) -> Iterator[bytes]:
+    """
+    Lines joined into pieces of about L{BATCH} octets: one write each.
+    """
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line)
+        if size >= BATCH:
             yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)

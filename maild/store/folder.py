@@ -240,6 +240,17 @@ class Folder:
         finally:
             os.close(fd)
 
+    def readCRLF(self, i: int) -> bytes:
+        """
+        Message C{i} as it is served, with CRLF line ends: our files have
+        LF, and one that another tool wrote with CRLF is served the same
+        rather than with CR CR LF.
+        """
+        data = self.read(i)
+        if data.find(b"\r") >= 0:
+            data = data.replace(b"\r\n", b"\n")
+        return data.replace(b"\n", b"\r\n")
+
     def _relocate(self, uid: int) -> int:
         """
         Another process renamed or removed the file: list the folder again.
