@@ -175,27 +175,22 @@ class IdleTests(IMAPTestCase):
         """
         new = self.maildir("alice@localhost") / "new"
 
-        def run():
-            idler = self.connect()
-            try:
-                idler.command(b"i1 SELECT INBOX")
-                idler.send(b"i2 IDLE\r\n")
-                assert idler.readLine() == b"+ idling"
-                (new.parent / "tmp" / "outside").write_bytes(sampleMessage("outside"))
-                os.rename(new.parent / "tmp" / "outside", new / "1700000000.M1P99Q1.elsewhere")
-                arrived = waitFor(idler, b"RECENT\r\n")
-                idler.buffer = b""
-                # The session claimed it as \\Recent: it is in cur/ now.
-                [path] = new.parent.glob("*/1700000000.M1P99Q1.elsewhere*")
-                os.unlink(path)
-                removed = waitFor(idler, b"EXPUNGE\r\n")
-                idler.send(b"DONE\r\n")
-                idler.readUntilTagged(b"i2")
-                return arrived, removed
-            finally:
-                idler.close()
+        def run(idler):
+            idler.send(b"i2 IDLE\r\n")
+            assert idler.readLine() == b"+ idling"
+            (new.parent / "tmp" / "outside").write_bytes(sampleMessage("outside"))
+            os.rename(new.parent / "tmp" / "outside", new / "1700000000.M1P99Q1.elsewhere")
+            arrived = waitFor(idler, b"RECENT\r\n")
+            idler.buffer = b""
+            # The session claimed it as \\Recent: it is in cur/ now.
+            [path] = new.parent.glob("*/1700000000.M1P99Q1.elsewhere*")
+            os.unlink(path)
+            removed = waitFor(idler, b"EXPUNGE\r\n")
+            idler.send(b"DONE\r\n")
+            idler.readUntilTagged(b"i2")
+            return arrived, removed
 
-        arrived, removed = yield self.inThread(run)
+        arrived, removed = yield self.session(run, select=b"INBOX")
         self.assertEqual(arrived, b"* 1 EXISTS\r\n* 1 RECENT\r\n")
         self.assertEqual(removed, b"* 1 EXPUNGE\r\n")
 
@@ -210,18 +205,13 @@ class IdleTests(IMAPTestCase):
         watcher.pollInterval = 0.1
         new = self.maildir("alice@localhost") / "new"
 
-        def run():
-            idler = self.connect()
-            try:
-                idler.command(b"i1 SELECT INBOX")
-                idler.send(b"i2 IDLE\r\n")
-                assert idler.readLine() == b"+ idling"
-                (new / "1700000000.M1P99Q2.elsewhere").write_bytes(sampleMessage("polled"))
-                return waitFor(idler, b"RECENT\r\n")
-            finally:
-                idler.close()
+        def run(idler):
+            idler.send(b"i2 IDLE\r\n")
+            assert idler.readLine() == b"+ idling"
+            (new / "1700000000.M1P99Q2.elsewhere").write_bytes(sampleMessage("polled"))
+            return waitFor(idler, b"RECENT\r\n")
 
-        self.assertEqual((yield self.inThread(run)), b"* 1 EXISTS\r\n* 1 RECENT\r\n")
+        self.assertEqual((yield self.session(run, select=b"INBOX")), b"* 1 EXISTS\r\n* 1 RECENT\r\n")
 
     @defer.inlineCallbacks
     def test_idleWithoutDone(self):
