@@ -24,7 +24,9 @@ from maild.imap.parser import Atom, BadCommand, Literal, Quoted, SequenceSet, fo
 from maild.store import MailStore
 from maild.store import maildir
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "gen_mbox.py"
+# A copy of the project's shared corpus generator (../shared/corpus), kept
+# here so that the tests need nothing outside the checkout.
+CORPUS = Path(__file__).resolve().parent / "corpus" / "gen_mbox.py"
 
 
 def corpusMessages(directory: Path, count: int) -> list[bytes]:
