@@ -202,13 +202,21 @@ class IncomingMessage:
         """
         Remove the spool file at once (in a worker thread).
         """
+        self.closeFile()
+        if self.path is not None:
+            _unlinkQuietly(self.path)
+
+    def closeFile(self) -> None:
+        """
+        Close the spool file (it was renamed where it belongs, or is about
+        to be removed); the message is done with.
+        """
         self._gone = True
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
-            _unlinkQuietly(self.path)
 
 
 @dataclass(frozen=True)
@@ -390,7 +398,10 @@ class Committer:
     @staticmethod
     def _link(group: list[_Job]) -> dict[Path, list[_Job]]:
         """
-        Link each synced message into its target folders, with unique names.
+        Put each synced message into its target folders, with unique names:
+        the spool file is renamed into the first, and hard-linked from there
+        into the others (a rename is one change of the file system where a
+        link and an unlink are two).
 
         @return: the directories touched, and the jobs in each.
         """
@@ -407,12 +418,14 @@ class Committer:
                         path = target.folder / "new" / base
                     else:
                         path = target.folder / "cur" / (base + ":2," + target.info)
+                    place = os.link if placed else os.rename
+                    source = placed[0] if placed else message.path
                     try:
-                        os.link(message.path, path)
+                        place(source, path)
                     except FileNotFoundError:
                         for sub in ("cur", "new", "tmp"):
                             (target.folder / sub).mkdir(parents=True, exist_ok=True)
-                        os.link(message.path, path)
+                        place(source, path)
                     placed.append(path)
                     touched.setdefault(path.parent, []).append(job)
             except OSError as e:
@@ -421,7 +434,7 @@ class Committer:
                     _unlinkQuietly(path)
                 continue
             job.placed = placed
-            message.removeNow()
+            message.closeFile()
         return touched
 
     @staticmethod
