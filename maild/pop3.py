@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator
 
 from twisted.cred import credentials
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import pop3
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from maild.auth import Authenticator, plaintextLoginAllowed
@@ -38,6 +37,7 @@ from maild.connections import LimitedFactory
 from maild.store.folder import Folder, MessageGone
 from maild.store.locking import ExclusiveHold
 from maild.store.maildir import IN_NEW, INBOX, SEEN
+from maild.tls import isEncrypted
 
 log = Logger()
 
@@ -385,12 +385,6 @@ class POP3Settings:
     tlsContext: Any = None
 
 
-def _isTLS(transport) -> bool:
-    # TLSMemoryBIOProtocol (an implicit-TLS listener wrapped by the service)
-    # does not declare ISSLTransport; a transport after startTLS does.
-    return ISSLTransport.providedBy(transport) or isinstance(transport, TLSMemoryBIOProtocol)
-
-
 def _shown(arg: bytes) -> bytes:
     """
     A client's digits, cut short enough to quote in a reply.
@@ -485,7 +479,7 @@ class POP3Server(pop3.POP3):
 
     @property
     def secure(self) -> bool:
-        return self._tlsStarted or _isTLS(self.transport)
+        return self._tlsStarted or isEncrypted(self.transport)
 
     def _plaintextAllowed(self) -> bool:
         return plaintextLoginAllowed(self.settings.plaintextAuth, self.clientAddress, self.secure)

@@ -144,12 +144,12 @@ class MailService(service.MultiService):
         self.listeners: dict[str, Listener] = {}
         builders: dict[str, Callable[[], Any]] = {
             "smtp": self._mxFactory,
-            "submission": lambda: self._submissionFactory(implicitTLS=False),
-            "smtps": lambda: self._submissionFactory(implicitTLS=True),
+            "submission": self._submissionFactory,
+            "smtps": self._submissionFactory,
             "pop3": self._pop3Factory,
             "pop3s": self._pop3Factory,
-            "imap": lambda: self._imapFactory(implicitTLS=False),
-            "imaps": lambda: self._imapFactory(implicitTLS=True),
+            "imap": self._imapFactory,
+            "imaps": self._imapFactory,
         }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
@@ -190,11 +190,10 @@ class MailService(service.MultiService):
     def _mxFactory(self) -> SMTPFactory:
         return self._smtpFactory(SMTPServer, delivery=InboundDelivery(self.addresses))
 
-    def _submissionFactory(self, implicitTLS: bool) -> SMTPFactory:
+    def _submissionFactory(self) -> SMTPFactory:
         return self._smtpFactory(
             SubmissionServer,
             delivery=None,
-            implicitTLS=implicitTLS,
             authenticator=self.authenticator,
             plaintextAuth=self.config.submission_plaintext_auth,
         )
@@ -211,7 +210,7 @@ class MailService(service.MultiService):
             )
         )
 
-    def _imapFactory(self, implicitTLS: bool) -> IMAPFactory:
+    def _imapFactory(self) -> IMAPFactory:
         return IMAPFactory(
             IMAPSettings(
                 hostname=self.config.hostname,
@@ -221,7 +220,6 @@ class MailService(service.MultiService):
                 clock=self.reactor,
                 plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
-                implicitTLS=implicitTLS,
             )
         )
 

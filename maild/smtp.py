@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.smtp import AddressError, SMTPServerError
@@ -30,6 +29,7 @@ from maild.config import Limits
 from maild.names import InvalidName, normalizeAddress
 from maild.store.delivery import DeliveryFailed
 from maild.store.interfaces import IMailStore
+from maild.tls import isEncrypted
 
 log = Logger()
 
@@ -191,7 +191,6 @@ class SMTPSettings:
     # The policy of sessions that have not authenticated: the MX policy,
     # or None where AUTH is required (submission).
     delivery: smtp.IMessageDelivery | None
-    implicitTLS: bool = False
     tlsContext: Any = None
     # Submission only: logins, and whether AUTH is offered before TLS.
     authenticator: Any = None
@@ -236,8 +235,6 @@ class SMTPServer(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         smtp.ESMTP.connectionMade(self)
-        if self.settings.implicitTLS:
-            self.startedTLS = True
 
     def connectionLost(self, reason) -> None:
         self._cancelDeadline()
@@ -262,7 +259,7 @@ class SMTPServer(smtp.ESMTP):
 
     @property
     def secure(self) -> bool:
-        return self.startedTLS or ISSLTransport.providedBy(self.transport)
+        return self.startedTLS or isEncrypted(self.transport)
 
     # Input framing ---------------------------------------------------------
 

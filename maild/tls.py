@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import IOpenSSLContextFactory, ISSLTransport
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 log = Logger()
@@ -31,6 +32,16 @@ log = Logger()
 
 class TLSError(Exception):
     pass
+
+
+def isEncrypted(transport) -> bool:
+    """
+    Whether a session's transport is TLS: after STARTTLS (the transport then
+    declares ISSLTransport), or on an implicit-TLS listener, whose
+    connections the service wraps in a TLSMemoryBIOProtocol (which does not
+    declare it).
+    """
+    return ISSLTransport.providedBy(transport) or isinstance(transport, TLSMemoryBIOProtocol)
 
 
 def generateSelfSigned(hostname: str, certPath: Path, keyPath: Path, days: int = 3650) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from twisted.cred import credentials, error as credError
 from twisted.internet import defer, task
-from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
 
@@ -52,6 +52,7 @@ from maild.names import InvalidName
 from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder, Target
 from maild.store.keywords import TooManyKeywords
 from maild.store.maildir import SEEN, infoString
+from maild.tls import isEncrypted
 
 log = Logger()
 
@@ -82,7 +83,6 @@ class IMAPSettings:
     clock: Any
     plaintextAuth: str = "loopback"
     tlsContext: Any = None
-    implicitTLS: bool = False
     version: str = "0.1.0"
 
 
@@ -161,11 +161,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     @property
     def secure(self) -> bool:
-        return (
-            self.startedTLS
-            or self.settings.implicitTLS
-            or ISSLTransport.providedBy(self.transport)
-        )
+        return self.startedTLS or isEncrypted(self.transport)
 
     def _plaintextAllowed(self) -> bool:
         return plaintextLoginAllowed(self.settings.plaintextAuth, self.clientAddress, self.secure)
