@@ -6,6 +6,8 @@ failed logins.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import hashlib
 import hmac
@@ -232,6 +234,47 @@ class Authenticator:
         d = self.portal.login(creds, None, *interfaces)
         d.addCallbacks(succeeded, failed)
         return d
+
+
+class PlainResponseError(ValueError):
+    """
+    A SASL PLAIN response (RFC 4616) that cannot be used.
+    """
+
+
+class NotBase64(PlainResponseError):
+    pass
+
+
+class MalformedPlain(PlainResponseError):
+    pass
+
+
+class OtherIdentity(PlainResponseError):
+    """
+    The client asks to act as another user: not supported.
+    """
+
+
+def decodePlain(response: bytes) -> tuple[bytes, bytes]:
+    """
+    The user name and password of a base64 SASL PLAIN response.
+
+    @raise PlainResponseError: saying what is wrong with it.
+    """
+    try:
+        decoded = base64.b64decode(response, validate=True)
+    except (binascii.Error, ValueError):
+        raise NotBase64("invalid base64 data")
+    parts = decoded.split(b"\0")
+    if len(parts) != 3:
+        raise MalformedPlain("expected authzid NUL authcid NUL password")
+    authzid, authcid, password = parts
+    # (An empty authcid is the caller's to refuse, as a failed login or a
+    # malformed response.)
+    if authzid and authcid and authzid != authcid:
+        raise OtherIdentity("cannot act as another user")
+    return authcid, password
 
 
 def isLoopback(host: str) -> bool:

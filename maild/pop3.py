@@ -18,8 +18,6 @@ login, numbered for the whole session (RFC 1939 section 3).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from array import array
 from dataclasses import dataclass
@@ -31,7 +29,14 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from zope.interface import implementer
 
-from maild.auth import Authenticator, plaintextLoginAllowed
+from maild.auth import (
+    Authenticator,
+    MalformedPlain,
+    NotBase64,
+    OtherIdentity,
+    decodePlain,
+    plaintextLoginAllowed,
+)
 from maild.config import Limits
 from maild.connections import LimitedFactory
 from maild.store.folder import Folder, MessageGone
@@ -792,17 +797,18 @@ class POP3Server(pop3.POP3):
             self._err(b"Authentication cancelled.")
             return
         try:
-            decoded = base64.b64decode(response, validate=True)
-        except (binascii.Error, ValueError):
+            authcid, password = decodePlain(response)
+        except NotBase64:
             self._err(b"Invalid base64 data.")
             return
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self._err(b"Invalid PLAIN response.")
-            return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
+        except OtherIdentity:
             self._err(b"[AUTH] Logging in as another user is not supported.")
+            return
+        except MalformedPlain:
+            authcid = b""
+        if not authcid:
+            # Malformed, or no user name at all.
+            self._err(b"Invalid PLAIN response.")
             return
         self._login(authcid, password, "PLAIN")
 

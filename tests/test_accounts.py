@@ -134,6 +134,25 @@ class CheckerTests(unittest.TestCase):
         ).addCallback(lambda _: self.assertFailure(invalid, error.UnauthorizedLogin))
 
 
+class PlainTests(unittest.SynchronousTestCase):
+    def test_decodePlain(self):
+        """
+        A SASL PLAIN response gives the user name and password; bad base64,
+        a wrong number of parts and another authorization identity are told
+        apart (the protocols answer each in their own way).
+        """
+        from base64 import b64encode
+
+        from maild.auth import MalformedPlain, NotBase64, OtherIdentity, decodePlain
+
+        self.assertEqual(decodePlain(b64encode(b"\0alice\0pw")), (b"alice", b"pw"))
+        self.assertEqual(decodePlain(b64encode(b"alice\0alice\0pw")), (b"alice", b"pw"))
+        self.assertEqual(decodePlain(b64encode(b"\0\0pw")), (b"", b"pw"))
+        self.assertRaises(NotBase64, decodePlain, b"not base64!")
+        self.assertRaises(MalformedPlain, decodePlain, b64encode(b"alice\0pw"))
+        self.assertRaises(OtherIdentity, decodePlain, b64encode(b"bob\0alice\0pw"))
+
+
 class ThrottleTests(unittest.SynchronousTestCase):
     def test_doublingPerAddress(self):
         """

@@ -13,8 +13,6 @@ C{unauth_X}/C{auth_X}/C{select_X} tables.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,7 +23,13 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
 
-from maild.auth import Authenticator, plaintextLoginAllowed
+from maild.auth import (
+    Authenticator,
+    OtherIdentity,
+    PlainResponseError,
+    decodePlain,
+    plaintextLoginAllowed,
+)
 from maild.config import Limits
 from maild.connections import LimitedFactory
 from maild.imap import wire
@@ -458,13 +462,12 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(tag + b" BAD Authentication cancelled")
             return None
         try:
-            decoded = base64.b64decode(response, validate=True)
-            authzid, authcid, password = decoded.split(b"\0")
-        except (binascii.Error, ValueError):
-            self._send(tag + b" BAD Malformed PLAIN response")
-            return None
-        if authzid and authzid != authcid:
+            authcid, password = decodePlain(response)
+        except OtherIdentity:
             self._send(tag + b" NO [AUTHORIZATIONFAILED] Cannot act as another user")
+            return None
+        except PlainResponseError:
+            self._send(tag + b" BAD Malformed PLAIN response")
             return None
         return self._login(tag, authcid, password, "PLAIN")
 
