@@ -219,6 +219,8 @@ class SMTPServer(smtp.ESMTP):
         self.user: str | None = None
         self.clientAddress = "?"
         self._input = b""
+        # Where the next command line starts in _input.
+        self._pos = 0
         # Replies gathered while input is handled (None: write at once).
         self._replies: list[bytes] | None = None
         self._held = 0
@@ -264,8 +266,16 @@ class SMTPServer(smtp.ESMTP):
     # Input framing ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._compactInput()
         self._input += data
         self._process()
+
+    def _compactInput(self) -> None:
+        # Command lines are taken with a cursor (a copy of the rest of the
+        # input per line would make a burst of pipelined commands cost the
+        # square of its size); what was taken is dropped here, once.
+        if self._pos:
+            self._input, self._pos = self._input[self._pos :], 0
 
     def sendLine(self, line: bytes) -> None:
         # Replies to commands handled in one pass (a pipelined MAIL, RCPT,
@@ -294,20 +304,23 @@ class SMTPServer(smtp.ESMTP):
             self._flushReplies()
 
     def _handleInput(self) -> None:
-        while self._input and not self._held and not self.transport.disconnecting:
+        while (
+            self._pos < len(self._input) and not self._held and not self.transport.disconnecting
+        ):
             if self.mode == DATA:
+                self._compactInput()
                 if not self._dataPiece():
                     break
                 continue
-            end = self._input.find(b"\n")
+            end = self._input.find(b"\n", self._pos)
             if end < 0:
-                if len(self._input) > self.limits.line_length:
+                if len(self._input) - self._pos > self.limits.line_length:
                     # Drop what we have; the rest of the line is dropped
                     # when it comes, and answered then.
-                    self._input = b""
+                    self._input, self._pos = b"", 0
                     self._skippingLine = True
                 break
-            line, self._input = self._input[:end], self._input[end + 1 :]
+            line, self._pos = self._input[self._pos : end], end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if self._skippingLine or len(line) > self.limits.line_length:
@@ -316,15 +329,16 @@ class SMTPServer(smtp.ESMTP):
                 continue
             self._cancelDeadline()
             self.lineReceived(line)
+        pending = len(self._input) - self._pos
         if self.mode != DATA and not self._held:
-            if self._input or self._skippingLine:
+            if pending or self._skippingLine:
                 # A command has begun: it must be complete within the
                 # deadline, however slowly its bytes trickle in.
                 if self._deadline is None:
                     self._startDeadline(self.limits.command_timeout)
             else:
                 self._cancelDeadline()
-        if self._held and len(self._input) > _HOLD_LIMIT and not self._paused:
+        if self._held and pending > _HOLD_LIMIT and not self._paused:
             self.transport.pauseProducing()
             self._paused = True
 
@@ -448,7 +462,7 @@ class SMTPServer(smtp.ESMTP):
         self._flushReplies()
         # Whatever the client sent behind STARTTLS came in plaintext and
         # must not be taken as said inside TLS (CVE-2011-0411).
-        self._input = b""
+        self._input, self._pos = b"", 0
         self._cancelDeadline()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
