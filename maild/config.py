@@ -9,6 +9,7 @@ with L{loadConfig}, so the two never disagree about a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -79,6 +80,21 @@ class Limits:
     auth_failure_delay: float = 2.0
     auth_failure_delay_max: float = 15.0
     auth_failures_per_connection: int = 5
+    # Clients in these networks (the host's own applications, a webmail)
+    # are exempt from the per-address connection limit, and their failed
+    # logins are delayed per user name rather than per address.
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class DNSSettings:
+    """
+    The C{[dns]} table: how maild looks names up (MX, SPF, DKIM, DMARC).
+    """
+
+    # "host" or "host:port" of the servers to ask; empty means the
+    # system's (/etc/resolv.conf).
+    nameservers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,7 @@ class Config:
     # Whether submission offers AUTH before TLS (by default it never does,
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
+    dns: DNSSettings = field(default_factory=DNSSettings)
 
     @property
     def usersFile(self) -> Path:
@@ -128,7 +145,16 @@ class Config:
         return {name: ep for name, ep in self.listeners.items() if ep}
 
 
-_TOP_KEYS = {
+# TOML tables read generically into a settings dataclass, by table name:
+# the Config field each fills.  A new feature adds its dataclass, a Config
+# field and a line here; L{_parseTable} reads every key by its annotation.
+TABLES: Mapping[str, str] = MappingProxyType(
+    {
+        "dns": "dns",
+    }
+)
+
+_TOP_KEYS = set(TABLES) | {
     "data_dir",
     "hostname",
     "domains",
@@ -159,23 +185,51 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _parseLimits(raw: Any, problems: list[str]) -> dict[str, Any]:
-    if not _checkType(problems, "limits", raw, (dict,)):
+def _parseTable(
+    section: str, raw: Any, cls: type, problems: list[str], base: Path | None = None
+) -> dict[str, Any]:
+    """
+    Read the TOML table C{raw} into keyword arguments for the dataclass
+    C{cls}, checking each value against the field's annotation: C{int},
+    C{float}, C{bool}, C{str}, C{Path}, C{tuple[str, ...]} and
+    C{Mapping[str, str]} (a sub-table), each optionally C{| None}.
+    Numbers must be positive.  Relative paths are taken from C{base}.
+    """
+    if not _checkType(problems, section, raw, (dict,)):
         return {}
-    fields = {f.name: f for f in dataclasses.fields(Limits)}
-    parsed = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parsed: dict[str, Any] = {}
     for key, value in raw.items():
+        name = f"{section}.{key}"
         if key not in fields:
-            problems.append(
-                f"limits.{key}: unknown key (known: {', '.join(sorted(fields))})"
-            )
+            problems.append(f"{name}: unknown key (known: {', '.join(sorted(fields))})")
             continue
-        kind = (int,) if fields[key].type == "int" else (int, float)
-        if _checkType(problems, f"limits.{key}", value, kind):
-            if value <= 0:
-                problems.append(f"limits.{key}: must be greater than 0, got {value}")
-            else:
+        kind = str(fields[key].type).replace(" | None", "")
+        if kind in ("int", "float"):
+            if _checkType(problems, name, value, (int,) if kind == "int" else (int, float)):
+                if value <= 0:
+                    problems.append(f"{name}: must be greater than 0, got {value}")
+                else:
+                    parsed[key] = value
+        elif kind == "bool":
+            if _checkType(problems, name, value, (bool,)):
                 parsed[key] = value
+        elif kind == "str":
+            if _checkType(problems, name, value, (str,)):
+                parsed[key] = value
+        elif kind == "Path":
+            if _checkType(problems, name, value, (str,)):
+                parsed[key] = _resolve(base or Path.cwd(), value)
+        elif kind.startswith("tuple"):
+            if _checkType(problems, name, value, (list,)):
+                if all(_checkType(problems, name, item, (str,)) for item in value):
+                    parsed[key] = tuple(value)
+        elif kind.startswith("Mapping"):
+            if _checkType(problems, name, value, (dict,)):
+                if all(_checkType(problems, f"{name}.{k}", v, (str,)) for k, v in value.items()):
+                    parsed[key] = MappingProxyType(dict(value))
+        else:
+            raise TypeError(f"{cls.__name__}.{key}: no reader for {kind}")
     return parsed
 
 
@@ -252,7 +306,12 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
         if files:
             values["tls"] = files
     if "limits" in raw:
-        values["limits"] = _parseLimits(raw["limits"], problems)
+        values["limits"] = _parseTable("limits", raw["limits"], Limits, problems, base)
+    for table, fieldName in TABLES.items():
+        if table in raw:
+            values[fieldName] = _parseTable(
+                table, raw[table], _tableClass(fieldName), problems, base
+            )
     store = raw.get("store", {})
     if _checkType(problems, "store", store, (dict,)):
         for name, value in store.items():
@@ -280,6 +339,10 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                     f"auth.{name}: unknown key (known: plaintext, submission_plaintext)"
                 )
     return values
+
+
+def _tableClass(fieldName: str) -> type:
+    return {f.name: f for f in dataclasses.fields(Config)}[fieldName].default_factory
 
 
 def _validateEndpoint(name: str, description: str, problems: list[str]) -> None:
@@ -311,7 +374,7 @@ def loadConfig(
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key in ("listeners", "tls", "limits"):
+        if key in ("listeners", "tls", "limits") or key in TABLES.values():
             merged = dict(values.get(key, {}))
             merged.update({k: v for k, v in value.items() if v is not None})
             values[key] = merged
@@ -366,6 +429,15 @@ def loadConfig(
             f"got {values['plaintext_auth']!r}"
         )
     limits = dataclasses.replace(defaults.limits, **values.pop("limits", {}))
+    tables = {
+        fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
+        for fieldName in TABLES.values()
+    }
+    for network in limits.trusted_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"limits.trusted_networks: {network!r} is not an address or network")
     if problems:
         raise ConfigError(problems)
     values.pop("domains", None)
@@ -375,6 +447,7 @@ def loadConfig(
         listeners=MappingProxyType(listeners),
         tls=tls,
         limits=limits,
+        **tables,
         aliases=MappingProxyType(values.pop("aliases", {})),
         catchall=MappingProxyType(values.pop("catchall", {})),
         **{k: (Path(v) if k == "data_dir" else v) for k, v in values.items()},

@@ -11,9 +11,9 @@ import smtplib
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 from twisted.trial import unittest
@@ -288,32 +288,37 @@ class CrashTests(unittest.TestCase):
 class PackagingTests(unittest.TestCase):
     def test_pluginFoundAfterInstall(self):
         """
-        After `pip install .` into a virtualenv, `twistd maild --help` works
-        from any folder: the plugin file is installed, and twisted/plugins is
-        not shadowed by a package of ours.
+        The built wheel carries the plugin file and the C{maild} console
+        script, and no C{twisted/__init__.py} or C{twisted/plugins/__init__.py}
+        that would shadow Twisted's own packages; with only the wheel's
+        contents on the path, C{twistd maild --help} works from any folder.
         """
         self.assertFalse((ROOT / "twisted" / "__init__.py").exists())
         self.assertFalse((ROOT / "twisted" / "plugins" / "__init__.py").exists())
-        with tempfile.TemporaryDirectory() as venv:
-            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
-            bin = Path(venv) / "bin"
-            install = subprocess.run(
-                [bin / "python", "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
-                capture_output=True,
-                text=True,
-            )
-            if install.returncode != 0:
-                raise unittest.SkipTest(f"pip install failed (no package index?): {install.stderr[-500:]}")
-            plugin = list(Path(venv).glob("lib/python*/site-packages/twisted/plugins/maild_plugin.py"))
-            self.assertEqual(len(plugin), 1)
-            result = subprocess.run(
-                [bin / "python", "-c", "from twisted.scripts.twistd import run; run()", "maild", "--help"],
-                capture_output=True,
-                text=True,
-                cwd="/",
-                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-            )
-            self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertIn("--imaps=", result.stdout)
-            console = subprocess.run([bin / "maild", "--help"], capture_output=True, text=True, cwd="/")
-            self.assertEqual(console.returncode, 0, console.stderr)
+        out = Path(self.mktemp())
+        build = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+            capture_output=True,
+            text=True,
+        )
+        if build.returncode != 0:
+            raise unittest.SkipTest(f"pip wheel failed (no package index?): {build.stderr[-500:]}")
+        [wheel] = out.glob("maild-*.whl")
+        installed = out / "site"
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            archive.extractall(installed)
+        self.assertIn("twisted/plugins/maild_plugin.py", names)
+        self.assertNotIn("twisted/__init__.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)
+        [entryPoints] = installed.glob("maild-*.dist-info/entry_points.txt")
+        self.assertIn("maild = maild.cli:main", entryPoints.read_text())
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "maild", "--help"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(installed.resolve())},
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--imaps=", result.stdout)
