@@ -98,6 +98,27 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class MXSettings:
+    """
+    The C{[mx]} table: the trust checks on mail arriving at the MX (SPF,
+    DKIM, DMARC; see L{maild.trust}).
+    """
+
+    # "enforce": DMARC p=reject failures are refused (550 5.7.1) and
+    # p=quarantine failures go to the recipient's Junk folder;
+    # "quarantine": both go to Junk; "report": results are only recorded.
+    dmarc: str = "enforce"
+    # Whether the checks run at all.
+    checks: bool = True
+    # Seconds to wait for one DNS answer, and for a whole SPF evaluation.
+    dns_timeout: float = 5.0
+    spf_timeout: float = 20.0
+
+
+DMARC_POLICIES = ("enforce", "quarantine", "report")
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -129,6 +150,7 @@ class Config:
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
     dns: DNSSettings = field(default_factory=DNSSettings)
+    mx: MXSettings = field(default_factory=MXSettings)
 
     @property
     def usersFile(self) -> Path:
@@ -151,6 +173,7 @@ class Config:
 TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
+        "mx": "mx",
     }
 )
 
@@ -433,6 +456,10 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
+    if tables["mx"].dmarc not in DMARC_POLICIES:
+        problems.append(
+            f"mx.dmarc: must be one of {', '.join(DMARC_POLICIES)}, got {tables['mx'].dmarc!r}"
+        )
     for network in limits.trusted_networks:
         try:
             ipaddress.ip_network(network, strict=False)

@@ -23,10 +23,12 @@ from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
+from maild.resolver import makeResolver
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
 from maild.tls import ServerTLS, certificateFiles
+from maild.trust.checker import TrustChecker
 
 log = Logger()
 
@@ -188,7 +190,23 @@ class MailService(service.MultiService):
         )
 
     def _mxFactory(self) -> SMTPFactory:
-        return self._smtpFactory(SMTPServer, delivery=InboundDelivery(self.addresses))
+        return self._smtpFactory(
+            SMTPServer, delivery=InboundDelivery(self.addresses, self._trustChecker())
+        )
+
+    def _trustChecker(self) -> TrustChecker | None:
+        mx = self.config.mx
+        if not mx.checks:
+            return None
+        return TrustChecker(
+            lambda: makeResolver(self.config.dns),
+            self.config.hostname,
+            mx.dmarc,
+            self.reactor,
+            dnsTimeout=mx.dns_timeout,
+            spfTimeout=mx.spf_timeout,
+            trustedNetworks=self.config.limits.trusted_networks,
+        )
 
     def _submissionFactory(self) -> SMTPFactory:
         return self._smtpFactory(

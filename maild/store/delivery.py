@@ -104,6 +104,8 @@ class IncomingMessage:
         # Spills run one after another, in this chain.
         self._spilled = defer.succeed(None)
         self._gone = False
+        # Whether any piece went (or is going) to the spool file.
+        self._spilling = False
         if head:
             self.write(head)
 
@@ -129,6 +131,7 @@ class IncomingMessage:
         self.crlfSize += len(stored) + stored.count(b"\n")
         if self._buffered >= self.SPILL:
             pieces, self._pieces, self._buffered = self._pieces, [], 0
+            self._spilling = True
             self._spilled.addCallback(lambda _: self.spool.inThread(self._writeOut, pieces))
 
     def _writeOut(self, pieces: list[bytes]) -> None:
@@ -147,6 +150,44 @@ class IncomingMessage:
         except Exception:
             log.failure("cannot write a spool file")
             self.error = DeliveryFailed("internal error while storing")
+
+    def prepend(self, data: bytes) -> None:
+        """
+        Put C{data} (CRLF line ends) before everything written so far: a
+        header field added once the whole message is known.  While the
+        message is in memory this costs nothing; once part of it is in the
+        spool file, a worker thread writes a new spool file.
+        """
+        if self.error is not None or self._gone or not data:
+            return
+        stored = data.replace(b"\r\n", b"\n")
+        self.size += len(stored)
+        self.crlfSize += len(stored) + stored.count(b"\n")
+        if not self._spilling:
+            self._pieces.insert(0, stored)
+            self._buffered += len(stored)
+            return
+        self._spilled.addCallback(lambda _: self.spool.inThread(self._rewriteWith, stored))
+
+    def _rewriteWith(self, first: bytes) -> None:
+        """
+        Replace the spool file by one holding C{first} and then its
+        content.  Runs in a worker thread; errors are kept for L{close}.
+        """
+        if self.error is not None or self._gone:
+            return
+        oldPath, old = self.path, self._file
+        try:
+            self.path, self._file = self.spool.create()
+            self._file.write(first)
+            with open(oldPath, "rb") as content:
+                while chunk := content.read(1024 * 1024):
+                    self._file.write(chunk)
+        except OSError as e:
+            self.error = _failure(e)
+        finally:
+            old.close()
+            _unlinkQuietly(oldPath)
 
     def close(self) -> defer.Deferred:
         """

@@ -18,10 +18,11 @@ class IMailStore(Interface):
         @rtype: L{maild.store.delivery.IncomingMessage}
         """
 
-    def deliver(message, recipients):
+    def deliver(message, recipients, folder="INBOX"):
         """
-        Store C{message} durably in the INBOX of each of C{recipients}
-        (canonical C{user@domain} addresses).
+        Store C{message} durably in C{folder} (the INBOX by default; the MX
+        puts suspect mail into C{Junk}) of each of C{recipients} (canonical
+        C{user@domain} addresses).
 
         @return: a Deferred that fires when every copy is on disk.
         """

@@ -94,6 +94,10 @@ class MailStore:
         localPart, domain = splitAddress(address)
         return self.root / domain / localPart
 
+    @staticmethod
+    def _folderPath(root: Path, folder: str) -> Path:
+        return root if folder == INBOX else root / folderDirName(folder)
+
     def mailbox(self, address: str) -> "UserMailbox":
         return UserMailbox(self, address, self.userRoot(address))
 
@@ -127,17 +131,17 @@ class MailStore:
         return IncomingMessage(self._spool, head)
 
     def deliver(
-        self, message: IncomingMessage, recipients: Sequence[str]
+        self, message: IncomingMessage, recipients: Sequence[str], folder: str = INBOX
     ) -> defer.Deferred:
         """
-        Store C{message} once in the INBOX of each recipient (hard links),
-        durably.
+        Store C{message} once in C{folder} (the INBOX, or a special folder
+        such as C{Junk}) of each recipient (hard links), durably.
 
         @return: a Deferred firing with the paths of the copies when they
             are all on disk, or failing with
             L{maild.store.delivery.DeliveryFailed}.
         """
-        targets = [Target(self.userRoot(r)) for r in recipients]
+        targets = [Target(self._folderPath(self.userRoot(r), folder)) for r in recipients]
         return self.place(message, targets)
 
     def place(
