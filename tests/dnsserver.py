@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.names import common, dns, error, server
 
@@ -137,6 +137,7 @@ def _reply(query: dns.Message, rCode: int) -> dns.Message:
         id=query.id, answer=1, opCode=query.opCode, recDes=query.recDes, recAv=1, rCode=rCode
     )
     reply.queries = query.queries
+    reply.timeReceived = getattr(query, "timeReceived", 0.0)
     return reply
 
 
@@ -170,4 +171,9 @@ class DNSServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> defer.Deferred:
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        # Clients keep TCP connections open: close them (the daemon's
+        # resolver then forgets them).
+        for protocol in list(self.factory.connections):
+            protocol.transport.loseConnection()
+        stopped = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        return defer.gatherResults(stopped).addCallback(lambda _: task.deferLater(reactor, 0, lambda: None))

@@ -85,11 +85,12 @@ def makeLookup(resolver, timeout: float) -> Lookup:
         for _ in range(MAX_CNAME + 1):
             try:
                 query = dns.Query(_wireName(current), wanted, dns.IN)
+            except UnicodeError:
+                # A name DNS cannot carry (a label over 63 octets...).
+                return []
+            try:
                 answers, _, _ = yield resolver.query(query, tries)
             except (error.DNSNameError, dns.AuthoritativeDomainError):
-                return []
-            except (UnicodeError, ValueError):
-                # A name DNS cannot carry (a label over 63 octets...).
                 return []
             except (error.DomainError, error.DNSQueryTimeoutError, defer.TimeoutError,
                     InternetTimeout) as e:
