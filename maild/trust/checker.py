@@ -19,8 +19,8 @@ from typing import Callable
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from maild.trust.dkim import DKIMResult, hasSignatures, verifyDKIM
-from maild.trust.dmarc import DMARCResult, checkDMARC
+from maild.trust.dkim import DKIMResult, hasSignatures, keyNames, verifyDKIM
+from maild.trust.dmarc import DMARCResult, checkDMARC, policyNames
 from maild.trust.headers import HeaderFilter, parseFields
 from maild.trust.lookup import Lookup, makeLookup
 from maild.trust.results import authenticationResults, logSummary
@@ -91,7 +91,7 @@ class TrustChecker:
     @property
     def lookup(self) -> Lookup:
         if self._lookup is None:
-            self._lookup = makeLookup(self._makeResolver(), self.dnsTimeout)
+            self._lookup = makeLookup(self._makeResolver(), self.dnsTimeout, self.clock)
         return self._lookup
 
     def exempt(self, clientAddress: str) -> bool:
@@ -168,6 +168,10 @@ class MessageChecks:
         self._fields = parseFields(self._filter.section)
         if not hasSignatures(self._fields):
             self._raw = None
+        # Ask for the DKIM keys and DMARC records while the body arrives:
+        # the answers wait in the lookup's cache for the verdict.
+        for name in keyNames(self._fields) + policyNames(self._fields):
+            self.checker.lookup(name, "TXT").addErrback(lambda _: None)
 
     def verdict(self) -> defer.Deferred[Verdict]:
         """

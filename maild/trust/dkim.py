@@ -72,6 +72,19 @@ def hasSignatures(fields: list[tuple[str, str]]) -> bool:
     return any(name == "dkim-signature" for name, _ in fields)
 
 
+def keyNames(fields: list[tuple[str, str]]) -> list[str]:
+    """
+    The DNS names of the keys the signatures need (to ask early).
+    """
+    return sorted(
+        {
+            s.keyName
+            for s in _signatures(fields)[:MAX_SIGNATURES]
+            if isinstance(s, _Signature) and s.keyName
+        }
+    )
+
+
 async def verifyDKIM(
     lookup: Lookup, fields: list[tuple[str, str]], message: bytes, inThread
 ) -> list[DKIMResult]:
@@ -85,11 +98,6 @@ async def verifyDKIM(
     """
     signatures = _signatures(fields)
     keys: dict[str, bytes | None | TemporaryDNSError] = {}
-    names = {
-        s.keyName
-        for s in signatures[:MAX_SIGNATURES]
-        if isinstance(s, _Signature) and s.keyName
-    }
 
     async def fetch(name: str) -> None:
         try:
@@ -101,7 +109,7 @@ async def verifyDKIM(
         # several records make the key unusable.
         keys[name] = b"".join(records[0]) if len(records) == 1 else None
 
-    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in sorted(names)])
+    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in keyNames(fields)])
     return await inThread(_verifyAll, message, signatures, keys)
 
 

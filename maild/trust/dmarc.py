@@ -27,6 +27,7 @@ def _suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def organizationalDomain(domain: str) -> str:
     """
     RFC 7489 section 3.2: the registered domain of C{domain} (one label
@@ -96,6 +97,14 @@ def fromDomains(fields: list[tuple[str, str]]) -> list[str] | None:
         if at and domain and domain not in domains:
             domains.append(domain)
     return domains or None
+
+
+def policyNames(fields: list[tuple[str, str]]) -> list[str]:
+    """
+    The DNS names where the From: domains' DMARC records are (to ask
+    early; the organizational domains' only if these have none).
+    """
+    return [f"_dmarc.{domain}" for domain in fromDomains(fields) or ()]
 
 
 def aligned(domain: str, fromDomain: str, mode: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.internet.error import TimeoutError as InternetTimeout
 from twisted.names import dns, error
+from twisted.python.failure import Failure
 
 # The record types the checks ask for, by the names pyspf uses.
 TYPES = {
@@ -63,35 +64,97 @@ def _recordName(record: dns.RRHeader) -> str:
     return record.name.name.decode("ascii", "replace").rstrip(".").lower()
 
 
-def makeLookup(resolver, timeout: float) -> Lookup:
+class CachingLookup:
     """
-    A lookup function over C{resolver} (an C{IResolver}).
+    Lookups over C{resolver} (an C{IResolver}), their answers kept for their
+    TTL: the checks of one message ask the same names several times, and
+    mail from one domain comes in bursts.
 
     C{lookup(name, qtype)} fires with the list of the values of the
     C{qtype} records of C{name} (following CNAMEs, in the answer or by
     asking again), C{[]} when there are none (NXDOMAIN or no data), or
-    fails with L{TemporaryDNSError}.
+    fails with L{TemporaryDNSError} (never kept).  A question already on
+    its way is not asked twice.
 
     @param timeout: seconds to wait for one answer, retries included.
+    @param clock: an C{IReactorTime} for the TTLs.
+    @param negativeTTL: how long "no such records" is kept when the reply
+        carries no SOA to say (RFC 2308).
     """
-    # Two tries over UDP, the second waiting longer (a lost datagram).
-    tries = (timeout / 3, timeout * 2 / 3)
+
+    def __init__(
+        self,
+        resolver,
+        timeout: float,
+        clock,
+        maxEntries: int = 10000,
+        maxTTL: float = 3600.0,
+        negativeTTL: float = 60.0,
+    ) -> None:
+        self.resolver = resolver
+        # Two tries over UDP, the second waiting longer (a lost datagram).
+        self.tries = (timeout / 3, timeout * 2 / 3)
+        self.clock = clock
+        self.maxEntries = maxEntries
+        self.maxTTL = maxTTL
+        self.negativeTTL = negativeTTL
+        self._answers: dict[tuple[str, str], tuple[float, list]] = {}
+        self._waiting: dict[tuple[str, str], list[defer.Deferred]] = {}
+
+    def __call__(self, name: str, qtype: str) -> defer.Deferred:
+        key = (name.lower().rstrip("."), qtype)
+        kept = self._answers.get(key)
+        if kept is not None:
+            if kept[0] > self.clock.seconds():
+                return defer.succeed(list(kept[1]))
+            del self._answers[key]
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            d: defer.Deferred = defer.Deferred()
+            waiting.append(d)
+            return d
+        self._waiting[key] = []
+        d = self._ask(*key)
+        d.addBoth(self._answered, key)
+        return d
+
+    def _answered(self, result, key):
+        waiting = self._waiting.pop(key)
+        if isinstance(result, Failure):
+            for d in waiting:
+                d.errback(result)
+            return result
+        values, ttl = result
+        if ttl > 0:
+            if len(self._answers) >= self.maxEntries:
+                # The oldest entry goes.
+                del self._answers[next(iter(self._answers))]
+            self._answers[key] = (self.clock.seconds() + min(ttl, self.maxTTL), values)
+        for d in waiting:
+            d.callback(list(values))
+        return list(values)
 
     @defer.inlineCallbacks
-    def lookup(name: str, qtype: str):
+    def _ask(self, name: str, qtype: str):
+        """
+        @return: the values and how long they may be kept.
+        """
         wanted = TYPES[qtype]
-        current = name.lower().rstrip(".")
+        current = name
         seen = {current}
+        ttl = self.maxTTL
         for _ in range(MAX_CNAME + 1):
             try:
                 query = dns.Query(_wireName(current), wanted, dns.IN)
             except UnicodeError:
                 # A name DNS cannot carry (a label over 63 octets...).
-                return []
+                return [], self.maxTTL
             try:
-                answers, _, _ = yield resolver.query(query, tries)
-            except (error.DNSNameError, dns.AuthoritativeDomainError):
-                return []
+                answers, authority, _ = yield self.resolver.query(query, self.tries)
+            except (error.DNSNameError, dns.AuthoritativeDomainError) as e:
+                message = e.args[0] if e.args else None
+                authority = getattr(message, "authority", [])
+                return [], min(ttl, self._negativeTTL(authority))
             except (error.DomainError, error.DNSQueryTimeoutError, defer.TimeoutError,
                     InternetTimeout) as e:
                 # SERVFAIL, REFUSED, FORMERR, NOTIMP, an unknown code, or
@@ -104,22 +167,38 @@ def makeLookup(resolver, timeout: float) -> Lookup:
             # ask for the rest.
             while True:
                 records = byName.get(current, [])
-                values = [_value(r) for r in records if r.type == wanted]
-                if values:
-                    return values
+                found = [r for r in records if r.type == wanted]
+                if found:
+                    ttl = min([ttl] + [r.ttl for r in found])
+                    return [_value(r) for r in found], ttl
                 cname = next((r for r in records if r.type == dns.CNAME), None)
                 if cname is None:
-                    return []
+                    return [], min(ttl, self._negativeTTL(authority))
+                ttl = min(ttl, cname.ttl)
                 current = _targetName(cname)
                 if current in seen:
                     # A CNAME loop: no data.
-                    return []
+                    return [], min(ttl, self.negativeTTL)
                 seen.add(current)
                 if current not in byName:
                     break
         raise TemporaryDNSError(f"{qtype} {name}: CNAME chain too long")
 
-    return lookup
+    def _negativeTTL(self, authority) -> float:
+        # RFC 2308 section 5: the SOA's TTL, capped by its MINIMUM field.
+        for record in authority or ():
+            if record.type == dns.SOA:
+                return min(record.ttl, record.payload.minimum)
+        return self.negativeTTL
+
+
+def makeLookup(resolver, timeout: float, clock=None) -> Lookup:
+    """
+    A L{CachingLookup} over C{resolver}.
+    """
+    if clock is None:
+        from twisted.internet import reactor as clock
+    return CachingLookup(resolver, timeout, clock)
 
 
 def _targetName(cname: dns.RRHeader) -> str:
