@@ -20,6 +20,8 @@ REPORT='import json, sys
 r = json.load(sys.stdin)
 print("%8.0f msg/s  accepted %d  p50 %.1f ms  p99 %.1f ms" % (r["messages_per_second"], r["accepted"], r["latency_ms"]["p50"], r["latency_ms"]["p99"]))'
 
+cputicks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
 freeport() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 dnsport=$(freeport)
@@ -58,11 +60,14 @@ TOML
     done
     sync; sleep 2
     printf '%-11s ' "checks=$checks"
+    local before; before=$(cputicks "$pid")
     "$PYTHON" bench/smtp_load.py --server "127.0.0.1:$port" --messages "$MESSAGES" --concurrency 50 \
         --bind 127.0.0.1,127.0.0.2 --from bench@bench.test --to alice@localhost \
         --dkim-key "$work/dkim.key" --json \
         | "$PYTHON" -c "$REPORT" \
         || true
+    # The daemon's CPU per message: steadier than the rate on a shared machine.
+    echo "    daemon CPU per message: $(( ($(cputicks "$pid") - before) * 1000000 / $(getconf CLK_TCK) / MESSAGES )) µs"
     kill "$pid"; wait "$pid" 2>/dev/null || true
     echo "    tracebacks in the log: $(grep -c Traceback "$work/maild-$2.log" || true)"
     grep -m1 -o 'spf=[^ ]* dkim=[^ ]* dmarc=[^ ]*' "$work/maild-$2.log" | sed 's/^/    /' || true

@@ -16,7 +16,7 @@ from twisted.names import dns, error
 from twisted.trial import unittest
 
 from maild.trust.checker import DEFER, ENFORCE, INBOX, JUNK, QUARANTINE, REJECT, REPORT, decide
-from maild.trust.dkim import DKIMResult, verifyDKIM
+from maild.trust.dkim import BatchVerifier, DKIMResult, readSignatures, verifyDKIM
 from maild.trust.dmarc import (
     DMARCRecord,
     DMARCResult,
@@ -376,6 +376,8 @@ class AnyRecordTests(unittest.TestCase):
         lookup = CachingLookup(zone, 1.0, task.Clock())
         message = f"DKIM-Signature: d=d.test; s=s; {tags}\r\nFrom: a@d.test\r\n\r\nbody\r\n".encode()
         fields = parseFields(message.split(b"\r\n\r\n")[0] + b"\r\n")
-        d = defer.ensureDeferred(verifyDKIM(lookup, fields, message, defer.maybeDeferred))
+        d = defer.ensureDeferred(
+            verifyDKIM(lookup, readSignatures(fields), message, BatchVerifier(defer.maybeDeferred))
+        )
         (result,) = self.successResultOf(d)
         self.assertIn(result.result, ("pass", "fail", "permerror", "temperror", "policy"))

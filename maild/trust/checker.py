@@ -19,8 +19,8 @@ from typing import Callable
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from maild.trust.dkim import DKIMResult, hasSignatures, keyNames, verifyDKIM
-from maild.trust.dmarc import DMARCResult, checkDMARC, policyNames
+from maild.trust.dkim import BatchVerifier, DKIMResult, keyNames, readSignatures, verifyDKIM
+from maild.trust.dmarc import DMARCResult, checkDMARC, fromDomains, policyNames
 from maild.trust.headers import HeaderFilter, parseFields
 from maild.trust.lookup import Lookup, makeLookup
 from maild.trust.results import authenticationResults, logSummary
@@ -84,7 +84,7 @@ class TrustChecker:
         self.policy = policy
         self.clock = clock
         self.spfTimeout = spfTimeout
-        self.inThread = inThread
+        self.verifier = BatchVerifier(inThread)
         self.sample = sample
         self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
 
@@ -120,7 +120,8 @@ class MessageChecks:
         self._filter = HeaderFilter(checker.hostname)
         # The message as received, kept for DKIM while it may be signed.
         self._raw: bytearray | None = bytearray()
-        self._fields: list[tuple[str, str]] = []
+        self._signatures: list = []
+        self._fromDomains: list[str] | None = None
         self._spf = checkSPF(
             checker.lookup, clientAddress, sender, helo, receiver=checker.hostname
         )
@@ -165,12 +166,14 @@ class MessageChecks:
         return out
 
     def _headersComplete(self) -> None:
-        self._fields = parseFields(self._filter.section)
-        if not hasSignatures(self._fields):
+        fields = parseFields(self._filter.section)
+        self._signatures = readSignatures(fields)
+        self._fromDomains = fromDomains(fields)
+        if not self._signatures:
             self._raw = None
         # Ask for the DKIM keys and DMARC records while the body arrives:
         # the answers wait in the lookup's cache for the verdict.
-        for name in keyNames(self._fields) + policyNames(self._fields):
+        for name in keyNames(self._signatures) + policyNames(self._fromDomains):
             self.checker.lookup(name, "TXT").addErrback(lambda _: None)
 
     def verdict(self) -> defer.Deferred[Verdict]:
@@ -185,8 +188,8 @@ class MessageChecks:
         dkim: list[DKIMResult] = []
         if self._raw is not None:
             message, self._raw = bytes(self._raw), None
-            dkim = await verifyDKIM(checker.lookup, self._fields, message, checker.inThread)
-        dmarc = await checkDMARC(checker.lookup, self._fields, spf, dkim, checker.sample)
+            dkim = await verifyDKIM(checker.lookup, self._signatures, message, checker.verifier)
+        dmarc = await checkDMARC(checker.lookup, self._fromDomains, spf, dkim, checker.sample)
         header = authenticationResults(checker.hostname, spf, self.sender, dkim, dmarc)
         action, reply = decide(checker.policy, dmarc)
         return Verdict(action, header, logSummary(spf, dkim, dmarc), reply)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import dkim as dkimpy
 from dkim.util import InvalidTagValueList, parse_tag_value
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from maild.trust.lookup import Lookup, TemporaryDNSError
 
@@ -39,19 +40,24 @@ class DKIMResult:
 
 
 @dataclass(frozen=True)
-class _Signature:
+class Signature:
+    """
+    What a DKIM-Signature field names (read in the reactor thread, so the
+    key can be asked for at once).
+    """
+
     domain: str
     selector: str
     signature: str
     keyName: str | None
 
 
-def _signatures(fields: list[tuple[str, str]]) -> list[_Signature | str]:
+def readSignatures(fields: list[tuple[str, str]]) -> list[Signature | str]:
     """
     The DKIM-Signature fields, in order: what they name, or why they
     cannot be read.
     """
-    found: list[_Signature | str] = []
+    found: list[Signature | str] = []
     for name, value in fields:
         if name != "dkim-signature":
             continue
@@ -64,39 +70,74 @@ def _signatures(fields: list[tuple[str, str]]) -> list[_Signature | str]:
         selector = tags.get(b"s", b"").decode("utf-8", "replace").lower()
         signature = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
         keyName = f"{selector}._domainkey.{domain}" if domain and selector else None
-        found.append(_Signature(domain, selector, signature, keyName))
+        found.append(Signature(domain, selector, signature, keyName))
     return found
 
 
-def hasSignatures(fields: list[tuple[str, str]]) -> bool:
-    return any(name == "dkim-signature" for name, _ in fields)
-
-
-def keyNames(fields: list[tuple[str, str]]) -> list[str]:
+def keyNames(signatures: list[Signature | str]) -> list[str]:
     """
-    The DNS names of the keys the signatures need (to ask early).
+    The DNS names of the keys the signatures need.
     """
     return sorted(
         {
             s.keyName
-            for s in _signatures(fields)[:MAX_SIGNATURES]
-            if isinstance(s, _Signature) and s.keyName
+            for s in signatures[:MAX_SIGNATURES]
+            if isinstance(s, Signature) and s.keyName
         }
     )
 
 
-async def verifyDKIM(
-    lookup: Lookup, fields: list[tuple[str, str]], message: bytes, inThread
-) -> list[DKIMResult]:
+class BatchVerifier:
     """
-    Verify every DKIM signature of C{message} (CRLF line ends; C{fields}
-    its parsed header fields).
+    Verifies messages in a worker thread, in batches: the messages that
+    arrive while a batch is being verified go together in the next trip,
+    so that under load one trip to the thread (and one wake-up of the
+    reactor on the way back) serves many messages.
 
     @param inThread: runs a blocking callable off the reactor thread and
         returns a Deferred of its result (C{deferToThread}).
+    """
+
+    def __init__(self, inThread) -> None:
+        self.inThread = inThread
+        self._waiting: list[tuple[bytes, list, dict, defer.Deferred]] = []
+        self._busy = False
+
+    def verify(self, message: bytes, signatures: list, keys: dict) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((message, signatures, keys, d))
+        if not self._busy:
+            self._runBatch()
+        return d
+
+    def _runBatch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        work = [(message, signatures, keys) for message, signatures, keys, _ in batch]
+        d = self.inThread(lambda: [_verifySafely(*item) for item in work])
+        d.addBoth(self._batchDone, [item[3] for item in batch])
+
+    def _batchDone(self, results, waiting: list[defer.Deferred]) -> None:
+        self._busy = False
+        if isinstance(results, Failure):
+            for d in waiting:
+                d.errback(results)
+        else:
+            for d, result in zip(waiting, results):
+                d.callback(result)
+        if self._waiting and not self._busy:
+            self._runBatch()
+
+
+async def verifyDKIM(
+    lookup: Lookup, signatures: list[Signature | str], message: bytes, verifier: BatchVerifier
+) -> list[DKIMResult]:
+    """
+    Verify every DKIM signature of C{message} (CRLF line ends;
+    C{signatures} read from its header by L{readSignatures}).
+
     @return: one result per signature (none for an unsigned message).
     """
-    signatures = _signatures(fields)
     keys: dict[str, bytes | None | TemporaryDNSError] = {}
 
     async def fetch(name: str) -> None:
@@ -109,8 +150,18 @@ async def verifyDKIM(
         # several records make the key unusable.
         keys[name] = b"".join(records[0]) if len(records) == 1 else None
 
-    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in keyNames(fields)])
-    return await inThread(_verifyAll, message, signatures, keys)
+    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in keyNames(signatures)])
+    return await verifier.verify(message, signatures, keys)
+
+
+def _verifySafely(message: bytes, signatures, keys) -> list[DKIMResult]:
+    # One message's surprise must not fail the others of its batch.
+    try:
+        return _verifyAll(message, signatures, keys)
+    except Exception as e:
+        return [DKIMResult("permerror", reason=f"cannot verify: {type(e).__name__}")] * len(
+            signatures
+        )
 
 
 def _verifyAll(message: bytes, signatures, keys) -> list[DKIMResult]:
@@ -138,7 +189,7 @@ def _verifyAll(message: bytes, signatures, keys) -> list[DKIMResult]:
     return results
 
 
-def _verifyOne(verifier, index: int, signature: _Signature, keys) -> DKIMResult:
+def _verifyOne(verifier, index: int, signature: Signature, keys) -> DKIMResult:
     def result(kind: str, reason: str = "") -> DKIMResult:
         return DKIMResult(kind, signature.domain, signature.selector, signature.signature, reason)
 

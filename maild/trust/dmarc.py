@@ -99,12 +99,12 @@ def fromDomains(fields: list[tuple[str, str]]) -> list[str] | None:
     return domains or None
 
 
-def policyNames(fields: list[tuple[str, str]]) -> list[str]:
+def policyNames(domains: list[str] | None) -> list[str]:
     """
     The DNS names where the From: domains' DMARC records are (to ask
     early; the organizational domains' only if these have none).
     """
-    return [f"_dmarc.{domain}" for domain in fromDomains(fields) or ()]
+    return [f"_dmarc.{domain}" for domain in domains or ()]
 
 
 def aligned(domain: str, fromDomain: str, mode: str) -> bool:
@@ -160,18 +160,18 @@ async def _discover(lookup: Lookup, domain: str) -> tuple[DMARCRecord | None, bo
 
 async def checkDMARC(
     lookup: Lookup,
-    fields: list[tuple[str, str]],
+    domains: list[str] | None,
     spf: SPFResult,
     dkim: list[DKIMResult],
     sample=random.random,
 ) -> DMARCResult:
     """
-    The DMARC result of a message.  With several From: domains (section
-    6.6.1), each is checked and the worst result stands.
+    The DMARC result of a message from C{domains} (L{fromDomains}).
+    With several From: domains (section 6.6.1), each is checked and the
+    worst result stands.
 
     @param sample: a number in [0, 1) for C{pct=} sampling.
     """
-    domains = fromDomains(fields)
     if domains is None:
         return DMARCResult("none", reason="no From: domain")
     results = [await _checkDomain(lookup, d, spf, dkim, sample) for d in domains]

@@ -118,6 +118,15 @@ class CachingLookup:
         d.addBoth(self._answered, key)
         return d
 
+    def cached(self, name: str, qtype: str) -> list | None:
+        """
+        The answer kept for this question, if there is one still fresh.
+        """
+        kept = self._answers.get((name.lower().rstrip("."), qtype))
+        if kept is not None and kept[0] > self.clock.seconds():
+            return list(kept[1])
+        return None
+
     def _answered(self, result, key):
         waiting = self._waiting.pop(key)
         if isinstance(result, Failure):

@@ -19,7 +19,7 @@ from typing import Any
 import spf as pyspf
 from twisted.internet import defer
 
-from maild.trust.lookup import Lookup, TemporaryDNSError
+from maild.trust.lookup import TYPES, Lookup, TemporaryDNSError
 
 # RFC 7208 section 4.6.4: at most 10 MX names are looked up; their
 # addresses are asked for together with the MX answer.
@@ -57,9 +57,10 @@ class _ReplayQuery(pyspf.query):
     some exceptions, around C{exp} for one, so the list is what counts).
     """
 
-    def __init__(self, answers: dict, **kwargs: Any) -> None:
+    def __init__(self, answers: dict, cached, **kwargs: Any) -> None:
         pyspf.query.__init__(self, **kwargs)
         self.answers = answers
+        self.cached = cached
         self.unanswered: list[tuple[str, str]] = []
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
@@ -69,8 +70,12 @@ class _ReplayQuery(pyspf.query):
             return []
         key = (name, qtype)
         if key not in self.answers:
-            self.unanswered.append(key)
-            raise _NeedsAnswer(key)
+            # An answer the lookup keeps saves a round.
+            kept = self.cached(name, qtype) if qtype in TYPES else None
+            if kept is None:
+                self.unanswered.append(key)
+                raise _NeedsAnswer(key)
+            self.answers[key] = kept
         result = self.answers[key]
         if isinstance(result, TemporaryDNSError):
             raise pyspf.TempError(f"DNS {result}")
@@ -129,12 +134,13 @@ def checkSPF(
 
 async def _check(lookup, ip, sender, helo, receiver, answers) -> SPFResult:
     answers = {} if answers is None else answers
+    cached = getattr(lookup, "cached", lambda name, qtype: None)
     try:
         addressType = "AAAA" if ipaddress.ip_address(ip).version == 6 else "A"
     except ValueError:
         return SPFResult("none", "mailfrom", "", "no valid client address")
     for _ in range(_MAX_ROUNDS):
-        query = _ReplayQuery(answers, i=ip, s=sender, h=helo, receiver=receiver)
+        query = _ReplayQuery(answers, cached, i=ip, s=sender, h=helo, receiver=receiver)
         identity = query.ident
         domain = query.o if identity == "mailfrom" else helo
         try:
