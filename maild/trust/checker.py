@@ -114,6 +114,10 @@ class TrustChecker:
 
 
 class MessageChecks:
+    """
+    The checks of one transaction (made by L{TrustChecker.begin}).
+    """
+
     def __init__(self, checker: TrustChecker, clientAddress: str, helo: str, sender: str):
         self.checker = checker
         self.sender = sender
@@ -136,10 +140,6 @@ class MessageChecks:
             return SPFResult("temperror", identity, domain, "SPF evaluation timed out")
         log.failure("SPF evaluation failed", reason)
         return SPFResult("temperror", identity, domain, "internal error")
-
-    @property
-    def removedForgeries(self) -> int:
-        return self._filter.removed
 
     def feed(self, content: bytes) -> bytes:
         """
