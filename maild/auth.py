@@ -285,6 +285,18 @@ def isLoopback(host: str) -> bool:
         return not host[:1].isdigit() and ":" not in host
 
 
+def isTrusted(host: str, networks) -> bool:
+    """
+    Whether C{host} (an IP address) is in one of C{networks}
+    (C{limits.trusted_networks}: addresses or CIDR networks).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
 def plaintextLoginAllowed(policy: str, clientHost: str, secure: bool) -> bool:
     """
     Whether a password may be sent on this connection (the

@@ -26,7 +26,9 @@ from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
+from maild.metrics import MeteredFactory
 from maild.tls import ServerTLS, certificateFiles
+from maild.web import WebFactory, makeRoot
 
 log = Logger()
 
@@ -41,14 +43,20 @@ class Listener(service.Service):
 
     @ivar port: the listening port, once started (tests ask it for the
         port number chosen for C{tcp:0}).
+    @ivar factory: the protocol's factory, which knows its sessions.
+    @ivar listeningFactory: what the endpoint is given: C{factory} inside
+        its wrappers (metrics, TLS).
     """
 
-    def __init__(self, name: str, description: str, endpoint, factory, clock) -> None:
+    def __init__(
+        self, name: str, description: str, endpoint, factory, clock, listeningFactory=None
+    ) -> None:
         self.name = name
         self.clock = clock
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
+        self.listeningFactory = listeningFactory or factory
         self.port = None
         self.ready: defer.Deferred | None = None
 
@@ -70,7 +78,7 @@ class Listener(service.Service):
             self._listen()
 
     def _listen(self) -> None:
-        self.ready = self.endpoint.listen(self.factory)
+        self.ready = self.endpoint.listen(self.listeningFactory)
         self.ready.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port):
@@ -95,8 +103,7 @@ class Listener(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             stopped.append(defer.maybeDeferred(port.stopListening))
-        factory = getattr(self.factory, "wrappedFactory", self.factory)
-        stopped.append(factory.closeSessions(self.clock))
+        stopped.append(self.factory.closeSessions(self.clock))
         return defer.gatherResults(stopped)
 
 
@@ -150,6 +157,8 @@ class MailService(service.MultiService):
             "pop3s": self._pop3Factory,
             "imap": self._imapFactory,
             "imaps": self._imapFactory,
+            "http": self._webFactory,
+            "https": self._webFactory,
         }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
@@ -158,10 +167,11 @@ class MailService(service.MultiService):
                 continue
             endpoint = endpoints.serverFromString(reactor, description)
             factory = builder()
+            wrapped = MeteredFactory(name, factory)
             if name in IMPLICIT_TLS and description.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
                 # RFC 8314: TLS from the first byte, with the same certificate.
-                factory = TLSMemoryBIOFactory(self.tls, False, factory)
-            listener = Listener(name, description, endpoint, factory, reactor)
+                wrapped = TLSMemoryBIOFactory(self.tls, False, wrapped)
+            listener = Listener(name, description, endpoint, factory, reactor, wrapped)
             listener.setServiceParent(self)
             self.listeners[name] = listener
         cleanup = internet.TimerService(
@@ -172,6 +182,25 @@ class MailService(service.MultiService):
         )
         cleanup.clock = reactor
         cleanup.setServiceParent(self)
+
+    def _webFactory(self) -> WebFactory:
+        limits = self.config.limits
+        return WebFactory(
+            makeRoot(self), limits.connections_per_ip, limits.trusted_networks,
+            timeout=limits.idle_timeout,
+        )
+
+    def boundPorts(self) -> dict[str, int]:
+        """
+        The TCP port of each listener that is up, by name (what client
+        autoconfiguration offers).
+        """
+        ports = {}
+        for name, listener in self.listeners.items():
+            address = listener.port.getHost() if listener.port is not None else None
+            if getattr(address, "port", None):
+                ports[name] = address.port
+        return ports
 
     def _smtpFactory(self, protocol: type[SMTPServer], **settings) -> SMTPFactory:
         return SMTPFactory(

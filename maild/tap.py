@@ -26,6 +26,11 @@ class Options(usage.Options):
         ["tls-cert", None, None, "TLS certificate chain (PEM)."],
         ["tls-key", None, None, "TLS private key (PEM)."],
     ] + [[name, None, None, f"Listener for {name.upper()}."] for name in PROTOCOLS]
+    optFlags = [
+        ["dev", None, "Developer mode: accept mail for any address and any login, "
+         "in one shared mailbox; relay nothing (loopback only)."],
+        ["dev-public", None, "Allow the developer mode on non-loopback listeners."],
+    ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
