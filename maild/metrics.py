@@ -131,6 +131,11 @@ class MeteredFactory(policies.WrappingFactory):
         self.received = bytesReceived.labels(listener)
         self.sent = bytesSent.labels(listener)
 
+    def buildProtocol(self, addr):
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        # None refuses the connection (a limit): pass the refusal on.
+        return None if wrapped is None else self.protocol(self, wrapped)
+
     def registerProtocol(self, p) -> None:
         # WrappingFactory keeps every protocol in a dict; the sessions
         # are already tracked by the protocol's own factory.
