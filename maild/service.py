@@ -26,6 +26,7 @@ from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
+from maild.dev import AnyPasswordChecker, DevAddresses, devMailbox
 from maild.metrics import MeteredFactory
 from maild.tls import ServerTLS, certificateFiles
 from maild.web import WebFactory, makeRoot
@@ -123,13 +124,20 @@ class MailService(service.MultiService):
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
         self.store = MailStore(config.data_dir, self.committer)
         self.accounts = Accounts(config.usersFile)
-        self.addresses = LocalAddresses(
-            self.accounts,
-            config.domains,
-            postmaster=config.postmaster,
-            aliases=config.aliases,
-            catchall=config.catchall,
-        )
+        if config.dev.enabled:
+            self.devMailbox = devMailbox(config.domains)
+            self.store.mailbox(self.devMailbox).ensureExists()
+            self.addresses = DevAddresses(self.accounts, config.domains, self.devMailbox)
+            checker = AnyPasswordChecker(self.devMailbox)
+        else:
+            self.addresses = LocalAddresses(
+                self.accounts,
+                config.domains,
+                postmaster=config.postmaster,
+                aliases=config.aliases,
+                catchall=config.catchall,
+            )
+            checker = PasswordChecker(self.accounts, config.domains[0], reactor)
         self.realm = MailRealm(
             {
                 IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user),
@@ -137,9 +145,7 @@ class MailService(service.MultiService):
                 IAccount: lambda user: Account(self.store, user),
             }
         )
-        self.portal = Portal(
-            self.realm, [PasswordChecker(self.accounts, config.domains[0], reactor)]
-        )
+        self.portal = Portal(self.realm, [checker])
         limits = config.limits
         self.authenticator = Authenticator(
             self.portal,
@@ -224,7 +230,10 @@ class MailService(service.MultiService):
             SubmissionServer,
             delivery=None,
             authenticator=self.authenticator,
-            plaintextAuth=self.config.submission_plaintext_auth,
+            # The developer mode is on loopback (unless made public): an
+            # application may log in there without STARTTLS.
+            plaintextAuth=self.config.submission_plaintext_auth
+            or (self.config.dev.enabled and not self.config.dev.public),
         )
 
     def _pop3Factory(self) -> POP3Factory:
@@ -259,6 +268,13 @@ class MailService(service.MultiService):
             data=str(self.config.data_dir.resolve()),
             domains=", ".join(self.config.domains),
         )
+        if self.config.dev.enabled:
+            log.warn(
+                "DEVELOPER MODE: mail for every address is accepted and any password "
+                "logs in; everything lands in {mailbox}, nothing is relayed. "
+                "Never run this mode as a real mail server.",
+                mailbox=self.devMailbox,
+            )
         if self.config.plaintext_auth == "always":
             log.warn("IMAP and POP3 accept passwords without TLS from any address")
         if self.config.submission_plaintext_auth:

@@ -399,6 +399,10 @@ class SMTPServer(smtp.ESMTP):
         if self._greeted(rest, esmtp=False):
             self.sendCode(250, self.host)
 
+    # Some teaching clients say HELLO: taken as HELO, since nothing else
+    # could be meant.
+    do_HELLO = do_HELO
+
     def do_EHLO(self, rest: bytes) -> None:
         if self._greeted(rest, esmtp=True):
             hello = self.host + b" Hello [" + self.clientAddress.encode("ascii", "replace") + b"]"

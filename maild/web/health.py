@@ -10,7 +10,9 @@ import json
 import os
 
 from twisted.internet import threads
-from twisted.web import resource, server
+from twisted.web import resource
+
+from maild.web.later import respondLater
 
 
 def _probeWrite(dataDir) -> str | None:
@@ -46,7 +48,7 @@ class Health(resource.Resource):
             _probeWrite, self.service.config.data_dir,
         )
 
-        def answer(storeProblem):
+        def render(storeProblem):
             problems = [f"listener {name} is not listening" for name in down]
             if storeProblem:
                 problems.append(storeProblem)
@@ -54,9 +56,6 @@ class Health(resource.Resource):
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"cache-control", b"no-store")
             body = {"status": "fail" if problems else "ok", "problems": problems}
-            request.write(json.dumps(body).encode() + b"\n")
-            request.finish()
+            return json.dumps(body).encode() + b"\n"
 
-        d.addCallback(answer)
-        d.addErrback(lambda f: request.processingFailed(f))
-        return server.NOT_DONE_YET
+        return respondLater(request, d, render)
