@@ -432,3 +432,60 @@ class HTTPLimitTests(ServerTestCase):
 
         closedAtOnce = yield self.inThread(connect)
         self.assertTrue(closedAtOnce)
+
+
+class LiveCheckTests(ServerTestCase):
+    listeners = ("smtp", "submission", "imaps", "pop3", "http", "https")
+
+    def writeConfig(self) -> str:
+        listen = "\n".join(
+            f'{name} = "tcp:{self.port(name)}:interface=127.0.0.1"' for name in self.listeners
+        )
+        others = "\n".join(
+            f'{name} = "none"' for name in ("smtps", "pop3s", "imap") if name not in self.listeners
+        )
+        path = self.dataDir.parent / "live.toml"
+        path.write_text(
+            f'data_dir = "{self.dataDir}"\nhostname = "mx.test"\ndomains = ["localhost", "example.org"]\n'
+            f"[listen]\n{listen}\n{others}\n"
+        )
+        return str(path)
+
+    def runCheck(self, path: str):
+        import io
+
+        from maild import cli
+
+        def run():
+            out, err = io.StringIO(), io.StringIO()
+            status = cli.main(["--config", path, "check", "--live", "--timeout", "5"], io.StringIO(), out, err)
+            return status, out.getvalue(), err.getvalue()
+
+        return self.inThread(run)
+
+    @defer.inlineCallbacks
+    def test_allUp(self):
+        """
+        Every listener answers as its protocol should (TLS first on the
+        implicit ones, with the configured certificate): exit status 0 and
+        one "ok" line each.
+        """
+        status, out, err = yield self.runCheck(self.writeConfig())
+        self.assertEqual(status, 0, out + err)
+        lines = [line for line in out.splitlines() if line.startswith(("ok", "FAIL"))]
+        self.assertEqual(len(lines), len(self.listeners), out)
+        self.assertTrue(all(line.startswith("ok") for line in lines), out)
+        self.assertIn("certificate as configured", "".join(l for l in lines if " imaps " in l))
+
+    @defer.inlineCallbacks
+    def test_listenerDown(self):
+        """
+        A listener that does not answer is reported FAIL and the exit
+        status is 1.
+        """
+        path = self.writeConfig()
+        yield self.service.listeners["pop3"].stopService()
+        status, out, _ = yield self.runCheck(path)
+        self.assertEqual(status, 1)
+        [line] = [line for line in out.splitlines() if " pop3 " in line]
+        self.assertTrue(line.startswith("FAIL"), line)
