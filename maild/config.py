@@ -126,6 +126,19 @@ class DevSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """
+    The C{[cluster]} table: several maild processes or nodes on one data
+    folder.
+    """
+
+    # maild processes on this machine sharing the listening sockets.
+    workers: int = 1
+    # Who may put a PROXY header in front of a connection (haproxy: listeners).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -159,6 +172,7 @@ class Config:
     dns: DNSSettings = field(default_factory=DNSSettings)
     web: WebSettings = field(default_factory=WebSettings)
     dev: DevSettings = field(default_factory=DevSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def usersFile(self) -> Path:
@@ -183,6 +197,7 @@ TABLES: Mapping[str, str] = MappingProxyType(
         "dns": "dns",
         "web": "web",
         "dev": "dev",
+        "cluster": "cluster",
     }
 )
 
@@ -469,11 +484,15 @@ def loadConfig(
         problems.append(f"web.metrics: must be 'trusted' or 'anyone', got {tables['web'].metrics!r}")
     if tables["dev"].enabled and not tables["dev"].public:
         _keepDevModeLocal(listeners, problems)
-    for network in limits.trusted_networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            problems.append(f"limits.trusted_networks: {network!r} is not an address or network")
+    for key, networks in (
+        ("limits.trusted_networks", limits.trusted_networks),
+        ("cluster.trusted_proxies", tables["cluster"].trusted_proxies),
+    ):
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                problems.append(f"{key}: {network!r} is not an address or network")
     if problems:
         raise ConfigError(problems)
     values.pop("domains", None)

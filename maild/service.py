@@ -28,6 +28,7 @@ from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
 from maild.dev import AnyPasswordChecker, DevAddresses, devMailbox
 from maild.metrics import MeteredFactory
+from maild.proxyheader import ProxyHeaderFactory
 from maild.tls import ServerTLS, certificateFiles
 from maild.web import WebFactory, makeRoot
 
@@ -171,12 +172,17 @@ class MailService(service.MultiService):
             if builder is None:
                 log.warn("{name}: not available in this version, not started", name=name)
                 continue
-            endpoint = endpoints.serverFromString(reactor, description)
+            proxied = description.startswith("haproxy:")
+            inner = description[len("haproxy:"):] if proxied else description
+            endpoint = endpoints.serverFromString(reactor, inner)
             factory = builder()
             wrapped = MeteredFactory(name, factory)
-            if name in IMPLICIT_TLS and description.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
+            if name in IMPLICIT_TLS and inner.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
                 # RFC 8314: TLS from the first byte, with the same certificate.
                 wrapped = TLSMemoryBIOFactory(self.tls, False, wrapped)
+            if proxied:
+                # The PROXY header comes first, before any TLS.
+                wrapped = ProxyHeaderFactory(wrapped, config.cluster.trusted_proxies, reactor)
             listener = Listener(name, description, endpoint, factory, reactor, wrapped)
             listener.setServiceParent(self)
             self.listeners[name] = listener
