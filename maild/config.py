@@ -422,8 +422,12 @@ def loadConfig(
         if value is None:
             continue
         if key in ("listeners", "tls", "limits") or key in TABLES.values():
+            given = {k: v for k, v in value.items() if v is not None}
+            if key in TABLES.values():
+                # Command-line values are checked like the file's.
+                given = _parseTable(key, given, _tableClass(key), problems)
             merged = dict(values.get(key, {}))
-            merged.update({k: v for k, v in value.items() if v is not None})
+            merged.update(given)
             values[key] = merged
         else:
             values[key] = value
@@ -560,6 +564,16 @@ def _readable(path: Path) -> bool:
         return False
 
 
+def _number(text: str | None) -> int | None:
+    """
+    A whole number given on the command line; a bad one is left for the
+    table's own check to report (as a string, not an int).
+    """
+    if text is None:
+        return None
+    return int(text) if str(text).isdigit() else text
+
+
 def configFromOptions(options: Mapping[str, Any]) -> Config:
     """
     The configuration for command-line options, as both the twistd plugin
@@ -583,5 +597,6 @@ def configFromOptions(options: Mapping[str, Any]) -> Config:
             "enabled": True if options.get("dev") else None,
             "public": True if options.get("dev_public") else None,
         },
+        "cluster": {"workers": _number(options.get("workers"))},
     }
     return loadConfig(options.get("config"), overrides)
