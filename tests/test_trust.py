@@ -88,7 +88,7 @@ def fromDomain(domain: str, subject: str = "Hello", body: str = "Hi there.\r\n")
 
 class TrustTestCase(ServerTestCase):
     limits = {"trusted_networks": []}
-    mx: dict = {"dns_timeout": 0.3}
+    mx: dict = {"checks": True, "dns_timeout": 0.3}
 
     def setUp(self):
         self.dns = DNSServer(ZONE)
@@ -387,7 +387,7 @@ class DMARCTests(TrustTestCase):
 
 
 class QuarantinePolicyTests(TrustTestCase):
-    mx = {"dns_timeout": 0.3, "dmarc": "quarantine"}
+    mx = {"checks": True, "dns_timeout": 0.3, "dmarc": "quarantine"}
 
     @defer.inlineCallbacks
     def test_rejectGoesToJunk(self):
@@ -400,7 +400,7 @@ class QuarantinePolicyTests(TrustTestCase):
 
 
 class ReportPolicyTests(TrustTestCase):
-    mx = {"dns_timeout": 0.3, "dmarc": "report"}
+    mx = {"checks": True, "dns_timeout": 0.3, "dmarc": "report"}
 
     @defer.inlineCallbacks
     def test_onlyRecorded(self):
