@@ -337,6 +337,20 @@ class DMARCTests(TrustTestCase):
         self.assertEqual(code, 550)
 
     @defer.inlineCallbacks
+    def test_fromWithTooManyDomains(self):
+        """
+        A From: naming more domains than are checked (10) is not looked up
+        at all: dmarc=permerror, and the message goes to Junk.
+        """
+        addresses = ", ".join(f"a@d{i}.test" for i in range(11))
+        message = f"From: {addresses}\r\nSubject: x\r\n\r\nHi\r\n".encode()
+        code, _ = yield self.send("x@nopolicy.test", message)
+        self.assertEqual(code, 250)
+        (stored,) = self.stored(".Junk")
+        self.assertIn("dmarc=permerror (too many From: domains)", self.results(stored))
+        self.assertNotIn(("_dmarc.d0.test", "TXT"), self.dns.resolver.queries)
+
+    @defer.inlineCallbacks
     def test_noFrom(self):
         """
         No From: field at all: dmarc=none, delivered.

@@ -206,7 +206,8 @@ class DecisionTests(unittest.TestCase):
         """
         The [mx] dmarc policies: enforce rejects p=reject and files
         p=quarantine into Junk; quarantine files both; report only records;
-        a temporary error the outcome depends on defers (451 4.4.3).
+        a temporary error the outcome depends on defers (451 4.4.3); a From:
+        with too many domains to check goes to Junk.
         """
         reject = DMARCResult("fail", "x.test", "reject", "reject")
         quarantine = DMARCResult("fail", "x.test", "quarantine", "quarantine")
@@ -214,6 +215,7 @@ class DecisionTests(unittest.TestCase):
         temporary = DMARCResult("fail", "x.test", "reject", "reject", dependsOnTemporary=True)
         unknown = DMARCResult("temperror", "x.test", dependsOnTemporary=True)
         passed = DMARCResult("temperror", "x.test")
+        unreadable = DMARCResult("permerror", "x.test")
         cases = {
             (ENFORCE, reject): REJECT,
             (ENFORCE, quarantine): JUNK,
@@ -221,6 +223,8 @@ class DecisionTests(unittest.TestCase):
             (ENFORCE, temporary): DEFER,
             (ENFORCE, unknown): DEFER,
             (ENFORCE, passed): INBOX,
+            (ENFORCE, unreadable): JUNK,
+            (REPORT, unreadable): INBOX,
             (QUARANTINE, reject): JUNK,
             (QUARANTINE, quarantine): JUNK,
             (QUARANTINE, unknown): DEFER,

@@ -206,6 +206,9 @@ def decide(policy: str, dmarc: DMARCResult) -> tuple[str, tuple[int, bytes] | No
         return INBOX, None
     if dmarc.result == "temperror" and dmarc.dependsOnTemporary:
         return DEFER, _TRY_LATER
+    if dmarc.result == "permerror":
+        # A From: too many domains to check: suspect, not refused.
+        return JUNK, None
     if dmarc.result != "fail" or dmarc.policy == "none":
         return INBOX, None
     if dmarc.dependsOnTemporary:

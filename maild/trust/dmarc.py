@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 
 from publicsuffixlist import PublicSuffixList
+from twisted.internet import defer
 
 from maild.trust.dkim import DKIMResult
 from maild.trust.lookup import Lookup, TemporaryDNSError
 from maild.trust.spf import SPFResult
 
 POLICIES = ("none", "quarantine", "reject")
+# From: domains checked at most per message.
+MAX_FROM_DOMAINS = 10
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,7 +107,9 @@ def policyNames(domains: list[str] | None) -> list[str]:
     The DNS names where the From: domains' DMARC records are (to ask
     early; the organizational domains' only if these have none).
     """
-    return [f"_dmarc.{domain}" for domain in domains or ()]
+    if not domains or len(domains) > MAX_FROM_DOMAINS:
+        return []
+    return [f"_dmarc.{domain}" for domain in domains]
 
 
 def aligned(domain: str, fromDomain: str, mode: str) -> bool:
@@ -174,7 +179,13 @@ async def checkDMARC(
     """
     if domains is None:
         return DMARCResult("none", reason="no From: domain")
-    results = [await _checkDomain(lookup, d, spf, dkim, sample) for d in domains]
+    if len(domains) > MAX_FROM_DOMAINS:
+        # Each would cost lookups: a From: listing many domains is refused
+        # the checks (section 6.6.1 lets the receiver reject it).
+        return DMARCResult("permerror", domains[0], reason="too many From: domains")
+    results = await defer.gatherResults(
+        [defer.ensureDeferred(_checkDomain(lookup, d, spf, dkim, sample)) for d in domains]
+    )
     rank = {"pass": 0, "none": 1, "temperror": 2, "fail": 3}
     return max(results, key=lambda r: (rank.get(r.result, 1), POLICIES.index(r.policy)))
 
