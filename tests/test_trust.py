@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
+from maild import metrics
 from tests.dnsserver import SERVFAIL, TIMEOUT, TRUNCATED, WRONG_NAME, DNSServer
 from tests.support import ServerTestCase, sampleMessage, waitForEmptySpool
 
@@ -398,6 +399,23 @@ class DMARCTests(TrustTestCase):
         self.assertIn("dmarc=fail(spoof.test p=reject)", texts[0])
         self.assertTrue(texts[1].startswith("accepted"))
         self.assertIn("spf=pass(mailfrom:good.test) dkim=none dmarc=pass", texts[1])
+
+
+    @defer.inlineCallbacks
+    def test_counted(self):
+        """
+        Each result is counted for the metrics (maild_trust_results_total).
+        """
+        def count(check, result):
+            value = metrics.REGISTRY.get_sample_value(
+                "maild_trust_results_total", {"check": check, "result": result}
+            )
+            return value or 0
+
+        before = [count("spf", "fail"), count("dkim", "none"), count("dmarc", "fail")]
+        yield self.send("ceo@spoof.test", fromDomain("spoof.test"))
+        after = [count("spf", "fail"), count("dkim", "none"), count("dmarc", "fail")]
+        self.assertEqual([a - b for a, b in zip(after, before)], [1, 1, 1])
 
 
 class QuarantinePolicyTests(TrustTestCase):

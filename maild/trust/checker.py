@@ -19,6 +19,7 @@ from typing import Callable
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from maild import metrics
 from maild.trust.dkim import BatchVerifier, DKIMResult, keyNames, readSignatures, verifyDKIM
 from maild.trust.dmarc import DMARCResult, checkDMARC, fromDomains, policyNames
 from maild.trust.headers import HeaderFilter, parseFields
@@ -190,9 +191,18 @@ class MessageChecks:
             message, self._raw = bytes(self._raw), None
             dkim = await verifyDKIM(checker.lookup, self._signatures, message, checker.verifier)
         dmarc = await checkDMARC(checker.lookup, self._fromDomains, spf, dkim, checker.sample)
+        _count(spf, dkim, dmarc)
         header = authenticationResults(checker.hostname, spf, self.sender, dkim, dmarc)
         action, reply = decide(checker.policy, dmarc)
         return Verdict(action, header, logSummary(spf, dkim, dmarc), reply)
+
+
+def _count(spf: SPFResult, dkim: list[DKIMResult], dmarc: DMARCResult) -> None:
+    # Results are a fixed set of words (RFC 8601 section 2.7): bounded labels.
+    metrics.trustResults.labels("spf", spf.result).inc()
+    for result in dkim or [DKIMResult("none")]:
+        metrics.trustResults.labels("dkim", result.result).inc()
+    metrics.trustResults.labels("dmarc", dmarc.result).inc()
 
 
 def decide(policy: str, dmarc: DMARCResult) -> tuple[str, tuple[int, bytes] | None]:
