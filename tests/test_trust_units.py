@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from twisted.names import dns, error
 from twisted.trial import unittest
 
-from maild.trust.checker import DEFER, ENFORCE, INBOX, JUNK, QUARANTINE, REJECT, REPORT, decide
+from maild.trust.checker import DEFER, TrustChecker, ENFORCE, INBOX, JUNK, QUARANTINE, REJECT, REPORT, decide
 from maild.trust.dkim import BatchVerifier, DKIMResult, readSignatures, verifyDKIM
 from maild.trust.dmarc import (
     DMARCRecord,
@@ -349,6 +349,34 @@ class SPFTimeoutTests(unittest.TestCase):
         d = checkSPF(lookup, "192.0.2.1", "a@silent.test", "h.test")
         clock.advance(2)
         self.assertEqual(self.successResultOf(d).result, "temperror")
+
+
+class SilentResolverTests(unittest.TestCase):
+    def test_verdictInTime(self):
+        """
+        A resolver that never answers nor fails: every question ends after
+        the DNS timeout, SPF, DKIM and DMARC are temperror, and the verdict
+        defers the message (DMARC may have refused it) rather than hang.
+        """
+        clock = task.Clock()
+
+        class Silent:
+            def query(self, query, timeout):
+                return defer.Deferred()
+
+        checker = TrustChecker(Silent, "mx.test", ENFORCE, clock, dnsTimeout=1.0,
+                               inThread=defer.maybeDeferred)
+        checks = checker.begin("192.0.2.1", "h.test", "a@x.test")
+        message = b"DKIM-Signature: v=1; a=rsa-sha256; d=x.test; s=s; h=from; bh=AA==; b=AA==\r\n"
+        checks.feed(message + b"From: a@x.test\r\n\r\nHi\r\n")
+        checks.finish()
+        d = checks.verdict()
+        clock.advance(1.0)
+        verdict = self.successResultOf(d)
+        self.assertEqual(verdict.action, DEFER)
+        self.assertEqual(
+            verdict.summary, "spf=temperror(mailfrom:x.test) dkim=temperror:x.test dmarc=temperror(x.test)"
+        )
 
 
 class AnyRecordTests(unittest.TestCase):

@@ -159,7 +159,10 @@ class CachingLookup:
                 # A name DNS cannot carry (a label over 63 octets...).
                 return [], self.maxTTL
             try:
-                answers, authority, _ = yield self.resolver.query(query, self.tries)
+                asked = self.resolver.query(query, self.tries)
+                # Whatever the resolver does, the question ends in time.
+                asked.addTimeout(sum(self.tries), self.clock)
+                answers, authority, _ = yield asked
             except (error.DNSNameError, dns.AuthoritativeDomainError) as e:
                 message = e.args[0] if e.args else None
                 authority = getattr(message, "authority", [])
