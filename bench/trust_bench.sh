@@ -7,6 +7,9 @@
 #
 #   bench/trust_bench.sh [MESSAGES] [ROUNDS]      # defaults 5000 and 3
 #
+# ALGORITHM=ed25519-sha256 signs with ed25519 instead of RSA 2048;
+# CHECKS="true" runs only the checked daemon.
+#
 # Run from the repository root with maild's virtual environment active
 # (or PYTHON=/path/to/python).  Prints one line per run.
 set -euo pipefail
@@ -25,7 +28,9 @@ cputicks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 freeport() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 dnsport=$(freeport)
-"$PYTHON" bench/trust_dns.py --port "$dnsport" --domain bench.test --key-out "$work/dkim.key" >"$work/dns.log" 2>&1 &
+ALGORITHM=${ALGORITHM:-rsa-sha256}
+"$PYTHON" bench/trust_dns.py --port "$dnsport" --domain bench.test --key-out "$work/dkim.key" \
+    --algorithm "$ALGORITHM" >"$work/dns.log" 2>&1 &
 sleep 1
 
 run() {  # run CHECKS(true|false) LABEL
@@ -44,6 +49,8 @@ pop3 = "none"
 pop3s = "none"
 imap = "none"
 imaps = "none"
+http = "none"
+https = "none"
 [dns]
 nameservers = ["127.0.0.1:$dnsport"]
 [limits]
@@ -63,7 +70,7 @@ TOML
     local before; before=$(cputicks "$pid")
     "$PYTHON" bench/smtp_load.py --server "127.0.0.1:$port" --messages "$MESSAGES" --concurrency 50 \
         --bind 127.0.0.1,127.0.0.2 --from bench@bench.test --to alice@localhost \
-        --dkim-key "$work/dkim.key" --json \
+        --dkim-key "$work/dkim.key" --dkim-algorithm "$ALGORITHM" --json \
         | "$PYTHON" -c "$REPORT" \
         || true
     # The daemon's CPU per message: steadier than the rate on a shared machine.

@@ -7,6 +7,7 @@ time) with those answers, so dkimpy never asks DNS itself.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -206,13 +207,9 @@ def _verifyOne(verifier, index: int, signature: Signature, keys) -> DKIMResult:
         return result("temperror", "key lookup failed")
     if key is None:
         return result("permerror", "no key")
-    try:
-        dkimpy.evaluate_pk(signature.keyName.encode(), key)
-    except dkimpy.DKIMException as e:
-        return result("permerror", f"bad key: {_short(e)}")
-    except Exception as e:
-        # dkimpy's key parsers raise more than their own exceptions.
-        return result("permerror", f"bad key: {type(e).__name__}")
+    problem = _keyProblem(key)
+    if problem is not None:
+        return result("permerror", problem)
     try:
         ok = verifier.verify_sig(tags, included, sigHeaders[index], lambda name, timeout=5: key)
     except dkimpy.ValidationError as e:
@@ -223,6 +220,23 @@ def _verifyOne(verifier, index: int, signature: Signature, keys) -> DKIMResult:
     except Exception as e:
         return result("permerror", f"cannot verify: {type(e).__name__}")
     return result("pass") if ok else result("fail", "signature did not verify")
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyProblem(record: bytes) -> str | None:
+    """
+    Why a key record cannot be used, or None.  Kept per record: parsing a
+    key costs as much as the rest of a verification, and a domain signs
+    much mail with one key.
+    """
+    try:
+        dkimpy.evaluate_pk(b"key", record)
+    except dkimpy.DKIMException as e:
+        return f"bad key: {_short(e)}"
+    except Exception as e:
+        # dkimpy's key parsers raise more than their own exceptions.
+        return f"bad key: {type(e).__name__}"
+    return None
 
 
 def _short(e: Exception) -> str:
