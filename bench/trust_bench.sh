@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SMTP MX throughput with the trust checks (SPF, DKIM, DMARC) on against
 # off, back to back: a private DNS server (trust_dns.py) answers for the
-# sending domain, every message is DKIM-signed (ed25519) by smtp_load.py
+# sending domain, every message is DKIM-signed (RSA 2048) by smtp_load.py
 # before its run, and the daemon checks mail from loopback
 # ([limits] trusted_networks = []).
 #
