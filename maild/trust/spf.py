@@ -21,8 +21,8 @@ from twisted.internet import defer
 
 from maild.trust.lookup import TYPES, Lookup, TemporaryDNSError
 
-# RFC 7208 section 4.6.4: at most 10 MX names are looked up; their
-# addresses are asked for together with the MX answer.
+# RFC 7208 section 4.6.4: at most 10 MX (or PTR) names are looked up;
+# their addresses are asked for together with the MX (PTR) answer.
 _MX_NAMES = 10
 # Evaluations of one check at most: each asks DNS once or more, and the
 # lookup limits end a real record's evaluation long before this.
@@ -100,12 +100,16 @@ async def _fetch(lookup: Lookup, answers: dict, key: tuple[str, str], addressTyp
     except TemporaryDNSError as e:
         answers[key] = e
         return
-    if qtype == "MX":
-        # The addresses of the exchanges come next: ask for them now.
-        exchanges = sorted(answers[key])[:_MX_NAMES]
+    if qtype in ("MX", "PTR"):
+        # The addresses of the exchanges (or of the names a PTR record
+        # gives, to validate them) come next: ask for them now.
+        if qtype == "MX":
+            hosts = [host for _, host in sorted(answers[key])[:_MX_NAMES]]
+        else:
+            hosts = answers[key][:_MX_NAMES]
         missing = [
             (host.lower(), addressType)
-            for _, host in exchanges
+            for host in hosts
             if (host.lower(), addressType) not in answers
         ]
         await defer.gatherResults(
