@@ -351,6 +351,29 @@ class SPFTimeoutTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d).result, "temperror")
 
 
+class SPFRoundsTests(unittest.TestCase):
+    def test_longRecordWithinRounds(self):
+        """
+        A record that uses every lookup it may (8 a: terms, an mx with 10
+        exchanges, a ptr with 10 names) gets pyspf's result, not a
+        temperror for running out of rounds: the addresses of MX and PTR
+        names are asked for together.
+        """
+        zone = {
+            "x.test": [("TXT", "v=spf1 " + " ".join(f"a:h{i}.x.test" for i in range(8)) + " mx ptr -all")],
+            "1.2.0.192.in-addr.arpa": [("PTR", f"p{i}.x.test") for i in range(10)],
+        }
+        zone["x.test"] += [("MX", (i, f"m{i}.x.test")) for i in range(10)]
+        for i in range(8):
+            zone[f"h{i}.x.test"] = [("A", "192.0.2.99")]
+        for i in range(10):
+            zone[f"m{i}.x.test"] = [("A", "192.0.2.98")]
+            zone[f"p{i}.x.test"] = [("A", "192.0.2.1" if i == 9 else "192.0.2.97")]
+        lookup = CachingLookup(ZoneResolver(zone), 1.0, task.Clock())
+        result = self.successResultOf(checkSPF(lookup, "192.0.2.1", "a@x.test", "h.test"))
+        self.assertEqual(result.result, "pass")
+
+
 class SilentResolverTests(unittest.TestCase):
     def test_verdictInTime(self):
         """
