@@ -19,6 +19,7 @@ from maild.trust.checker import DEFER, TrustChecker, ENFORCE, INBOX, JUNK, QUARA
 from maild.trust.dkim import BatchVerifier, DKIMResult, readSignatures, verifyDKIM
 from maild.trust.dmarc import (
     DMARCRecord,
+    checkDMARC,
     DMARCResult,
     aligned,
     fromDomains,
@@ -199,6 +200,39 @@ class DMARCRecordTests(unittest.TestCase):
         """
         domains = fromDomains([("from", text)])
         self.assertTrue(domains is None or all(domains))
+
+
+class AlignmentTests(unittest.TestCase):
+    def check(self, record: str, fromDomain: str, dkimDomain: str, spfDomain: str = "other.test"):
+        zone = ZoneResolver({"_dmarc.org.test": [("TXT", record)]})
+        lookup = CachingLookup(zone, 1.0, task.Clock())
+        spf = SPFResult("pass", "mailfrom", spfDomain)
+        dkim = [DKIMResult("pass", dkimDomain, "s", "b")]
+        d = defer.ensureDeferred(checkDMARC(lookup, [fromDomain], spf, dkim, lambda: 0.5))
+        return self.successResultOf(d)
+
+    def test_dkimAlignment(self):
+        """
+        adkim=r: a signature of the organizational domain aligns with a
+        subdomain's From:; adkim=s: only the same domain does.  An SPF pass
+        for an unrelated domain never aligns.
+        """
+        self.assertEqual(self.check("v=DMARC1; p=reject", "mail.org.test", "org.test").result, "pass")
+        strict = self.check("v=DMARC1; p=reject; adkim=s", "mail.org.test", "org.test")
+        self.assertEqual((strict.result, strict.policy), ("fail", "reject"))
+        self.assertEqual(self.check("v=DMARC1; p=reject; adkim=s", "org.test", "org.test").result, "pass")
+
+    def test_subdomainPolicy(self):
+        """
+        A From: subdomain without a record of its own gets the
+        organizational domain's sp= (p= when there is no sp=).
+        """
+        failing = self.check("v=DMARC1; p=reject; sp=quarantine", "a.org.test", "elsewhere.test")
+        self.assertEqual((failing.policy, failing.published), ("quarantine", "quarantine"))
+        failing = self.check("v=DMARC1; p=reject", "a.org.test", "elsewhere.test")
+        self.assertEqual(failing.policy, "reject")
+        own = self.check("v=DMARC1; p=none; sp=reject", "org.test", "elsewhere.test")
+        self.assertEqual(own.policy, "none")
 
 
 class DecisionTests(unittest.TestCase):
