@@ -160,8 +160,9 @@ class CachingLookup:
                 return [], self.maxTTL
             try:
                 asked = self.resolver.query(query, self.tries)
-                # Whatever the resolver does, the question ends in time.
-                asked.addTimeout(sum(self.tries), self.clock)
+                # Whatever the resolver does, the question ends in time (the
+                # resolver's own timeout comes first when it keeps to it).
+                asked.addTimeout(sum(self.tries) * 1.5, self.clock)
                 answers, authority, _ = yield asked
             except (error.DNSNameError, dns.AuthoritativeDomainError) as e:
                 message = e.args[0] if e.args else None
