@@ -20,7 +20,7 @@ from twisted.logger import globalLogPublisher
 
 from maild import metrics
 from tests.dnsserver import SERVFAIL, TIMEOUT, TRUNCATED, WRONG_NAME, DNSServer
-from tests.support import ServerTestCase, sampleMessage, waitForEmptySpool
+from tests.support import PASSWORD, ServerTestCase, clientContext, sampleMessage, waitForEmptySpool
 
 ED25519 = nacl.signing.SigningKey(b"k" * 32)
 ED25519_PRIVATE = base64.b64encode(bytes(ED25519))
@@ -460,4 +460,29 @@ class TrustedNetworkTests(TrustTestCase):
         code, _ = yield self.send("ceo@spoof.test", fromDomain("spoof.test"))
         self.assertEqual(code, 250)
         self.assertNotIn(b"Authentication-Results", self.stored()[0])
+        self.assertEqual(self.dns.resolver.queries, [])
+
+
+class SubmissionTests(TrustTestCase):
+    listeners = ("smtp", "submission")
+
+    @defer.inlineCallbacks
+    def test_authenticatedNotChecked(self):
+        """
+        Mail from an authenticated user (submission) is not checked, even
+        from a network that is not trusted: no field, no lookup.
+        """
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.port("submission")) as client:
+                client.starttls(context=clientContext(self.service))
+                client.login("alice@localhost", PASSWORD)
+                client.sendmail(
+                    "alice@localhost", ["alice@localhost"],
+                    b"From: alice@localhost\r\nSubject: x\r\n\r\nHi\r\n",
+                )
+
+        yield self.inThread(run)
+        (message,) = self.stored()
+        self.assertNotIn(b"Authentication-Results", message)
         self.assertEqual(self.dns.resolver.queries, [])

@@ -385,6 +385,21 @@ class SPFTimeoutTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d).result, "temperror")
 
 
+class ExemptTests(unittest.TestCase):
+    def test_trustedNetworks(self):
+        """
+        Clients in the trusted networks are exempt, IPv4-mapped IPv6
+        addresses included; anything unreadable is checked.
+        """
+        checker = TrustChecker(object, "mx.test", ENFORCE, task.Clock(),
+                               trustedNetworks=("192.0.2.0/24", "2001:db8::/32"))
+        self.assertTrue(checker.exempt("192.0.2.7"))
+        self.assertTrue(checker.exempt("::ffff:192.0.2.7"))
+        self.assertTrue(checker.exempt("2001:db8::1"))
+        self.assertFalse(checker.exempt("198.51.100.1"))
+        self.assertFalse(checker.exempt("?"))
+
+
 class SPFRoundsTests(unittest.TestCase):
     def test_longRecordWithinRounds(self):
         """
