@@ -63,6 +63,8 @@ ZONE = {
     "temp.test": [SERVFAIL],
     "_dmarc.temp.test": [("TXT", "v=DMARC1; p=reject")],
     "slow.test": [("TXT", TIMEOUT)],
+    "slowpolicy.test": [("TXT", TIMEOUT)],
+    "_dmarc.slowpolicy.test": [("TXT", "v=DMARC1; p=reject")],
     "tempdmarc.test": [("TXT", "v=spf1 -all")],
     "_dmarc.tempdmarc.test": [SERVFAIL],
     "big.test": [TRUNCATED, ("TXT", ("v=spf1 ip4:127.0.0.1 ", "a:x.big.test " * 19, "-all"))],
@@ -379,6 +381,16 @@ class DMARCTests(TrustTestCase):
         """
         code, text = yield self.send("x@temp.test", fromDomain("temp.test"))
         self.assertEqual((code, text[:5]), (451, "4.4.3"))
+
+    @defer.inlineCallbacks
+    def test_timeoutDefersAlignedFailure(self):
+        """
+        The SPF lookup of the From: domain times out and its DMARC policy
+        is reject: 451 4.4.3, the sender tries again.
+        """
+        code, text = yield self.send("x@slowpolicy.test", fromDomain("slowpolicy.test"))
+        self.assertEqual((code, text[:5]), (451, "4.4.3"))
+        self.assertEqual(self.stored() + self.stored(".Junk"), [])
 
     @defer.inlineCallbacks
     def test_oneLogLinePerMessage(self):
