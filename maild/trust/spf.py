@@ -140,11 +140,13 @@ async def _check(lookup, ip, sender, helo, receiver, answers) -> SPFResult:
     answers = {} if answers is None else answers
     cached = getattr(lookup, "cached", lambda name, qtype: None)
     try:
-        addressType = "AAAA" if ipaddress.ip_address(ip).version == 6 else "A"
+        ipaddress.ip_address(ip)
     except ValueError:
         return SPFResult("none", "mailfrom", "", "no valid client address")
     for _ in range(_MAX_ROUNDS):
         query = _ReplayQuery(answers, cached, i=ip, s=sender, h=helo, receiver=receiver)
+        # "A" or "AAAA" as pyspf sees the client (IPv4-mapped is IPv4).
+        addressType = query.A
         identity = query.ident
         domain = query.o if identity == "mailfrom" else helo
         try:
