@@ -72,6 +72,10 @@ _STORE_CHUNK = 1000
 # Sequence-number commands during which no EXPUNGE may be sent
 # (RFC 3501 section 7.4.1).
 _NO_EXPUNGE = frozenset({b"FETCH", b"STORE", b"SEARCH", b"COPY"})
+# RFC 2180 section 4.1.2 (and RFC 5530's code): a FETCH or STORE that
+# named messages another session expunged.  Clients match the words "no
+# longer exist", as Dovecot says them.
+_EXPUNGE_ISSUED = b"NO [EXPUNGEISSUED] Some of the requested messages no longer exist"
 
 
 @dataclass(frozen=True)
@@ -635,7 +639,9 @@ class IMAPServer(imap4.IMAP4Server):
             reference = reference.decode("imap4-utf-7")
             pattern = pattern.decode("imap4-utf-7")
         except (UnicodeError, ValueError):
-            self._done(tag, b"NO Invalid mailbox name")
+            # A pattern that is not modified UTF-7 matches no folder's
+            # name: nothing to list, which is not an error (as Dovecot).
+            self._done(tag, b"OK " + verb + b" completed")
             return
         lines = []
         if not pattern and not subscribed:
@@ -821,7 +827,7 @@ class IMAPServer(imap4.IMAP4Server):
                 log.error("FETCH failed: {error!r}", error=failure)
                 self._done(tag, b"NO [SERVERBUG] FETCH failed", b"FETCH", uid)
             elif request.missing and not uid:
-                self._done(tag, b"NO [EXPUNGEISSUED] Some messages were expunged", b"FETCH", uid)
+                self._done(tag, _EXPUNGE_ISSUED, b"FETCH", uid)
             else:
                 self._done(tag, b"OK FETCH completed", b"FETCH", uid)
             d.callback(None)
@@ -886,7 +892,7 @@ class IMAPServer(imap4.IMAP4Server):
             if lines:
                 self.transport.write(b"\r\n".join(lines) + b"\r\n")
             gone = missing and not uid
-            self._done(tag, b"NO [EXPUNGEISSUED] Some messages were expunged" if gone else b"OK STORE completed", b"STORE", uid)
+            self._done(tag, _EXPUNGE_ISSUED if gone else b"OK STORE completed", b"STORE", uid)
 
         if len(positions) <= _STORE_CHUNK:
             store(positions)
@@ -942,7 +948,8 @@ class IMAPServer(imap4.IMAP4Server):
                 return
             # RFC 6851 section 4.3: COPYUID comes untagged, before the EXPUNGEs.
             if code:
-                self._send(b"* OK " + code.strip())
+                # RFC 3501 section 9: resp-text has text after its code.
+                self._send(b"* OK " + code + b"Moved UIDs")
             if self.view is view:
                 view.folder.expunge([s for s, _ in pairs], origin=view)
             self._sendUpdates(expunges=True)
