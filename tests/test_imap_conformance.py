@@ -491,7 +491,8 @@ class ExpungeIssuedTests(IMAPTestCase):
         """
         FETCH and STORE of messages another session expunged get NO
         [EXPUNGEISSUED] saying that they "no longer exist" (RFC 2180
-        section 4.1.2's words, which clients match).
+        section 4.1.2's words, which clients match); a .SILENT STORE that
+        changed every message still there completed (section 4.2.1).
         """
         yield self.deliver(sampleMessage("one"), sampleMessage("two"))
 
@@ -502,11 +503,16 @@ class ExpungeIssuedTests(IMAPTestCase):
                 b.command(b"b1 SELECT INBOX")
                 a.command(b"a2 STORE 1 +FLAGS.SILENT (\\Deleted)")
                 a.command(b"a3 EXPUNGE")
-                return b.command(b"b2 FETCH 1 (FLAGS)")[1], b.command(b"b3 STORE 1 +FLAGS (\\Seen)")[1]
+                return (
+                    b.command(b"b2 FETCH 1 (FLAGS)")[1],
+                    b.command(b"b3 STORE 1 +FLAGS (\\Seen)")[1],
+                    b.command(b"b4 STORE 1:2 +FLAGS.SILENT (\\Seen)")[1],
+                )
             finally:
                 a.close()
                 b.close()
 
-        fetch, store = yield self.inThread(run)
+        fetch, store, silent = yield self.inThread(run)
         self.assertEqual(fetch, b"b2 NO [EXPUNGEISSUED] Some of the requested messages no longer exist")
         self.assertEqual(store, b"b3 NO [EXPUNGEISSUED] Some of the requested messages no longer exist")
+        self.assertEqual(silent, b"b4 OK STORE completed")

@@ -891,7 +891,9 @@ class IMAPServer(imap4.IMAP4Server):
                     lines.append(b"* %d FETCH (%bFLAGS %b)" % (p + 1, uidPart, view.flagList(i)))
             if lines:
                 self.transport.write(b"\r\n".join(lines) + b"\r\n")
-            gone = missing and not uid
+            # RFC 2180 section 4.2.1: a .SILENT STORE that changed every
+            # message still there completed; otherwise say what is gone.
+            gone = missing and not uid and not silent
             self._done(tag, _EXPUNGE_ISSUED if gone else b"OK STORE completed", b"STORE", uid)
 
         if len(positions) <= _STORE_CHUNK:
