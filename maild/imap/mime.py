@@ -82,6 +82,7 @@ class MessagePart:
         self._contentValue: ContentValue | None = None
         self._parts: list[MessagePart] | None = None
         self._embedded: MessagePart | None = None
+        self._firstFields: dict[bytes, bytes] | None = None
 
     # IMessagePart -----------------------------------------------------------
 
@@ -112,10 +113,13 @@ class MessagePart:
         """
         The unfolded value of the first field C{name}, or None.
         """
-        for fieldName, raw in headerFields(self.header):
-            if fieldName == name:
-                return unfold(raw)
-        return None
+        if self._firstFields is None:
+            first: dict[bytes, bytes] = {}
+            for fieldName, raw in headerFields(self.header):
+                first.setdefault(fieldName, raw)
+            self._firstFields = first
+        raw = self._firstFields.get(name)
+        return None if raw is None else unfold(raw)
 
     @property
     def contentValue(self) -> ContentValue:

@@ -5,6 +5,7 @@ mailbox names, dates and flags.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -12,6 +13,10 @@ from maild.store import maildir
 
 _MONTHS = [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"]
 _MONTH_NUMBERS = {m.lower(): i + 1 for i, m in enumerate(_MONTHS)}
+
+
+# Octets a quoted string cannot hold (RFC 3501 section 9: QUOTED-CHAR).
+_NOT_QUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]")
 
 
 def literal(data: bytes) -> bytes:
@@ -27,7 +32,7 @@ def string(value: bytes | str | None) -> bytes:
         return b"NIL"
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if any(b >= 0x80 or b in (0x0A, 0x0D, 0x00) for b in value):
+    if _NOT_QUOTABLE.search(value):
         return literal(value)
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
