@@ -750,11 +750,15 @@ class IMAPServer(imap4.IMAP4Server):
     def do_CLOSE(self, tag, args, uid):
         args.end()
         view = self.view
-        if view.writable:
-            # RFC 3501 6.4.2: expunge silently.
-            view.folder.expunge(view.deletedUids(), origin=view)
+        # RFC 3501 6.4.2: expunge silently.
+        d = view.folder.expungeInThread(view.deletedUids(), origin=view) if view.writable else defer.succeed(None)
         self._deselect()
-        self._send(tag + b" OK CLOSE completed")
+
+        def closed(_):
+            if self.transport is not None and not self.transport.disconnecting:
+                self._send(tag + b" OK CLOSE completed")
+
+        return d.addCallback(closed)
 
     def do_UNSELECT(self, tag, args, uid):
         args.end()
@@ -771,8 +775,13 @@ class IMAPServer(imap4.IMAP4Server):
         if not view.writable:
             self._done(tag, b"NO [READ-ONLY] Mailbox is read-only")
             return
-        view.folder.expunge(view.deletedUids(among), origin=view)
-        self._done(tag, b"OK EXPUNGE completed")
+        d = view.folder.expungeInThread(view.deletedUids(among), origin=view)
+
+        def expunged(_):
+            if self.transport is not None and not self.transport.disconnecting:
+                self._done(tag, b"OK EXPUNGE completed")
+
+        return d.addCallback(expunged)
 
     def do_SEARCH(self, tag, args, uid):
         tokens = args.tokens[args.pos :]
