@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from maild.imap.headervalues import GROUP_END, Address, parseAddressList, parseContentValue
+from maild.imap.parser import Atom, BadCommand, tokenize
 from tests.support import IMAPTestCase, sampleMessage
 
 
@@ -456,6 +457,41 @@ class MailboxListTests(IMAPTestCase):
             out["section"],
             ([b'* 1 FETCH (BODY[HEADER.FIELDS (Subject)] {21}\r\nSubject: brackets\r\n\r\n)'], b"e OK FETCH completed"),
         )
+
+
+class BracketTokenTests(unittest.TestCase):
+    """
+    The tokenizer's reading of "[" and "]" (RFC 3501 section 9).
+    """
+
+    def test_sectionsOnlyAfterBodyOrBinary(self):
+        """
+        After BODY, BODY.PEEK, BINARY... "[" opens a section that may hold
+        spaces and parentheses; elsewhere both brackets are word
+        characters.
+        """
+        self.assertEqual(
+            tokenize([b"a[b c]d BODY.PEEK[HEADER.FIELDS (A B)]<0.5> binary[1] x]"], 8),
+            [Atom(b"a[b"), Atom(b"c]d"), Atom(b"BODY.PEEK[HEADER.FIELDS (A B)]<0.5>"), Atom(b"binary[1]"), Atom(b"x]")],
+        )
+        self.assertRaises(BadCommand, tokenize, [b"BODY[HEADER"], 8)
+
+    def test_manyBracketsLinear(self):
+        """
+        A word of 200,000 "[" is one atom, read in one pass.
+        """
+        self.assertEqual(tokenize([b"x" + b"[" * 200000], 8), [Atom(b"x" + b"[" * 200000)])
+
+    @given(st.binary(max_size=200))
+    @settings(max_examples=300, deadline=None)
+    def test_anyLine(self, line):
+        """
+        Any line gives tokens or BadCommand, never another exception.
+        """
+        try:
+            tokenize([line.replace(b"{", b"(")], 8)
+        except BadCommand:
+            pass
 
 
 class ResponseTextTests(IMAPTestCase):
