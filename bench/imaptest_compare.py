@@ -119,7 +119,9 @@ def runMaild(imaptest: str, mbox: Path, args) -> Result:
         port = freePort()
         log = data / "maild.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        listeners = [f"--{name}=none" for name in ("smtp", "submission", "smtps", "pop3", "pop3s", "imaps")]
+        from maild.config import PROTOCOLS
+
+        listeners = [f"--{name}=none" for name in PROTOCOLS if name != "imap"]
         daemon = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "-l", str(log),
              "maild", f"--config={config}", f"--data-dir={data}", "--hostname=mx.test", "--domain=localhost",
