@@ -284,10 +284,12 @@ class Folder:
                 listener.folderChanged(self, change)
 
     def _dirMtimes(self) -> dict[str, int]:
+        # Every command of every session asks: string paths, not pathlib's
+        # joins, which cost more than the stats.
         mtimes = {}
         for sub in ("new", "cur"):
             try:
-                mtimes[sub] = os.stat(self.path / sub).st_mtime_ns
+                mtimes[sub] = os.stat(self._dir + sub).st_mtime_ns
             except FileNotFoundError:
                 mtimes[sub] = -2
         return mtimes
