@@ -5,6 +5,7 @@ mailbox names, dates and flags.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any
@@ -60,9 +61,11 @@ def collapse(items: Any) -> bytes:
     return b"(" + b" ".join(collapse(i) for i in items) + b")"
 
 
+@functools.lru_cache(maxsize=4096)
 def mailboxName(name: str) -> bytes:
     """
-    A folder name as it goes on the wire: modified UTF-7, quoted.
+    A folder name as it goes on the wire: modified UTF-7, quoted (kept:
+    every LIST and STATUS of every session writes the same few names).
     """
     import twisted.mail.imap4  # noqa: F401  (registers "imap4-utf-7")
 
