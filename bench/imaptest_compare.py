@@ -43,6 +43,10 @@ class Result:
     totals: dict[str, int]
     errors: dict[str, int] = field(default_factory=dict)
     tracebacks: int = 0
+    # The machine's 1-minute load average when the run started: on a shared
+    # machine, one maild process competes with every other runnable
+    # process, while Dovecot's many processes each get their own share.
+    load: float = 0.0
 
     @property
     def total(self) -> int:
@@ -160,7 +164,8 @@ def runDovecot(imaptest: str, mbox: Path, args) -> Result:
 
 def show(result: Result) -> None:
     counts = " ".join(f"{name}={count}" for name, count in result.totals.items())
-    print(f"  {result.server:8} total {result.total:6d} ({result.total / ARGS.secs:6.0f}/s)  {counts}")
+    print(f"  {result.server:8} total {result.total:6d} ({result.total / ARGS.secs:6.0f}/s)  {counts}"
+          f"  [load average before: {result.load:.1f}]")
     for kind, n in sorted(result.errors.items(), key=lambda kv: -kv[1]):
         print(f"           {n:6d} x {kind}")
     if result.server == "maild":
@@ -191,7 +196,9 @@ def main() -> None:
             results = []
             for server in (runMaild, runDovecot):
                 try:
+                    load = os.getloadavg()[0]
                     results.append(server(args.imaptest, mbox, args))
+                    results[-1].load = load
                 except RuntimeError as e:
                     # imaptest itself sometimes panics (its checkpoint code)
                     print(f"  {server.__name__}: {e}".splitlines()[0] + " " + str(e).splitlines()[1][:100])
