@@ -201,7 +201,7 @@ def main() -> None:
                     results[-1].load = load
                 except RuntimeError as e:
                     # imaptest itself sometimes panics (its checkpoint code)
-                    print(f"  {server.__name__}: {e}".splitlines()[0] + " " + str(e).splitlines()[1][:100])
+                    print(f"  {server.__name__}: " + "\n    ".join(line[:150] for line in str(e).splitlines()[-4:]))
                     break
                 show(results[-1])
             if len(results) == 2 and results[1].total:
