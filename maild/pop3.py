@@ -39,6 +39,7 @@ from maild.auth import (
 )
 from maild.config import Limits
 from maild.connections import LimitedFactory
+from maild.lines import LineReader, Overlong
 from maild.store.folder import Folder, MessageGone
 from maild.store.locking import ExclusiveHold
 from maild.store.maildir import IN_NEW, INBOX, SEEN
@@ -53,17 +54,11 @@ LOCK_NAME = "maild-pop3.lock"
 CHUNK = 256 * 1024
 # Lines of a LIST or UIDL response formatted per write.
 _LISTING_BATCH = 4096
-# How much unparsed input we hold while a response is pending before we
-# stop reading from the client.
-_HOLD_LIMIT = 64 * 1024
 # Retrieved messages are marked \Seen in batches, this long after the
 # first RETR of a batch (one change of the folder for many messages).
 _SEEN_DELAY = 0.05
 # A line count this long (TOP) means "the whole body" anyway.
 _MAX_DIGITS = 18
-
-# What L{POP3Server._nextLine} gives for a line over the limit.
-_OVERLONG = object()
 
 _PLAINTEXT_REFUSED = (
     b"[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
@@ -417,9 +412,7 @@ class POP3Server(pop3.POP3):
         self.callLater = settings.clock.callLater
         self.clientAddress = "?"
         self.mbox: Maildrop | None = None
-        self._input = b""
-        self._pos = 0
-        self._skippingLine = False
+        self.reader = LineReader(self.limits.line_length)
         self._readingPaused = False
         self._outputPaused = False
         self._processing = False
@@ -564,30 +557,8 @@ class POP3Server(pop3.POP3):
     # Input framing ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._input += data
+        self.reader.feed(data)
         self._process()
-
-    def _nextLine(self) -> bytes | object | None:
-        """
-        The next complete line of input, without its line end; C{None} if
-        there is none yet.  An overlong line is given as L{_OVERLONG}.
-        """
-        end = self._input.find(b"\n", self._pos)
-        if end < 0:
-            if len(self._input) - self._pos > self.limits.line_length:
-                # Drop what we have; the rest of the line is dropped when it
-                # comes, and answered then.
-                self._input, self._pos = b"", 0
-                self._skippingLine = True
-            return None
-        line = self._input[self._pos : end]
-        self._pos = end + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if self._skippingLine or len(line) > self.limits.line_length:
-            self._skippingLine = False
-            return _OVERLONG
-        return line
 
     def _process(self) -> None:
         """
@@ -606,11 +577,11 @@ class POP3Server(pop3.POP3):
                     self._pump()
                     progress = True
                     continue
-                line = self._nextLine()
+                line = self.reader.readLine()
                 if line is None:
                     break
                 progress = True
-                if line is _OVERLONG:
+                if isinstance(line, Overlong):
                     self._saslPending = False
                     self._err(b"Line too long.")
                 elif self._saslPending:
@@ -623,9 +594,7 @@ class POP3Server(pop3.POP3):
         if progress and not self._closed:
             # A command, or a piece of a response the client took: not idle.
             self.resetTimeout()
-        if self._pos:
-            self._input, self._pos = self._input[self._pos :], 0
-        backlog = len(self._input) > _HOLD_LIMIT
+        backlog = self.reader.full
         if backlog != self._readingPaused and not self._closed:
             self._readingPaused = backlog
             if backlog:
@@ -739,7 +708,7 @@ class POP3Server(pop3.POP3):
         self._ok(b"Begin TLS negotiation.")
         # Whatever the client sent behind STLS came in plaintext and must
         # not be taken as said inside TLS (CVE-2011-0411).
-        self._input, self._pos, self._skippingLine = b"", 0, False
+        self.reader.discard()
         self.transport.startTLS(self.settings.tlsContext)
         self._tlsStarted = True
         # RFC 2595 section 4: nothing learnt before TLS carries over.

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from maild.accounts import LocalAddresses
 from maild.connections import LimitedFactory
 from maild.config import Limits
+from maild.lines import LineReader, Overlong
 from maild.names import InvalidName, normalizeAddress
 from maild.store.delivery import DeliveryFailed
 from maild.store.interfaces import IMailStore
@@ -35,9 +36,6 @@ log = Logger()
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 
-# How much unparsed input we hold while a reply is pending before we stop
-# reading from the client.
-_HOLD_LIMIT = 64 * 1024
 # A line in DATA longer than this is passed on in pieces.
 _DATA_PIECE = 64 * 1024
 # After this many bad commands the session is closed (Postfix's
@@ -218,14 +216,11 @@ class SMTPServer(smtp.ESMTP):
         self.transaction: Transaction | None = None
         self.user: str | None = None
         self.clientAddress = "?"
-        self._input = b""
-        # Where the next command line starts in _input.
-        self._pos = 0
+        self.reader = LineReader(self.limits.line_length)
         # Replies gathered while input is handled (None: write at once).
         self._replies: list[bytes] | None = None
         self._held = 0
         self._paused = False
-        self._skippingLine = False
         self._deadline = None
         self._errors = 0
         self._esmtp = False
@@ -266,16 +261,8 @@ class SMTPServer(smtp.ESMTP):
     # Input framing ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._compactInput()
-        self._input += data
+        self.reader.feed(data)
         self._process()
-
-    def _compactInput(self) -> None:
-        # Command lines are taken with a cursor (a copy of the rest of the
-        # input per line would make a burst of pipelined commands cost the
-        # square of its size); what was taken is dropped here, once.
-        if self._pos:
-            self._input, self._pos = self._input[self._pos :], 0
 
     def sendLine(self, line: bytes) -> None:
         # Replies to commands handled in one pass (a pipelined MAIL, RCPT,
@@ -304,41 +291,29 @@ class SMTPServer(smtp.ESMTP):
             self._flushReplies()
 
     def _handleInput(self) -> None:
-        while (
-            self._pos < len(self._input) and not self._held and not self.transport.disconnecting
-        ):
+        reader = self.reader
+        while reader.pending and not self._held and not self.transport.disconnecting:
             if self.mode == DATA:
-                self._compactInput()
                 if not self._dataPiece():
                     break
                 continue
-            end = self._input.find(b"\n", self._pos)
-            if end < 0:
-                if len(self._input) - self._pos > self.limits.line_length:
-                    # Drop what we have; the rest of the line is dropped
-                    # when it comes, and answered then.
-                    self._input, self._pos = b"", 0
-                    self._skippingLine = True
+            line = reader.readLine()
+            if line is None:
                 break
-            line, self._pos = self._input[self._pos : end], end + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if self._skippingLine or len(line) > self.limits.line_length:
-                self._skippingLine = False
+            if isinstance(line, Overlong):
                 self._error(500, b"5.5.2 Error: line too long")
                 continue
             self._cancelDeadline()
             self.lineReceived(line)
-        pending = len(self._input) - self._pos
         if self.mode != DATA and not self._held:
-            if pending or self._skippingLine:
+            if reader.partial:
                 # A command has begun: it must be complete within the
                 # deadline, however slowly its bytes trickle in.
                 if self._deadline is None:
                     self._startDeadline(self.limits.command_timeout)
             else:
                 self._cancelDeadline()
-        if self._held and pending > _HOLD_LIMIT and not self._paused:
+        if self._held and reader.full and not self._paused:
             self.transport.pauseProducing()
             self._paused = True
 
@@ -462,7 +437,7 @@ class SMTPServer(smtp.ESMTP):
         self._flushReplies()
         # Whatever the client sent behind STARTTLS came in plaintext and
         # must not be taken as said inside TLS (CVE-2011-0411).
-        self._input, self._pos = b"", 0
+        self.reader.discard()
         self._cancelDeadline()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
@@ -618,10 +593,10 @@ class SMTPServer(smtp.ESMTP):
         @return: whether anything was consumed.
         """
         transaction = self.transaction
-        content, used, done = transaction.decoder.decode(self._input)
+        content, used, done = transaction.decoder.decode(self.reader.peek())
         if not used:
             return False
-        self._input = self._input[used:]
+        self.reader.skip(used)
         if content and transaction.error is None:
             transaction.size += len(content)
             if transaction.size > self.limits.message_size:
