@@ -243,7 +243,7 @@ class SMTPServer(smtp.ESMTP):
 
     def timeoutConnection(self) -> None:
         self.sendCode(421, b"4.4.2 " + self.host + b" Error: timeout exceeded")
-        self.transport.loseConnection()
+        self.close()
 
     def _startDeadline(self, seconds: float) -> None:
         self._cancelDeadline()
@@ -272,6 +272,16 @@ class SMTPServer(smtp.ESMTP):
             self.transport.writeSequence((line, b"\r\n"))
         else:
             self._replies += (line, b"\r\n")
+
+    def close(self) -> None:
+        """
+        Close the connection after every reply given so far.  Replies
+        gathered for one write must be written first: over TLS, what is
+        written after loseConnection is dropped, and the client would lose
+        the last reply (a 221 to QUIT, a 421).
+        """
+        self._flushReplies()
+        self.transport.loseConnection()
 
     def _flushReplies(self) -> None:
         replies, self._replies = self._replies, None
@@ -346,7 +356,7 @@ class SMTPServer(smtp.ESMTP):
         self.sendCode(code, message)
         if self._errors >= _MAX_ERRORS:
             self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
-            self.transport.loseConnection()
+            self.close()
 
     def sendSyntaxError(self) -> None:
         self._error(500, b"5.5.2 Error: bad syntax")
@@ -421,7 +431,7 @@ class SMTPServer(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.sendCode(221, b"2.0.0 Bye")
-        self.transport.loseConnection()
+        self.close()
 
     def ext_AUTH(self, rest: bytes) -> None:
         self._error(503, b"5.5.1 Error: authentication not enabled")

@@ -215,4 +215,4 @@ class SubmissionServer(SMTPServer):
         self.sendCode(535, b"5.7.8 Error: authentication failed")
         if self._authFailures >= self.limits.auth_failures_per_connection:
             self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many failed authentications")
-            self.transport.loseConnection()
+            self.close()
