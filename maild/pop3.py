@@ -5,7 +5,7 @@ L{POP3Server} subclasses Twisted's C{POP3} and replaces what Twisted gets
 wrong for a real server: it frames its input itself (overlong lines are
 refused without dropping the session, pipelined commands wait while a
 response is being sent, plaintext queued behind STLS is dropped), offers
-STLS (RFC 2595), SASL PLAIN (RFC 5034) and the response codes of RFC 2449
+STLS (RFC 2595), SASL PLAIN and LOGIN (RFC 5034) and the response codes of RFC 2449
 and RFC 3206, refuses APOP, and sends each message from its file in large
 CRLF, dot-stuffed pieces, the end marker in the same write as the last
 piece, with Nagle's algorithm off: Twisted's C{FileSender} and separate
@@ -17,6 +17,8 @@ login, numbered for the whole session (RFC 1939 section 3).
 """
 
 from __future__ import annotations
+
+import base64
 
 import re
 from array import array
@@ -30,11 +32,13 @@ from twisted.mail import pop3
 from zope.interface import implementer
 
 from maild.auth import (
+    PASSWORD_MECHANISMS,
     Authenticator,
-    MalformedPlain,
+    Cancelled,
     NotBase64,
     OtherIdentity,
-    decodePlain,
+    PasswordExchange,
+    SASLError,
     plaintextLoginAllowed,
 )
 from maild.config import Limits
@@ -423,8 +427,8 @@ class POP3Server(pop3.POP3):
         # what to do once it is all written.
         self._stream: Iterator[bytes] | None = None
         self._afterStream: Callable[[], None] | None = None
-        # AUTH PLAIN sent without an initial response: the next line is it.
-        self._saslPending = False
+        # A SASL exchange under way (AUTH): the next line is its response.
+        self._exchange: PasswordExchange | None = None
         self._tlsStarted = False
         self._authFailures = 0
         self._loginDeadline = None
@@ -582,11 +586,10 @@ class POP3Server(pop3.POP3):
                     break
                 progress = True
                 if isinstance(line, Overlong):
-                    self._saslPending = False
+                    self._exchange = None
                     self._err(b"Line too long.")
-                elif self._saslPending:
-                    self._saslPending = False
-                    self._saslResponse(line.strip())
+                elif self._exchange is not None:
+                    self._saslStep(self._exchange.respond, line.strip())
                 else:
                     self._command(line)
         finally:
@@ -686,7 +689,7 @@ class POP3Server(pop3.POP3):
         capabilities = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if self.mbox is None:
             if self._plaintextAllowed():
-                capabilities += [b"USER", b"SASL PLAIN"]
+                capabilities += [b"USER", b"SASL " + b" ".join(PASSWORD_MECHANISMS)]
             if self.settings.tlsContext is not None and not self.secure:
                 capabilities.append(b"STLS")
         capabilities.append(b"IMPLEMENTATION maild")
@@ -744,42 +747,52 @@ class POP3Server(pop3.POP3):
         args = rest.split()
         if not args:
             # The mechanism list that clients older than RFC 2449 ask for.
-            self._write(b"+OK\r\n" + (b"PLAIN\r\n" if allowed else b"") + b".\r\n")
+            mechanisms = b"".join(m + b"\r\n" for m in PASSWORD_MECHANISMS) if allowed else b""
+            self._write(b"+OK\r\n" + mechanisms + b".\r\n")
             return
         if not allowed:
             self._err(_PLAINTEXT_REFUSED)
             return
-        if args[0].upper() != b"PLAIN":
+        mechanism = args[0].upper()
+        if mechanism not in PASSWORD_MECHANISMS:
             self._err(b"Unsupported authentication mechanism.")
             return
         if len(args) > 2:
-            self._err(b"Syntax: AUTH PLAIN [initial-response]")
-        elif len(args) == 2:
-            # RFC 5034 section 4: "=" is an empty initial response.
-            self._saslResponse(b"" if args[1] == b"=" else args[1])
-        else:
-            self._saslPending = True
-            self._write(b"+ \r\n")
+            self._err(b"Syntax: AUTH mechanism [initial-response]")
+            return
+        # RFC 5034 section 4: an initial response, "=" for an empty one.
+        self._exchange = PasswordExchange(mechanism)
+        self._saslStep(self._exchange.start, args[1] if len(args) == 2 else None)
 
-    def _saslResponse(self, response: bytes) -> None:
-        if response == b"*":
+    def _saslStep(self, step, response: bytes | None) -> None:
+        exchange = self._exchange
+        try:
+            challenge = step(response)
+        except Cancelled:
+            self._exchange = None
             self._err(b"Authentication cancelled.")
             return
-        try:
-            authcid, password = decodePlain(response)
         except NotBase64:
+            self._exchange = None
             self._err(b"Invalid base64 data.")
             return
         except OtherIdentity:
+            self._exchange = None
             self._err(b"[AUTH] Logging in as another user is not supported.")
             return
-        except MalformedPlain:
-            authcid = b""
-        if not authcid:
-            # Malformed, or no user name at all.
-            self._err(b"Invalid PLAIN response.")
+        except SASLError:
+            self._exchange = None
+            self._err(b"Invalid " + exchange.mechanism + b" response.")
             return
-        self._login(authcid, password, "PLAIN")
+        if challenge is not None:
+            self._write(b"+ " + base64.b64encode(challenge) + b"\r\n")
+            return
+        self._exchange = None
+        creds = exchange.credentials
+        if not creds.username:
+            self._err(b"Invalid " + exchange.mechanism + b" response.")
+            return
+        self._login(creds.username, creds.password, exchange.mechanism.decode("ascii"))
 
     def _login(self, user: bytes, password: bytes, method: str) -> None:
         self._busy = True

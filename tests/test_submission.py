@@ -141,6 +141,39 @@ class SubmissionTests(ServerTestCase):
         self.assertEqual([c for c, _ in replies], [334, 501, 250])
 
     @defer.inlineCallbacks
+    def test_loginInitialResponse(self):
+        """
+        AUTH LOGIN with an initial response (RFC 4954 section 4) takes it as
+        the user name and asks only for the password; a wrong password gets
+        535 5.7.8 and the session goes on; smtplib's login, which sends
+        LOGIN this way, works.
+        """
+
+        def run(client):
+            user = base64.b64encode(b"alice@localhost")
+            first = client.command(b"AUTH LOGIN " + user)
+            wrong = client.command(base64.b64encode(b"wrong"))
+            noop = client.command(b"NOOP")
+            again = client.command(b"AUTH LOGIN " + user)
+            right = client.command(base64.b64encode(PASSWORD.encode()))
+            return first, wrong, noop, again, right
+
+        first, wrong, noop, again, right = yield self.inSession(run)
+        self.assertEqual((first[0], base64.b64decode(first[1][0])), (334, b"Password:"))
+        self.assertEqual((wrong[0], wrong[1][0][:5]), (535, b"5.7.8"))
+        self.assertEqual(noop[0], 250)
+        self.assertEqual((again[0], right[0]), (334, 235))
+
+        def smtplibLogin():
+            with smtplib.SMTP("127.0.0.1", self.port("submission")) as client:
+                client.starttls(context=clientContext(self.service))
+                client.ehlo()
+                client.esmtp_features["auth"] = "LOGIN"
+                return client.login("alice@localhost", PASSWORD)[0]
+
+        self.assertEqual((yield self.inThread(smtplibLogin)), 235)
+
+    @defer.inlineCallbacks
     def test_badPasswordDelayed(self):
         """
         A wrong password gets 535 5.7.8 only after the throttling delay; a

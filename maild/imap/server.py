@@ -13,6 +13,8 @@ C{unauth_X}/C{auth_X}/C{select_X} tables.
 
 from __future__ import annotations
 
+import base64
+
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,10 +26,12 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 
 from maild.auth import (
+    PASSWORD_MECHANISMS,
     Authenticator,
+    Cancelled,
     OtherIdentity,
-    PlainResponseError,
-    decodePlain,
+    PasswordExchange,
+    SASLError,
     plaintextLoginAllowed,
 )
 from maild.config import Limits
@@ -182,7 +186,10 @@ class IMAPServer(imap4.IMAP4Server):
         if self.state == _UNAUTH:
             if self.canStartTLS and self.ctx is not None and not self.secure:
                 caps.append(b"STARTTLS")
-            caps.append(b"AUTH=PLAIN" if self._plaintextAllowed() else b"LOGINDISABLED")
+            if self._plaintextAllowed():
+                caps += [b"AUTH=" + mechanism for mechanism in PASSWORD_MECHANISMS]
+            else:
+                caps.append(b"LOGINDISABLED")
         return caps
 
     def sendServerGreeting(self) -> None:
@@ -438,38 +445,41 @@ class IMAPServer(imap4.IMAP4Server):
         mechanism = args.atom("mechanism").upper()
         initial = args.next() if args.more() else None
         args.end()
-        if mechanism != b"PLAIN":
+        if mechanism not in PASSWORD_MECHANISMS:
             self._send(tag + b" NO Unsupported authentication mechanism")
             return None
         if not self._plaintextAllowed():
             self._send(tag + b" NO [PRIVACYREQUIRED] Plaintext authentication is disabled before STARTTLS")
             return None
-        if initial is not None:
-            # RFC 4959: "=" is an empty initial response.
-            return self._authPlain(tag, b"" if initial == b"=" else bytes(initial))
-        def response(line: bytes) -> None:
-            result = self._authPlain(tag, line)
-            if isinstance(result, defer.Deferred):
-                self._hold(result, tag, b"AUTHENTICATE")
+        # RFC 4959: an initial response, "=" for an empty one.
+        initial = None if initial is None else bytes(initial)
+        return self._saslStep(tag, PasswordExchange(mechanism), initial, first=True)
 
-        # RFC 3501 6.2.2: an empty challenge, then the client's response.
-        self._send(b"+ ")
-        self.framer.lineHandler = response
-        return None
-
-    def _authPlain(self, tag: bytes, response: bytes):
-        if response == b"*":
+    def _saslStep(self, tag: bytes, exchange: PasswordExchange, response, first=False):
+        try:
+            challenge = exchange.start(response) if first else exchange.respond(response)
+        except Cancelled:
             self._send(tag + b" BAD Authentication cancelled")
             return None
-        try:
-            authcid, password = decodePlain(response)
         except OtherIdentity:
             self._send(tag + b" NO [AUTHORIZATIONFAILED] Cannot act as another user")
             return None
-        except PlainResponseError:
-            self._send(tag + b" BAD Malformed PLAIN response")
+        except SASLError:
+            self._send(tag + b" BAD Malformed " + exchange.mechanism + b" response")
             return None
-        return self._login(tag, authcid, password, "PLAIN")
+        if challenge is None:
+            creds = exchange.credentials
+            return self._login(tag, creds.username, creds.password, exchange.mechanism.decode())
+
+        def response(line: bytes) -> None:
+            result = self._saslStep(tag, exchange, line.strip())
+            if isinstance(result, defer.Deferred):
+                self._hold(result, tag, b"AUTHENTICATE")
+
+        # RFC 3501 section 6.2.2: a challenge, then the client's response.
+        self._send(b"+ " + base64.b64encode(challenge))
+        self.framer.lineHandler = response
+        return None
 
     def _login(self, tag: bytes, user: bytes, password: bytes, method: str) -> defer.Deferred:
         creds = credentials.UsernamePassword(user, password)
