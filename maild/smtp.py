@@ -46,6 +46,10 @@ _MAX_HEADER_SECTION = 256 * 1024
 # The command is well formed up to its address (which is then at fault).
 _FROM_PREFIX = re.compile(rb"\s*FROM:\s*<", re.I)
 _TO_PREFIX = re.compile(rb"\s*TO:\s*<", re.I)
+_CONTROL_IN_LINE = re.compile(rb"[\r\0]")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+# RFC 6531 section 3.5: an address that needs SMTPUTF8, which we do not offer.
+_NEEDS_SMTPUTF8 = (553, b"5.6.7 Error: non-ASCII address requires SMTPUTF8")
 
 
 class DataDecoder:
@@ -314,6 +318,12 @@ class SMTPServer(smtp.ESMTP):
                 self._error(500, b"5.5.2 Error: line too long")
                 continue
             self._cancelDeadline()
+            if _CONTROL_IN_LINE.search(line):
+                # RFC 5321 section 2.3.8: CR and LF only as the line end.
+                # A CR or NUL inside a command would end up in headers
+                # (Return-Path:) or confuse the next hop.
+                self._error(500, b"5.5.2 Error: bare CR or NUL in command")
+                continue
             self.lineReceived(line)
         if self.mode != DATA and not self._held:
             if reader.partial:
@@ -469,6 +479,9 @@ class SMTPServer(smtp.ESMTP):
             return
         if not self.mayStartTransaction():
             return
+        if _NON_ASCII.search(rest):
+            self._error(*_NEEDS_SMTPUTF8)
+            return
         match = self.mail_re.match(rest)
         if not match:
             if _FROM_PREFIX.match(rest):
@@ -523,6 +536,9 @@ class SMTPServer(smtp.ESMTP):
         transaction = self.transaction
         if transaction is None:
             self._error(503, b"5.5.1 Error: need MAIL command")
+            return
+        if _NON_ASCII.search(rest):
+            self._error(*_NEEDS_SMTPUTF8)
             return
         match = self.rcpt_re.match(rest)
         if not match:

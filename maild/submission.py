@@ -7,7 +7,6 @@ Authenticator, and a policy that lets a user send only as themselves.
 from __future__ import annotations
 
 import base64
-from email.utils import getaddresses
 
 from twisted.cred import error
 from twisted.logger import Logger
@@ -53,9 +52,11 @@ class SubmissionDelivery:
         return localRecipient(self.addresses, user, NO_RELAY)
 
     def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:
-        for _, address in getaddresses(headerValues(headers, ("from", "sender"))):
-            if address and not self.addresses.ownsSender(self.user, address):
-                return 553, f"5.7.1 From: address {address} not owned by user {self.user}".encode()
+        for value in headerValues(headers, ("from", "sender")):
+            for address in headerAddresses(value):
+                if not self.addresses.ownsSender(self.user, address):
+                    shown = address[:256]
+                    return 553, f"5.7.1 From: address {shown} not owned by user {self.user}".encode()
         return None
 
 
@@ -77,6 +78,69 @@ def headerValues(headers: bytes, names: tuple[str, ...]) -> list[str]:
         if wanted:
             values.append(value)
     return values
+
+
+def headerAddresses(value: str) -> list[str]:
+    """
+    The addresses in an address-list header value (RFC 5322 section 3.4):
+    the angle-addr of each mailbox, or its addr-spec, with comments, display
+    names and group names left out.
+
+    One pass, without recursion: the email package's parser recurses on
+    nested comments and on groups, and a header of 1,000 "(" or ":" raises
+    RecursionError there.
+    """
+    addresses: list[str] = []
+    plain: list[str] = []
+    angle: list[str] | None = None
+    inAngle = inQuote = escaped = False
+    depth = 0
+
+    def finish() -> None:
+        nonlocal plain, angle
+        text = "".join(angle if angle is not None else plain)
+        # obs-route (RFC 5322 section 4.4): "<@relay:user@host>".
+        address = "".join(text.split()).rpartition(":")[2]
+        if address:
+            addresses.append(address)
+        plain, angle = [], None
+
+    for char in value:
+        current = angle if inAngle else plain
+        if escaped:
+            escaped = False
+            if not depth:
+                current.append(char)
+        elif char == "\\" and (inQuote or depth):
+            escaped = True
+            if not depth:
+                current.append(char)
+        elif depth:
+            depth += 1 if char == "(" else -1 if char == ")" else 0
+        elif inQuote:
+            inQuote = char != '"'
+            current.append(char)
+        elif char == '"':
+            inQuote = True
+            current.append(char)
+        elif char == "(":
+            depth = 1
+        elif inAngle:
+            if char == ">":
+                inAngle = False
+            else:
+                current.append(char)
+        elif char == "<":
+            inAngle, angle = True, []
+        elif char in ",;":
+            finish()
+        elif char == ":":
+            # A group's name: its mailboxes follow.
+            plain = []
+        else:
+            plain.append(char)
+    finish()
+    return addresses
 
 
 class SubmissionServer(SMTPServer):

@@ -230,8 +230,9 @@ class SMTPCommandTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_mailParameters(self):
         """
-        MAIL FROM syntax errors, bad senders, SIZE over the limit, BODY and
-        unknown parameters get their own replies; the null sender is fine.
+        MAIL FROM syntax errors, bad senders (a NUL: the command line is
+        refused), SIZE over the limit, BODY and unknown parameters get their
+        own replies; the null sender is fine.
         """
         limit = self.config.limits.message_size
 
@@ -258,7 +259,7 @@ class SMTPCommandTests(ServerTestCase):
             [
                 (501, b"5.5.4"),
                 (501, b"5.1.7"),
-                (501, b"5.1.7"),
+                (500, b"5.5.2"),
                 (552, b"5.3.4"),
                 (501, b"5.5.4"),
                 (501, b"5.5.4"),
@@ -273,7 +274,8 @@ class SMTPCommandTests(ServerTestCase):
         """
         Local users and the role accounts are accepted; unknown users get
         550 5.1.1, other domains 554 5.7.1 (never a relay), and names that
-        could reach outside the data folder 501 5.1.3.
+        could reach outside the data folder 501 5.1.3 (500 5.5.2 for a NUL,
+        refused in any command line).
         """
 
         def run(client):
@@ -303,7 +305,9 @@ class SMTPCommandTests(ServerTestCase):
             [(code, lines[0][:5]) for code, lines in replies],
             [(250, b"2.1.5")] * 5
             + [(550, b"5.1.1"), (554, b"5.7.1"), (554, b"5.7.1")]
-            + [(501, b"5.1.3")] * 6,
+            + [(501, b"5.1.3")] * 3
+            + [(500, b"5.5.2")]
+            + [(501, b"5.1.3")] * 2,
         )
         self.assertEqual(os.listdir(self.dataDir / "mail"), sorted(os.listdir(self.dataDir / "mail")))
         self.assertEqual(sorted(os.listdir(self.dataDir / "mail")), ["example.org", "localhost"])
@@ -349,6 +353,65 @@ class SMTPCommandTests(ServerTestCase):
         self.assertEqual((long[0], long[1][0][:5]), (500, b"5.5.2"))
         self.assertEqual((huge[0], huge[1][0][:5]), (500, b"5.5.2"))
         self.assertEqual(after[0], 250)
+
+
+    @defer.inlineCallbacks
+    def test_eightBitAddresses(self):
+        """
+        Without SMTPUTF8, an 8-bit byte anywhere in MAIL or RCPT (a quoted
+        local part, a quoted-pair, the domain) gets 553 5.6.7 (RFC 6531
+        section 3.5), and a message with ASCII addresses then goes through
+        on the same session.
+        """
+
+        def run(client):
+            replies = [
+                client.command(b'MAIL FROM:<"\xe9"@example.com>'),
+                client.command(b"MAIL FROM:<a\\\xe9@example.com>"),
+                client.command(b"MAIL FROM:<a@\xe9xample.com>"),
+                client.command(b"MAIL FROM:<carol@remote.test>"),
+                client.command(b'RCPT TO:<"\xe9"@localhost>'),
+                client.command(b"RCPT TO:<alice@localhost>"),
+                client.command(b"DATA"),
+            ]
+            client.send(message() + b".\r\n")
+            replies.append(client.readReply())
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual(
+            [(code, lines[0][:5]) for code, lines in replies],
+            [(553, b"5.6.7")] * 3
+            + [(250, b"2.1.0"), (553, b"5.6.7"), (250, b"2.1.5"), (354, b"End d"), (250, b"2.0.0")],
+        )
+
+    @defer.inlineCallbacks
+    def test_controlCharactersInCommands(self):
+        """
+        A CR or NUL inside a command line is refused (500 5.5.2), so a CR
+        in an address never reaches the stored Return-Path: header.
+        """
+
+        def run(client):
+            replies = [
+                client.command(b'MAIL FROM:<"a\rX-Injected: yes"@example.com>'),
+                client.command(b"MAIL FROM:<carol\0@remote.test>"),
+                client.command(b"NO\rOP"),
+                client.command(b"MAIL FROM:<carol@remote.test>"),
+                client.command(b"RCPT TO:<alice@localhost>"),
+                client.command(b"DATA"),
+            ]
+            client.send(message() + b".\r\n")
+            replies.append(client.readReply())
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual(
+            [(code, lines[0][:5]) for code, lines in replies],
+            [(500, b"5.5.2")] * 3 + [(250, b"2.1.0"), (250, b"2.1.5"), (354, b"End d"), (250, b"2.0.0")],
+        )
+        [path] = self.messages("alice@localhost")
+        self.assertNotIn(b"X-Injected", path.read_bytes())
 
 
 class SMTPDeliveryTests(ServerTestCase):

@@ -11,10 +11,12 @@ import smtplib
 import ssl
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from maild.submission import headerValues
+from maild.submission import headerAddresses, headerValues
 from maild.tls import fingerprint, generateSelfSigned
 from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
 
@@ -41,6 +43,40 @@ class HeaderValuesTests(unittest.SynchronousTestCase):
             headerValues(headers, ("from", "sender")),
             [" Alice <alice@localhost>,\tbob@example.org", " =?utf-8?q?S=C3=A9?= <s@localhost>"],
         )
+
+
+class HeaderAddressesTests(unittest.SynchronousTestCase):
+    def test_addresses(self):
+        """
+        Angle addresses, bare addr-specs, groups and routes give their
+        addresses; display names and comments (nested, with quoted-pairs)
+        are left out.
+        """
+        self.assertEqual(
+            headerAddresses(' "Doe, J" <j@x> (a (nested \\) comment) <no@x>), k@y'),
+            ["j@x", "k@y"],
+        )
+        self.assertEqual(headerAddresses(" team: a@x, b@y;, <@relay:c@z>"), ["a@x", "b@y", "c@z"])
+        self.assertEqual(headerAddresses(" alice@localhost (Alice)"), ["alice@localhost"])
+        self.assertEqual(headerAddresses(" undisclosed-recipients:;"), [])
+
+    def test_deepNesting(self):
+        """
+        A value of thousands of "(", ":" or "<" is read in one pass: no
+        RecursionError (the email package's parser recursed).
+        """
+        for char in "(:<,\\\"":
+            self.assertIsInstance(headerAddresses(char * 100_000), list)
+
+    @given(st.text(alphabet='ab@.,:;<>()"\\ \t', max_size=200))
+    @settings(max_examples=500, deadline=None)
+    def test_anyValue(self, value):
+        """
+        Any header value gives a list of addresses without spaces.
+        """
+        for address in headerAddresses(value):
+            self.assertTrue(address)
+            self.assertFalse(any(c.isspace() for c in address))
 
 
 class SubmissionTests(ServerTestCase):
@@ -239,6 +275,27 @@ class SubmissionTests(ServerTestCase):
         )
         [path] = self.messages("bob@example.org")
         self.assertIn(b"Subject: From the alias", path.read_bytes())
+
+    @defer.inlineCallbacks
+    def test_deeplyNestedHeader(self):
+        """
+        A Sender: header of 1,000 "(" (and a From: of 1,000 ":") is refused
+        or accepted like any other, without dropping the session.
+        """
+
+        def run(client):
+            client.command(b"AUTH PLAIN " + plain("alice@localhost"))
+            replies = []
+            for header in (b"Sender: " + b"(" * 1000, b"From: " + b":" * 1000):
+                for line in (b"MAIL FROM:<alice@localhost>", b"RCPT TO:<bob@example.org>", b"DATA"):
+                    client.command(line)
+                client.send(header + b"\r\nFrom: alice@localhost\r\n\r\nHi.\r\n.\r\n")
+                replies.append(client.readReply())
+            replies.append(client.command(b"NOOP"))
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual([code for code, _ in replies], [250, 250, 250])
 
     @defer.inlineCallbacks
     def test_startTLSInjection(self):
