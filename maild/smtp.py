@@ -453,6 +453,10 @@ class SMTPServer(smtp.ESMTP):
         if not self.canStartTLS:
             self._error(502, b"5.5.1 Error: command not implemented")
             return
+        if rest.strip():
+            # RFC 3207 section 4: STARTTLS takes no parameters.
+            self._error(501, b"5.5.4 Syntax: STARTTLS")
+            return
         self.sendCode(220, b"2.0.0 Ready to start TLS")
         self._flushReplies()
         # Whatever the client sent behind STARTTLS came in plaintext and

@@ -386,6 +386,20 @@ class SMTPCommandTests(ServerTestCase):
         )
 
     @defer.inlineCallbacks
+    def test_startTLSWithParameters(self):
+        """
+        STARTTLS with a parameter gets 501 5.5.4 (RFC 3207 section 4) and the
+        session goes on in plaintext.
+        """
+
+        def run(client):
+            return client.command(b"STARTTLS x"), client.command(b"NOOP")
+
+        refused, after = yield self.inSession(run)
+        self.assertEqual((refused[0], refused[1][0][:5]), (501, b"5.5.4"))
+        self.assertEqual(after[0], 250)
+
+    @defer.inlineCallbacks
     def test_controlCharactersInCommands(self):
         """
         A CR or NUL inside a command line is refused (500 5.5.2), so a CR
