@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.smtp import AddressError, SMTPServerError
@@ -36,6 +37,8 @@ log = Logger()
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 
+# Replies gathered for one write are written once they reach this size.
+_REPLY_BATCH = 16 * 1024
 # A line in DATA longer than this is passed on in pieces.
 _DATA_PIECE = 64 * 1024
 # After this many bad commands the session is closed (Postfix's
@@ -199,6 +202,7 @@ class SMTPSettings:
     plaintextAuth: bool = False
 
 
+@implementer(IPushProducer)
 class SMTPServer(smtp.ESMTP):
     """
     One SMTP session.
@@ -223,8 +227,12 @@ class SMTPServer(smtp.ESMTP):
         self.reader = LineReader(self.limits.line_length)
         # Replies gathered while input is handled (None: write at once).
         self._replies: list[bytes] | None = None
+        self._repliesSize = 0
         self._held = 0
-        self._paused = False
+        # Whether we stopped reading from the client, and whether its
+        # transport asked us to stop writing (the client does not read).
+        self._readingPaused = False
+        self._outputPaused = False
         self._deadline = None
         self._errors = 0
         self._esmtp = False
@@ -235,7 +243,22 @@ class SMTPServer(smtp.ESMTP):
         return self.host + b" ESMTP maild"
 
     def connectionMade(self) -> None:
+        # A streaming producer: when the client does not read its replies
+        # and they pile up in the transport, we are paused and stop taking
+        # commands (and, once the reader is full, reading).
+        self.transport.registerProducer(self, True)
         smtp.ESMTP.connectionMade(self)
+
+    def pauseProducing(self) -> None:
+        self._outputPaused = True
+
+    def resumeProducing(self) -> None:
+        self._outputPaused = False
+        if self.transport is not None and not self.transport.disconnecting:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
 
     def connectionLost(self, reason) -> None:
         self._cancelDeadline()
@@ -246,6 +269,12 @@ class SMTPServer(smtp.ESMTP):
             factory.connectionClosed(self)
 
     def timeoutConnection(self) -> None:
+        if self._outputPaused:
+            # The client does not read: no reply can reach it, and a close
+            # would wait for it forever.
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+            return
         self.sendCode(421, b"4.4.2 " + self.host + b" Error: timeout exceeded")
         self.close()
 
@@ -276,6 +305,12 @@ class SMTPServer(smtp.ESMTP):
             self.transport.writeSequence((line, b"\r\n"))
         else:
             self._replies += (line, b"\r\n")
+            self._repliesSize += len(line) + 2
+            if self._repliesSize > _REPLY_BATCH:
+                # Out now, so that a client that does not read pauses us
+                # before much more is gathered.
+                self._flushReplies()
+                self._replies = []
 
     def close(self) -> None:
         """
@@ -285,10 +320,13 @@ class SMTPServer(smtp.ESMTP):
         the last reply (a 221 to QUIT, a 421).
         """
         self._flushReplies()
+        # (A registered producer would hold the connection open.)
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _flushReplies(self) -> None:
         replies, self._replies = self._replies, None
+        self._repliesSize = 0
         if replies:
             self.transport.write(b"".join(replies))
 
@@ -306,7 +344,12 @@ class SMTPServer(smtp.ESMTP):
 
     def _handleInput(self) -> None:
         reader = self.reader
-        while reader.pending and not self._held and not self.transport.disconnecting:
+        while (
+            reader.pending
+            and not self._held
+            and not self._outputPaused
+            and not self.transport.disconnecting
+        ):
             if self.mode == DATA:
                 if not self._dataPiece():
                     break
@@ -333,9 +376,17 @@ class SMTPServer(smtp.ESMTP):
                     self._startDeadline(self.limits.command_timeout)
             else:
                 self._cancelDeadline()
-        if self._held and reader.full and not self._paused:
-            self.transport.pauseProducing()
-            self._paused = True
+        self._pauseReading(reader.full)
+
+    def _pauseReading(self, pause: bool) -> None:
+        # The reader holds what came while commands wait (a reply pending,
+        # or output not taken); past its limit the client must wait too.
+        if pause != self._readingPaused and not self.transport.disconnecting:
+            self._readingPaused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _hold(self) -> None:
         """
@@ -350,9 +401,6 @@ class SMTPServer(smtp.ESMTP):
         if self._held:
             return
         self.setTimeout(self.timeout)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
         self._process()
 
     def lookupMethod(self, command: bytes):

@@ -120,10 +120,19 @@ class IMAPServer(imap4.IMAP4Server):
         self._incoming = None
         self._producer: ResponseProducer | None = None
         self._paused = False
+        # A command is being answered (later ones wait), and the transport
+        # asked us to stop writing (the client does not read).
+        self._answering = False
+        self._outputPaused = False
 
     # Connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # A streaming producer for the whole session: when the client does
+        # not read and replies pile up in the transport, commands wait (and
+        # a FETCH being written pauses); once the framer holds its limit,
+        # reading stops too.
+        self.transport.registerProducer(self, True)
         self.canStartTLS = ITLSTransport(self.transport, None) is not None
         # No idle timer before login: the login deadline covers it.
         self.timeOut = None
@@ -163,9 +172,52 @@ class IMAPServer(imap4.IMAP4Server):
         if self.transport is None or self.transport.disconnecting:
             return
         self.closing = True
-        self._send(b"* BYE " + text)
-        self.transport.loseConnection()
         self.framer.held = True
+        if self._outputPaused:
+            # The client does not read: nothing more can reach it, and a
+            # close would wait for it forever.
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+            return
+        self._send(b"* BYE " + text)
+        self._close()
+
+    def _close(self) -> None:
+        # (A registered producer would hold the connection open.)
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # IPushProducer: the transport's flow control.
+
+    def pauseProducing(self) -> None:
+        self._outputPaused = True
+        self.framer.held = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._outputPaused = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+        self._takeCommands()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _takeCommands(self) -> None:
+        """
+        Go on with the commands received, unless one is being answered or
+        the client is not reading.
+        """
+        if self.closing or self.transport is None:
+            return
+        self.framer.held = self._answering or self._outputPaused
+        if self.framer.held:
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self.framer.process()
 
     @property
     def secure(self) -> bool:
@@ -347,18 +399,16 @@ class IMAPServer(imap4.IMAP4Server):
             # Answered at once: go on with the next command in the loop
             # that is already running.
             return
+        self._answering = True
         self.framer.held = True
         self.setTimeout(None)
 
         def release(_):
+            self._answering = False
             if self.closing or self.transport is None:
                 return
-            self.framer.held = False
             self.setTimeout(self.timeOut)
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
-            self.framer.process()
+            self._takeCommands()
 
         d.addBoth(release)
 
@@ -406,7 +456,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._send(tag + b" OK Logout completed")
         self.closing = True
         self.framer.held = True
-        self.transport.loseConnection()
+        self._close()
 
     def do_ID(self, tag, args, uid):
         # RFC 2971: the client's list is only informative.
@@ -837,6 +887,7 @@ class IMAPServer(imap4.IMAP4Server):
             d.callback(None)
 
         self._producer = ResponseProducer(self.transport, request.responses(), produced, self.settings.clock)
+        self._producer.paused = self._outputPaused
         self._producer.start()
         return d
 
