@@ -260,7 +260,9 @@ async def grammarSession(port: int, protocol: str, rng: random.Random, stats: St
         writer.close()
     tail = transcript.rstrip(b"<EOF>").rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
     lastWords = (b"221 ", b"421 ", b"+OK", b"-ERR")
-    if transcript.endswith(b"<EOF>") and not tail.startswith(lastWords):
+    # After STARTTLS/STLS our plaintext ends the TLS handshake: expected.
+    startedTLS = b"220 2.0.0 Ready to start TLS" in transcript or b"+OK Begin TLS" in transcript
+    if transcript.endswith(b"<EOF>") and not tail.startswith(lastWords) and not startedTLS:
         stats.silentCloses.append(repr(transcript[-300:]))
 
 

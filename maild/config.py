@@ -345,8 +345,34 @@ def _tableClass(fieldName: str) -> type:
     return {f.name: f for f in dataclasses.fields(Config)}[fieldName].default_factory
 
 
+# Endpoint types that wrap another endpoint string ("haproxy:tcp:993").
+_WRAPPER_ENDPOINTS = frozenset({"haproxy"})
+# Endpoint types that do TLS themselves.
+_TLS_ENDPOINTS = frozenset({"ssl", "tls"})
+
+
+def _endpointDoesTLS(description: str) -> bool:
+    """
+    Whether an endpoint string, after any wrappers, is one that does TLS.
+    """
+    for kind in description.split(":"):
+        kind = kind.strip().lower()
+        if kind not in _WRAPPER_ENDPOINTS:
+            return kind in _TLS_ENDPOINTS
+    return False
+
+
 def _validateEndpoint(name: str, description: str, problems: list[str]) -> None:
     from twisted.internet import endpoints, reactor
+
+    if name in IMPLICIT_TLS and _endpointDoesTLS(description):
+        # maild wraps every implicit-TLS listener in TLS itself, with the
+        # certificate it reloads; an ssl: endpoint would wrap it twice.
+        problems.append(
+            f"listen.{name}: {description!r} does TLS itself; maild adds TLS to this "
+            "listener, so give a plain endpoint (tcp:, tcp6:, systemd:, haproxy:tcp:...)"
+        )
+        return
 
     try:
         endpoints.serverFromString(reactor, description)

@@ -6,15 +6,17 @@ and the TLS versions every implicit-TLS listener accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import imaplib
 import poplib
 import smtplib
 import socket
 import ssl
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
-from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
+from maild.service import MailService
+from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext, makeConfig
 
 
 class TLSTests(ServerTestCase):
@@ -198,3 +200,42 @@ class LastReplyTests(ServerTestCase):
         self.assertTrue(bye.startswith(b"* BYE"))
         self.assertTrue(ok.startswith(b"a OK"))
         self.assertTrue(closed)
+
+
+class HAProxyTLSTests(ServerTestCase):
+    """
+    Implicit TLS behind HAProxy's PROXY protocol (`haproxy:tcp:...`).
+    """
+
+    listeners = ()
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield ServerTestCase.setUp(self)
+        yield self.stopServer()
+        self.config = makeConfig(self.dataDir, ())
+        self.config = dataclasses.replace(
+            self.config,
+            listeners={"smtps": "haproxy:tcp:0:interface=127.0.0.1", "pop3s": "haproxy:tcp:0:interface=127.0.0.1"},
+        )
+        self.service = MailService(self.config, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        yield defer.gatherResults([lst.ready for lst in self.service.listeners.values()])
+
+    @defer.inlineCallbacks
+    def test_greetsInTLS(self):
+        """
+        After the PROXY header, SMTPS and POP3S speak TLS.
+        """
+
+        def greet(name):
+            client = RawClient(self.port(name))
+            client.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 465\r\n")
+            client.startTLS(clientContext(self.service))
+            line = client.readLine()
+            client.close()
+            return line
+
+        self.assertTrue((yield self.inThread(greet, "smtps")).startswith(b"220 "))
+        self.assertTrue((yield self.inThread(greet, "pop3s")).startswith(b"+OK"))
