@@ -69,6 +69,11 @@ class Limits:
     # transfer (RFC 5321 section 4.5.3.2), and an idle timer between commands.
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    # SMTP DATA must arrive at this many octets per second on average,
+    # counted once it has run this long (Postfix's smtpd_min_data_rate):
+    # a trickle does not hold a connection until data_timeout.
+    min_data_rate: int = 500
+    min_data_rate_after: float = 60.0
     idle_timeout: float = 300.0
     # POP3 (RFC 1939 section 3: at least 10 minutes) and IMAP (RFC 3501
     # section 5.4: at least 30 minutes) idle timers once logged in.

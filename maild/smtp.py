@@ -130,6 +130,10 @@ class Transaction:
     size: int = 0
     error: tuple[int, bytes] | None = None
     firstPiece: bool = True
+    # When DATA began (the clock's seconds), and the octets received since.
+    dataStart: float = 0.0
+    received: int = 0
+    rateCheck: Any = None
     # The header section, collected for checkHeaders (submission).
     headers: bytearray = field(default_factory=bytearray)
     headersDone: bool = False
@@ -294,6 +298,8 @@ class SMTPServer(smtp.ESMTP):
     # Input framing ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.mode == DATA and self.transaction is not None:
+            self.transaction.received += len(data)
         self.reader.feed(data)
         self._process()
 
@@ -642,7 +648,36 @@ class SMTPServer(smtp.ESMTP):
         self.mode = DATA
         self.setTimeout(None)
         self._startDeadline(self.limits.data_timeout)
+        transaction.dataStart = self.settings.clock.seconds()
+        transaction.rateCheck = self.callLater(self.limits.min_data_rate_after, self._checkDataRate)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _checkDataRate(self) -> None:
+        """
+        Close a DATA transfer that averages less than the minimum rate (a
+        client sending a byte every few seconds would otherwise hold the
+        connection until the DATA deadline); otherwise look again when it
+        would fall below the rate if nothing more came.
+        """
+        transaction = self.transaction
+        if transaction is None or self.mode != DATA:
+            return
+        transaction.rateCheck = None
+        elapsed = self.settings.clock.seconds() - transaction.dataStart
+        rate = self.limits.min_data_rate
+        if transaction.received < rate * elapsed:
+            log.info(
+                "data rate too low rip={rip}: {received} octets in {elapsed:.0f} s",
+                rip=self.clientAddress,
+                received=transaction.received,
+                elapsed=elapsed,
+            )
+            self._discardTransaction()
+            self.sendCode(421, b"4.4.2 " + self.host + b" Error: data rate too low")
+            self.close()
+            return
+        wait = max(transaction.received / rate - elapsed, 1.0)
+        transaction.rateCheck = self.callLater(wait, self._checkDataRate)
 
     def _traceHeaders(self, transaction: Transaction) -> bytes:
         """
@@ -723,6 +758,7 @@ class SMTPServer(smtp.ESMTP):
     def _endOfData(self) -> None:
         transaction = self.transaction
         self.transaction = None
+        _cancelCall(transaction.rateCheck)
         self.mode = COMMAND
         self._cancelDeadline()
         self.setTimeout(self.timeout)
@@ -774,10 +810,17 @@ class SMTPServer(smtp.ESMTP):
 
     def _discardTransaction(self) -> None:
         transaction, self.transaction = self.transaction, None
+        if transaction is not None:
+            _cancelCall(transaction.rateCheck)
         if transaction is not None and transaction.message is not None and self.mode == DATA:
             transaction.message.discard()
         if self.mode == DATA:
             self.mode = COMMAND
+
+
+def _cancelCall(call) -> None:
+    if call is not None and call.active():
+        call.cancel()
 
 
 def _bytes(text) -> bytes:

@@ -5,6 +5,7 @@ input, durability, and the clients people use.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import os
 import smtplib
@@ -14,11 +15,13 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
 
-from maild.smtp import DataDecoder
+from maild.smtp import DataDecoder, SMTPServer
 from tests.support import RawClient, ServerTestCase, waitForEmptySpool, writeUsers
 
 
@@ -881,3 +884,57 @@ class LimitTests(ServerTestCase):
         self.assertEqual(self.messages("alice@localhost"), [])
 
 
+
+
+class DataRateTests(ServerTestCase):
+    """
+    The minimum DATA rate ([limits] min_data_rate, counted after
+    min_data_rate_after), driven by a Clock.
+    """
+
+    limits = {"min_data_rate": 100, "min_data_rate_after": 10.0}
+
+    def session(self):
+        clock = task.Clock()
+        factory = self.service.listeners["smtp"].factory
+        settings = dataclasses.replace(factory.settings, clock=clock)
+        session = SMTPServer(settings)
+        session.clientAddress = "127.0.0.1"
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        session.makeConnection(transport)
+        self.addCleanup(lambda: session.transport and session.connectionLost(None))
+        session.dataReceived(b"EHLO c\r\nMAIL FROM:<carol@remote.test>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\n")
+        self.assertIn(b"354 ", transport.value())
+        transport.clear()
+        return session, transport, clock
+
+    def test_trickleClosed(self):
+        """
+        A byte every 3 seconds averages far below the rate: once the window
+        has passed the session gets 421 4.4.2 and is closed, and nothing is
+        stored.
+        """
+        session, transport, clock = self.session()
+        for _ in range(3):
+            session.dataReceived(b"x")
+            clock.advance(3)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(1)
+        self.assertTrue(transport.value().startswith(b"421 4.4.2 "), transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.messages("alice@localhost"), [])
+
+    def test_steadySenderGoesOn(self):
+        """
+        A client sending above the rate is never cut off, however long DATA
+        takes; the check follows what it has sent.
+        """
+        session, transport, clock = self.session()
+        for _ in range(100):
+            session.dataReceived(b"y" * 150 + b"\r\n")
+            clock.advance(1)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        # Then it stops: below the average rate soon enough.
+        clock.advance(60)
+        self.assertTrue(transport.value().startswith(b"421 4.4.2 "))
