@@ -772,7 +772,7 @@ class SMTPServer(smtp.ESMTP):
                 "refused message from=<{sender}> rip={rip}: {reason}",
                 sender=str(transaction.sender),
                 rip=self.clientAddress,
-                reason=transaction.error[1].decode("ascii"),
+                reason=transaction.error[1].decode("ascii", "replace"),
             )
             self.sendCode(*transaction.error)
             return

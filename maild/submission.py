@@ -55,8 +55,10 @@ class SubmissionDelivery:
         for value in headerValues(headers, ("from", "sender")):
             for address in headerAddresses(value):
                 if not self.addresses.ownsSender(self.user, address):
-                    shown = address[:256]
-                    return 553, f"5.7.1 From: address {shown} not owned by user {self.user}".encode()
+                    # Replies are ASCII (RFC 5321 section 2.4); the header
+                    # may hold anything.
+                    text = f"5.7.1 From: address {address[:256]} not owned by user {self.user}"
+                    return 553, text.encode("ascii", "backslashreplace")
         return None
 
 

@@ -298,6 +298,26 @@ class SubmissionTests(ServerTestCase):
         self.assertEqual([code for code, _ in replies], [250, 250, 250])
 
     @defer.inlineCallbacks
+    def test_eightBitFromHeader(self):
+        """
+        A From: header address with 8-bit bytes is refused with an ASCII
+        553 5.7.1 (found by fuzzing: the reply and its log line raised
+        UnicodeDecodeError and dropped the session).
+        """
+
+        def run(client):
+            client.command(b"AUTH PLAIN " + plain("alice@localhost"))
+            for line in (b"MAIL FROM:<alice@localhost>", b"RCPT TO:<bob@example.org>", b"DATA"):
+                client.command(line)
+            client.send(b"From: \xef\xbf\xbd\xff@localhost\r\n\r\nHi.\r\n.\r\n")
+            return client.readReply(), client.command(b"NOOP")
+
+        refused, after = yield self.inSession(run)
+        self.assertEqual((refused[0], refused[1][0][:5]), (553, b"5.7.1"))
+        self.assertTrue(refused[1][0].isascii())
+        self.assertEqual(after[0], 250)
+
+    @defer.inlineCallbacks
     def test_startTLSInjection(self):
         """
         A command sent in the same packet as STARTTLS is never run inside
