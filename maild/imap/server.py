@@ -214,10 +214,13 @@ class IMAPServer(imap4.IMAP4Server):
         self.framer.held = self._answering or self._outputPaused
         if self.framer.held:
             return
-        if self._paused:
+        self.framer.process()
+        # Read again only once what waits is under the limit: resuming
+        # first would let a client that reads little push a read's worth
+        # more each time a few replies drain.
+        if self._paused and len(self.framer.buffer) <= _HOLD_LIMIT and not self.closing:
             self._paused = False
             self.transport.resumeProducing()
-        self.framer.process()
 
     @property
     def secure(self) -> bool:
