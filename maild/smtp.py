@@ -825,7 +825,12 @@ class SMTPServer(smtp.ESMTP):
         d.addBoth(lambda _: self._release())
 
     def _deliver(self, transaction: Transaction, folder: str = "INBOX", results: str = ""):
-        d = self.settings.store.deliver(transaction.message, transaction.recipients, folder)
+        store = self.settings.store
+        if folder == "INBOX":
+            # deliver()'s default: stores that know no other folder serve too.
+            d = store.deliver(transaction.message, transaction.recipients)
+        else:
+            d = store.deliver(transaction.message, transaction.recipients, folder)
         return d.addCallbacks(
             self._delivered, self._deliveryFailed, (transaction, folder, results), None, (transaction,)
         )
