@@ -407,6 +407,86 @@ class MailboxTests(unittest.SynchronousTestCase):
         self.assertTrue(fresh.exists())
 
 
+class SmallFileTests(unittest.SynchronousTestCase):
+    """
+    The small files the store rewrites whole: one helper replaces each,
+    synced, under a lock.
+    """
+
+    def setUp(self):
+        self.store = MailStore(Path(self.mktemp()))
+        self.mailbox = self.store.mailbox("alice@example.org")
+        self.mailbox.ensureExists()
+
+    def test_concurrentSubscriptionsAllKept(self):
+        """
+        Sessions subscribing at the same moment (two threads here, as two
+        IMAP sessions of one daemon) each keep their names: the list is
+        read and rewritten under a lock.
+        """
+        import threading
+
+        def subscribe(prefix):
+            box = self.store.mailbox("alice@example.org")
+            for i in range(60):
+                box.subscribe(f"{prefix}{i}")
+
+        threads = [threading.Thread(target=subscribe, args=(p,)) for p in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        names = set(self.mailbox.subscriptions())
+        self.assertEqual({n for n in names if n[0] in "ab"}, {f"{p}{i}" for p in "ab" for i in range(60)})
+
+    def test_everyRewriteIsSynced(self):
+        """
+        The UID list, the keywords, the subscriptions and the users file
+        are each written to a temporary file that is synced before it is
+        renamed over the old one; nothing temporary is left behind.
+        """
+        from maild import accounts
+        from maild.store import files
+
+        synced = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            realFsync(fd)
+
+        self.patch(files.os, "fsync", fsync)
+        folder = self.mailbox.folder("INBOX")
+        folder.refresh()
+        folder.uidList._writeAll(folder.uidList.refresh())
+        folder.keywords.letters(["$Forwarded"])
+        self.mailbox.subscribe("Lists")
+        users = accounts.Accounts(self.store.root.parent / "users")
+        users.add("bob@example.org", "secret", scheme=accounts.BLF_CRYPT)
+        for name in ("dovecot-uidlist", "dovecot-keywords", "subscriptions", "users"):
+            self.assertIn(name + ".tmp", [Path(p).name for p in synced])
+        leftovers = [p for p in self.store.root.parent.rglob("*.tmp")]
+        self.assertEqual(leftovers, [])
+
+    def test_failedRewriteKeepsTheOldFile(self):
+        """
+        When the new content cannot be written (a full disk), the old file
+        stays as it was and the temporary file is removed.
+        """
+        from maild.store import files
+
+        self.mailbox.subscribe("Lists")
+
+        def full(fd):
+            raise OSError(28, "No space left on device")
+
+        self.patch(files.os, "fsync", full)
+        self.assertRaises(OSError, self.mailbox.subscribe, "More")
+        self.assertIn("Lists", self.mailbox.subscriptions())
+        self.assertNotIn("More", self.mailbox.subscriptions())
+        self.assertEqual(list(self.mailbox.root.glob("*.tmp")), [])
+
+
 class DeliveryTests(unittest.TestCase):
     syncMode = "fsync"
 

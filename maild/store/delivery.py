@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from maild.store.files import fsyncDirectory
 from maild.store.maildir import newBaseName
 
 log = Logger()
@@ -248,14 +249,6 @@ def _libcSyncfs() -> Callable[[int], None]:
             raise OSError(err, os.strerror(err))
 
     return syncfs
-
-
-def fsyncDirectory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Committer:

@@ -10,6 +10,7 @@ import os
 import string
 from pathlib import Path
 
+from maild.store.files import replaceFile
 from maild.store.locking import locked
 
 FILE_NAME = "dovecot-keywords"
@@ -83,9 +84,7 @@ class Keywords:
         return "".join(sorted(found[k] for k in wanted if k in found))
 
     def _write(self) -> None:
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for letter in sorted(self._byLetter):
-                f.write(f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n")
-        os.replace(tmp, self.path)
-        self._mtime = os.stat(self.path).st_mtime_ns
+        text = "".join(
+            f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n" for letter in sorted(self._byLetter)
+        )
+        self._mtime = replaceFile(self.path, text.encode("utf-8")).st_mtime_ns

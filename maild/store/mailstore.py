@@ -20,7 +20,9 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Spool, Target, fsyncDirectory
+from maild.store.delivery import Committer, IncomingMessage, Spool, Target
+from maild.store.files import fsyncDirectory, replaceFile
+from maild.store.locking import locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
 from maild.store.watch import FolderWatcher
@@ -38,6 +40,7 @@ SPECIAL_FOLDERS = {
 }
 
 SUBSCRIPTIONS = "subscriptions"
+SUBSCRIPTIONS_LOCK = "maild-subscriptions.lock"
 
 
 class NoSuchFolder(Exception):
@@ -261,7 +264,7 @@ class UserMailbox:
                 (path / "maildirfolder").touch()
                 missing.append(name)
         if missing and not subscribed.issuperset(missing):
-            self._writeSubscriptions(sorted(subscribed | set(missing)))
+            self._editSubscriptions(lambda names: names + sorted(set(missing) - set(names)))
 
     def folderPath(self, name: str) -> Path:
         return self.root / folderDirName(name)
@@ -326,7 +329,7 @@ class UserMailbox:
         doomed = self.root / f"..deleted-{time.time_ns()}"
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-        self._writeSubscriptions([s for s in self.subscriptions() if s != name])
+        self._editSubscriptions(lambda names: [s for s in names if s != name])
 
     def rename(self, old: str, new: str) -> None:
         """
@@ -357,7 +360,7 @@ class UserMailbox:
         for source, target in moves:
             os.rename(self.folderPath(source), self.folderPath(target))
         renamed = dict(moves)
-        self._writeSubscriptions([renamed.get(s, s) for s in self.subscriptions()])
+        self._editSubscriptions(lambda names: [renamed.get(s, s) for s in names])
 
     def _renameInbox(self, new: str) -> None:
         if self.exists(new):
@@ -393,16 +396,21 @@ class UserMailbox:
 
     def subscribe(self, name: str) -> None:
         name = maildir.validateFolderName(name)
-        current = self.subscriptions()
-        if name not in current:
-            self._writeSubscriptions(current + [name])
+        self._editSubscriptions(lambda names: names if name in names else names + [name])
 
     def unsubscribe(self, name: str) -> None:
         name = maildir.validateFolderName(name)
-        self._writeSubscriptions([s for s in self.subscriptions() if s != name])
+        self._editSubscriptions(lambda names: [s for s in names if s != name])
 
-    def _writeSubscriptions(self, names: list[str]) -> None:
+    def _editSubscriptions(self, change) -> None:
+        """
+        Rewrite the subscriptions as C{change} (a function of the current
+        list) makes them, under a lock: two sessions subscribing at once
+        must not lose one of the names.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / (SUBSCRIPTIONS + ".tmp")
-        tmp.write_text("".join(n + "\n" for n in names), "utf-8")
-        os.replace(tmp, self.root / SUBSCRIPTIONS)
+        with locked(self.root / SUBSCRIPTIONS_LOCK):
+            current = self.subscriptions()
+            names = change(current)
+            if names != current:
+                replaceFile(self.root / SUBSCRIPTIONS, "".join(n + "\n" for n in names).encode("utf-8"))

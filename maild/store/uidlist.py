@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maild.store.files import replaceFile
 from maild.store.locking import locked
 
 FILE_NAME = "dovecot-uidlist"
@@ -233,17 +234,11 @@ class UidList:
         """
         Replace the file with C{state}.  The caller holds the lock.
         """
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
         lines = [f"3 V{state.uidvalidity} N{state.uidnext} G{state.guid}\n"]
         lines.extend(
             f"{uid} :{base}\n"
             for base, uid in sorted(state.uids.items(), key=lambda item: item[1])
         )
         data = "".join(lines).encode("utf-8")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        state.inode = os.stat(self.path).st_ino
+        state.inode = replaceFile(self.path, data).st_ino
         state.offset = len(data)
