@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,6 @@ class DeliveryFailed(Exception):
 
 
 def _failure(e: OSError) -> DeliveryFailed:
-    import errno
-
     noSpace = e.errno in (errno.ENOSPC, errno.EDQUOT)
     return DeliveryFailed(f"storage error: {e.strerror}", noSpace=noSpace)
 
@@ -394,7 +393,8 @@ class Committer:
         Put each synced message into its target folders, with unique names:
         the spool file is renamed into the first, and hard-linked from there
         into the others (a rename is one change of the file system where a
-        link and an unlink are two).
+        link and an unlink are two).  Where a folder lives on another file
+        system, the message is copied there instead (L{placeFile}).
 
         @return: the directories touched, and the jobs in each.
         """
@@ -404,6 +404,7 @@ class Committer:
                 continue
             message = job.message
             placed: list[Path] = []
+            spoolFileMoved = False
             try:
                 for target in job.targets:
                     base = newBaseName(message.size, message.crlfSize)
@@ -411,14 +412,14 @@ class Committer:
                         path = target.folder / "new" / base
                     else:
                         path = target.folder / "cur" / (base + ":2," + target.info)
-                    place = os.link if placed else os.rename
                     source = placed[0] if placed else message.path
                     try:
-                        place(source, path)
+                        moved = placeFile(source, path, move=not placed)
                     except FileNotFoundError:
                         for sub in ("cur", "new", "tmp"):
                             (target.folder / sub).mkdir(parents=True, exist_ok=True)
-                        place(source, path)
+                        moved = placeFile(source, path, move=not placed)
+                    spoolFileMoved = spoolFileMoved or moved
                     placed.append(path)
                     touched.setdefault(path.parent, []).append(job)
             except OSError as e:
@@ -428,6 +429,9 @@ class Committer:
                 continue
             job.placed = placed
             message.closeFile()
+            if not spoolFileMoved:
+                # Copied to another file system: the spool's copy goes.
+                _unlinkQuietly(message.path)
         return touched
 
     @staticmethod
@@ -453,8 +457,14 @@ class Committer:
         fd = os.open(self.dataDir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._syncfsGroup(fd, group)
-            self._link(group)
+            touched = self._link(group)
             self._syncfsGroup(fd, group)
+            # Folders on other file systems than the data folder's are not
+            # covered by its syncfs.
+            dataDevice = os.fstat(fd).st_dev
+            self._syncFolders(
+                [(d, jobs) for d, jobs in sorted(touched.items()) if os.stat(d).st_dev != dataDevice]
+            )
         finally:
             os.close(fd)
         _withdrawFailed(group)
@@ -468,6 +478,55 @@ class Committer:
             failure = _failure(e)
             for job in group:
                 job.error = job.error or failure
+
+
+def placeFile(source: Path | str, path: Path, move: bool) -> bool:
+    """
+    Make the message file C{source} appear as C{path}, in one step that
+    another reader never sees half done: a rename (when C{move}) or a hard
+    link where both are on one file system; elsewhere a copy written and
+    synced in the target folder's C{tmp/}, with the source's modification
+    time (the INTERNALDATE), then renamed into place.  The caller syncs
+    C{path}'s directory.
+
+    @return: whether C{source} was moved (it stays when it was copied, or
+        when not C{move}).
+    @raise OSError: if that fails (C{ENOSPC} when the target's disk is
+        full); nothing is left in the target folder then.
+    """
+    try:
+        if move:
+            os.rename(source, path)
+        else:
+            os.link(source, path)
+        return move
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = path.parent.parent / "tmp" / path.name.partition(":")[0]
+    with open(source, "rb", buffering=0) as src:
+        st = os.fstat(src.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            remaining = st.st_size
+            while remaining > 0:
+                sent = os.sendfile(fd, src.fileno(), None, min(remaining, 1 << 30))
+                if sent == 0:
+                    break
+                remaining -= sent
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlinkQuietly(tmp)
+            raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _unlinkQuietly(tmp)
+        raise
+    return False
 
 
 def _withdrawFailed(group: list[_Job]) -> None:

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Spool, Target
+from maild.store.delivery import Committer, IncomingMessage, Spool, Target, placeFile
 from maild.store.files import fsyncDirectory, replaceFile
 from maild.store.locking import locked
 from maild.store.folder import SETTABLE, Folder
@@ -230,7 +230,7 @@ def _linkAll(plan: list[tuple[int, Path, Path]], directory: Path) -> list[tuple[
     done = []
     for uid, source, target in plan:
         try:
-            os.link(source, target)
+            placeFile(source, target, move=False)
         except FileNotFoundError:
             continue
         done.append((uid, target))
