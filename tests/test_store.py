@@ -567,6 +567,51 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.box.root / "new"), [])
 
     @defer.inlineCallbacks
+    def test_appendSetsTheDateBeforeTheFileIsVisible(self):
+        """
+        A message appended with a date is in its folder with that date as
+        its modification time from the moment it is there: the date is set
+        on the spool file before it is placed (the sync hook sees every
+        placed file before anyone is told of it).
+        """
+        seen = []
+        self.committer.syncHook = lambda paths: seen.extend(os.stat(p).st_mtime for p in paths)
+        folder = self.box.folder("Drafts")
+        message = self.store.incoming()
+        message.write(b"Subject: dated\r\n\r\nbody\r\n")
+        uidvalidity, uid = yield folder.append(message, maildir.SEEN, ["$label1"], 1_600_000_000)
+        self.assertEqual((uidvalidity, uid), (folder.uidvalidity, 1))
+        self.assertEqual(seen, [1_600_000_000])
+        self.assertEqual(folder.internalDate(folder.position(uid)), 1_600_000_000)
+        self.assertEqual(folder.keywordNames(folder.position(uid)), ["$label1"])
+
+    @defer.inlineCallbacks
+    def test_failedAppendStoresNothing(self):
+        """
+        An APPEND whose date the store cannot keep is refused before
+        anything is stored; one whose date cannot be set on the file fails
+        with DeliveryFailed, and neither leaves anything in the folder or
+        the spool.
+        """
+        folder = self.box.folder("Drafts")
+        message = self.store.incoming()
+        message.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.assertRaises(ValueError, folder.append, message, 0, (), 10.0**20)
+        message.discard()
+
+        from maild.store import delivery
+
+        def refuse(*args, **kwargs):
+            raise OSError(22, "Invalid argument")
+
+        self.patch(delivery.os, "utime", refuse)
+        message = self.store.incoming()
+        message.write(b"Subject: y\r\n\r\nbody\r\n")
+        yield self.assertFailure(folder.append(message, 0, (), 1_600_000_000), DeliveryFailed)
+        self.assertEqual([p for sub in ("new", "cur", "tmp") for p in (folder.path / sub).iterdir()], [])
+        self.assertEqual((yield waitForEmptySpool(self.data)), [])
+
+    @defer.inlineCallbacks
     def test_bigMessageWrittenInPieces(self):
         """
         A message bigger than the in-memory limit is in the spool before it

@@ -13,7 +13,6 @@ C{unauth_X}/C{auth_X}/C{select_X} tables.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,9 +52,9 @@ from maild.imap.parser import (
 from maild.imap.producer import ResponseProducer
 from maild.imap.search import CHARSETS, Search, parseKeys
 from maild.names import InvalidName
-from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder, Target
+from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder
 from maild.store.keywords import TooManyKeywords
-from maild.store.maildir import SEEN, infoString
+from maild.store.maildir import SEEN
 from maild.tls import isEncrypted
 
 log = Logger()
@@ -707,7 +706,7 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             folder = self.account.select(name)
             bits, keywords = _flagBits(flags)
-            letters = folder.keywords.letters(keywords) if keywords else ""
+            d = folder.append(message.message, bits, keywords, date, origin=self)
         except NoSuchFolder:
             message.message.discard()
             self._done(tag, b"NO [TRYCREATE] Mailbox does not exist")
@@ -716,17 +715,16 @@ class IMAPServer(imap4.IMAP4Server):
             message.message.discard()
             self._done(tag, b"NO [LIMIT] Too many keywords")
             return None
-        except BadCommand:
+        except ValueError:
+            message.message.discard()
+            raise BadCommand("Bad date-time")
+        except BaseException:
             message.message.discard()
             raise
-        info = infoString(bits, letters) if (bits or letters) else None
-        d = self.settings.store.place(message.message, [Target(folder.path, info)], origin=self)
 
-        def placed(paths):
-            if date is not None:
-                os.utime(paths[0], (date, date))
-            uids = folder.addPlaced(paths, origin=self)
-            self._done(tag, b"OK [APPENDUID %d %d] APPEND completed" % (folder.uidvalidity, uids[0]))
+        def placed(result):
+            uidvalidity, newUid = result
+            self._done(tag, b"OK [APPENDUID %d %d] APPEND completed" % (uidvalidity, newUid))
 
         def failed(reason):
             reason.trap(DeliveryFailed)
@@ -922,18 +920,19 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK " + verb + b" completed (nothing to do)", verb, uid)
             return None
         try:
-            d = self.settings.store.copy(view.folder, indexes, destination, origin=self)
+            d = view.folder.copyTo(indexes, destination, origin=self)
         except TooManyKeywords:
             self._done(tag, b"NO [LIMIT] Too many keywords in the target mailbox", verb, uid)
             return None
 
-        def copied(pairs):
+        def copied(result):
             if self.transport is None or self.transport.disconnecting:
                 return
+            uidvalidity, pairs = result
             code = b""
             if pairs:
                 code = b"[COPYUID %d %s %s] " % (
-                    destination.uidvalidity,
+                    uidvalidity,
                     formatUidSet([s for s, _ in pairs]),
                     formatUidSet([d for _, d in pairs]),
                 )
@@ -948,7 +947,14 @@ class IMAPServer(imap4.IMAP4Server):
             self._sendUpdates(expunges=True)
             self._send(tag + b" OK MOVE completed")
 
-        return d.addCallback(copied)
+        def failed(reason):
+            reason.trap(DeliveryFailed)
+            if self.transport is None or self.transport.disconnecting:
+                return
+            code = b"[OVERQUOTA] " if reason.value.noSpace else b""
+            self._done(tag, b"NO " + code + b"Cannot store the messages", verb, uid)
+
+        return d.addCallbacks(copied, failed)
 
     def do_MOVE(self, tag, args, uid):
         return self.do_COPY(tag, args, uid, move=True)
@@ -959,14 +965,14 @@ class IMAPServer(imap4.IMAP4Server):
         if self.view is not None:
             # Other programs' changes too must reach us at once.
             self._watching = self.view.folder
-            self.settings.store.watcher.watch(self._watching)
+            self._watching.watch()
         self._send(b"+ idling")
         self._sendUpdates(expunges=True)
         self.framer.lineHandler = self._idleLine
 
     def _stopWatching(self) -> None:
         if self._watching is not None:
-            self.settings.store.watcher.unwatch(self._watching)
+            self._watching.unwatch()
             self._watching = None
 
     def _idleLine(self, line: bytes) -> None:

@@ -42,7 +42,7 @@ class DeliveryFailed(Exception):
         self.noSpace = noSpace
 
 
-def _failure(e: OSError) -> DeliveryFailed:
+def storageFailure(e: OSError) -> DeliveryFailed:
     noSpace = e.errno in (errno.ENOSPC, errno.EDQUOT)
     return DeliveryFailed(f"storage error: {e.strerror}", noSpace=noSpace)
 
@@ -87,6 +87,9 @@ class IncomingMessage:
     @ivar size: octets on disk so far.
     @ivar crlfSize: octets the message has when served with CRLF endings.
     @ivar path: the spool file, once there is one.
+    @ivar internalDate: when the message is said to have arrived (seconds
+        since the epoch; None for now): the file's modification time,
+        set before the file is placed anywhere (IMAP APPEND's date).
     """
 
     SPILL = 128 * 1024
@@ -98,6 +101,7 @@ class IncomingMessage:
         self.size = 0
         self.crlfSize = 0
         self.error: DeliveryFailed | None = None
+        self.internalDate: float | None = None
         self._pendingCR = False
         self._pieces: list[bytes] = []
         self._buffered = 0
@@ -143,7 +147,7 @@ class IncomingMessage:
                 self.path, self._file = self.spool.create()
             self._file.write(b"".join(pieces))
         except OSError as e:
-            self.error = _failure(e)
+            self.error = storageFailure(e)
         except Exception:
             log.failure("cannot write a spool file")
             self.error = DeliveryFailed("internal error while storing")
@@ -183,6 +187,10 @@ class IncomingMessage:
         if self._file is None:
             self.path, self._file = self.spool.create()
         self._file.write(b"".join(pieces))
+        if self.internalDate is not None:
+            # After the last write (which sets the time) and before the file
+            # is synced and placed: no reader ever sees it without its date.
+            os.utime(self._file.fileno(), (self.internalDate, self.internalDate))
         if sync:
             os.fsync(self._file.fileno())
 
@@ -385,7 +393,7 @@ class Committer:
             try:
                 job.message.writeRemaining()
             except OSError as e:
-                job.error = _failure(e)
+                job.error = storageFailure(e)
 
     @staticmethod
     def _link(group: list[_Job]) -> dict[Path, list[_Job]]:
@@ -423,7 +431,7 @@ class Committer:
                     placed.append(path)
                     touched.setdefault(path.parent, []).append(job)
             except OSError as e:
-                job.error = _failure(e)
+                job.error = storageFailure(e)
                 for path in placed:
                     _unlinkQuietly(path)
                 continue
@@ -440,7 +448,7 @@ class Committer:
             try:
                 fsyncDirectory(new)
             except OSError as e:
-                failure = _failure(e)
+                failure = storageFailure(e)
                 for job in jobs:
                     job.error = failure
 
@@ -453,7 +461,7 @@ class Committer:
             try:
                 job.message.writeRemaining(sync=False)
             except OSError as e:
-                job.error = _failure(e)
+                job.error = storageFailure(e)
         fd = os.open(self.dataDir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._syncfsGroup(fd, group)
@@ -475,7 +483,7 @@ class Committer:
         try:
             self._syncfs(fd)
         except OSError as e:
-            failure = _failure(e)
+            failure = storageFailure(e)
             for job in group:
                 job.error = job.error or failure
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import IO, Iterable, Protocol, Sequence
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from maild.store import maildir
+from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList
@@ -74,17 +76,21 @@ class MessageGone(Exception):
     """
 
 
+@implementer(IFolder)
 class Folder:
     """
     The shared index of one folder.
 
     @ivar name: the IMAP name (C{INBOX}, C{Sent}, C{Lists/Python}).
     @ivar path: the folder's directory (holding C{cur new tmp}).
+    @ivar store: the L{maild.store.MailStore} that places messages here
+        and watches the folder (None for a folder only read and changed).
     """
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, store=None) -> None:
         self.name = name
         self.path = path
+        self.store = store
         self._dir = str(path) + os.sep
         self.uidList = UidList(path)
         self.keywords = Keywords(path)
@@ -589,6 +595,70 @@ class Folder:
             change.added.append(uid)
         self._announce(change)
         return [result[maildir.splitFileName(p.name)[0]] for p in paths]
+
+
+    # Adding messages and watching: through the store --------------------
+
+    def append(
+        self,
+        message,
+        bits: int = 0,
+        keywords: Sequence[str] = (),
+        internalDate: float | None = None,
+        origin: object | None = None,
+    ):
+        """
+        Store C{message} (a L{maild.store.IncomingMessage}) here durably,
+        with flags and keywords, and its INTERNALDATE set before the file is
+        visible to anyone.
+
+        @return: a Deferred firing with C{(UIDVALIDITY, UID)} of the new
+            message, or failing with L{maild.store.DeliveryFailed} (then
+            nothing is stored).
+        @raise maild.store.keywords.TooManyKeywords: if no letter is left
+            for a keyword (nothing is stored).
+        @raise ValueError: for a date the store cannot keep.
+        """
+        from maild.store.delivery import Target
+
+        if internalDate is not None and not 0 <= internalDate <= MAX_INTERNALDATE:
+            raise ValueError(f"INTERNALDATE out of range: {internalDate!r}")
+        letters = self.keywords.letters(list(keywords)) if keywords else ""
+        bits &= SETTABLE
+        info = maildir.infoString(bits, letters) if (bits or letters) else None
+        message.internalDate = internalDate
+        d = self.store.place(message, [Target(self.path, info)], origin=origin)
+
+        def placed(paths):
+            uids = self.addPlaced(paths, origin=origin)
+            return self.uidvalidity, uids[0]
+
+        return d.addCallback(placed)
+
+    def copyTo(self, indexes: Sequence[int], destination: "Folder", origin: object | None = None):
+        """
+        Copy messages (by index) into C{destination}, with their flags,
+        keywords and INTERNALDATE.
+
+        @return: a Deferred firing with C{(UIDVALIDITY of the destination,
+            [(source UID, destination UID), ...])}.
+        """
+        d = self.store.copy(self, indexes, destination, origin=origin)
+        return d.addCallback(lambda pairs: (destination.uidvalidity, pairs))
+
+    def watch(self) -> None:
+        """
+        Notice other programs' changes at once (while a session waits in
+        IDLE), until L{unwatch}.
+        """
+        self.store.watcher.watch(self)
+
+    def unwatch(self) -> None:
+        self.store.watcher.unwatch(self)
+
+
+# The last second of year 9999: IMAP's date-time has four digits of year.
+MAX_INTERNALDATE = 253402300799
 
 
 @functools.lru_cache(maxsize=16)

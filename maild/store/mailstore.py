@@ -20,9 +20,9 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Spool, Target, placeFile
+from maild.store.delivery import Committer, IncomingMessage, Spool, Target, placeFile, storageFailure
 from maild.store.files import fsyncDirectory, replaceFile
-from maild.store.locking import locked
+from maild.store.locking import ExclusiveHold, locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
 from maild.store.watch import FolderWatcher
@@ -41,6 +41,7 @@ SPECIAL_FOLDERS = {
 
 SUBSCRIPTIONS = "subscriptions"
 SUBSCRIPTIONS_LOCK = "maild-subscriptions.lock"
+MAILDROP_LOCK = "maild-pop3.lock"
 
 
 class NoSuchFolder(Exception):
@@ -110,7 +111,7 @@ class MailStore:
         """
         folder = self._folders.get(path)
         if folder is None:
-            folder = Folder(name, path)
+            folder = Folder(name, path, self)
             self._folders[path] = folder
         self._recent[path] = folder
         self._recent.move_to_end(path)
@@ -227,15 +228,30 @@ class MailStore:
 
 
 def _linkAll(plan: list[tuple[int, Path, Path]], directory: Path) -> list[tuple[int, Path]]:
+    """
+    Place the copies of a COPY and sync their folder; those whose source
+    is gone (expunged meanwhile) are left out.
+
+    @raise DeliveryFailed: if any cannot be placed (a full disk): then none
+        of them stays.
+    """
     done = []
-    for uid, source, target in plan:
-        try:
-            placeFile(source, target, move=False)
-        except FileNotFoundError:
-            continue
-        done.append((uid, target))
-    if done:
-        fsyncDirectory(directory)
+    try:
+        for uid, source, target in plan:
+            try:
+                placeFile(source, target, move=False)
+            except FileNotFoundError:
+                continue
+            done.append((uid, target))
+        if done:
+            fsyncDirectory(directory)
+    except OSError as e:
+        for _, target in done:
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
+        raise storageFailure(e) from e
     return done
 
 
@@ -303,6 +319,14 @@ class UserMailbox:
 
     def specialUse(self, name: str) -> str | None:
         return SPECIAL_FOLDERS.get(name)
+
+    def lockMaildrop(self) -> ExclusiveHold | None:
+        """
+        Take the POP3 maildrop lock (RFC 1939 section 8: one session at a
+        time), or return None when another session or process holds it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        return ExclusiveHold.tryAcquire(self.root / MAILDROP_LOCK)
 
     def create(self, name: str) -> None:
         """
