@@ -61,3 +61,93 @@ class AppendWithDateTests(IMAPTestCase):
         dates = [re.search(rb'INTERNALDATE "([^"]+)"', line).group(1) for line in fetched[0]]
         self.assertEqual(dates, [b"0%d-Mar-2021 08:30:00 +0000" % (i + 1) for i in range(5)])
         self.assertTrue(all(b"\\Recent" in line for line in fetched[0]), fetched)
+
+
+class SelectedFolderGoneTests(IMAPTestCase):
+    """
+    Item 12: the selected folder is renamed or deleted, by another session
+    or by this one.  The session's view of it is void: its next command
+    gets Dovecot's C{* BYE} and the connection closes, never an internal
+    error.
+    """
+
+    BYE = b"* BYE Mailbox was deleted, please relogin"
+
+    @defer.inlineCallbacks
+    def fillWork(self):
+        def run(client):
+            client.command(b"C CREATE Work")
+            for i in range(2):
+                message = sampleMessage(f"work {i}")
+                client.send(b"A%d " % i + appendLine(b"Work", message) + b"\r\n")
+                client.readUntilTagged(b"A%d" % i)
+
+        yield self.session(run)
+
+    @defer.inlineCallbacks
+    def checkGone(self, change: bytes, nextCommand: bytes, byOther: bool = True, bye: bytes = BYE):
+        yield self.fillWork()
+
+        def run():
+            a = self.connect()
+            b = self.connect() if byOther else a
+            try:
+                a.command(b"a1 SELECT Work")
+                changed = b.command(b"x1 " + change)
+                a.send(b"a2 " + nextCommand + b"\r\n")
+                closed = a.closed()
+                return changed, a.buffer, closed
+            finally:
+                a.close()
+                b.close()
+
+        changed, said, closed = yield self.inThread(run)
+        self.assertTrue(changed[1].startswith(b"x1 OK"), changed)
+        self.assertEqual(said, bye + b"\r\n")
+        self.assertTrue(closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_renamedByAnotherSession(self):
+        return self.checkGone(b"RENAME Work Play", b"NOOP")
+
+    def test_deletedByAnotherSession(self):
+        return self.checkGone(b"DELETE Work", b"FETCH 1:* (FLAGS)")
+
+    def test_renamedByThisSession(self):
+        return self.checkGone(b"RENAME Work Play", b"NOOP", byOther=False)
+
+    def test_deletedAndCreatedAgain(self):
+        """
+        The selected folder is deleted and another made under its name:
+        the session's UIDs name nothing in the new folder (it has another
+        UIDVALIDITY), so it ends too.
+        """
+        return self.checkGone(
+            b"DELETE Work\r\nx2 CREATE Work", b"FETCH 1 (UID)", bye=b"* BYE Mailbox UIDVALIDITY changed, select it again"
+        )
+
+    @defer.inlineCallbacks
+    def test_deletedWhileIdle(self):
+        """
+        A session in IDLE on a folder another session deletes is told at
+        once and closed, and its connection slot is given back.
+        """
+        yield self.fillWork()
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            try:
+                a.command(b"a1 SELECT Work")
+                a.send(b"a2 IDLE\r\n")
+                a.readLine()
+                b.command(b"b1 DELETE Work")
+                return waitFor(a, b"relogin"), a.closed()
+            finally:
+                a.close()
+                b.close()
+
+        said, closed = yield self.inThread(run)
+        self.assertEqual(said, self.BYE + b"\r\n")
+        self.assertTrue(closed)
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -52,6 +52,7 @@ class SelectedFolder:
         self._added = False
         self.synced = True
         self.reset = False
+        self.gone = False
         self._flagCache: dict = {}
         folder.addListener(self)
 
@@ -150,6 +151,10 @@ class SelectedFolder:
     # Changes ------------------------------------------------------------------
 
     def folderChanged(self, folder: Folder, change: FolderChange) -> None:
+        if change.gone:
+            self.gone = True
+            self.notify()
+            return
         if change.reset:
             # The UIDs the client knows mean nothing any more: the session
             # must end (RFC 3501 2.3.1.1).

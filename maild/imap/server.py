@@ -374,6 +374,11 @@ class IMAPServer(imap4.IMAP4Server):
                 self.transport.write(b"\r\n".join(lines) + b"\r\n")
 
     def _viewChanged(self) -> None:
+        if self.view is not None and self.view.gone:
+            # What Dovecot says: the client's state for the folder is void,
+            # and it reconnects and lists the folders again.
+            self._bye(b"Mailbox was deleted, please relogin")
+            return
         if self.view is not None and self.view.reset:
             self._bye(b"Mailbox UIDVALIDITY changed, select it again")
             return

@@ -33,6 +33,8 @@ from maild.store.uidlist import UidList
 log = Logger()
 
 _READ_SIZE = 64 * 1024
+# The time of a directory that is not there.
+_MISSING = -2
 
 # Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
 SETTABLE = (
@@ -54,6 +56,8 @@ class FolderChange:
         can tell its client in its own way).
     @ivar reset: the UIDVALIDITY changed: every UID the listener knew is
         void.
+    @ivar gone: the folder was deleted or renamed: nothing of it is left
+        under its name.
     """
 
     added: list[int] = field(default_factory=list)
@@ -61,9 +65,10 @@ class FolderChange:
     flagged: list[int] = field(default_factory=list)
     origin: object | None = None
     reset: bool = False
+    gone: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.expunged or self.flagged or self.reset)
+        return bool(self.added or self.expunged or self.flagged or self.reset or self.gone)
 
 
 class FolderListener(Protocol):
@@ -292,7 +297,7 @@ class Folder:
             try:
                 mtimes[sub] = os.stat(self.path / sub).st_mtime_ns
             except FileNotFoundError:
-                mtimes[sub] = -2
+                mtimes[sub] = _MISSING
         return mtimes
 
     def refresh(self) -> FolderChange:
@@ -303,8 +308,26 @@ class Folder:
         mtimes = self._dirMtimes()
         if self._loaded and mtimes == self._mtimes:
             return FolderChange()
+        if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
+            return self._gone()
         changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
         change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
+        self._announce(change)
+        return change
+
+    def _gone(self) -> FolderChange:
+        """
+        The folder was deleted or renamed (by anyone): forget its index,
+        so that a folder made later under this name is read afresh, and
+        tell the listeners.
+        """
+        self.uids, self.flags, self.bases = array("I"), bytearray(), []
+        self.keywordLetters = {}
+        self._sizes = {}
+        self._mtimes = {"new": -1, "cur": -1}
+        self._loaded = False
+        self.uidList.state = None
+        change = FolderChange(gone=True)
         self._announce(change)
         return change
 

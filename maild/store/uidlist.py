@@ -190,6 +190,8 @@ class UidList:
 
         @return: the UID of each base.
         """
+        if not bases:
+            return []
         with locked(self.lockPath):
             state = self.refresh()
             lines = []
