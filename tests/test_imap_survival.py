@@ -151,3 +151,117 @@ class SelectedFolderGoneTests(IMAPTestCase):
         self.assertEqual(said, self.BYE + b"\r\n")
         self.assertTrue(closed)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+def uidValidity(client, name: bytes) -> int:
+    untagged, tagged = client.command(b"V STATUS " + name + b" (UIDVALIDITY)")
+    assert tagged.startswith(b"V OK"), tagged
+    return int(re.search(rb"UIDVALIDITY (\d+)", untagged[0]).group(1))
+
+
+def append(client, name: bytes, message: bytes) -> tuple[int, int]:
+    """
+    APPEND and return the APPENDUID's UIDVALIDITY and UID.
+    """
+    client.send(b"P " + appendLine(name, message) + b"\r\n")
+    _, tagged = client.readUntilTagged(b"P")
+    found = re.match(rb"P OK \[APPENDUID (\d+) (\d+)\]", tagged)
+    assert found, tagged
+    return int(found.group(1)), int(found.group(2))
+
+
+class UidValidityTests(IMAPTestCase):
+    """
+    Item 13: a (UIDVALIDITY, UID) pair never names two messages: a folder
+    that appears under a name gets a UIDVALIDITY greater than any that name
+    had, and every response names the current one.
+    """
+
+    @defer.inlineCallbacks
+    def test_foldersCreatedInOneSecond(self):
+        """
+        Folders created one after another (in the same second) each get
+        their own UIDVALIDITY.
+        """
+
+        def run(client):
+            for i in range(5):
+                client.command(b"C CREATE Same%d" % i)
+            return [uidValidity(client, b"Same%d" % i) for i in range(5)]
+
+        values = yield self.session(run)
+        self.assertEqual(len(set(values)), 5, values)
+
+    @defer.inlineCallbacks
+    def test_createdAgainAfterRestart(self):
+        """
+        A folder deleted and created again, even by a daemon restarted in
+        between (nothing in memory remembers the old one), gets a greater
+        UIDVALIDITY, and its first APPENDUID names it.
+        """
+
+        def before(client):
+            client.command(b"C CREATE x")
+            return append(client, b"x", sampleMessage("first")), uidValidity(client, b"x")
+
+        (appended, first) = yield self.session(before)
+        self.assertEqual(appended, (first, 1))
+        yield self.stopServer()
+        yield self.startServer()
+
+        def after(client):
+            client.command(b"D DELETE x")
+            client.command(b"C CREATE x")
+            return append(client, b"x", sampleMessage("second")), uidValidity(client, b"x")
+
+        (appended, second) = yield self.session(after)
+        self.assertGreater(second, first)
+        self.assertEqual(appended, (second, 1))
+
+    @defer.inlineCallbacks
+    def test_renameOntoDeletedName(self):
+        """
+        After DELETE b and RENAME a b, b's UIDVALIDITY is greater than the
+        deleted b's, though a was made first.
+        """
+
+        def run(client):
+            client.command(b"C1 CREATE a")
+            client.command(b"C2 CREATE b")
+            append(client, b"a", sampleMessage("in a"))
+            append(client, b"b", sampleMessage("in b"))
+            oldB = uidValidity(client, b"b")
+            client.command(b"D DELETE b")
+            client.command(b"R RENAME a b")
+            return oldB, uidValidity(client, b"b"), append(client, b"b", sampleMessage("new in b"))
+
+        oldB, newB, appended = yield self.session(run)
+        self.assertGreater(newB, oldB)
+        self.assertEqual(appended, (newB, 2))
+
+    @defer.inlineCallbacks
+    def test_appendUidNamesTheCurrentFolder(self):
+        """
+        Session A appends to x; session B deletes x and creates it again;
+        A's next APPEND (and then B's) are numbered in the new x and the
+        APPENDUIDs name its UIDVALIDITY: no pair is handed out twice.
+        """
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            try:
+                a.command(b"C CREATE x")
+                old = append(a, b"x", sampleMessage("old"))
+                b.command(b"D DELETE x")
+                b.command(b"C CREATE x")
+                fromA = append(a, b"x", sampleMessage("from a"))
+                fromB = append(b, b"x", sampleMessage("from b"))
+                return old, fromA, fromB, uidValidity(b, b"x")
+            finally:
+                a.close()
+                b.close()
+
+        old, fromA, fromB, current = yield self.inThread(run)
+        self.assertGreater(current, old[0])
+        self.assertEqual([fromA, fromB], [(current, 1), (current, 2)])

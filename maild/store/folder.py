@@ -28,7 +28,7 @@ from maild.store import maildir
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
-from maild.store.uidlist import UidList
+from maild.store.uidlist import UidList, UidValidities
 
 log = Logger()
 
@@ -92,12 +92,12 @@ class Folder:
         and watches the folder (None for a folder only read and changed).
     """
 
-    def __init__(self, name: str, path: Path, store=None) -> None:
+    def __init__(self, name: str, path: Path, store=None, uidValidities: UidValidities | None = None) -> None:
         self.name = name
         self.path = path
         self.store = store
         self._dir = str(path) + os.sep
-        self.uidList = UidList(path)
+        self.uidList = UidList(path, uidValidities)
         self.keywords = Keywords(path)
         self.uids = array("I")
         self.flags = bytearray()
@@ -591,9 +591,12 @@ class Folder:
 
         @return: their UIDs.
         """
-        if not self._loaded:
-            self.refresh()
         state = self.uidList.refresh()
+        if not self._loaded or state.uidvalidity != self.uidvalidity:
+            # Not read yet, or made anew under this name since (deleted and
+            # created again): what we hold of it is void.
+            self.refresh()
+            state = self.uidList.refresh()
         result: dict[str, int] = {}
         fresh: list[tuple[str, str | None]] = []
         for path in paths:

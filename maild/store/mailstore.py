@@ -25,6 +25,7 @@ from maild.store.files import fsyncDirectory, replaceFile
 from maild.store.locking import ExclusiveHold, locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
+from maild.store.uidlist import UidList, UidValidities
 from maild.store.watch import FolderWatcher
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
 
@@ -101,7 +102,7 @@ class MailStore:
     def mailbox(self, address: str) -> "UserMailbox":
         return UserMailbox(self, address, self.userRoot(address))
 
-    def folderAt(self, name: str, path: Path) -> Folder:
+    def folderAt(self, name: str, path: Path, uidValidities: UidValidities | None = None) -> Folder:
         """
         The shared index of the folder in C{path}, loaded on first use and
         kept while anybody holds it, and for a while after: the folders used
@@ -111,7 +112,7 @@ class MailStore:
         """
         folder = self._folders.get(path)
         if folder is None:
-            folder = Folder(name, path, self)
+            folder = Folder(name, path, self, uidValidities)
             self._folders[path] = folder
         self._recent[path] = folder
         self._recent.move_to_end(path)
@@ -265,6 +266,7 @@ class UserMailbox:
         self.store = store
         self.address = address
         self.root = root
+        self.uidValidities = UidValidities(root)
 
     def ensureExists(self) -> None:
         """
@@ -315,7 +317,7 @@ class UserMailbox:
             makeMaildir(path)
         elif not (path / "cur").is_dir():
             raise NoSuchFolder(name)
-        return self.store.folderAt(name, path)
+        return self.store.folderAt(name, path, self.uidValidities)
 
     def specialUse(self, name: str) -> str | None:
         return SPECIAL_FOLDERS.get(name)
@@ -383,6 +385,9 @@ class UserMailbox:
                 raise FolderExists(target)
         for source, target in moves:
             os.rename(self.folderPath(source), self.folderPath(target))
+            # The name may have had any UIDVALIDITY before (RFC 3501
+            # section 2.3.1.1): clients must not take these UIDs for those.
+            UidList(self.folderPath(target), self.uidValidities).renew()
         renamed = dict(moves)
         self._editSubscriptions(lambda names: [renamed.get(s, s) for s in names])
 

@@ -33,6 +33,37 @@ class CorruptUidList(Exception):
     pass
 
 
+class UidValidities:
+    """
+    Where the UIDVALIDITY of every folder of one user comes from: a
+    counter in the user's root, raised under a lock, so that a folder that
+    appears under a name (created after a delete, renamed onto a deleted
+    name, made in the same second as another) never gets a value that name
+    had: the value is at least the time and more than any given before
+    (RFC 3501 section 2.3.1.1).
+    """
+
+    FILE_NAME = "maild-uidvalidity"
+    LOCK_NAME = "maild-uidvalidity.lock"
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / self.FILE_NAME
+        self.lockPath = root / self.LOCK_NAME
+
+    def allocate(self, above: int = 0) -> int:
+        """
+        A new UIDVALIDITY, greater than any given before and than C{above}.
+        """
+        with locked(self.lockPath):
+            try:
+                last = int(self.path.read_text("ascii").strip() or 0)
+            except (FileNotFoundError, ValueError):
+                last = 0
+            value = max(int(time.time()), last + 1, above + 1)
+            replaceFile(self.path, b"%d\n" % value)
+        return value
+
+
 @dataclass
 class UidListState:
     """
@@ -106,9 +137,10 @@ class UidList:
     of it.
     """
 
-    def __init__(self, folderPath: Path) -> None:
+    def __init__(self, folderPath: Path, uidValidities: UidValidities | None = None) -> None:
         self.path = folderPath / FILE_NAME
         self.lockPath = folderPath / LOCK_NAME
+        self.uidValidities = uidValidities
         self.state: UidListState | None = None
 
     @property
@@ -162,12 +194,37 @@ class UidList:
                 self.state = None
                 return self._readLocked()
             state = UidListState(
-                uidvalidity=int(time.time()), uidnext=1, guid=uuid.uuid4().hex
+                uidvalidity=self._newUidValidity(), uidnext=1, guid=uuid.uuid4().hex
             )
-            if self.state is not None and self.state.uidvalidity >= state.uidvalidity:
-                state.uidvalidity = self.state.uidvalidity + 1
             self._writeAll(state)
             return state
+
+    def _newUidValidity(self, known: int = 0) -> int:
+        """
+        A UIDVALIDITY greater than this list ever had (as far as this
+        process knows, and as far as the user's counter knows).
+        """
+        if self.state is not None:
+            known = max(known, self.state.uidvalidity)
+        if self.uidValidities is not None:
+            return self.uidValidities.allocate(above=known)
+        return max(int(time.time()), known + 1)
+
+    def renew(self) -> None:
+        """
+        Give the folder a new UIDVALIDITY, keeping its UIDs: it now lives
+        under a name that may have had any value before (RENAME).
+        """
+        with locked(self.lockPath):
+            try:
+                state = self._readLocked()
+            except FileNotFoundError:
+                return  # made with a fresh value when first opened
+            except (CorruptUidList, ValueError):
+                state = UidListState(uidvalidity=0, uidnext=1, guid=uuid.uuid4().hex)
+            state.uidvalidity = self._newUidValidity(state.uidvalidity)
+            self._writeAll(state)
+            self.state = state
 
     def _readLocked(self) -> UidListState:
         with open(self.path, "rb") as f:
