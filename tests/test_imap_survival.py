@@ -265,3 +265,44 @@ class UidValidityTests(IMAPTestCase):
         old, fromA, fromB, current = yield self.inThread(run)
         self.assertGreater(current, old[0])
         self.assertEqual([fromA, fromB], [(current, 1), (current, 2)])
+
+
+class RenameInboxTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_keywordsMoveWithTheirMessages(self):
+        """
+        Item 15: RENAME INBOX moves INBOX's messages into the new folder
+        with their keywords (RFC 3501 section 6.3.5; INBOX stays, empty),
+        and a keyword stored later on one of them shows, in another
+        session, on that message only.
+        """
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            try:
+                a.send(b"P1 " + appendLine(b"INBOX", sampleMessage("one"), b"\\Seen $Work") + b"\r\n")
+                a.readUntilTagged(b"P1")
+                a.send(b"P2 " + appendLine(b"INBOX", sampleMessage("two"), b"$Later") + b"\r\n")
+                a.readUntilTagged(b"P2")
+                renamed = a.command(b"R RENAME INBOX Old")
+                inbox = a.command(b"S STATUS INBOX (MESSAGES)")
+                b.command(b"b1 SELECT Old")
+                first = b.command(b"b2 FETCH 1:* (FLAGS)")
+                a.command(b"a1 SELECT Old")
+                a.command(b"a2 STORE 2 +FLAGS.SILENT ($New)")
+                later = b.command(b"b3 NOOP")
+                last = b.command(b"b4 FETCH 1:* (FLAGS)")
+                return renamed, inbox, first, later, last
+            finally:
+                a.close()
+                b.close()
+
+        renamed, inbox, first, later, last = yield self.inThread(run)
+        self.assertTrue(renamed[1].startswith(b"R OK"), renamed)
+        self.assertEqual(inbox[0], [b'* STATUS "INBOX" (MESSAGES 0)'])
+        self.assertEqual(
+            first[0], [b"* 1 FETCH (FLAGS (\\Seen $Work))", b"* 2 FETCH (FLAGS ($Later))"]
+        )
+        self.assertIn(b"* 2 FETCH (UID 2 FLAGS ($Later $New))", later[0])
+        self.assertEqual(last[0], [b"* 1 FETCH (FLAGS (\\Seen $Work))", b"* 2 FETCH (FLAGS ($Later $New))"])

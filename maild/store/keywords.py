@@ -14,6 +14,7 @@ from maild.store.files import replaceFile
 from maild.store.locking import locked
 
 FILE_NAME = "dovecot-keywords"
+LOCK_NAME = "maild-keywords.lock"
 MAX_KEYWORDS = 26
 
 
@@ -24,7 +25,7 @@ class TooManyKeywords(Exception):
 class Keywords:
     def __init__(self, folderPath: Path) -> None:
         self.path = folderPath / FILE_NAME
-        self.lockPath = folderPath / "maild-keywords.lock"
+        self.lockPath = folderPath / LOCK_NAME
         self._byLetter: dict[str, str] = {}
         self._mtime = -1
 

@@ -25,6 +25,7 @@ from maild.store.files import fsyncDirectory, replaceFile
 from maild.store.locking import ExclusiveHold, locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
+from maild.store.keywords import FILE_NAME as KEYWORDS_FILE, LOCK_NAME as KEYWORDS_LOCK
 from maild.store.uidlist import UidList, UidValidities
 from maild.store.watch import FolderWatcher
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
@@ -397,6 +398,15 @@ class UserMailbox:
         target = self.folderPath(new)
         makeMaildir(target)
         (target / "maildirfolder").touch()
+        # The messages' keyword letters mean what INBOX's keyword file says:
+        # the new folder takes the file with them.
+        try:
+            keywords = (self.root / KEYWORDS_FILE).read_bytes()
+        except FileNotFoundError:
+            pass
+        else:
+            with locked(target / KEYWORDS_LOCK):
+                replaceFile(target / KEYWORDS_FILE, keywords)
         for sub in ("new", "cur"):
             for name in os.listdir(self.root / sub):
                 os.rename(self.root / sub / name, target / sub / name)
