@@ -302,7 +302,110 @@ class RenameInboxTests(IMAPTestCase):
         self.assertTrue(renamed[1].startswith(b"R OK"), renamed)
         self.assertEqual(inbox[0], [b'* STATUS "INBOX" (MESSAGES 0)'])
         self.assertEqual(
-            first[0], [b"* 1 FETCH (FLAGS (\\Seen $Work))", b"* 2 FETCH (FLAGS ($Later))"]
+            first[0], [b"* 1 FETCH (FLAGS (\\Seen $Work \\Recent))", b"* 2 FETCH (FLAGS ($Later \\Recent))"]
         )
-        self.assertIn(b"* 2 FETCH (UID 2 FLAGS ($Later $New))", later[0])
-        self.assertEqual(last[0], [b"* 1 FETCH (FLAGS (\\Seen $Work))", b"* 2 FETCH (FLAGS ($Later $New))"])
+        flags = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Work $Later $New"
+        # Item 16: FLAGS and PERMANENTFLAGS come before the first FETCH
+        # that shows $New to this session.
+        self.assertEqual(
+            later[0],
+            [
+                b"* FLAGS (" + flags + b")",
+                b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted",
+                b"* 2 FETCH (UID 2 FLAGS ($Later $New \\Recent))",
+            ],
+        )
+        self.assertEqual(
+            last[0], [b"* 1 FETCH (FLAGS (\\Seen $Work \\Recent))", b"* 2 FETCH (FLAGS ($Later $New \\Recent))"]
+        )
+
+
+class RecentByCopyTests(IMAPTestCase):
+    """
+    Item 16: messages that arrive by COPY or MOVE are \\Recent in their new
+    folder (RFC 3501 section 6.4.7), told with C{* n RECENT} to the one
+    session that has it selected, and to that session only; a session is
+    told of keywords new to it (FLAGS, PERMANENTFLAGS) before a FETCH
+    shows one.
+    """
+
+    @defer.inlineCallbacks
+    def checkArrival(self, verb: bytes):
+        yield self.deliver(sampleMessage("one"), sampleMessage("two"), sampleMessage("three"))
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            c = self.connect()
+            try:
+                a.command(b"a1 SELECT INBOX")
+                a.command(b"a2 STORE 1 +FLAGS.SILENT (\\Seen $Work)")
+                b.command(b"b1 SELECT Archive")
+                moved = a.command(b"a3 " + verb + b" 1:2 Archive")
+                told = b.command(b"b2 NOOP")
+                fetched = b.command(b"b3 FETCH 1:* (FLAGS)")
+                other = c.command(b"c1 SELECT Archive")[0]
+                status = a.command(b'a4 STATUS Archive (RECENT)')[0]
+                return moved, told, fetched, other, status
+            finally:
+                for client in (a, b, c):
+                    client.close()
+
+        moved, told, fetched, other, status = yield self.inThread(run)
+        self.assertTrue(moved[1].startswith(b"a3 OK"), moved)
+        self.assertEqual(told[0], [b"* 2 EXISTS", b"* 2 RECENT"])
+        flags = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Work"
+        self.assertEqual(
+            fetched[0],
+            [
+                b"* FLAGS (" + flags + b")",
+                b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted",
+                b"* 1 FETCH (FLAGS (\\Seen $Work \\Recent))",
+                b"* 2 FETCH (FLAGS (\\Recent))",
+            ],
+        )
+        self.assertIn(b"* 2 EXISTS", other)
+        self.assertIn(b"* 0 RECENT", other)
+        self.assertEqual(status, [b'* STATUS "Archive" (RECENT 0)'])
+
+    def test_copy(self):
+        return self.checkArrival(b"COPY")
+
+    def test_move(self):
+        return self.checkArrival(b"MOVE")
+
+    @defer.inlineCallbacks
+    def test_newKeywordToldBeforeFetch(self):
+        """
+        Another session stores a keyword the folder never had: this
+        session's next FETCH that can show it is preceded by FLAGS and
+        PERMANENTFLAGS naming it; they are not repeated after.
+        """
+        yield self.deliver(sampleMessage("one"))
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            try:
+                a.command(b"a1 SELECT INBOX")
+                b.command(b"b1 EXAMINE INBOX")
+                a.command(b"a2 STORE 1 +FLAGS.SILENT ($Urgent)")
+                first = b.command(b"b2 FETCH 1 (FLAGS)")
+                again = b.command(b"b3 FETCH 1 (FLAGS)")
+                return first, again
+            finally:
+                a.close()
+                b.close()
+
+        first, again = yield self.inThread(run)
+        flags = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Urgent"
+        self.assertEqual(
+            first[0],
+            [
+                b"* FLAGS (" + flags + b")",
+                b"* OK [PERMANENTFLAGS ()] Flags permitted",
+                b"* 1 FETCH (FLAGS ($Urgent))",
+                b"* 1 FETCH (UID 1 FLAGS ($Urgent))",
+            ],
+        )
+        self.assertEqual(again[0], [b"* 1 FETCH (FLAGS ($Urgent))"])

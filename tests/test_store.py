@@ -273,6 +273,27 @@ class FolderTests(unittest.SynchronousTestCase):
         self.assertEqual(self.folder.claimRecent(), [])
         self.assertEqual(os.listdir(self.path / "new"), [])
 
+    def test_recentWithFlags(self):
+        """
+        A file in new/ that carries flags in its name (a copy, or an APPEND
+        with flags) is \\Recent with those flags and keywords; claiming it
+        moves it to cur/ with them, and a listing afterwards agrees.
+        """
+        keywords = Keywords(self.path)
+        letter = keywords.letters(["$Work"])
+        put(self.path, f"new/1700000003.M1P1Q1.h,S=17,W=20:2,FS{letter}")
+        self.folder.refresh()
+        i = self.folder.position(3)
+        self.assertEqual(self.folder.flags[i] & ~maildir.HAS_KEYWORDS, maildir.IN_NEW | maildir.FLAGGED | maildir.SEEN)
+        self.assertEqual(self.folder.keywordNames(i), ["$Work"])
+        self.assertEqual(self.folder.read(i), b"Subject: x\n\nbody\n")
+        self.assertEqual(self.folder.claimRecent(), [2, 3])
+        self.assertEqual(sorted(os.listdir(self.path / "cur"))[-1], f"1700000003.M1P1Q1.h,S=17,W=20:2,FS{letter}")
+        reopened = Folder("INBOX", self.path)
+        reopened.refresh()
+        self.assertEqual(reopened.flags[2], maildir.FLAGGED | maildir.SEEN | maildir.HAS_KEYWORDS)
+        self.assertEqual(reopened.keywordNames(2), ["$Work"])
+
     def test_expunge(self):
         self.folder.refresh()
         self.assertEqual(self.folder.expunge([1, 7]), [1])

@@ -54,6 +54,8 @@ class SelectedFolder:
         self.reset = False
         self.gone = False
         self._flagCache: dict = {}
+        # The keywords the client was last told of in FLAGS.
+        self._keywordsShown: list[str] | None = None
         folder.addListener(self)
 
     # IMailboxInfo -------------------------------------------------------------
@@ -61,6 +63,29 @@ class SelectedFolder:
     def getFlags(self) -> list[bytes]:
         names = [name for _, name in wire.SYSTEM_FLAGS]
         return names + [k.encode("utf-8") for k in self.folder.keywords.allNames()]
+
+    def flagsLines(self) -> list[bytes]:
+        """
+        The FLAGS and PERMANENTFLAGS responses (RFC 3501 section 7.2.6),
+        and the keywords they tell the client of are remembered.
+        """
+        self._keywordsShown = self.folder.keywords.allNames()
+        flags = b" ".join(self.getFlags())
+        permanent = flags + b" \\*" if self.writable else b""
+        return [
+            b"* FLAGS (" + flags + b")",
+            b"* OK [PERMANENTFLAGS (" + permanent + b")] Flags permitted",
+        ]
+
+    def newKeywordLines(self) -> list[bytes]:
+        """
+        FLAGS and PERMANENTFLAGS again when the folder has keywords the
+        client was not told of: to be sent before a FETCH response that
+        may show one (RFC 3501 section 7.2.6).
+        """
+        if self.folder.keywords.allNames() == self._keywordsShown:
+            return []
+        return self.flagsLines()
 
     def getHierarchicalDelimiter(self) -> bytes:
         return b"/"
@@ -189,6 +214,7 @@ class SelectedFolder:
             lines += self._applyAdded()
         if self._flagged:
             folder = self.folder
+            lines += self.newKeywordLines()
             for uid in sorted(self._flagged):
                 seq = bisect.bisect_left(self.uids, uid)
                 if seq < len(self.uids) and self.uids[seq] == uid and uid not in self._expunged:

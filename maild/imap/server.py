@@ -533,11 +533,7 @@ class IMAPServer(imap4.IMAP4Server):
         view = SelectedFolder(folder, writable, self._viewChanged)
         self.view = view
         self.state = _SELECTED
-        flags = b" ".join(view.getFlags())
-        permanent = flags + b" \\*" if writable else b""
-        lines = [
-            b"* FLAGS (" + flags + b")",
-            b"* OK [PERMANENTFLAGS (" + permanent + b")] Flags permitted",
+        lines = view.flagsLines() + [
             b"* %d EXISTS" % view.getMessageCount(),
             b"* %d RECENT" % view.getRecentCount(),
         ]
@@ -803,6 +799,9 @@ class IMAPServer(imap4.IMAP4Server):
         items = parseItems(args.next("fetch attributes"))
         args.end()
         request = FetchRequest(view, spans, items, uid)
+        announcement = view.newKeywordLines()
+        if announcement:
+            self.transport.write(b"\r\n".join(announcement) + b"\r\n")
         if view.writable and any(item.setsSeen for item in items):
             # RFC 3501 6.4.5: BODY[...] sets \Seen, and FETCH tells it.
             folder = view.folder
@@ -856,7 +855,6 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"NO [READ-ONLY] Mailbox is read-only", b"STORE", uid)
             return
         folder = view.folder
-        before = len(folder.keywords.allNames())
         try:
             letters = folder.keywords.letters(keywords) if keywords else ""
         except TooManyKeywords:
@@ -874,10 +872,7 @@ class IMAPServer(imap4.IMAP4Server):
         def answer(_=None) -> None:
             if self.transport is None or self.transport.disconnecting:
                 return
-            lines = []
-            if len(folder.keywords.allNames()) != before:
-                flags = b" ".join(view.getFlags())
-                lines += [b"* FLAGS (" + flags + b")", b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted"]
+            lines = view.newKeywordLines()
             missing = 0
             for p in positions:
                 i = view.index(p)

@@ -230,12 +230,14 @@ class IncomingMessage:
 @dataclass(frozen=True)
 class Target:
     """
-    Where to put a copy: C{folder}'s C{new/} when C{info} is None (the
-    message is new, \\Recent), else its C{cur/} with those flag letters.
+    Where to put a copy: C{folder}'s C{new/} when it is C{recent} (as
+    delivery, APPEND and COPY make it, RFC 3501 section 2.3.2), else its
+    C{cur/}; with the flag letters C{info}, if any.
     """
 
     folder: Path
     info: str | None = None
+    recent: bool = True
 
 
 @dataclass
@@ -416,10 +418,8 @@ class Committer:
             try:
                 for target in job.targets:
                     base = newBaseName(message.size, message.crlfSize)
-                    if target.info is None:
-                        path = target.folder / "new" / base
-                    else:
-                        path = target.folder / "cur" / (base + ":2," + target.info)
+                    name = base if target.info is None else base + ":2," + target.info
+                    path = target.folder / ("new" if target.recent else "cur") / name
                     source = placed[0] if placed else message.path
                     try:
                         moved = placeFile(source, path, move=not placed)

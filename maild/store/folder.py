@@ -33,6 +33,8 @@ from maild.store.uidlist import UidList, UidValidities
 log = Logger()
 
 _READ_SIZE = 64 * 1024
+# Put before the info of a file listed in new/: a "/" is in no file name.
+_IN_NEW_MARK = "/"
 # The time of a directory that is not there.
 _MISSING = -2
 
@@ -132,9 +134,13 @@ class Folder:
         The current file name (relative to the folder) of message C{i}.
         """
         bits = self.flags[i]
-        if bits & IN_NEW:
-            return "new/" + self.bases[i]
         letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+        if bits & IN_NEW:
+            # A message copied or appended with flags waits in new/ with
+            # them (it is \Recent all the same); one delivered has none.
+            if bits & SETTABLE or letters:
+                return "new/" + maildir.curFileName(self.bases[i], bits, letters)
+            return "new/" + self.bases[i]
         return "cur/" + maildir.curFileName(self.bases[i], bits, letters)
 
     def filePath(self, i: int) -> str:
@@ -337,16 +343,17 @@ class Folder:
         except FileNotFoundError:
             return []
 
-    def _listing(self, subs: set[str]) -> dict[str, str | None]:
+    def _listing(self, subs: set[str]) -> dict[str, str]:
         """
-        The base name and info (None in C{new/}) of every file in the
-        directories C{subs}.
+        The base name and info of every file in the directories C{subs};
+        the info of a file in C{new/} starts with L{_IN_NEW_MARK}.
         """
-        listing: dict[str, str | None] = {}
+        listing: dict[str, str] = {}
         if "new" in subs:
             for name in self._listDir("new"):
                 if not name.startswith("."):
-                    listing[maildir.splitFileName(name)[0]] = None
+                    base, info = maildir.splitFileName(name)
+                    listing[base] = _IN_NEW_MARK + info
         if "cur" in subs:
             names = [n for n in self._listDir("cur") if not n.startswith(".")]
             # (base, ":2,", info) -> base: info, without a call per file.
@@ -385,7 +392,7 @@ class Folder:
                 continue
             else:
                 info = onDisk.pop(base)
-                newBits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+                newBits, letters = infoBits(info)
                 if newBits != bits or letters != oldLetters:
                     change.flagged.append(uid)
             keptUids.append(uid)
@@ -426,10 +433,7 @@ class Folder:
                 newUids += self.uidList.assign(unnumbered, above=above)
             newBases = [base for _, base in numbered] + unnumbered
             infos = list(map(onDisk.__getitem__, newBases))
-            parsed = {
-                info: (IN_NEW, "") if info is None else maildir.flagBits(info)
-                for info in set(infos)
-            }
+            parsed = {info: infoBits(info) for info in set(infos)}
             bitsOf = {info: bits for info, (bits, _) in parsed.items()}
             keptUids.extend(newUids)
             keptFlags += bytes(map(bitsOf.__getitem__, infos))
@@ -531,8 +535,11 @@ class Folder:
         unchanged = self._ownChange(("new", "cur"))
         claimed = []
         for i in positions:
-            if self.flags[i] & IN_NEW and self._rename(i, self.flags[i] & ~IN_NEW, ""):
-                claimed.append(self.uids[i])
+            bits = self.flags[i]
+            if bits & IN_NEW:
+                letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+                if self._rename(i, bits & ~IN_NEW, letters):
+                    claimed.append(self.uids[i])
         self._ownChangeDone(unchanged)
         return claimed
 
@@ -606,12 +613,12 @@ class Folder:
             if i is not None and self.bases[i] == base:
                 result[base] = uid  # a listing found it first
             else:
-                fresh.append((base, None if path.parent.name == "new" else info))
+                fresh.append((base, _IN_NEW_MARK + info if path.parent.name == "new" else info))
         above = self.uids[-1] + 1 if self.uids else 1
         uids = self.uidList.assign([base for base, _ in fresh], above=above)
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
-            bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+            bits, letters = infoBits(info)
             self.uids.append(uid)
             self.flags.append(bits)
             self.bases.append(base)
@@ -685,6 +692,18 @@ class Folder:
 
 # The last second of year 9999: IMAP's date-time has four digits of year.
 MAX_INTERNALDATE = 253402300799
+
+
+@functools.lru_cache(maxsize=4096)
+def infoBits(info: str) -> tuple[int, str]:
+    """
+    The flag byte and keyword letters of a listed file's info (marked
+    with L{_IN_NEW_MARK} when the file is in C{new/}: then \\Recent).
+    """
+    bits, letters = maildir.flagBits(info)
+    if info.startswith(_IN_NEW_MARK):
+        bits |= IN_NEW
+    return bits, letters
 
 
 @functools.lru_cache(maxsize=16)

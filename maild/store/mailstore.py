@@ -169,8 +169,9 @@ class MailStore:
         """
         Copy messages (by index in C{source}) into C{destination} as hard
         links, keeping their flags and keywords, durably (the destination's
-        C{cur/} is synced once, in a worker thread), and number them there
-        in this order.
+        C{new/} is synced once, in a worker thread), and number them there
+        in this order.  They are \\Recent there (RFC 3501 section 6.4.7):
+        in C{new/}, with their flags in their names.
 
         @return: a Deferred firing with C{(source UID, destination UID)}
             pairs for the messages copied; those expunged meanwhile by
@@ -184,11 +185,12 @@ class MailStore:
             letters = destination.keywords.letters(names) if names else ""
             size, crlfSize = source.sizes(i)
             base = maildir.newBaseName(size, crlfSize)
-            name = maildir.curFileName(base, source.flags[i] & SETTABLE, letters)
+            bits = source.flags[i] & SETTABLE
+            name = maildir.curFileName(base, bits, letters) if bits or letters else base
             plan.append(
-                (source.uids[i], source.filePath(i), destination.path / "cur" / name)
+                (source.uids[i], source.filePath(i), destination.path / "new" / name)
             )
-        d = self.committer.callInPool(_linkAll, plan, destination.path / "cur")
+        d = self.committer.callInPool(_linkAll, plan, destination.path / "new")
 
         def linked(done: list[tuple[int, Path]]) -> list[tuple[int, int]]:
             uids = destination.addPlaced([path for _, path in done], origin=origin)
