@@ -10,7 +10,8 @@ import re
 
 from twisted.internet import defer
 
-from tests.support import IMAPTestCase, sampleMessage
+from maild.store import DeliveryFailed
+from tests.support import IMAPTestCase, sampleMessage, waitForEmptySpool
 from tests.test_imap_sessions import waitFor
 
 
@@ -409,3 +410,77 @@ class RecentByCopyTests(IMAPTestCase):
             ],
         )
         self.assertEqual(again[0], [b"* 1 FETCH (FLAGS ($Urgent))"])
+
+
+class FolderDeletedDuringAppendTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_appendToFolderDeletedMeanwhile(self):
+        """
+        Session A announces an APPEND to Work and waits for the
+        continuation; session B deletes Work; A sends the message: it gets
+        C{NO [TRYCREATE]}, Work is not brought back, and nothing of the
+        message stays in the spool.
+        """
+        message = sampleMessage("late")
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            try:
+                a.command(b"C CREATE Work")
+                a.send(b"P APPEND Work {%d}\r\n" % len(message))
+                continuation = a.readLine()
+                b.command(b"D DELETE Work")
+                a.send(message + b"\r\n")
+                appended = a.readUntilTagged(b"P")[1]
+                listed = a.command(b'L LIST "" "*"')[0]
+                return continuation, appended, listed
+            finally:
+                a.close()
+                b.close()
+
+        continuation, appended, listed = yield self.inThread(run)
+        self.assertTrue(continuation.startswith(b"+"), continuation)
+        self.assertEqual(appended, b"P NO [TRYCREATE] Mailbox does not exist")
+        self.assertFalse([line for line in listed if line.endswith(b" Work")], listed)
+        self.assertFalse(self.maildir("alice@localhost", ".Work").exists())
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
+
+    @defer.inlineCallbacks
+    def test_appendStoreSideFolderDeletedMeanwhile(self):
+        """
+        The store's half of the race above: a folder deleted after the
+        APPEND looked it up and before the message is placed is not made
+        again; the APPEND fails with C{noFolder} (C{NO [TRYCREATE]}) and
+        the spool file is removed.
+        """
+        mailbox = self.service.store.mailbox("alice@localhost")
+        mailbox.create("Work")
+        folder = mailbox.folder("Work")
+        mailbox.delete("Work")
+        message = self.service.store.incoming()
+        message.write(sampleMessage("late"))
+        failure = yield self.assertFailure(folder.append(message, 0, ["$x"]), DeliveryFailed)
+        self.assertTrue(failure.noFolder)
+        self.assertFalse(self.maildir("alice@localhost", ".Work").exists())
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
+
+    @defer.inlineCallbacks
+    def test_copyToFolderDeletedMeanwhile(self):
+        """
+        A COPY into a folder another session deleted (after this one
+        looked it up) answers C{NO [TRYCREATE]} and does not bring it back.
+        """
+        yield self.deliver(sampleMessage("one"))
+        self.service.store.mailbox("alice@localhost").create("Work")
+        destination = self.service.store.mailbox("alice@localhost").folder("Work")
+        self.service.store.mailbox("alice@localhost").delete("Work")
+        source = self.service.store.mailbox("alice@localhost").folder("INBOX")
+        source.refresh()
+        failure = yield self.assertFailure(source.copyTo([0], destination), DeliveryFailed)
+        self.assertTrue(failure.noFolder)
+        # With a keyword, which would need a letter in the deleted folder.
+        source.setFlags([0], 0, source.keywords.letters(["$Work"]), mode=1)
+        failure = yield self.assertFailure(source.copyTo([0], destination), DeliveryFailed)
+        self.assertTrue(failure.noFolder)
+        self.assertFalse(self.maildir("alice@localhost", ".Work").exists())

@@ -729,6 +729,9 @@ class IMAPServer(imap4.IMAP4Server):
 
         def failed(reason):
             reason.trap(DeliveryFailed)
+            if reason.value.noFolder:
+                self._done(tag, b"NO [TRYCREATE] Mailbox does not exist")
+                return
             code = b"[OVERQUOTA] " if reason.value.noSpace else b""
             self._done(tag, b"NO " + code + b"Cannot store the message")
 
@@ -950,6 +953,9 @@ class IMAPServer(imap4.IMAP4Server):
         def failed(reason):
             reason.trap(DeliveryFailed)
             if self.transport is None or self.transport.disconnecting:
+                return
+            if reason.value.noFolder:
+                self._done(tag, b"NO [TRYCREATE] Mailbox does not exist", verb, uid)
                 return
             code = b"[OVERQUOTA] " if reason.value.noSpace else b""
             self._done(tag, b"NO " + code + b"Cannot store the messages", verb, uid)

@@ -36,15 +36,25 @@ class DeliveryFailed(Exception):
     again later may work (disk full) or not.
     """
 
-    def __init__(self, reason: str, temporary: bool = True, noSpace: bool = False):
+    def __init__(self, reason: str, temporary: bool = True, noSpace: bool = False, noFolder: bool = False):
         super().__init__(reason)
         self.temporary = temporary
         self.noSpace = noSpace
+        self.noFolder = noFolder
 
 
 def storageFailure(e: OSError) -> DeliveryFailed:
+    if isinstance(e, FolderMissing):
+        return DeliveryFailed("the folder does not exist", temporary=False, noFolder=True)
     noSpace = e.errno in (errno.ENOSPC, errno.EDQUOT)
     return DeliveryFailed(f"storage error: {e.strerror}", noSpace=noSpace)
+
+
+class FolderMissing(FileNotFoundError):
+    """
+    The target folder was deleted (by another session, say) and is not
+    one to make again.
+    """
 
 
 class Spool:
@@ -238,6 +248,9 @@ class Target:
     folder: Path
     info: str | None = None
     recent: bool = True
+    # Made when missing (a user's INBOX); a folder deleted meanwhile is not
+    # brought back by an APPEND.
+    create: bool = True
 
 
 @dataclass
@@ -424,6 +437,8 @@ class Committer:
                     try:
                         moved = placeFile(source, path, move=not placed)
                     except FileNotFoundError:
+                        if not target.create:
+                            raise FolderMissing(str(target.folder))
                         for sub in ("cur", "new", "tmp"):
                             (target.folder / sub).mkdir(parents=True, exist_ok=True)
                         moved = placeFile(source, path, move=not placed)

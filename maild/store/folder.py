@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Protocol, Sequence
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -647,20 +648,26 @@ class Folder:
 
         @return: a Deferred firing with C{(UIDVALIDITY, UID)} of the new
             message, or failing with L{maild.store.DeliveryFailed} (then
-            nothing is stored).
+            nothing is stored; C{noFolder} when the folder was deleted
+            meanwhile).
         @raise maild.store.keywords.TooManyKeywords: if no letter is left
             for a keyword (nothing is stored).
         @raise ValueError: for a date the store cannot keep.
         """
-        from maild.store.delivery import Target
+        from maild.store.delivery import FolderMissing, Target, storageFailure
 
         if internalDate is not None and not 0 <= internalDate <= MAX_INTERNALDATE:
             raise ValueError(f"INTERNALDATE out of range: {internalDate!r}")
-        letters = self.keywords.letters(list(keywords)) if keywords else ""
+        try:
+            letters = self.keywords.letters(list(keywords)) if keywords else ""
+        except FileNotFoundError:
+            # Deleted since it was looked up: nothing to name keywords in.
+            return defer.fail(storageFailure(FolderMissing(str(self.path))))
         bits &= SETTABLE
         info = maildir.infoString(bits, letters) if (bits or letters) else None
         message.internalDate = internalDate
-        d = self.store.place(message, [Target(self.path, info)], origin=origin)
+        target = Target(self.path, info, create=self.name == maildir.INBOX)
+        d = self.store.place(message, [target], origin=origin)
 
         def placed(paths):
             uids = self.addPlaced(paths, origin=origin)

@@ -20,7 +20,15 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Spool, Target, placeFile, storageFailure
+from maild.store.delivery import (
+    Committer,
+    FolderMissing,
+    IncomingMessage,
+    Spool,
+    Target,
+    placeFile,
+    storageFailure,
+)
 from maild.store.files import fsyncDirectory, replaceFile
 from maild.store.locking import ExclusiveHold, locked
 from maild.store.folder import SETTABLE, Folder
@@ -182,7 +190,11 @@ class MailStore:
         plan = []
         for i in indexes:
             names = source.keywordNames(i)
-            letters = destination.keywords.letters(names) if names else ""
+            try:
+                letters = destination.keywords.letters(names) if names else ""
+            except FileNotFoundError:
+                # Deleted since it was looked up.
+                return defer.fail(storageFailure(FolderMissing(str(destination.path))))
             size, crlfSize = source.sizes(i)
             base = maildir.newBaseName(size, crlfSize)
             bits = source.flags[i] & SETTABLE
@@ -236,8 +248,8 @@ def _linkAll(plan: list[tuple[int, Path, Path]], directory: Path) -> list[tuple[
     Place the copies of a COPY and sync their folder; those whose source
     is gone (expunged meanwhile) are left out.
 
-    @raise DeliveryFailed: if any cannot be placed (a full disk): then none
-        of them stays.
+    @raise DeliveryFailed: if any cannot be placed (a full disk, the folder
+        deleted meanwhile): then none of them stays.
     """
     done = []
     try:
@@ -245,7 +257,9 @@ def _linkAll(plan: list[tuple[int, Path, Path]], directory: Path) -> list[tuple[
             try:
                 placeFile(source, target, move=False)
             except FileNotFoundError:
-                continue
+                if not target.parent.is_dir():
+                    raise FolderMissing(str(target.parent)) from None
+                continue  # expunged meanwhile
             done.append((uid, target))
         if done:
             fsyncDirectory(directory)
