@@ -484,3 +484,32 @@ class FolderDeletedDuringAppendTests(IMAPTestCase):
         failure = yield self.assertFailure(source.copyTo([0], destination), DeliveryFailed)
         self.assertTrue(failure.noFolder)
         self.assertFalse(self.maildir("alice@localhost", ".Work").exists())
+
+
+class RenamedWhileIdleTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_renamedWhileIdle(self):
+        """
+        A session in IDLE on a folder another session renames (no file in
+        it changes, so no file event comes) is told at once with BYE; the
+        session that renamed gets its tagged OK.
+        """
+
+        def run():
+            a = self.connect()
+            b = self.connect()
+            try:
+                a.command(b"C CREATE Work")
+                a.command(b"a1 SELECT Work")
+                a.send(b"a2 IDLE\r\n")
+                a.readLine()
+                renamed = b.command(b"b1 RENAME Work Play")
+                return renamed, waitFor(a, b"relogin"), a.closed()
+            finally:
+                a.close()
+                b.close()
+
+        renamed, said, closed = yield self.inThread(run)
+        self.assertEqual(renamed, ([], b"b1 OK RENAME completed"))
+        self.assertEqual(said, SelectedFolderGoneTests.BYE + b"\r\n")
+        self.assertTrue(closed)

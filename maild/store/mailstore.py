@@ -134,6 +134,16 @@ class MailStore:
     def loadedFolder(self, path: Path) -> Folder | None:
         return self._folders.get(path)
 
+    def folderMoved(self, path: Path) -> None:
+        """
+        The folder in C{path} was deleted or renamed: its sessions (in
+        IDLE too, where no file event may come) learn it at the reactor's
+        next turn, after the command that did it has answered.
+        """
+        folder = self._folders.get(path)
+        if folder is not None and self.committer is not None:
+            self.committer.reactor.callLater(0, folder.refresh)
+
     def incoming(self, head: bytes = b"") -> IncomingMessage:
         """
         Start receiving a message (CRLF line endings in, LF on disk).
@@ -371,6 +381,7 @@ class UserMailbox:
         # Rename first so that the folder vanishes at once, then remove it.
         doomed = self.root / f"..deleted-{time.time_ns()}"
         os.rename(path, doomed)
+        self.store.folderMoved(path)
         shutil.rmtree(doomed, ignore_errors=True)
         self._editSubscriptions(lambda names: [s for s in names if s != name])
 
@@ -402,6 +413,7 @@ class UserMailbox:
                 raise FolderExists(target)
         for source, target in moves:
             os.rename(self.folderPath(source), self.folderPath(target))
+            self.store.folderMoved(self.folderPath(source))
             # The name may have had any UIDVALIDITY before (RFC 3501
             # section 2.3.1.1): clients must not take these UIDs for those.
             UidList(self.folderPath(target), self.uidValidities).renew()
