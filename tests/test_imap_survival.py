@@ -513,3 +513,27 @@ class RenamedWhileIdleTests(IMAPTestCase):
         self.assertEqual(renamed, ([], b"b1 OK RENAME completed"))
         self.assertEqual(said, SelectedFolderGoneTests.BYE + b"\r\n")
         self.assertTrue(closed)
+
+
+class FailedAppendTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_dateTheStoreCannotKeepStoresNothing(self):
+        """
+        An APPEND whose date parses but cannot be a file's time (an hour of
+        24 digits) is refused with BAD before anything is stored: no
+        message in the folder, none in the spool (it used to be stored and
+        then answered with SERVERBUG from an OverflowError).
+        """
+        message = sampleMessage("never")
+
+        def run(client):
+            client.send(b"P " + appendLine(b"INBOX", message, date=b"01-Jan-2020 999999999999999999999999:00:00 +0000") + b"\r\n")
+            refused = client.readUntilTagged(b"P")[1]
+            status = client.command(b"S STATUS INBOX (MESSAGES)")[0]
+            return refused, status
+
+        refused, status = yield self.session(run)
+        self.assertTrue(refused.startswith(b"P BAD"), refused)
+        self.assertEqual(status, [b'* STATUS "INBOX" (MESSAGES 0)'])
+        self.assertEqual(self.messages("alice@localhost"), [])
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])

@@ -618,6 +618,7 @@ class DeliveryTests(unittest.TestCase):
         message = self.store.incoming()
         message.write(b"Subject: x\r\n\r\nbody\r\n")
         self.assertRaises(ValueError, folder.append, message, 0, (), 10.0**20)
+        self.assertRaises(ValueError, folder.append, message, 0, (), -(10.0**20))
         message.discard()
 
         from maild.store import delivery

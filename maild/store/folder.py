@@ -656,7 +656,7 @@ class Folder:
         """
         from maild.store.delivery import FolderMissing, Target, storageFailure
 
-        if internalDate is not None and not 0 <= internalDate <= MAX_INTERNALDATE:
+        if internalDate is not None and not MIN_INTERNALDATE <= internalDate <= MAX_INTERNALDATE:
             raise ValueError(f"INTERNALDATE out of range: {internalDate!r}")
         try:
             letters = self.keywords.letters(list(keywords)) if keywords else ""
@@ -697,7 +697,9 @@ class Folder:
         self.store.watcher.unwatch(self)
 
 
-# The last second of year 9999: IMAP's date-time has four digits of year.
+# IMAP's date-time has four digits of year: from year 1 to the last second
+# of 9999.  (A file system may keep less: ext4 clamps to 1901-2446.)
+MIN_INTERNALDATE = -62135596800
 MAX_INTERNALDATE = 253402300799
 
 
