@@ -537,3 +537,35 @@ class FailedAppendTests(IMAPTestCase):
         self.assertEqual(status, [b'* STATUS "INBOX" (MESSAGES 0)'])
         self.assertEqual(self.messages("alice@localhost"), [])
         self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
+
+
+class DeletedWhilePlacingTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_folderDeletedBetweenPlacingAndNumbering(self):
+        """
+        Another session deletes the folder after the APPEND's message is
+        placed in it and before it is numbered (here: the moment the
+        committer has placed it): the APPEND answers C{NO [TRYCREATE]},
+        not SERVERBUG, and nothing is logged as an error.
+        """
+        import shutil
+
+        work = self.maildir("alice@localhost", ".Work")
+
+        def deleteWork(paths):
+            if any(work in p.parents for p in paths):
+                shutil.rmtree(work)
+
+        yield self.stopServer()
+        yield self.startServer(syncHook=deleteWork)
+        message = sampleMessage("placed")
+
+        def run(client):
+            client.command(b"C CREATE Work")
+            client.command(b"S SELECT Work")
+            client.send(b"P " + appendLine(b"Work", message, b"$Kept") + b"\r\n")
+            return client.readUntilTagged(b"P")
+
+        untagged, tagged = yield self.session(run)
+        self.assertEqual(tagged, b"P NO [TRYCREATE] Mailbox does not exist")
+        self.assertEqual(self.flushLoggedErrors(), [])

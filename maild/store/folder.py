@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from maild.store import maildir
+from maild.store.delivery import FolderMissing
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
@@ -598,7 +599,18 @@ class Folder:
         nobody waits for a listing of a big folder.
 
         @return: their UIDs.
+        @raise FolderMissing: if the folder was deleted or renamed (by
+            another session) since the files were placed: they went with it.
         """
+        try:
+            return self._addPlaced(paths, origin)
+        except FileNotFoundError:
+            if self.path.is_dir():
+                raise
+            self._gone()
+            raise FolderMissing(str(self.path)) from None
+
+    def _addPlaced(self, paths: Sequence[Path], origin: object | None) -> list[int]:
         state = self.uidList.refresh()
         if not self._loaded or state.uidvalidity != self.uidvalidity:
             # Not read yet, or made anew under this name since (deleted and
@@ -654,7 +666,7 @@ class Folder:
             for a keyword (nothing is stored).
         @raise ValueError: for a date the store cannot keep.
         """
-        from maild.store.delivery import FolderMissing, Target, storageFailure
+        from maild.store.delivery import Target, storageFailure
 
         if internalDate is not None and not MIN_INTERNALDATE <= internalDate <= MAX_INTERNALDATE:
             raise ValueError(f"INTERNALDATE out of range: {internalDate!r}")
@@ -670,7 +682,10 @@ class Folder:
         d = self.store.place(message, [target], origin=origin)
 
         def placed(paths):
-            uids = self.addPlaced(paths, origin=origin)
+            try:
+                uids = self.addPlaced(paths, origin=origin)
+            except FolderMissing as e:
+                raise storageFailure(e)
             return self.uidvalidity, uids[0]
 
         return d.addCallback(placed)

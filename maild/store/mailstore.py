@@ -176,7 +176,10 @@ class MailStore:
             for path in paths:
                 folder = self._folders.get(path.parent.parent)
                 if folder is not None:
-                    folder.addPlaced([path], origin=origin)
+                    try:
+                        folder.addPlaced([path], origin=origin)
+                    except FolderMissing:
+                        pass  # deleted meanwhile: whoever placed it is told
             return paths
 
         return d.addCallback(announce)
@@ -215,7 +218,10 @@ class MailStore:
         d = self.committer.callInPool(_linkAll, plan, destination.path / "new")
 
         def linked(done: list[tuple[int, Path]]) -> list[tuple[int, int]]:
-            uids = destination.addPlaced([path for _, path in done], origin=origin)
+            try:
+                uids = destination.addPlaced([path for _, path in done], origin=origin)
+            except FolderMissing as e:
+                raise storageFailure(e)
             return [(uid, new) for (uid, _), new in zip(done, uids)]
 
         return d.addCallback(linked)
