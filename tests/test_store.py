@@ -508,6 +508,53 @@ class SmallFileTests(unittest.SynchronousTestCase):
         self.assertEqual(list(self.mailbox.root.glob("*.tmp")), [])
 
 
+class VanishingFolderTests(unittest.SynchronousTestCase):
+    """
+    Another process (a second worker, Dovecot) deletes a folder while this
+    one works on it: the store says the folder is missing, never a bare
+    file-not-found from deep inside.
+    """
+
+    def setUp(self):
+        self.store = MailStore(Path(self.mktemp()))
+        self.mailbox = self.store.mailbox("alice@example.org")
+        self.mailbox.ensureExists()
+        self.mailbox.create("Work")
+        self.folder = self.mailbox.folder("Work")
+        self.folder.refresh()
+
+    def vanish(self):
+        import shutil
+
+        shutil.rmtree(self.folder.path)
+
+    def test_newKeywordInVanishedFolder(self):
+        from maild.store.delivery import FolderMissing
+
+        self.vanish()
+        self.assertRaises(FolderMissing, self.folder.keywords.letters, ["$New"])
+        self.assertEqual(self.folder.keywords.allNames(), [])
+
+    def test_refreshOfVanishedFolder(self):
+        self.vanish()
+        self.assertTrue(self.folder.refresh().gone)
+        self.assertTrue(self.folder.missing)
+        self.assertEqual(self.folder.uidnext, 1)
+
+    def test_refreshOfReplacedFolder(self):
+        """
+        Deleted and made again between two looks: read afresh, under a
+        new UIDVALIDITY.
+        """
+        old = self.folder.uidvalidity
+        self.vanish()
+        self.mailbox.create("Work")
+        change = self.folder.refresh()
+        self.assertTrue(change.reset)
+        self.assertGreater(self.folder.uidvalidity, old)
+        self.assertFalse(self.folder.missing)
+
+
 class DeliveryTests(unittest.TestCase):
     syncMode = "fsync"
 

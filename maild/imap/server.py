@@ -54,6 +54,7 @@ from maild.imap.producer import ResponseProducer
 from maild.imap.search import CHARSETS, Search, parseKeys
 from maild.names import InvalidName
 from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder
+from maild.store.delivery import FolderMissing
 from maild.store.keywords import TooManyKeywords
 from maild.store.maildir import SEEN
 from maild.tls import isEncrypted
@@ -318,6 +319,12 @@ class IMAPServer(imap4.IMAP4Server):
             self._discardIncoming()
             self._send(tag + b" BAD " + str(e).encode("ascii", "replace"))
             return
+        except FolderMissing:
+            # Another process deleted or renamed the folder while this
+            # command worked on it.
+            self._discardIncoming()
+            self._send(tag + b" NO [NONEXISTENT] Mailbox was deleted or renamed meanwhile")
+            return
         except Exception:
             log.failure("IMAP command {name} failed", name=name)
             self._discardIncoming()
@@ -539,6 +546,11 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(tag + b" NO [NONEXISTENT] Mailbox does not exist")
             return
         view = SelectedFolder(folder, writable, self._viewChanged)
+        if folder.missing:
+            # Deleted by another process between the look-up and the read.
+            view.close()
+            self._send(tag + b" NO [NONEXISTENT] Mailbox does not exist")
+            return
         self.view = view
         self.state = _SELECTED
         lines = view.flagsLines() + [

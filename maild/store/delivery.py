@@ -54,8 +54,8 @@ def storageFailure(e: OSError) -> DeliveryFailed:
 
 class FolderMissing(FileNotFoundError):
     """
-    The target folder was deleted (by another session, say) and is not
-    one to make again.
+    A folder was deleted or renamed (by another session or process) while
+    it was being written: the operation cannot be done under that name.
     """
 
 

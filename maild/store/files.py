@@ -8,7 +8,9 @@ truncated one.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def fsyncDirectory(path: Path) -> None:
@@ -52,6 +54,24 @@ def replaceFile(path: Path, data: bytes, mode: int = 0o600) -> os.stat_result:
         raise
     fsyncDirectory(path.parent)
     return st
+
+
+@contextmanager
+def folderMustExist(folder: Path) -> Iterator[None]:
+    """
+    Within the block, a file that cannot be found because C{folder} itself
+    was deleted or renamed meanwhile (by another process) is reported as
+    L{maild.store.delivery.FolderMissing}, which the protocols answer as
+    a missing folder; any other is left as it is.
+    """
+    from maild.store.delivery import FolderMissing
+
+    try:
+        yield
+    except FileNotFoundError as e:
+        if isinstance(e, FolderMissing) or folder.is_dir():
+            raise
+        raise FolderMissing(str(folder)) from e
 
 
 def _unlinkQuietly(path: Path) -> None:

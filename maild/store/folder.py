@@ -112,6 +112,8 @@ class Folder:
         self._listeners: list[FolderListener] = []
         self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
         self._loaded = False
+        # The last look found the folder deleted or renamed.
+        self.missing = False
 
     # Reading the index ----------------------------------------------------
 
@@ -120,7 +122,13 @@ class Folder:
 
     @property
     def uidnext(self) -> int:
-        return max(self.uidList.refresh().uidnext, (self.uids[-1] + 1) if self.uids else 1)
+        highest = (self.uids[-1] + 1) if self.uids else 1
+        try:
+            return max(self.uidList.refresh().uidnext, highest)
+        except FileNotFoundError:
+            if self.path.is_dir():
+                raise
+            return highest  # gone: the next refresh says so
 
     def position(self, uid: int) -> int | None:
         """
@@ -313,6 +321,17 @@ class Folder:
         Bring the index up to date with the disk (cheap when nothing
         changed: two stats) and tell the listeners what changed.
         """
+        try:
+            return self._refresh()
+        except FileNotFoundError:
+            # Deleted or renamed by another process while we read it.
+            if not self.path.is_dir():
+                return self._gone()
+        # Deleted and made again meanwhile: look once more.
+        self._mtimes = {"new": -1, "cur": -1}
+        return self._refresh()
+
+    def _refresh(self) -> FolderChange:
         mtimes = self._dirMtimes()
         if self._loaded and mtimes == self._mtimes:
             return FolderChange()
@@ -335,6 +354,7 @@ class Folder:
         self._mtimes = {"new": -1, "cur": -1}
         self._loaded = False
         self.uidList.state = None
+        self.missing = True
         change = FolderChange(gone=True)
         self._announce(change)
         return change
@@ -369,6 +389,7 @@ class Folder:
         """
         # Record the times first: a change made while we list is seen next time.
         self._mtimes = mtimes
+        self.missing = False
         onDisk = self._listing(subs)
         state = self.uidList.refresh()
         change = FolderChange()

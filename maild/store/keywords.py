@@ -10,7 +10,7 @@ import os
 import string
 from pathlib import Path
 
-from maild.store.files import replaceFile
+from maild.store.files import folderMustExist, replaceFile
 from maild.store.locking import locked
 
 FILE_NAME = "dovecot-keywords"
@@ -38,11 +38,16 @@ class Keywords:
         if st.st_mtime_ns == self._mtime:
             return
         byLetter = {}
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                index, _, name = line.strip().partition(" ")
-                if index.isdigit() and int(index) < MAX_KEYWORDS and name:
-                    byLetter[string.ascii_lowercase[int(index)]] = name
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    index, _, name = line.strip().partition(" ")
+                    if index.isdigit() and int(index) < MAX_KEYWORDS and name:
+                        byLetter[string.ascii_lowercase[int(index)]] = name
+        except FileNotFoundError:
+            # Its folder was deleted or renamed meanwhile.
+            self._byLetter, self._mtime = {}, -1
+            return
         self._byLetter, self._mtime = byLetter, st.st_mtime_ns
 
     def names(self, letters: str) -> list[str]:
@@ -68,7 +73,7 @@ class Keywords:
         found = {name.lower(): c for c, name in self._byLetter.items()}
         missing = [n for k, n in wanted.items() if k not in found]
         if missing and create:
-            with locked(self.lockPath):
+            with folderMustExist(self.path.parent), locked(self.lockPath):
                 self._mtime = -1
                 self._refresh()
                 found = {name.lower(): c for c, name in self._byLetter.items()}

@@ -7,6 +7,7 @@ open folder.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import shutil
 import time
@@ -29,7 +30,7 @@ from maild.store.delivery import (
     placeFile,
     storageFailure,
 )
-from maild.store.files import fsyncDirectory, replaceFile
+from maild.store.files import folderMustExist, fsyncDirectory, replaceFile
 from maild.store.locking import ExclusiveHold, locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
@@ -371,8 +372,9 @@ class UserMailbox:
         path = self.folderPath(name)
         if name == INBOX or (path / "cur").is_dir():
             raise FolderExists(name)
-        makeMaildir(path)
-        (path / "maildirfolder").touch()
+        with folderMustExist(path):
+            makeMaildir(path)
+            (path / "maildirfolder").touch()
 
     def delete(self, name: str) -> None:
         """
@@ -386,7 +388,10 @@ class UserMailbox:
             raise NoSuchFolder(name)
         # Rename first so that the folder vanishes at once, then remove it.
         doomed = self.root / f"..deleted-{time.time_ns()}"
-        os.rename(path, doomed)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            raise NoSuchFolder(name) from None  # another process was first
         self.store.folderMoved(path)
         shutil.rmtree(doomed, ignore_errors=True)
         self._editSubscriptions(lambda names: [s for s in names if s != name])
@@ -402,7 +407,8 @@ class UserMailbox:
         if new == INBOX:
             raise FolderExists(new)
         if old == INBOX:
-            self._renameInbox(new)
+            with folderMustExist(self.folderPath(new)):
+                self._renameInbox(new)
             return
         if not self.exists(old):
             raise NoSuchFolder(old)
@@ -418,11 +424,24 @@ class UserMailbox:
             if self.exists(target):
                 raise FolderExists(target)
         for source, target in moves:
-            os.rename(self.folderPath(source), self.folderPath(target))
+            try:
+                os.rename(self.folderPath(source), self.folderPath(target))
+            except FileNotFoundError:
+                # Deleted or renamed by another process meanwhile.
+                if source == old:
+                    raise NoSuchFolder(old) from None
+                continue
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise FolderExists(target) from None  # made by another process meanwhile
             self.store.folderMoved(self.folderPath(source))
             # The name may have had any UIDVALIDITY before (RFC 3501
             # section 2.3.1.1): clients must not take these UIDs for those.
-            UidList(self.folderPath(target), self.uidValidities).renew()
+            try:
+                UidList(self.folderPath(target), self.uidValidities).renew()
+            except FileNotFoundError:
+                pass  # moved on again by another process
         renamed = dict(moves)
         self._editSubscriptions(lambda names: [renamed.get(s, s) for s in names])
 
@@ -443,7 +462,10 @@ class UserMailbox:
                 replaceFile(target / KEYWORDS_FILE, keywords)
         for sub in ("new", "cur"):
             for name in os.listdir(self.root / sub):
-                os.rename(self.root / sub / name, target / sub / name)
+                try:
+                    os.rename(self.root / sub / name, target / sub / name)
+                except FileNotFoundError:
+                    pass  # expunged meanwhile, or moved by another process
 
     # Subscriptions: the file Dovecot keeps, one name per line.
 
