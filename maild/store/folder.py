@@ -667,9 +667,12 @@ class Folder:
         try:
             return self._addPlaced(paths, origin)
         except FileNotFoundError:
-            if self.path.is_dir():
+            if not self.path.is_dir():
+                self._gone()
+            elif any(os.path.exists(p) for p in paths):
                 raise
-            self._gone()
+            # Deleted (and perhaps made again) meanwhile: the files went
+            # with the folder that was.
             raise FolderMissing(str(self.path)) from None
 
     def _addPlaced(self, paths: Sequence[Path], origin: object | None) -> list[int]:
