@@ -141,7 +141,7 @@ class IncomingMessage:
         try:
             if self._file is None:
                 self.path, self._file = self.spool.create()
-            self._file.write(b"".join(pieces))
+            _writeAll(self._file, b"".join(pieces))
         except OSError as e:
             self.error = _failure(e)
         except Exception:
@@ -182,7 +182,7 @@ class IncomingMessage:
         pieces, self._pieces, self._buffered = self._pieces, [], 0
         if self._file is None:
             self.path, self._file = self.spool.create()
-        self._file.write(b"".join(pieces))
+        _writeAll(self._file, b"".join(pieces))
         if sync:
             os.fsync(self._file.fileno())
 
@@ -223,11 +223,14 @@ class IncomingMessage:
 class Target:
     """
     Where to put a copy: C{folder}'s C{new/} when C{info} is None (the
-    message is new, \\Recent), else its C{cur/} with those flag letters.
+    message is new, \\Recent), else its C{cur/} with those flag letters;
+    or, when C{name} is given, C{folder/name} (the outbound queue names
+    its files itself).
     """
 
     folder: Path
     info: str | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -414,7 +417,9 @@ class Committer:
             try:
                 for target in job.targets:
                     base = newBaseName(message.size, message.crlfSize)
-                    if target.info is None:
+                    if target.name is not None:
+                        path = target.folder / target.name
+                    elif target.info is None:
                         path = target.folder / "new" / base
                     else:
                         path = target.folder / "cur" / (base + ":2," + target.info)
@@ -423,8 +428,11 @@ class Committer:
                     try:
                         place(source, path)
                     except FileNotFoundError:
-                        for sub in ("cur", "new", "tmp"):
-                            (target.folder / sub).mkdir(parents=True, exist_ok=True)
+                        if target.name is not None:
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                        else:
+                            for sub in ("cur", "new", "tmp"):
+                                (target.folder / sub).mkdir(parents=True, exist_ok=True)
                         place(source, path)
                     placed.append(path)
                     touched.setdefault(path.parent, []).append(job)
@@ -487,6 +495,18 @@ def _withdrawFailed(group: list[_Job]) -> None:
             for path in job.placed:
                 _unlinkQuietly(path)
             job.placed = None
+
+
+def _writeAll(file, data: bytes) -> None:
+    """
+    Write all of C{data} to an unbuffered file: a raw write may write only
+    part (a file system filling up does that before it fails with
+    ENOSPC), and the rest must not be silently lost.
+    """
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written:]
 
 
 def _unlinkQuietly(path: Path) -> None:
