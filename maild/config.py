@@ -98,6 +98,49 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """
+    The C{[relay]} table: sending to other domains (maild.relay).  Times
+    are seconds.
+    """
+
+    # "host:port" that receives every outgoing message (STARTTLS required
+    # and the certificate verified; TLS from the first byte on port 465);
+    # empty: deliver to each domain's MX.
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password_file: Path | None = None
+    # Extra CA certificates (PEM) to trust for the smarthost; the system's
+    # are trusted too.
+    smarthost_cafile: Path | None = None
+    # The port MX hosts are reached on (RFC 5321: 25).
+    mx_port: int = 25
+    # A message still undelivered after this long is bounced.
+    queue_lifetime: float = 5 * 86400.0
+    # Retries: first after retry_first, doubling up to retry_max.
+    retry_first: float = 300.0
+    retry_max: float = 3600.0
+    # After this long in the queue the sender is told once of the delay.
+    delay_warning: float = 4 * 3600.0
+    connections: int = 20
+    connections_per_destination: int = 4
+    # Timeouts for the remote server (RFC 5321 section 4.5.3.2 gives
+    # 5 minutes per command and 10 for the reply to the end of DATA).
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    # Abuse limits: recipients in other domains one user may give per
+    # hour (451 4.7.1 beyond), and messages the queue may hold (452 4.3.1).
+    recipients_per_hour: int = 500
+    queue_max_messages: int = 20000
+    # How often the daemon looks for `maild queue flush` requests and
+    # for messages due to be retried.
+    scan_interval: float = 1.0
+    # domain = "host:port" (like Postfix's transport map).
+    routes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -129,6 +172,7 @@ class Config:
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
     dns: DNSSettings = field(default_factory=DNSSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
     @property
     def usersFile(self) -> Path:
@@ -151,6 +195,7 @@ class Config:
 TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
+        "relay": "relay",
     }
 )
 

@@ -688,9 +688,17 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(*transaction.error)
             return
         self._hold()
-        d = self.settings.store.deliver(transaction.message, transaction.recipients)
+        d = self.deliverMessage(transaction)
         d.addCallbacks(self._delivered, self._deliveryFailed, (transaction,), None, (transaction,))
         d.addBoth(lambda _: self._release())
+
+    def deliverMessage(self, transaction: Transaction):
+        """
+        Store the received message durably for its recipients.
+
+        @return: a Deferred firing when it is on disk.
+        """
+        return self.settings.store.deliver(transaction.message, transaction.recipients)
 
     def _delivered(self, paths, transaction: Transaction) -> None:
         log.info(

@@ -1,0 +1,403 @@
+"""
+Sending to other domains: two maild instances on loopback, A (a.test)
+and B (b.test); A reaches B by a route, through a private DNS server, or
+with B as its smarthost.
+"""
+
+from __future__ import annotations
+
+import email
+import io
+import smtplib
+import time
+from pathlib import Path
+
+import dkim
+from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from maild import cli
+from maild.config import PROTOCOLS, loadConfig
+from maild.service import MailService
+from tests.support import LOOPBACK, PASSWORD, freePort, writeUsers
+
+ALICE = "alice@a.test"
+BOB = "bob@b.test"
+
+
+def outgoing(subject: str = "Hi", to: str = BOB, sender: str = ALICE, extra: str = "") -> str:
+    return (
+        f"From: Alice <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n{extra}\r\n"
+        "Hello from A.\r\n.leading dot stays\r\n"
+    )
+
+
+class TwoServersTestCase(unittest.TestCase):
+    """
+    Fixtures: start B and A (each a whole daemon in this process), send
+    through A's submission port, wait for files to appear.
+    """
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.services = {}
+
+    @defer.inlineCallbacks
+    def startMaild(self, name: str, domains, users, listeners=("smtp", "submission"), ports=None, **values):
+        dataDir = Path(self.mktemp()).resolve() if name not in self.services else self.services[name].config.data_dir
+        if name not in self.services:
+            writeUsers(dataDir, users)
+        ports = ports or {}
+        overrides = {
+            "data_dir": dataDir,
+            "hostname": f"mx.{domains[0]}",
+            "domains": list(domains),
+            "listeners": {
+                p: (f"tcp:{ports[p]}:interface=127.0.0.1" if p in ports else LOOPBACK)
+                if p in listeners
+                else "none"
+                for p in PROTOCOLS
+            },
+            "submission_plaintext_auth": True,
+        }
+        overrides.update(values)
+        config = loadConfig(None, overrides)
+        service = MailService(config, reactor)
+        service.startService()
+        self.services[name] = service
+        self.addCleanup(self.stopMaild, name)
+        yield defer.gatherResults([lst.ready for lst in service.listeners.values()])
+        return service
+
+    def stopMaild(self, name: str):
+        service = self.services.get(name)
+        if service is not None and service.running:
+            return service.stopService()
+        return None
+
+    @defer.inlineCallbacks
+    def startPair(self, routeB=True, bPorts=None, **relay):
+        """
+        B first (its port goes into A's route), then A.
+        """
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports=bPorts)
+        self.bPort = b.port("smtp")
+        relaySettings = {"scan_interval": 0.05, "retry_first": 3600.0, "connect_timeout": 5.0}
+        if routeB:
+            relaySettings["routes"] = {"b.test": f"127.0.0.1:{self.bPort}"}
+        relaySettings.update(relay)
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD, "carol@a.test": PASSWORD}, relay=relaySettings
+        )
+        return a, b
+
+    def submit(self, service, recipients, message: str, user: str = ALICE, tls: bool = False):
+        """
+        Send through C{service}'s submission port (in a thread).
+        """
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", service.port("submission"), timeout=10) as client:
+                if tls:
+                    client.starttls()
+                client.login(user, PASSWORD)
+                return client.sendmail(user, recipients, message)
+
+        return self._inThread(run)
+
+    def _inThread(self, f, *args):
+        from twisted.internet import threads
+
+        return threads.deferToThread(f, *args)
+
+    def mailOf(self, service, address: str, folder: str = "") -> list[bytes]:
+        local, _, domain = address.partition("@")
+        root = service.config.data_dir / "mail" / domain / local / folder
+        files = [p for sub in ("new", "cur") for p in (root / sub).glob("*") if p.is_file()]
+        return [p.read_bytes() for p in sorted(files)]
+
+    @defer.inlineCallbacks
+    def waitFor(self, condition, timeout: float = 20.0):
+        """
+        Wait until C{condition()} is true (polling), or fail.
+        """
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("timed out waiting")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    def deliveryLines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("log_format", "").startswith("delivery id=")]
+
+    def cli(self, service, *argv) -> str:
+        """
+        Run `maild` with a config file naming C{service}'s data folder,
+        domains and host name.
+        """
+        config = service.config
+        configFile = config.data_dir / "maild.toml"
+        configFile.write_text(
+            f'data_dir = "{config.data_dir}"\nhostname = "{config.hostname}"\n'
+            f"domains = {list(config.domains)!r}\n".replace("'", '"')
+        )
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--config", str(configFile), *argv], stdout=out, stderr=err)
+        self.assertEqual(code, 0, err.getvalue())
+        return out.getvalue()
+
+
+def dkimRecords(dnsOutput: str) -> dict[bytes, bytes]:
+    """
+    The DKIM TXT records in C{maild dns}'s output, as dkimpy's DNS
+    function answers them.
+    """
+    records = {}
+    for line in dnsOutput.splitlines():
+        if "._domainkey." in line and not line.startswith(";"):
+            name, _, _, _, value = line.split("\t", 4)
+            text = "".join(part for part in value.split('"')[1::2])
+            records[name.encode()] = text.encode()
+    return records
+
+
+class RouteDeliveryTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_routeDeliveryWithSTARTTLSAndDKIM(self):
+        """
+        A message from alice@a.test to bob@b.test and carol@a.test: Carol
+        has it at once, B gets it over STARTTLS through the route, signed
+        with A's Ed25519 and RSA keys (both verify with dkimpy against the
+        records `maild dns` prints), without A's Return-Path:, with the
+        Date: and Message-ID: submission added; one Postfix-like log line
+        says it was sent, and A's queue is empty.
+        """
+        a, b = yield self.startPair()
+        yield self.submit(a, [BOB, "carol@a.test"], outgoing("Route"))
+        self.assertEqual(len(self.mailOf(a, "carol@a.test")), 1)
+        yield self.waitFor(lambda: self.mailOf(b, BOB) and not a.relay.entries)
+        [received] = self.mailOf(b, BOB)
+        self.assertIn(b"with ESMTPS id", received)
+        self.assertIn(b".leading dot stays", received)
+        self.assertEqual(received.count(b"Return-Path:"), 1)  # B's own
+        message = email.message_from_bytes(received)
+        self.assertEqual(message["Subject"], "Route")
+        self.assertTrue(message["Date"])
+        self.assertTrue(message["Message-ID"].endswith("@a.test>"))
+        records = dkimRecords(self.cli(a, "dns", "a.test"))
+        self.assertEqual(len(records), 2)
+        asReceived = received.replace(b"\n", b"\r\n")
+        verifier = dkim.DKIM(asReceived)
+        results = [
+            verifier.verify(idx=i, dnsfunc=lambda name, timeout=5: records.get(name)) for i in range(2)
+        ]
+        self.assertEqual(results, [True, True])
+        self.assertIn(b"a=ed25519-sha256", received)
+        self.assertIn(b"a=rsa-sha256", received)
+        [line] = self.deliveryLines()
+        self.assertRegex(
+            line,
+            rf'^delivery id=[0-9A-F]+ to=<{BOB}> relay=127\.0\.0\.1\[127\.0\.0\.1\]:{self.bPort} '
+            r'status=sent dsn=2\.0\.0 delay=\d+\.\ds reply="250 2\.0\.0 Ok: queued as [0-9A-F]+"$',
+        )
+        self.assertEqual(list((a.config.data_dir / "queue").glob("*.*")), [])
+
+    @defer.inlineCallbacks
+    def test_deferredListedThenFlushed(self):
+        """
+        With B down, the message is deferred and `maild queue list` shows
+        it with the reason; once B is up, `maild queue flush` reaches the
+        running daemon and the message is delivered.
+        """
+        bPort = freePort()
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={"routes": {"b.test": f"127.0.0.1:{bPort}"}, "scan_interval": 0.05, "retry_first": 3600.0},
+        )
+        yield self.submit(a, [BOB], outgoing("Later"))
+        yield self.waitFor(lambda: "1 attempt(s)" in self.cli(a, "queue", "list"))
+        self.assertIn("status=deferred", self.deliveryLines()[0])
+        listing = self.cli(a, "queue", "list")
+        self.assertIn(f"<{ALICE}>", listing)
+        self.assertIn(f"<{BOB}> queued, 1 attempt(s): connect to 127.0.0.1[127.0.0.1]:{bPort} failed", listing)
+        self.assertIn("-- 1 message(s) in the queue", listing)
+        [entry] = a.relay.entries.values()
+        self.assertIn(entry.id, self.cli(a, "queue", "show", entry.id))
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": bPort})
+        self.assertIn("flush of every message requested", self.cli(a, "queue", "flush"))
+        yield self.waitFor(lambda: self.mailOf(b, BOB))
+        yield self.waitFor(lambda: not a.relay.entries)
+        self.assertIn("-- 0 message(s) in the queue", self.cli(a, "queue", "list"))
+
+    @defer.inlineCallbacks
+    def test_permanentFailureBounces(self):
+        """
+        B answers 550 5.1.1 for an unknown recipient: the sender finds an
+        RFC 3464 report in her INBOX (from MAILER-DAEMON, null Return-Path,
+        the recipient's status and B's reply, the original headers), the
+        other recipient is delivered, and the queue is empty.
+        """
+        a, b = yield self.startPair()
+        yield self.submit(a, [BOB, "nobody@b.test"], outgoing("Bounce me"))
+        yield self.waitFor(lambda: self.mailOf(a, ALICE) and not a.relay.entries)
+        self.assertEqual(len(self.mailOf(b, BOB)), 1)
+        [report] = self.mailOf(a, ALICE)
+        self.assertTrue(report.startswith(b"Return-Path: <>\n"), report[:80])
+        message = email.message_from_bytes(report)
+        self.assertEqual(message.get_content_type(), "multipart/report")
+        self.assertEqual(message.get_param("report-type"), "delivery-status")
+        self.assertTrue(message["From"].startswith("MAILER-DAEMON@"))
+        text = report.decode()
+        self.assertIn("Final-Recipient: rfc822; nobody@b.test", text)
+        self.assertIn("Action: failed", text)
+        self.assertIn("Status: 5.1.1", text)
+        self.assertIn("Diagnostic-Code: smtp; 550 5.1.1", text)
+        self.assertIn("Subject: Bounce me", text)
+        self.assertNotIn("Hello from A.", text)
+        self.assertNotIn(BOB, text.split("Content-Type: text/rfc822-headers")[0].split("message/delivery-status")[1])
+        statuses = sorted(line.split(" status=")[1].split()[0] for line in self.deliveryLines())
+        self.assertEqual(statuses, ["bounced", "sent"])
+
+    @defer.inlineCallbacks
+    def test_lifetimeExpiredBounces(self):
+        """
+        A recipient still deferred when the queue lifetime runs out is
+        returned to the sender (4.4.7, with the last problem).
+        """
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={
+                "routes": {"b.test": f"127.0.0.1:{freePort()}"},
+                "scan_interval": 0.05, "retry_first": 0.05, "queue_lifetime": 0.3,
+            },
+        )
+        yield self.submit(a, [BOB], outgoing("Too late"))
+        yield self.waitFor(lambda: self.mailOf(a, ALICE) and not a.relay.entries)
+        text = self.mailOf(a, ALICE)[0].decode()
+        self.assertIn("Status: 4.4.7", text)
+        self.assertIn("delivery time expired; last problem: connect to", text)
+
+    @defer.inlineCallbacks
+    def test_delayNotice(self):
+        """
+        After delay_warning in the queue the sender is told once that the
+        message is still being retried; it stays queued.
+        """
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={
+                "routes": {"b.test": f"127.0.0.1:{freePort()}"},
+                "scan_interval": 0.05, "retry_first": 0.05, "delay_warning": 0.2,
+            },
+        )
+        yield self.submit(a, [BOB], outgoing("Slow"))
+        yield self.waitFor(lambda: self.mailOf(a, ALICE))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        [notice] = self.mailOf(a, ALICE)
+        self.assertIn(b"Action: delayed", notice)
+        self.assertIn(b"Subject: Delayed Mail", notice)
+        self.assertEqual(len(a.relay.entries), 1)
+        [entry] = a.relay.entries.values()
+        self.assertTrue(entry.warned)
+
+
+class LimitTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_recipientsPerHour(self):
+        """
+        Past recipients_per_hour recipients in other domains, RCPT gets
+        451 4.7.1; local recipients are not counted.
+        """
+        a, b = yield self.startPair(recipients_per_hour=2)
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", a.port("submission"), timeout=10) as client:
+                client.login(ALICE, PASSWORD)
+                client.mail(ALICE)
+                return [client.rcpt(r)[0] for r in (BOB, "carol@a.test", "x@b.test", "y@b.test")] + [
+                    client.rcpt("z@b.test")[1][:5]
+                ]
+
+        codes = yield self._inThread(run)
+        self.assertEqual(codes, [250, 250, 250, 451, b"4.7.1"])
+
+    @defer.inlineCallbacks
+    def test_queueFull(self):
+        """
+        With queue_max_messages queued, RCPT to another domain gets 452
+        4.3.1; local mail still goes through.
+        """
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD, "carol@a.test": PASSWORD},
+            relay={"routes": {"b.test": f"127.0.0.1:{freePort()}"}, "queue_max_messages": 1},
+        )
+        yield self.submit(a, [BOB], outgoing("One"))
+        with self.assertRaises(smtplib.SMTPRecipientsRefused) as caught:
+            yield self.submit(a, [BOB], outgoing("Two"))
+        [(code, text)] = caught.exception.recipients.values()
+        self.assertEqual((code, text[:5]), (452, b"4.3.1"))
+        yield self.submit(a, ["carol@a.test"], outgoing("Local", to="carol@a.test"))
+        self.assertEqual(len(self.mailOf(a, "carol@a.test")), 1)
+
+    @defer.inlineCallbacks
+    def test_mxPortNeverRelays(self):
+        """
+        The MX port refuses other domains (554 5.7.1), relay or not.
+        """
+        a, b = yield self.startPair()
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", a.port("smtp"), timeout=10) as client:
+                client.ehlo()
+                client.mail(ALICE)
+                return client.rcpt(BOB)
+
+        code, text = yield self._inThread(run)
+        self.assertEqual((code, text[:5]), (554, b"5.7.1"))
+
+
+class QueueFileTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_corruptFileMovedAside(self):
+        """
+        An envelope that cannot be parsed (a crash, a disk error) is moved
+        into queue/corrupt/ at start and reported by `maild queue list`,
+        never dropped; a message without its envelope too.
+        """
+        a = yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD})
+        yield self.stopMaild("a")
+        queue = a.config.data_dir / "queue"
+        queue.mkdir(exist_ok=True)
+        (queue / "00000001000010001.env").write_bytes(b'{"id": "00000001000010001", "sen')
+        (queue / "00000001000010001.msg").write_bytes(b"Subject: x\n\nbody\n")
+        (queue / "00000002000010001.msg").write_bytes(b"Subject: y\n\nbody\n")
+        yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD})
+        self.assertEqual(
+            sorted(p.name for p in (queue / "corrupt").iterdir()),
+            ["00000001000010001.env", "00000001000010001.msg", "00000002000010001.msg"],
+        )
+        listing = self.cli(a, "queue", "list")
+        self.assertIn("3 unreadable file(s) moved aside", listing)
+
+    @defer.inlineCallbacks
+    def test_deleteFromCommandLine(self):
+        """
+        `maild queue delete ID` removes a queued message; the daemon
+        forgets it at its next try.
+        """
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={"routes": {"b.test": f"127.0.0.1:{freePort()}"}, "scan_interval": 0.05, "retry_first": 3600.0},
+        )
+        yield self.submit(a, [BOB], outgoing("Delete me"))
+        yield self.waitFor(lambda: self.deliveryLines())
+        [queueId] = a.relay.entries
+        self.assertIn(f"deleted {queueId}", self.cli(a, "queue", "delete", queueId))
+        self.cli(a, "queue", "flush", queueId)
+        yield self.waitFor(lambda: not a.relay.entries)
+        self.assertEqual(list((a.config.data_dir / "queue").glob("*.*")), [])
