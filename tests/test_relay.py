@@ -401,3 +401,227 @@ class QueueFileTests(TwoServersTestCase):
         self.cli(a, "queue", "flush", queueId)
         yield self.waitFor(lambda: not a.relay.entries)
         self.assertEqual(list((a.config.data_dir / "queue").glob("*.*")), [])
+
+
+class MisbehavingServer(protocol.Protocol):
+    """
+    A remote SMTP server that goes wrong in the way its factory says.
+    """
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.inData = False
+        behaviour = self.factory.behaviour
+        if behaviour == "garbage":
+            self.transport.write(b"Welcome, friend!\r\n")
+        else:
+            self.transport.write(b"220 bad.test ESMTP\r\n")
+
+    def dataReceived(self, data):
+        self.buffer += data
+        behaviour = self.factory.behaviour
+        while b"\r\n" in self.buffer:
+            line, _, self.buffer = self.buffer.partition(b"\r\n")
+            verb = line[:4].upper()
+            if behaviour == "hang":
+                return
+            if self.inData:
+                if behaviour == "dropMidData":
+                    self.transport.loseConnection()
+                    return
+                if line == b".":
+                    self.inData = False
+                    self.transport.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"EHLO":
+                if behaviour == "hugeReply":
+                    self.transport.write(b"250-bad.test\r\n" * 10_000 + b"250 OK\r\n")
+                else:
+                    self.transport.write(b"250-bad.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                self.inData = True
+                self.transport.write(b"354 go on\r\n")
+            else:
+                self.transport.write(b"250 2.0.0 ok\r\n")
+
+
+class BadServerTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def deferredBy(self, behaviour: str):
+        factory = protocol.Factory.forProtocol(MisbehavingServer)
+        factory.behaviour = behaviour
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={
+                "routes": {"b.test": f"127.0.0.1:{port.getHost().port}"},
+                "scan_interval": 0.05, "retry_first": 3600.0, "command_timeout": 0.3,
+            },
+        )
+        yield self.submit(a, [BOB], outgoing(behaviour))
+        yield self.waitFor(lambda: "1 attempt(s)" in self.cli(a, "queue", "list"))
+        [line] = self.deliveryLines()
+        self.assertIn("status=deferred dsn=4.4.2", line)
+        [entry] = a.relay.entries.values()
+        self.assertEqual([r.state for r in entry.recipients], ["queued"])
+        return line
+
+    @defer.inlineCallbacks
+    def test_hangingServer(self):
+        """
+        A server that stops answering is given up on after the command
+        timeout; the message is deferred.
+        """
+        line = yield self.deferredBy("hang")
+        self.assertIn("timeout waiting for the server's reply", line)
+
+    @defer.inlineCallbacks
+    def test_garbageGreeting(self):
+        """
+        A server that answers something that is not SMTP: deferred.
+        """
+        line = yield self.deferredBy("garbage")
+        self.assertIn("garbage from the server", line)
+
+    @defer.inlineCallbacks
+    def test_dropMidData(self):
+        """
+        A server that drops the connection in the middle of DATA: deferred,
+        nothing counted as sent.
+        """
+        line = yield self.deferredBy("dropMidData")
+        self.assertIn("connection", line)
+
+    @defer.inlineCallbacks
+    def test_hugeReply(self):
+        """
+        A reply of 10,000 lines: deferred, not read into memory forever.
+        """
+        line = yield self.deferredBy("hugeReply")
+        self.assertIn("reply of more than 100 lines", line)
+
+
+class Zone:
+    """
+    A tiny authoritative zone for the private DNS server: names to
+    records by type; any other name does not exist.
+    """
+
+    def __init__(self, records):
+        self.records = records
+
+    def query(self, query, timeout=None):
+        from twisted.names import dns
+        from twisted.names.error import DomainError
+
+        name = query.name.name.decode().lower()
+        if name not in self.records:
+            return defer.fail(DomainError(name))
+        answers = [
+            dns.RRHeader(name=name, type=payload.TYPE, payload=payload, ttl=60)
+            for payload in self.records[name]
+            if payload.TYPE == query.type
+        ]
+        return defer.succeed((answers, [], []))
+
+
+class DNSDeliveryTests(TwoServersTestCase):
+    def startDNS(self, records) -> int:
+        from twisted.names import dns, server
+
+        factory = server.DNSServerFactory(clients=[Zone(records)])
+        port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_mxDelivery(self):
+        """
+        A looks up b.test's MX (mx.b.test, then its address) on a private
+        DNS server and delivers there; a domain with a null MX (RFC 7505)
+        and one that does not exist are returned to the sender at once
+        (5.1.10, 5.1.2).
+        """
+        from twisted.names import dns
+
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD})
+        dnsPort = self.startDNS(
+            {
+                "b.test": [dns.Record_MX(20, b"backup.b.test"), dns.Record_MX(10, b"mx.b.test")],
+                "mx.b.test": [dns.Record_A("127.0.0.1")],
+                "backup.b.test": [dns.Record_A("127.0.0.2")],
+                "nullmx.test": [dns.Record_MX(0, b"")],
+            }
+        )
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            dns={"nameservers": [f"127.0.0.1:{dnsPort}"]},
+            relay={"mx_port": b.port("smtp"), "scan_interval": 0.05, "retry_first": 3600.0},
+        )
+        yield self.submit(a, [BOB, "x@nullmx.test", "y@nosuch.test"], outgoing("By MX"))
+        yield self.waitFor(lambda: self.mailOf(b, BOB) and self.mailOf(a, ALICE) and not a.relay.entries)
+        lines = sorted(self.deliveryLines())
+        self.assertEqual(len(lines), 3)
+        self.assertIn(f"to=<{BOB}> relay=mx.b.test[127.0.0.1]:{b.port('smtp')} status=sent", lines[0])
+        self.assertIn("to=<x@nullmx.test> relay=none status=bounced dsn=5.1.10", lines[1])
+        self.assertIn("to=<y@nosuch.test> relay=none status=bounced dsn=5.1.2", lines[2])
+        report = self.mailOf(a, ALICE)[0].decode()
+        self.assertIn("Status: 5.1.10", report)
+        self.assertIn("Status: 5.1.2", report)
+
+
+class SmarthostTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_smarthostWithAuthOverSTARTTLS(self):
+        """
+        With a smarthost, everything goes there: STARTTLS with the
+        certificate verified, then AUTH with the configured user and the
+        password from its file (B logs the submission as ESMTPSA).
+        """
+        b = yield self.startMaild(
+            "b", ["b.test", "a.test"], {BOB: PASSWORD, ALICE: PASSWORD},
+            submission_plaintext_auth=False,
+        )
+        passwordFile = Path(self.mktemp())
+        passwordFile.write_text(PASSWORD + "\n")
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={
+                "smarthost": f"127.0.0.1:{b.port('submission')}",
+                "smarthost_user": ALICE,
+                "smarthost_password_file": passwordFile,
+                "smarthost_cafile": b.tls.certPath,
+                "scan_interval": 0.05,
+                "retry_first": 3600.0,
+            },
+        )
+        yield self.submit(a, [BOB], outgoing("Via smarthost"))
+        yield self.waitFor(lambda: self.mailOf(b, BOB) and not a.relay.entries)
+        [received] = self.mailOf(b, BOB)
+        self.assertIn(b"with ESMTPSA id", received)
+        [line] = self.deliveryLines()
+        self.assertIn(f"relay=127.0.0.1[127.0.0.1]:{b.port('submission')} status=sent", line)
+
+    @defer.inlineCallbacks
+    def test_smarthostCertificateVerified(self):
+        """
+        A smarthost whose certificate does not verify gets nothing: the
+        message is deferred.
+        """
+        b = yield self.startMaild("b", ["b.test", "a.test"], {BOB: PASSWORD, ALICE: PASSWORD})
+        passwordFile = Path(self.mktemp())
+        passwordFile.write_text(PASSWORD + "\n")
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={
+                "smarthost": f"127.0.0.1:{b.port('submission')}",
+                "smarthost_user": ALICE,
+                "smarthost_password_file": passwordFile,
+                "scan_interval": 0.05,
+                "retry_first": 3600.0,
+            },
+        )
+        yield self.submit(a, [BOB], outgoing("Not to a stranger"))
+        yield self.waitFor(lambda: self.deliveryLines())
+        self.assertIn("status=deferred", self.deliveryLines()[0])
+        self.assertEqual(self.mailOf(b, BOB), [])
