@@ -27,7 +27,7 @@ from email.utils import formatdate
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, ssl, task, threads
+from twisted.internet import defer, endpoints, protocol, ssl, task, threads
 from twisted.logger import Logger
 from twisted.mail.smtp import SMTPServerError
 
@@ -318,7 +318,7 @@ class Relay(service.Service):
                 if implicitTLS:
                     endpoint = endpoints.wrapClientTLS(settings.tlsOptions(hop.host), endpoint)
                 try:
-                    client = yield endpoints.connectProtocol(endpoint, SMTPClient(self.clock))
+                    client = yield endpoint.connect(_ClientFactory(self.clock))
                 except Exception as e:
                     problem = SessionError(f"connect to {relay} failed: {e.__class__.__name__}")
                     continue
@@ -528,6 +528,16 @@ class Relay(service.Service):
         if not self._outstanding[entry.id]:
             del self._outstanding[entry.id]
             self._failed.pop(entry.id, None)
+
+
+class _ClientFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr) -> SMTPClient:
+        return SMTPClient(self.clock)
 
 
 def _endpoint(reactor, address: str, port: int, timeout: float):
