@@ -110,8 +110,8 @@ class RelaySettings:
     smarthost: str = ""
     smarthost_user: str = ""
     smarthost_password_file: Path | None = None
-    # Extra CA certificates (PEM) to trust for the smarthost; the system's
-    # are trusted too.
+    # A CA certificate (PEM) to trust for the smarthost instead of the
+    # system's.
     smarthost_cafile: Path | None = None
     # The port MX hosts are reached on (RFC 5321: 25).
     mx_port: int = 25
@@ -478,6 +478,7 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
+    problems += _relayProblems(tables["relay"])
     for network in limits.trusted_networks:
         try:
             ipaddress.ip_network(network, strict=False)
@@ -497,6 +498,22 @@ def loadConfig(
         catchall=MappingProxyType(values.pop("catchall", {})),
         **{k: (Path(v) if k == "data_dir" else v) for k, v in values.items()},
     )
+
+
+def _relayProblems(relay: RelaySettings) -> list[str]:
+    """
+    Mistakes in C{[relay]}: hosts must be "host:port" (or "host").
+    """
+    problems = []
+    hosts = [("relay.smarthost", relay.smarthost)] if relay.smarthost else []
+    hosts += [(f"relay.routes.{domain}", target) for domain, target in relay.routes.items()]
+    for key, target in hosts:
+        host, colon, port = target.rpartition(":") if not target.endswith("]") else (target, "", "")
+        if not target.strip() or (colon and not (port.isdigit() and 0 < int(port) < 65536)):
+            problems.append(f"{key}: expected \"host:port\", got {target!r}")
+    if relay.smarthost_user and relay.smarthost_password_file is None:
+        problems.append("relay.smarthost_user: give smarthost_password_file too")
+    return problems
 
 
 def _readable(path: Path) -> bool:

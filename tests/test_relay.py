@@ -703,3 +703,89 @@ class CrashTests(TwoServersTestCase):
         duplicates = len(subjects) - 200
         self.assertLessEqual(duplicates, 40, f"{duplicates} sent twice")
         self.assertNotIn("Traceback", output)
+
+
+class ConfigTests(unittest.TestCase):
+    def test_relayTable(self):
+        """
+        [relay] and its [relay.routes] sub-table are read from the file;
+        a route or smarthost that is not "host:port", and a smarthost user
+        without a password file, are reported.
+        """
+        from maild.config import ConfigError
+
+        path = Path(self.mktemp())
+        path.write_text(
+            '[relay]\nsmarthost = "smtp.example.net:465"\nqueue_lifetime = 3600\n'
+            '[relay.routes]\n"b.test" = "127.0.0.1:2525"\n'
+        )
+        relay = loadConfig(path).relay
+        self.assertEqual(relay.smarthost, "smtp.example.net:465")
+        self.assertEqual(relay.queue_lifetime, 3600)
+        self.assertEqual(dict(relay.routes), {"b.test": "127.0.0.1:2525"})
+        path.write_text('[relay]\nsmarthost = "x:y"\nsmarthost_user = "u"\n[relay.routes]\n"b.test" = "h:0"\n')
+        with self.assertRaises(ConfigError) as caught:
+            loadConfig(path)
+        self.assertEqual(len(caught.exception.problems), 3)
+
+
+class ReplyReaderTests(unittest.TestCase):
+    """
+    The client's reply reader, driven without a network.
+    """
+
+    def reader(self):
+        from twisted.internet.testing import StringTransport
+
+        from maild.relay.client import SMTPClient
+
+        clock = task.Clock()
+        client = SMTPClient(clock)
+        client.makeConnection(StringTransport())
+        return client, clock
+
+    def test_multiLineReply(self):
+        """
+        A multi-line reply comes as one Reply, with its enhanced status.
+        """
+        client, _ = self.reader()
+        replies = []
+        client.expect(5).addCallback(replies.append)
+        client.dataReceived(b"250-first\r\n250-8BITMIME\r\n250 5.1.1 last\r\n")
+        [reply] = replies
+        self.assertEqual((reply.code, reply.lines), (250, ("first", "8BITMIME", "5.1.1 last")))
+        self.assertEqual(reply.status, "2.0.0")
+
+    def test_timeout(self):
+        """
+        No reply within the deadline: the wait fails and the connection
+        is aborted.
+        """
+        from maild.relay.client import SessionError
+
+        client, clock = self.reader()
+        d = client.expect(5)
+        clock.advance(5)
+        self.failureResultOf(d, SessionError)
+        self.assertTrue(client.transport.disconnecting or client.transport.disconnected)
+
+    def test_anyInputNeverRaises(self):
+        """
+        Whatever bytes a server sends, in whatever pieces, the reader gives
+        replies or a SessionError, never an exception.
+        """
+        from hypothesis import given, settings, strategies as st
+
+        from maild.relay.client import SessionError
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.lists(st.binary(max_size=300), max_size=20))
+        def check(pieces):
+            client, _ = self.reader()
+            outcomes = []
+            for _ in range(5):
+                client.expect(5).addCallbacks(outcomes.append, lambda f: outcomes.append(f.trap(SessionError)))
+            for piece in pieces:
+                client.dataReceived(piece)
+
+        check()
