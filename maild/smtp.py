@@ -229,6 +229,7 @@ class SMTPServer(smtp.ESMTP):
         self._deadline = None
         self._errors = 0
         self._esmtp = False
+        self._lost = False
 
     # Connection ------------------------------------------------------------
 
@@ -239,6 +240,7 @@ class SMTPServer(smtp.ESMTP):
         smtp.ESMTP.connectionMade(self)
 
     def connectionLost(self, reason) -> None:
+        self._lost = True
         self._cancelDeadline()
         self._discardTransaction()
         smtp.ESMTP.connectionLost(self, reason)
@@ -352,7 +354,8 @@ class SMTPServer(smtp.ESMTP):
 
     def _release(self) -> None:
         self._held -= 1
-        if self._held:
+        if self._held or self._lost:
+            # A closed session must not set its idle timer again.
             return
         self.setTimeout(self.timeout)
         if self._paused:

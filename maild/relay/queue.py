@@ -82,6 +82,8 @@ class QueueEntry:
     @ivar headers: header lines to put first when sending (the Date: and
         Message-ID: submission adds when the client left them out).
     @ivar warned: whether the sender was told of the delay.
+    @ivar signatures: the DKIM-Signature fields (CRLF line ends), made
+        once when the message is accepted; empty until then.
     """
 
     id: str
@@ -92,6 +94,7 @@ class QueueEntry:
     user: str = ""
     headers: list[str] = field(default_factory=list)
     warned: bool = False
+    signatures: str = ""
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == QUEUED]
@@ -129,6 +132,7 @@ class OutboundQueue:
         self.committer = committer
         self._batch: list[tuple[Callable[[], None], defer.Deferred]] = []
         self._writing = False
+        self._settled: list[defer.Deferred] = []
 
     def messagePath(self, queueId: str) -> Path:
         return self.path / f"{queueId}.msg"
@@ -200,6 +204,25 @@ class OutboundQueue:
 
         return self._grouped(unlink)
 
+    def settled(self) -> defer.Deferred:
+        """
+        A Deferred firing once every change asked for is on disk.
+        """
+        if not self._writing and not self._batch:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._settled.append(d)
+        return d
+
+    def _batchDone(self) -> None:
+        self._writing = False
+        if self._batch:
+            self._writeBatch()
+            return
+        settled, self._settled = self._settled, []
+        for d in settled:
+            d.callback(None)
+
     def _grouped(self, change: Callable[[], None]) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self._batch.append((change, d))
@@ -217,19 +240,15 @@ class OutboundQueue:
             fsyncDirectory(self.path)
 
         def done(_):
-            self._writing = False
             for _, d in batch:
                 d.callback(None)
-            if self._batch:
-                self._writeBatch()
+            self._batchDone()
 
         def failed(reason):
             log.failure("cannot update the queue", reason)
-            self._writing = False
             for _, d in batch:
                 d.errback(reason)
-            if self._batch:
-                self._writeBatch()
+            self._batchDone()
 
         self.committer.callInPool(run).addCallbacks(done, failed)
 

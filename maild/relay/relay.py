@@ -90,6 +90,11 @@ class Relay(service.Service):
         self._lines: dict[str, deque[_Unit]] = {}
         self._connections: dict[str, int] = {}
         self._sessions: set[OutboundSession] = set()
+        # Work under way (connections, the end of attempts), which stopping
+        # waits for, so that no queue write comes after the store stopped.
+        self._busy: set[defer.Deferred] = set()
+        # Messages just accepted, being signed: not to be tried before.
+        self._signing: set[str] = set()
         self._total = 0
         self._sent: dict[str, deque[float]] = {}
         self._scanner = task.LoopingCall(self._scan)
@@ -112,6 +117,23 @@ class Relay(service.Service):
             self._scanner.stop()
         for session in list(self._sessions):
             session.client.transport.abortConnection()
+        return self._settle()
+
+    @defer.inlineCallbacks
+    def _settle(self):
+        # Work that ends may start more (an attempt's end writes the queue).
+        while self._busy:
+            yield defer.DeferredList(list(self._busy))
+        yield self.queue.settled()
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        self._busy.add(d)
+
+        def done(result):
+            self._busy.discard(d)
+            return result
+
+        return d.addBoth(done)
 
     # Taking mail -------------------------------------------------------
 
@@ -175,8 +197,7 @@ class Relay(service.Service):
                 recipients=",".join(f"<{r}>" for r in remote),
             )
             if self.running:
-                self._start(entry)
-                self._startConnections()
+                self._signThenStart(entry)
             return result
 
         return d.addCallback(queued)
@@ -187,7 +208,7 @@ class Relay(service.Service):
         self._takeFlushRequests()
         now = time.time()
         for entry in list(self.entries.values()):
-            if entry.id not in self._outstanding and entry.nextTry <= now:
+            if entry.id not in self._outstanding and entry.id not in self._signing and entry.nextTry <= now:
                 self._start(entry)
         self._startConnections()
 
@@ -218,7 +239,7 @@ class Relay(service.Service):
             # `maild queue delete` took it.
             log.info("queue: {id} was deleted", id=entry.id)
             self.entries.pop(entry.id, None)
-            self.queue.remove(entry.id)
+            self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
             return
         byDomain: dict[str, list[Recipient]] = {}
         for recipient in entry.pending():
@@ -244,7 +265,7 @@ class Relay(service.Service):
             ):
                 self._connections[domain] = self._connections.get(domain, 0) + 1
                 self._total += 1
-                d = self._serve(domain, line)
+                d = self._track(self._serve(domain, line))
                 d.addErrback(lambda reason: log.failure("relay: delivery failed", reason))
                 d.addBoth(self._connectionDone, domain)
 
@@ -368,6 +389,25 @@ class Relay(service.Service):
             password = text.splitlines()[0] if text else ""
         return self.settings.smarthost_user, password
 
+    def _signThenStart(self, entry: QueueEntry) -> None:
+        """
+        Sign a message just accepted, once (retries reuse the signatures,
+        saved with the envelope), then send it.
+        """
+        self._signing.add(entry.id)
+        d = self._prepare(entry)
+        d.addCallback(lambda _: self.queue.save(entry) if entry.signatures else None)
+        d.addErrback(lambda reason: log.failure("queue: cannot sign {id}", reason, id=entry.id))
+
+        def start(_):
+            self._signing.discard(entry.id)
+            if self.running and entry.id in self.entries and entry.id not in self._outstanding:
+                self._start(entry)
+                self._startConnections()
+
+        d.addCallback(start)
+        self._track(d)
+
     @defer.inlineCallbacks
     def _prepare(self, entry: QueueEntry):
         """
@@ -378,15 +418,18 @@ class Relay(service.Service):
         stored = _RETURN_PATH.sub(b"", stored, count=1)
         added = "".join(h + "\n" for h in entry.headers).encode("utf-8")
         message = (added + stored).replace(b"\n", b"\r\n")
-        domain, keys = self._signingKeys(entry, message)
-        if keys:
+        if not entry.signatures:
+            domain, keys = self._signingKeys(entry, message)
+            if not keys:
+                log.info("queue: {id} leaves unsigned: no DKIM key for {domain}", id=entry.id, domain=domain)
+                return message
+            # Off the reactor thread: dkimpy canonicalizes in Python (some
+            # milliseconds for a 10 KiB message).
             signatures = yield threads.deferToThreadPool(
                 self.clock, self.clock.getThreadPool(), dkim.sign, message, domain, keys
             )
-            message = signatures + message
-        else:
-            log.info("queue: {id} leaves unsigned: no DKIM key for {domain}", id=entry.id, domain=domain)
-        return message
+            entry.signatures = signatures.decode("ascii")
+        return entry.signatures.encode("ascii") + message
 
     def _signingKeys(self, entry: QueueEntry, message: bytes):
         fromDomain = _fromDomain(message)
@@ -437,9 +480,9 @@ class Relay(service.Service):
         self._outstanding[entry.id] -= 1
         if self._outstanding[entry.id]:
             # Another domain's unit is still under way: save this one's news.
-            self.queue.save(entry)
+            self.queue.save(entry).addErrback(lambda _: None)  # logged by the queue
             return
-        d = self._attemptDone(entry)
+        d = self._track(self._attemptDone(entry))
         d.addErrback(lambda reason: log.failure("queue: cannot update {id}", reason, id=entry.id))
         d.addBoth(lambda _: self._outstanding.pop(entry.id, None))
 
@@ -523,7 +566,7 @@ class Relay(service.Service):
         """
         if self.entries.pop(entry.id, None) is not None:
             log.info("queue: {id} was deleted", id=entry.id)
-            self.queue.remove(entry.id)
+            self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
         self._outstanding[entry.id] -= 1
         if not self._outstanding[entry.id]:
             del self._outstanding[entry.id]
