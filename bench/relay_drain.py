@@ -9,7 +9,7 @@ receive rate, the ceiling A's drain can reach.
     python bench/relay_drain.py [--messages 10000] [--size 10240] [--connections 4]
 
 Both daemons run from this checkout (twistd maild), data in a temporary
-folder on the same disk as /tmp, loopback only.
+folder under --dir (/tmp by default), loopback only.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def rss(pid: int) -> int:
 
 
 class Daemon:
-    def __init__(self, folder: Path, domain: str, user: str, listeners: dict[str, int], relay: str = "") -> None:
+    def __init__(
+        self, folder: Path, domain: str, user: str, listeners: dict[str, int], relay: str = "", twistd: tuple = ()
+    ) -> None:
         self.folder = folder
         self.data = folder / "data"
         folder.mkdir(parents=True)
@@ -80,7 +82,7 @@ class Daemon:
         self.log = open(folder / "twistd.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "maild", "--config", str(self.config)],
+             "-n", "--pidfile=", *twistd, "maild", "--config", str(self.config)],
             cwd=folder, env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -113,9 +115,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=10_240)
     parser.add_argument("--connections", type=int, default=4, help="A's connections to B (default 4)")
     parser.add_argument("--keep", action="store_true", help="keep the data folders")
+    parser.add_argument("--profile", help="save a cProfile of A's whole run in this file")
+    parser.add_argument("--dir", default="/tmp", help="where the data folders go (default %(default)s; /dev/shm: no disk cost)")
     options = parser.parse_args(argv)
 
-    root = Path(tempfile.mkdtemp(prefix="maild-drain-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="maild-drain-", dir=options.dir))
     bPort, aPort = freePort(), freePort()
     a = Daemon(
         root / "a", "a.test", "alice@a.test", {"submission": aPort},
@@ -124,6 +128,7 @@ def main(argv: list[str]) -> int:
             f'queue_max_messages = {options.messages + 1000}\nrecipients_per_hour = {options.messages + 1000}\n'
             f'[relay.routes]\n"b.test" = "127.0.0.1:{bPort}"\n'
         ),
+        twistd=("--profiler=cprofile", "--savestats", f"--profile={options.profile}") if options.profile else (),
     )
     b = None
     try:
