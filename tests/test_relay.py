@@ -789,3 +789,49 @@ class ReplyReaderTests(unittest.TestCase):
                 client.dataReceived(piece)
 
         check()
+
+
+class NullSenderTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_nullSenderNeverBounced(self):
+        """
+        A message with the null sender (a report itself) that the remote
+        server refuses is dropped with a log line, never returned: no
+        bounce loops (RFC 5321 section 4.5.5).
+        """
+        from maild.relay import RemoteRecipient
+
+        a, b = yield self.startPair()
+        message = a.store.incoming(b"Return-Path: <>\r\n")
+        message.write(b"From: MAILER-DAEMON@mx.a.test\r\nSubject: report\r\n\r\nreport\r\n")
+        yield a.relay.enqueue(message, "", [], [RemoteRecipient("nobody@b.test")], "", b"Subject: report\r\n")
+        yield self.waitFor(lambda: not a.relay.entries)
+        [line] = self.deliveryLines()
+        self.assertIn("status=bounced dsn=5.1.1", line)
+        self.assertTrue(any("its sender is null" in str(e.get("log_format")) for e in self.events))
+        self.assertEqual(self.mailOf(a, ALICE), [])
+        self.assertEqual(list((a.config.data_dir / "queue").glob("*.*")), [])
+
+
+class EnvelopeParserTests(unittest.TestCase):
+    def test_anyBytesGiveAnEnvelopeOrValueError(self):
+        """
+        Whatever a damaged envelope file holds, reading it gives an
+        envelope or ValueError (the file is then moved aside), never
+        another exception; a written envelope reads back the same.
+        """
+        from hypothesis import given, settings, strategies as st
+
+        from maild.relay.queue import QueueEntry, Recipient
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.one_of(st.binary(max_size=300), st.from_regex(rb'\A\{"id": ?"[0-9A-F]{1,20}".{0,200}', fullmatch=False), st.just(b"[" * 100000)))
+        def check(data):
+            try:
+                QueueEntry.fromJSON(data)
+            except ValueError:
+                pass
+
+        check()
+        entry = QueueEntry("0A1B", "alice@a.test", [Recipient("bob@b.test", "sent", 2, "250 ok")], 1.5, 2.5, "alice@a.test", ["Date: x"], True, "sig")
+        self.assertEqual(QueueEntry.fromJSON(entry.toJSON()), entry)

@@ -107,7 +107,10 @@ class QueueEntry:
         """
         @raise ValueError: if C{data} is not a valid envelope.
         """
-        raw = json.loads(data)
+        try:
+            raw = json.loads(data)
+        except RecursionError:
+            raise ValueError("nested too deeply")
         if not isinstance(raw, dict) or not validQueueId(str(raw.get("id"))):
             raise ValueError("not an envelope")
         try:
@@ -115,9 +118,19 @@ class QueueEntry:
             entry = cls(recipients=recipients, **raw)
         except (TypeError, KeyError) as e:
             raise ValueError(f"bad envelope: {e}")
-        if not all(isinstance(r.address, str) and r.state in (QUEUED, SENT, BOUNCED) for r in recipients):
-            raise ValueError("bad recipient")
-        if not isinstance(entry.sender, str) or not isinstance(entry.nextTry, (int, float)):
+        number = (int, float)
+        valid = (
+            all(
+                isinstance(r.address, str) and r.state in (QUEUED, SENT, BOUNCED)
+                and isinstance(r.attempts, int) and isinstance(r.reply, str)
+                for r in recipients
+            )
+            and isinstance(entry.sender, str) and isinstance(entry.user, str)
+            and isinstance(entry.arrival, number) and isinstance(entry.nextTry, number)
+            and isinstance(entry.headers, list) and all(isinstance(h, str) for h in entry.headers)
+            and isinstance(entry.warned, bool) and isinstance(entry.signatures, str)
+        )
+        if not valid:
             raise ValueError("bad envelope fields")
         return entry
 

@@ -301,6 +301,10 @@ class Relay(service.Service):
                 except FileNotFoundError:
                     self._forget(unit.entry)
                     continue
+                except Exception:
+                    log.failure("queue: cannot prepare {id}", id=unit.entry.id)
+                    self._record(unit, {}, relay, SessionError("local error while preparing the message"))
+                    continue
                 try:
                     outcomes = yield session.transfer(
                         unit.entry.sender, [r.address for r in unit.recipients], message
