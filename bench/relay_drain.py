@@ -4,7 +4,7 @@ How fast maild drains its outbound queue: daemon A (a.test) holds N queued
 and the run measures how long until A's queue is empty, and A's memory
 meanwhile.  Then, for comparison, the same N messages are sent straight to
 B with smtp_load.py over as many connections as A uses: B's own durable
-receive rate, the ceiling A's drain can reach.
+receive rate (over STARTTLS, as A sends), the ceiling A's drain can reach.
 
     python bench/relay_drain.py [--messages 10000] [--size 10240] [--connections 4]
 
@@ -46,6 +46,14 @@ def waitForPort(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listening on {port}")
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    User and system CPU time a process has used.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> int:
@@ -97,7 +105,9 @@ class Daemon:
         return (self.folder / "twistd.log").read_text(errors="replace")
 
 
-def load(port: int, messages: int, size: int, concurrency: int, sender: str, to: str, user: str | None) -> dict:
+def load(
+    port: int, messages: int, size: int, concurrency: int, sender: str, to: str, user: str | None, starttls: bool = False
+) -> dict:
     command = [
         sys.executable, str(ROOT / "bench" / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
         "--messages", str(messages), "--size", str(size), "--concurrency", str(concurrency),
@@ -105,6 +115,8 @@ def load(port: int, messages: int, size: int, concurrency: int, sender: str, to:
     ]
     if user:
         command += ["--user", user, "--password", PASSWORD]
+    if starttls:
+        command += ["--starttls", "--insecure"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
@@ -144,16 +156,21 @@ def main(argv: list[str]) -> int:
         time.sleep(2)
         memory = [rss(a.process.pid)]
         (queue / "flush").mkdir(exist_ok=True)
+        cpuBefore = cpuSeconds(a.process.pid)
         start = time.monotonic()
         (queue / "flush" / "ALL").touch()
         while any(True for _ in queue.glob("*.env")):
             time.sleep(0.25)
             memory.append(rss(a.process.pid))
         drained = time.monotonic() - start
+        cpu = cpuSeconds(a.process.pid) - cpuBefore
         inbox = b.data / "mail" / "b.test" / "bob"
         delivered = sum(1 for sub in ("new", "cur") for _ in (inbox / sub).iterdir())
-        # The ceiling: the same messages straight into B, as many connections.
-        direct = load(bPort, options.messages, options.size, options.connections, "carol@c.test", "bob@b.test", None)
+        # The ceiling: the same messages straight into B, over as many
+        # connections, with STARTTLS as A uses.
+        direct = load(
+            bPort, options.messages, options.size, options.connections, "carol@c.test", "bob@b.test", None, True
+        )
         summary = {
             "messages": options.messages,
             "queued": queued,
@@ -163,6 +180,7 @@ def main(argv: list[str]) -> int:
             "drain_seconds": round(drained, 2),
             "drain_messages_per_s": round(delivered / drained, 1),
             "direct_to_b_messages_per_s": round(direct["messages_per_second"], 1),
+            "a_cpu_ms_per_message": round(cpu * 1000 / max(delivered, 1), 2),
             "a_rss_kib_before_after_peak": [memory[0], memory[-1], max(memory)],
             "tracebacks": a.logText().count("Traceback") + b.logText().count("Traceback"),
         }
