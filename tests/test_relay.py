@@ -835,3 +835,29 @@ class EnvelopeParserTests(unittest.TestCase):
         check()
         entry = QueueEntry("0A1B", "alice@a.test", [Recipient("bob@b.test", "sent", 2, "250 ok")], 1.5, 2.5, "alice@a.test", ["Date: x"], True, "sig")
         self.assertEqual(QueueEntry.fromJSON(entry.toJSON()), entry)
+
+
+class SharedQueueTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_twoProcessesOneQueue(self):
+        """
+        Two daemons sharing one data folder (--workers, or nodes on shared
+        storage) both know the queued messages and both act on a flush:
+        each message is still sent once, since an attempt holds a lock on
+        the message file and starts from the recipients' state on disk.
+        """
+        bPort = freePort()
+        relay = {"routes": {"b.test": f"127.0.0.1:{bPort}"}, "scan_interval": 0.05, "retry_first": 3600.0}
+        first = yield self.startMaild("a1", ["a.test"], {ALICE: PASSWORD}, relay=relay)
+        for n in range(10):
+            yield self.submit(first, [BOB], outgoing(f"shared {n}"))
+        yield self.waitFor(lambda: len(self.deliveryLines()) == 10)
+        second = yield self.startMaild(
+            "a2", ["a.test"], {}, relay=relay, data_dir=first.config.data_dir, listeners=()
+        )
+        self.assertEqual(len(second.relay.entries), 10)
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": bPort})
+        self.cli(first, "queue", "flush")
+        yield self.waitFor(lambda: not first.relay.entries and not second.relay.entries)
+        subjects = sorted(email.message_from_bytes(m)["Subject"] for m in self.mailOf(b, BOB))
+        self.assertEqual(subjects, sorted(f"shared {n}" for n in range(10)))

@@ -17,6 +17,7 @@ after a crash; rewrites and removals are grouped, one folder sync each.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -214,6 +215,7 @@ class OutboundQueue:
         def unlink():
             _unlinkQuietly(self.messagePath(queueId))
             _unlinkQuietly(self.envelopePath(queueId))
+            _unlinkQuietly(self.path / "flush" / queueId)
 
         return self._grouped(unlink)
 
@@ -235,6 +237,37 @@ class OutboundQueue:
         settled, self._settled = self._settled, []
         for d in settled:
             d.callback(None)
+
+    def claim(self, entry: QueueEntry) -> int | None:
+        """
+        Take C{entry} for one attempt, against other processes sharing the
+        queue (C{--workers}, nodes on shared storage): an exclusive C{flock}
+        on its message file (which, unlike the envelope, keeps its inode for
+        its whole life; the kernel drops the lock if the process dies), then
+        its recipients' state as the last attempt left it on disk.
+
+        @return: the lock's file descriptor (to close when the attempt is
+            over), or None if another process holds it.
+        @raise FileNotFoundError: if the message is gone (delivered by
+            another process, or deleted).
+        """
+        fd = os.open(self.messagePath(entry.id), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
+        except FileNotFoundError:
+            os.close(fd)
+            raise
+        except ValueError:
+            return fd
+        entry.recipients = stored.recipients
+        entry.warned = stored.warned
+        entry.signatures = entry.signatures or stored.signatures
+        return fd
 
     def _grouped(self, change: Callable[[], None]) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()

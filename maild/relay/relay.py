@@ -11,13 +11,16 @@ queue; when a message has no recipient left to try it is removed, after
 the sender got a DSN for any that failed for good.
 
 C{maild queue flush} reaches a running daemon through a request file in
-C{<data>/queue/flush/} (a queue id, or C{ALL}), which the daemon looks
-for every C{scan_interval} seconds: no pid file or signal is needed, and
-it works for a daemon on another node sharing the data folder.
+C{<data>/queue/flush/} (a queue id, or C{ALL}) whose time it checks every
+C{scan_interval} seconds: no pid file or signal is needed, and every
+process sharing the data folder acts on it.  Such processes (C{--workers},
+nodes on shared storage) each know the whole queue; an attempt first
+claims the message (L{OutboundQueue.claim}), so no two send it at once.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -95,6 +98,10 @@ class Relay(service.Service):
         self._busy: set[defer.Deferred] = set()
         # Messages just accepted, being signed: not to be tried before.
         self._signing: set[str] = set()
+        # The locks held on the messages being tried (queue.claim).
+        self._claims: dict[str, int] = {}
+        # When each flush request file was last acted on.
+        self._flushSeen: dict[str, float] = {}
         self._total = 0
         self._sent: dict[str, deque[float]] = {}
         self._scanner = task.LoopingCall(self._scan)
@@ -104,6 +111,7 @@ class Relay(service.Service):
 
     def startService(self) -> None:
         service.Service.startService(self)
+        self._started = time.time()
         self.keys.ensure(self.config.domains)
         for entry in self.queue.load():
             self.entries[entry.id] = entry
@@ -221,26 +229,42 @@ class Relay(service.Service):
                 entry.nextTry = 0.0
 
     def _takeFlushRequests(self) -> None:
+        # A request is a file whose time is newer than the last this
+        # process acted on: every process sharing the queue sees it (each
+        # knows the messages it accepted since it started).  The file of
+        # one message goes with the message.
         requests = self.queue.path / "flush"
         try:
-            names = [p for p in requests.iterdir()]
+            entries = list(os.scandir(requests))
         except OSError:
             return
-        for path in names:
-            path.unlink(missing_ok=True)
-            log.info("queue: flush {id} requested", id=path.name)
-            self.flush(path.name)
+        for request in entries:
+            try:
+                mtime = request.stat().st_mtime
+            except OSError:
+                continue
+            if mtime > self._flushSeen.get(request.name, self._started):
+                self._flushSeen[request.name] = mtime
+                log.info("queue: flush {id} requested", id=request.name)
+                self.flush(request.name)
 
     def _start(self, entry: QueueEntry) -> None:
         """
         Put the pending recipients of C{entry} in their domains' lines.
         """
-        if not self.queue.messagePath(entry.id).exists():
-            # `maild queue delete` took it.
-            log.info("queue: {id} was deleted", id=entry.id)
+        try:
+            claim = self.queue.claim(entry)
+        except FileNotFoundError:
+            # Delivered by another process sharing the queue, or taken by
+            # `maild queue delete`.
+            log.info("queue: {id} is gone", id=entry.id)
             self.entries.pop(entry.id, None)
             self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
             return
+        if claim is None:
+            # Another process is trying it now.
+            return
+        self._claims[entry.id] = claim
         byDomain: dict[str, list[Recipient]] = {}
         for recipient in entry.pending():
             byDomain.setdefault(recipient.domain, []).append(recipient)
@@ -488,7 +512,13 @@ class Relay(service.Service):
             return
         d = self._track(self._attemptDone(entry))
         d.addErrback(lambda reason: log.failure("queue: cannot update {id}", reason, id=entry.id))
-        d.addBoth(lambda _: self._outstanding.pop(entry.id, None))
+        d.addBoth(lambda _: self._release(entry.id))
+
+    def _release(self, queueId: str) -> None:
+        self._outstanding.pop(queueId, None)
+        claim = self._claims.pop(queueId, None)
+        if claim is not None:
+            os.close(claim)
 
     @defer.inlineCallbacks
     def _attemptDone(self, entry: QueueEntry):
@@ -573,7 +603,7 @@ class Relay(service.Service):
             self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
         self._outstanding[entry.id] -= 1
         if not self._outstanding[entry.id]:
-            del self._outstanding[entry.id]
+            self._release(entry.id)
             self._failed.pop(entry.id, None)
 
 
