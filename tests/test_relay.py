@@ -861,3 +861,32 @@ class SharedQueueTests(TwoServersTestCase):
         yield self.waitFor(lambda: not first.relay.entries and not second.relay.entries)
         subjects = sorted(email.message_from_bytes(m)["Subject"] for m in self.mailOf(b, BOB))
         self.assertEqual(subjects, sorted(f"shared {n}" for n in range(10)))
+
+
+class AttemptLimitTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_fewAttemptsAtOnce(self):
+        """
+        With more messages due than MAX_ATTEMPTS (each attempt holds a
+        lock, so a file descriptor), the rest wait their turn and follow
+        as attempts end: all are delivered, never more in hand at once.
+        """
+        from maild.relay import relay as relayModule
+
+        self.patch(relayModule, "MAX_ATTEMPTS", 2)
+        bPort = freePort()
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={"routes": {"b.test": f"127.0.0.1:{bPort}"}, "scan_interval": 0.05, "retry_first": 3600.0},
+        )
+        for n in range(12):
+            yield self.submit(a, [BOB], outgoing(f"turn {n}"))
+        yield self.waitFor(lambda: len(self.deliveryLines()) == 12)
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": bPort})
+        inHand = []
+        original = a.relay._start
+        self.patch(a.relay, "_start", lambda entry: (inHand.append(len(a.relay._claims)), original(entry)))
+        self.cli(a, "queue", "flush")
+        yield self.waitFor(lambda: not a.relay.entries)
+        self.assertEqual(len(self.mailOf(b, BOB)), 12)
+        self.assertLessEqual(max(inHand), 1)

@@ -45,6 +45,10 @@ from maild.store import Target
 log = Logger()
 
 FLUSH_ALL = "ALL"
+# Messages tried at once: each holds a lock, so a file descriptor, while
+# its recipients wait in their domains' lines (20 connections take them
+# far faster than this many can be sent).
+MAX_ATTEMPTS = 500
 _RETURN_PATH = re.compile(rb"\AReturn-Path:[^\n]*\n(?:[ \t][^\n]*\n)*", re.I)
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
 
@@ -100,6 +104,8 @@ class Relay(service.Service):
         self._signing: set[str] = set()
         # The locks held on the messages being tried (queue.claim).
         self._claims: dict[str, int] = {}
+        # Messages due, waiting for a place among the attempts.
+        self._due: deque[str] = deque()
         # When each flush request file was last acted on.
         self._flushSeen: dict[str, float] = {}
         self._total = 0
@@ -215,8 +221,20 @@ class Relay(service.Service):
     def _scan(self) -> None:
         self._takeFlushRequests()
         now = time.time()
-        for entry in list(self.entries.values()):
-            if entry.id not in self._outstanding and entry.id not in self._signing and entry.nextTry <= now:
+        self._due = deque(
+            entry.id
+            for entry in self.entries.values()
+            if entry.id not in self._outstanding and entry.id not in self._signing and entry.nextTry <= now
+        )
+        self._fill()
+
+    def _fill(self) -> None:
+        """
+        Start due messages, up to L{MAX_ATTEMPTS} at once.
+        """
+        while self._due and len(self._outstanding) < MAX_ATTEMPTS and self.running:
+            entry = self.entries.get(self._due.popleft())
+            if entry is not None and entry.id not in self._outstanding:
                 self._start(entry)
         self._startConnections()
 
@@ -429,9 +447,9 @@ class Relay(service.Service):
 
         def start(_):
             self._signing.discard(entry.id)
-            if self.running and entry.id in self.entries and entry.id not in self._outstanding:
-                self._start(entry)
-                self._startConnections()
+            if entry.id in self.entries:
+                self._due.append(entry.id)
+                self._fill()
 
         d.addCallback(start)
         self._track(d)
@@ -519,6 +537,8 @@ class Relay(service.Service):
         claim = self._claims.pop(queueId, None)
         if claim is not None:
             os.close(claim)
+        if self._due:
+            self._fill()
 
     @defer.inlineCallbacks
     def _attemptDone(self, entry: QueueEntry):
