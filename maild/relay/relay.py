@@ -335,18 +335,31 @@ class Relay(service.Service):
                 self._record(line.popleft(), {}, relay, e)
             return
         self._sessions.add(session)
+
+        def take():
+            # The next message is read from disk while this one is sent.
+            if not line or not self.running:
+                return None
+            unit = line.popleft()
+            return unit, self._prepare(unit.entry)
+
+        following = take()
         try:
-            while line and self.running:
-                unit = line.popleft()
+            while following is not None:
+                unit, prepared = following
+                following = None
                 try:
-                    message = yield self._prepare(unit.entry)
+                    message = yield prepared
                 except FileNotFoundError:
                     self._forget(unit.entry)
+                    following = take()
                     continue
                 except Exception:
                     log.failure("queue: cannot prepare {id}", id=unit.entry.id)
                     self._record(unit, {}, relay, SessionError("local error while preparing the message"))
+                    following = take()
                     continue
+                following = take()
                 try:
                     outcomes = yield session.transfer(
                         unit.entry.sender, [r.address for r in unit.recipients], message
@@ -358,6 +371,11 @@ class Relay(service.Service):
             yield session.close()
         finally:
             self._sessions.discard(session)
+            if following is not None:
+                # Read ahead but not sent: back to the front of its line.
+                unit, prepared = following
+                prepared.addErrback(lambda _: None)
+                line.appendleft(unit)
 
     @defer.inlineCallbacks
     def _connect(self, domain: str, hops: list[NextHop]):
