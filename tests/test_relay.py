@@ -589,8 +589,8 @@ class SmarthostTests(TwoServersTestCase):
             relay={
                 "smarthost": f"127.0.0.1:{b.port('submission')}",
                 "smarthost_user": ALICE,
-                "smarthost_password_file": passwordFile,
-                "smarthost_cafile": b.tls.certPath,
+                "smarthost_password_file": str(passwordFile),
+                "smarthost_cafile": str(b.tls.certPath),
                 "scan_interval": 0.05,
                 "retry_first": 3600.0,
             },
@@ -616,7 +616,7 @@ class SmarthostTests(TwoServersTestCase):
             relay={
                 "smarthost": f"127.0.0.1:{b.port('submission')}",
                 "smarthost_user": ALICE,
-                "smarthost_password_file": passwordFile,
+                "smarthost_password_file": str(passwordFile),
                 "scan_interval": 0.05,
                 "retry_first": 3600.0,
             },
@@ -890,3 +890,23 @@ class AttemptLimitTests(TwoServersTestCase):
         yield self.waitFor(lambda: not a.relay.entries)
         self.assertEqual(len(self.mailOf(b, BOB)), 12)
         self.assertLessEqual(max(inHand), 1)
+
+
+class DKIMKeyTests(unittest.TestCase):
+    def test_keyMadeByAnotherProcessWins(self):
+        """
+        Processes starting together on one data folder (--workers) may
+        each make a domain's key: the first complete file stays, the
+        others use it, and no temporary file is left.
+        """
+        from maild.relay import dkim as relayDKIM
+
+        folder = Path(self.mktemp())
+        keys = relayDKIM.DKIMKeys(folder)
+        keys.ensure(["a.test"])
+        first = sorted((p.name, p.read_bytes()) for p in (folder / "a.test").iterdir())
+        relayDKIM._writePrivate(folder / "a.test" / "rsa.key", b"another process's key")
+        again = relayDKIM.DKIMKeys(folder)
+        again.ensure(["a.test"])
+        self.assertEqual(sorted((p.name, p.read_bytes()) for p in (folder / "a.test").iterdir()), first)
+        self.assertEqual(again.keysFor("a.test"), keys.keysFor("a.test"))

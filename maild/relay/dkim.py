@@ -102,7 +102,7 @@ class DKIMKeys:
                 keyFile = folder / fileName
                 if not keyFile.exists():
                     _writePrivate(keyFile, _newKey(fileName))
-                    log.info("made a DKIM key {file}", file=str(keyFile))
+                    log.info("DKIM key {file} is ready", file=str(keyFile))
             self._keys[domain] = self._read(domain)
 
     def _read(self, domain: str) -> list[SigningKey]:
@@ -175,8 +175,20 @@ def _publicKey(fileName: str, private: bytes) -> str:
 
 
 def _writePrivate(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """
+    Write a new key file whole or not at all: processes starting together
+    on one data folder (C{--workers}) may each make one, and the first to
+    link its complete file in place wins; the others use it.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temporary)
