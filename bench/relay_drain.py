@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from maild.config import PROTOCOLS  # noqa: E402  (every listener, to turn off the unused)
+
 PASSWORD = "bench password"
-PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps")
 
 
 def freePort() -> int:
