@@ -250,6 +250,7 @@ class SMTPServer(smtp.ESMTP):
         self._deadline = None
         self._errors = 0
         self._esmtp = False
+        self._lost = False
 
     # Connection ------------------------------------------------------------
 
@@ -275,6 +276,7 @@ class SMTPServer(smtp.ESMTP):
         pass
 
     def connectionLost(self, reason) -> None:
+        self._lost = True
         self._cancelDeadline()
         self._discardTransaction()
         smtp.ESMTP.connectionLost(self, reason)
@@ -414,7 +416,8 @@ class SMTPServer(smtp.ESMTP):
 
     def _release(self) -> None:
         self._held -= 1
-        if self._held:
+        if self._held or self._lost:
+            # A closed session must not set its idle timer again.
             return
         self.setTimeout(self.timeout)
         self._process()
@@ -825,15 +828,22 @@ class SMTPServer(smtp.ESMTP):
         d.addBoth(lambda _: self._release())
 
     def _deliver(self, transaction: Transaction, folder: str = "INBOX", results: str = ""):
-        store = self.settings.store
         if folder == "INBOX":
-            # deliver()'s default: stores that know no other folder serve too.
-            d = store.deliver(transaction.message, transaction.recipients)
+            d = self.deliverMessage(transaction)
         else:
-            d = store.deliver(transaction.message, transaction.recipients, folder)
+            # Only MX mail is judged, and it is all local.
+            d = self.settings.store.deliver(transaction.message, transaction.recipients, folder)
         return d.addCallbacks(
             self._delivered, self._deliveryFailed, (transaction, folder, results), None, (transaction,)
         )
+
+    def deliverMessage(self, transaction: Transaction):
+        """
+        Store the received message durably for its recipients.
+
+        @return: a Deferred firing when it is on disk.
+        """
+        return self.settings.store.deliver(transaction.message, transaction.recipients)
 
     def _judged(self, verdict, transaction: Transaction):
         """
