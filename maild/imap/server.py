@@ -33,7 +33,7 @@ from maild.auth import (
 from maild.config import Limits
 from maild.connections import LimitedFactory
 from maild.imap import wire
-from maild.imap.account import Account
+from maild.imap.account import Account, PatternTooLong
 from maild.imap.fetch import FetchRequest, parseItems
 from maild.imap.framing import ACCEPT, CLOSE, REFUSE, CommandFramer, LiteralDecision
 from maild.imap.mailbox import SelectedFolder
@@ -642,7 +642,11 @@ class IMAPServer(imap4.IMAP4Server):
             # RFC 3501 6.3.8: the delimiter and the root of the reference.
             lines.append(b'* LIST (\\Noselect) "/" ""')
         else:
-            for name, attributes in self.account.list(reference, pattern, subscribed):
+            try:
+                listed = self.account.list(reference, pattern, subscribed)
+            except PatternTooLong:
+                raise BadCommand("Mailbox pattern too long")
+            for name, attributes in listed:
                 lines.append(b"* " + verb + b" (" + b" ".join(attributes) + b') "/" ' + wire.mailboxName(name))
         if lines:
             self.transport.write(b"\r\n".join(lines) + b"\r\n")
