@@ -6,10 +6,14 @@ nothing for other clients or other messages.
 
 from __future__ import annotations
 
+import datetime
+import os
+
 from twisted.internet import defer
 
+from maild.imap import wire
 from maild.imap.account import PatternMatcher
-from tests.support import IMAPTestCase
+from tests.support import IMAPTestCase, sampleMessage
 
 
 class ListPatternTests(IMAPTestCase):
@@ -71,3 +75,75 @@ class ListPatternTests(IMAPTestCase):
         ]
         for pattern, name, expected in cases:
             self.assertEqual(PatternMatcher(pattern).match(name), expected, (pattern, name))
+
+
+class HugeNumberAndDateTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_hugeNumbersAndImpossibleDates(self):
+        """
+        Numbers of thousands of digits (sequence sets, partials, section
+        parts, LARGER) and dates that name no real day or time get BAD,
+        and the session goes on; an APPEND with such a date stores nothing.
+        """
+        yield self.deliver(sampleMessage("one"))
+        huge = b"9" * 5000
+        zeros = b"0" * 5000 + b"1"
+        bad = [
+            b"a1 FETCH " + huge + b" FLAGS",
+            b"a2 FETCH 1:" + huge + b" FLAGS",
+            b"a3 UID FETCH " + zeros + b"," + huge + b" FLAGS",
+            b"a4 FETCH 1 BODY[]<" + huge + b".1>",
+            b"a5 FETCH 1 BODY[]<0." + huge + b">",
+            b"a6 FETCH 1 BODY[" + huge + b"]",
+            b"a7 SEARCH LARGER " + huge,
+            b"a8 SEARCH SMALLER 4294967296",
+            b"a9 SEARCH UID " + huge,
+            b"a10 SEARCH " + huge,
+            b"a11 STORE " + huge + b" +FLAGS (\\Seen)",
+            b"a12 COPY 1:" + huge + b" Archive",
+            b"a13 SEARCH SINCE 31-Feb-2020",
+            b"a14 SEARCH BEFORE 0-Jan-2020",
+            b"a15 SEARCH ON 1-Jan-99999",
+            b"a16 SEARCH SENTON 1-Foo-2020",
+            b"a17 SEARCH SINCE " + huge + b"-Jan-2020",
+        ]
+        dates = [
+            b'"31-Feb-2020 10:00:00 +0000"',
+            b'" 0-Jan-2020 10:00:00 +0000"',
+            b'"01-Jan-2020 25:61:61 +0000"',
+            b'"01-Jan-99999 10:00:00 +0000"',
+            b'"01-Jan-2020 999999999999999999999999:00:00 +0000"',
+            b'"01-Jan-2020 10:00:00 +0099"',
+            b'"01-Jan-2020 10:00:00 +' + huge + b'"',
+        ]
+        message = sampleMessage("appended")
+
+        def run(client):
+            replies = [client.command(line)[1] for line in bad]
+            for i, date in enumerate(dates):
+                client.send(b"d%d APPEND INBOX %s {%d+}\r\n%s\r\n" % (i, date, len(message), message))
+                replies.append(client.readUntilTagged(b"d%d" % i)[1])
+            good = client.command(b'g APPEND INBOX "01-Feb-2020 10:00:00 +0100" {%d+}\r\n%s' % (len(message), message))
+            date = client.command(b"h FETCH 2 INTERNALDATE")
+            return replies, good, date, client.command(b"z NOOP")
+
+        replies, good, date, noop = yield self.session(run, select=b"INBOX")
+        for reply in replies:
+            self.assertRegex(reply, rb"^[ad]\d+ BAD ")
+        self.assertTrue(good[1].startswith(b"g OK [APPENDUID "), good)
+        self.assertEqual(len(self.messages("alice@localhost")), 2)
+        self.assertEqual(os.stat(self.messages("alice@localhost")[1]).st_mtime, 1580547600)
+        self.assertIn(b"INTERNALDATE", date[0][0])
+        self.assertEqual(noop[1], b"z OK NOOP completed")
+
+    def test_dateParsers(self):
+        """
+        The date parsers take only the RFC 3501 forms of real moments.
+        """
+        self.assertEqual(wire.parseDateTime(b" 7-Jul-1996 02:44:25 -0700"), 836732665)
+        self.assertEqual(wire.parseDateTime(b"29-Feb-2020 00:00:00 +0000"), 1582934400)
+        for bad in (b"29-Feb-2021 00:00:00 +0000", b"007-Jul-1996 02:44:25 -0700", b"07-Jul-1996 24:00:00 +0000", b"07-Jul-1996 02:44:25 0700"):
+            self.assertIsNone(wire.parseDateTime(bad), bad)
+        self.assertEqual(wire.parseSearchDate(b"1-Feb-1994"), datetime.date(1994, 2, 1))
+        for bad in (b"31-Feb-2020", b"0-Jan-2020", b"1-Jan-99999", b"1-Jan-0000", b"001-Jan-2020"):
+            self.assertIsNone(wire.parseSearchDate(bad), bad)

@@ -169,6 +169,21 @@ def splitTag(line: bytes) -> tuple[bytes | None, bytes | None, bytes]:
 # Sequence sets ------------------------------------------------------------
 
 _SET_ELEMENT = re.compile(rb"(\d+|\*)(?::(\d+|\*))?\Z")
+# RFC 3501 section 9: nz-number and number are 32-bit unsigned integers.
+MAX_NUMBER = 0xFFFFFFFF
+
+
+def parseNumber(digits: bytes, what: str = "number") -> int:
+    """
+    The value of a C{number} made of C{digits}, refused above 2^32 - 1
+    before Python is asked to convert thousands of digits.
+
+    @raise BadCommand: if it is too big.
+    """
+    significant = digits.lstrip(b"0") or b"0"
+    if len(significant) > 10 or int(significant) > MAX_NUMBER:
+        raise BadCommand(f"Bad {what}: number too big")
+    return int(significant)
 
 
 def parseSequenceSet(text: bytes) -> list[tuple[int, int]]:
@@ -185,12 +200,10 @@ def parseSequenceSet(text: bytes) -> list[tuple[int, int]]:
         if m is None:
             raise BadCommand("Invalid sequence set")
         a, b = m.group(1), m.group(2)
-        low = 0 if a == b"*" else int(a)
-        high = low if b is None else (0 if b == b"*" else int(b))
+        low = 0 if a == b"*" else parseNumber(a, "sequence set")
+        high = low if b is None else (0 if b == b"*" else parseNumber(b, "sequence set"))
         if (a != b"*" and low == 0) or (b is not None and b != b"*" and high == 0):
             raise BadCommand("Invalid sequence set: 0")
-        if low > 0xFFFFFFFF or high > 0xFFFFFFFF:
-            raise BadCommand("Invalid sequence set: number too big")
         ranges.append((low, high))
     return ranges
 
@@ -337,9 +350,9 @@ class Arguments:
 
     def number(self, what: str = "number") -> int:
         token = self.atom(what)
-        if not token.isdigit() or len(token) > 10:
+        if not token.isdigit():
             raise BadCommand(f"Bad {what}")
-        return int(token)
+        return parseNumber(token, what)
 
     def mailbox(self) -> bytes:
         """

@@ -25,7 +25,7 @@ from maild.imap import wire
 from maild.imap.fetch import MessageData
 from maild.imap.mailbox import SelectedFolder
 from maild.imap.mime import headerFields, unfold
-from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseSequenceSet
+from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseNumber, parseSequenceSet
 from maild.store import MessageGone
 from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, HAS_KEYWORDS, SEEN
 
@@ -156,12 +156,12 @@ def _parseKey(reader: _Reader) -> Key:
         value = reader.atom()
         if not value.isdigit():
             raise BadCommand("Bad size")
-        return Key(name.decode().lower(), int(value))
+        return Key(name.decode().lower(), parseNumber(value, "size"))
     if name in _DATE_KEYS:
         date = wire.parseSearchDate(reader.string())
         if date is None:
             raise BadCommand("Bad date")
-        return Key("date", name, datetime.date(*date))
+        return Key("date", name, date)
     if token[:1].isdigit() or token[:1] == b"*":
         return Key("set", SequenceSet(tuple(parseSequenceSet(bytes(token))), False))
     raise BadCommand("Unknown search key")
@@ -327,7 +327,11 @@ class Search:
                     parsed = email.utils.parsedate_tz(sent.decode("ascii", "replace")) if sent else None
                     if parsed is None:
                         return False
-                    day = datetime.date(*parsed[:3])
+                    try:
+                        day = datetime.date(*parsed[:3])
+                    except ValueError:
+                        # A Date: field naming no real day (31 Feb).
+                        return False
                 if which.endswith(b"BEFORE"):
                     return day < wanted
                 if which.endswith(b"ON"):
