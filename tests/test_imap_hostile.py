@@ -147,3 +147,47 @@ class HugeNumberAndDateTests(IMAPTestCase):
         self.assertEqual(wire.parseSearchDate(b"1-Feb-1994"), datetime.date(1994, 2, 1))
         for bad in (b"31-Feb-2020", b"0-Jan-2020", b"1-Jan-99999", b"1-Jan-0000", b"001-Jan-2020"):
             self.assertIsNone(wire.parseSearchDate(bad), bad)
+
+
+class SurrogateNameTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_loneSurrogateNames(self):
+        """
+        A mailbox name whose modified UTF-7 decodes to a lone surrogate
+        (`&2AA-`) gets NO or BAD from every command that takes a name,
+        APPEND included, never SERVERBUG or a dropped connection.
+        """
+        names = [b"&2AA-", b'"a/&2AA-"', b"&3AA-x", b"&2ADYAA-"]
+        commands = [
+            b"SELECT %s",
+            b"EXAMINE %s",
+            b"CREATE %s",
+            b"DELETE %s",
+            b"RENAME %s Other",
+            b"RENAME Archive %s",
+            b"STATUS %s (MESSAGES)",
+            b"SUBSCRIBE %s",
+            b"UNSUBSCRIBE %s",
+            b'LIST "" %s',
+            b"LIST %s *",
+            b"LSUB %s *",
+        ]
+        message = sampleMessage("x")
+
+        def run(client):
+            replies = []
+            for name in names:
+                for i, command in enumerate(commands):
+                    replies.append(client.command(b"c%d " % i + command % name)[1])
+                client.send(b"p APPEND %s {%d+}\r\n%s\r\n" % (name, len(message), message))
+                replies.append(client.readUntilTagged(b"p")[1])
+                client.send(b"q APPEND %s {%d}\r\n" % (name, len(message)))
+                replies.append(client.readUntilTagged(b"q")[1])
+            return replies, client.command(b"z NOOP")
+
+        replies, noop = yield self.session(run)
+        for reply in replies:
+            self.assertRegex(reply, rb"^[cpq]\d* (NO|BAD|OK L[IS][SU][TB] completed)", reply)
+            self.assertNotIn(b"SERVERBUG", reply)
+        self.assertEqual(noop[1], b"z OK NOOP completed")
+        self.assertEqual(len(self.messages("alice@localhost")), 0)

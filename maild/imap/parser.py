@@ -299,6 +299,8 @@ def decodeMailbox(raw: bytes) -> str:
         name = raw.decode("imap4-utf-7")
         # Twisted's decoder is lenient: only the canonical form is a name.
         canonical = name.encode("imap4-utf-7") == raw
+        # UTF-16 that decodes to lone surrogates (&2AA-) is no Unicode name.
+        name.encode("utf-8")
     except (UnicodeError, ValueError):
         canonical = False
     if not canonical:
