@@ -191,3 +191,44 @@ class SurrogateNameTests(IMAPTestCase):
             self.assertNotIn(b"SERVERBUG", reply)
         self.assertEqual(noop[1], b"z OK NOOP completed")
         self.assertEqual(len(self.messages("alice@localhost")), 0)
+
+
+class MisplacedLiteralTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_literalWhereAtomExpected(self):
+        """
+        A literal marker stuck to a word (`x{1+}`), and a literal or a list
+        where an atom is expected (the SASL initial response), get BAD,
+        before login and after; the session goes on.
+        """
+        before = [
+            b"a1 LOGIN x{1+}\r\ny z\r\n",
+            b"a2 LOGIN alice@localhost {2+}\r\nab(c{1+}\r\nd\r\n",
+            b"a3 AUTHENTICATE PLAIN (x)\r\n",
+            b"a4 AUTHENTICATE PLAIN {4+}\r\nAAAA\r\n",
+            b"a5 AUTHENTICATE PLAIN ((x) y)\r\n",
+            b"a6 NOOP x{2+}\r\nab\r\n",
+        ]
+        after = [
+            b"b1 SELECT x{5+}\r\nINBOX\r\n",
+            b"b2 FETCH 1 (FLAGS{3+}\r\nUID)\r\n",
+            b"b3 STATUS INBOX (MESSAGES){0+}\r\n\r\n",
+            b'b4 LIST ""x{1+}\r\n*\r\n',
+        ]
+
+        def run(client):
+            replies = []
+            for line in before:
+                client.send(line)
+                replies.append(client.readUntilTagged(line.split(b" ", 1)[0])[1])
+            client.login()
+            client.command(b"s SELECT INBOX")
+            for line in after:
+                client.send(line)
+                replies.append(client.readUntilTagged(line.split(b" ", 1)[0])[1])
+            return replies, client.command(b"z NOOP")
+
+        replies, noop = yield self.session(run, login=False)
+        for reply in replies:
+            self.assertRegex(reply, rb"^[ab]\d BAD ")
+        self.assertEqual(noop[1], b"z OK NOOP completed")

@@ -72,6 +72,9 @@ def tokenize(parts: Sequence[bytes | Literal], maxDepth: int) -> list[Any]:
     while index < len(parts):
         segment = parts[index]
         index += 1
+        if isinstance(segment, Literal):
+            raise BadCommand("Literal where none was announced")
+        _checkLiteralMarker(segment, index < len(parts))
         pos, end = 0, len(segment)
         while pos < end:
             c = segment[pos]
@@ -104,6 +107,21 @@ def tokenize(parts: Sequence[bytes | Literal], maxDepth: int) -> list[Any]:
     if len(stack) != 1:
         raise BadCommand("Unbalanced parentheses")
     return top
+
+
+def _checkLiteralMarker(segment: bytes, literalFollows: bool) -> None:
+    """
+    A literal's C{{n}} must begin a token (RFC 3501 section 9: it is a
+    string, which follows SP or C{(}); stuck to a word (C{x{1+}}) it would
+    make the word swallow its own marker.
+
+    @raise BadCommand: if C{segment} ends with a marker that is glued.
+    """
+    if not literalFollows:
+        return
+    m = LITERAL_SPEC.search(segment)
+    if m is not None and m.start() and segment[m.start() - 1] not in b" (":
+        raise BadCommand("Literal marker inside a word")
 
 
 def _quoted(segment: bytes, pos: int) -> tuple[Quoted, int]:

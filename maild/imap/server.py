@@ -436,7 +436,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_AUTHENTICATE(self, tag, args, uid):
         mechanism = args.atom("mechanism").upper()
-        initial = args.next() if args.more() else None
+        # RFC 4959: initial-response = base64 / "=", an atom.
+        initial = args.atom("initial response") if args.more() else None
         args.end()
         if mechanism != b"PLAIN":
             self._send(tag + b" NO Unsupported authentication mechanism")
@@ -446,7 +447,7 @@ class IMAPServer(imap4.IMAP4Server):
             return None
         if initial is not None:
             # RFC 4959: "=" is an empty initial response.
-            return self._authPlain(tag, b"" if initial == b"=" else bytes(initial))
+            return self._authPlain(tag, b"" if initial == b"=" else initial)
         def response(line: bytes) -> None:
             result = self._authPlain(tag, line)
             if isinstance(result, defer.Deferred):
