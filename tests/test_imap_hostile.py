@@ -232,3 +232,47 @@ class MisplacedLiteralTests(IMAPTestCase):
         for reply in replies:
             self.assertRegex(reply, rb"^[ab]\d BAD ")
         self.assertEqual(noop[1], b"z OK NOOP completed")
+
+
+class KeywordTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_keywordsMustBeAtoms(self):
+        """
+        STORE, APPEND and SEARCH KEYWORD refuse keywords that are not atoms
+        (`a"b`, `x\\y`, `a]b%*`, 8-bit) with BAD: nothing reaches
+        dovecot-keywords, and the folder's FLAGS stay well-formed.  A
+        non-atom another program wrote there is left out of FLAGS and
+        PERMANENTFLAGS.
+        """
+        yield self.deliver(sampleMessage("one"))
+        bad = [b'a"b', b"x\\y", b"a]b%*", b"\xe9t\xe9", b"a{b", b"*"]
+        message = sampleMessage("two")
+
+        def run(client):
+            replies = []
+            for i, keyword in enumerate(bad):
+                replies.append(client.command(b"s%d STORE 1 +FLAGS (%s)" % (i, keyword))[1])
+                client.send(b"p%d APPEND INBOX (%s) {%d+}\r\n%s\r\n" % (i, keyword, len(message), message))
+                replies.append(client.readUntilTagged(b"p%d" % i)[1])
+                replies.append(client.command(b"k%d SEARCH KEYWORD %s" % (i, keyword))[1])
+            ok = client.command(b"o STORE 1 +FLAGS ($Label1 ~a-b.c)")
+            return replies, ok
+
+        replies, ok = yield self.session(run, select=b"INBOX")
+        for reply in replies:
+            self.assertRegex(reply, rb"^[spk]\d BAD ")
+        self.assertEqual(ok, ([b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Label1 ~a-b.c)",
+                                 b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Label1 ~a-b.c \\*)] Flags permitted",
+                                 b"* 1 FETCH (FLAGS ($Label1 ~a-b.c \\Recent))"], b"o OK STORE completed"))
+        keywords = (self.maildir("alice@localhost") / "dovecot-keywords").read_text()
+        self.assertEqual(keywords, "0 $Label1\n1 ~a-b.c\n")
+        self.assertEqual(len(self.messages("alice@localhost")), 1)
+
+        (self.maildir("alice@localhost") / "dovecot-keywords").write_text('0 $Label1\n1 ~a-b.c\n3 a"b\n4 x y\n')
+
+        def select(client):
+            return client.command(b"s SELECT INBOX")[0][:2]
+
+        flags, permanent = yield self.session(select)
+        self.assertEqual(flags, b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Label1 ~a-b.c)")
+        self.assertIn(b"$Label1 ~a-b.c \\*)]", permanent)

@@ -137,7 +137,10 @@ def _parseKey(reader: _Reader) -> Key:
             return Key("and", [recent, Key("flag", SEEN, False)])
         return recent if name == b"RECENT" else Key("not", recent)
     if name in (b"KEYWORD", b"UNKEYWORD"):
-        keyword = Key("keyword", reader.atom().decode("utf-8", "replace"))
+        name = reader.atom()
+        if not wire.isKeyword(name):
+            raise BadCommand("Keywords must be atoms")
+        keyword = Key("keyword", name.decode("ascii"))
         return keyword if name == b"KEYWORD" else Key("not", keyword)
     if name == b"NOT":
         return Key("not", _parseKey(reader))

@@ -987,7 +987,8 @@ def _flagBits(names: list[bytes]) -> tuple[int, list[str]]:
     """
     The flag bits and keyword names of a flag list.
 
-    @raise BadCommand: for an unknown system flag.
+    @raise BadCommand: for an unknown system flag or a keyword that is
+        not an atom (it would be stored, and break every client's FLAGS).
     """
     bits = 0
     keywords = []
@@ -1000,8 +1001,10 @@ def _flagBits(names: list[bytes]) -> tuple[int, list[str]]:
             continue
         elif name.startswith(b"\\"):
             raise BadCommand("Unknown system flag")
+        elif not wire.isKeyword(name):
+            raise BadCommand("Keywords must be atoms")
         else:
-            keywords.append(name.decode("ascii", "replace"))
+            keywords.append(name.decode("ascii"))
     return bits, keywords
 
 

@@ -155,12 +155,35 @@ FLAG_BITS = {name.lower(): bit for bit, name in SYSTEM_FLAGS}
 RECENT = b"\\Recent"
 
 
+# RFC 3501 section 9: flag-keyword = atom; ATOM-CHAR is any CHAR (7-bit)
+# but the atom-specials ( ) { SP CTL % * " \ ].
+_KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+\Z')
+
+
+def isKeyword(name: bytes) -> bool:
+    """
+    Whether C{name} may be a keyword: an atom, so that it can go back to
+    every client inside FLAGS and PERMANENTFLAGS.
+    """
+    return _KEYWORD.match(name) is not None
+
+
+def keywordNames(keywords: list[str]) -> list[bytes]:
+    """
+    The keywords that can be shown, as octets: a name another program
+    wrote in C{dovecot-keywords} that is no atom would break the response
+    for every client, and is left out.
+    """
+    names = (k.encode("utf-8", "replace") for k in keywords)
+    return [name for name in names if isKeyword(name)]
+
+
 def flagNames(bits: int, keywords: list[str], recent: bool) -> bytes:
     """
     The FLAGS list of a message.
     """
     names = [name for bit, name in SYSTEM_FLAGS if bits & bit]
-    names.extend(k.encode("utf-8") for k in keywords)
+    names.extend(keywordNames(keywords))
     if recent:
         names.append(RECENT)
     return b"(" + b" ".join(names) + b")"
