@@ -13,6 +13,7 @@ from twisted.internet import defer
 
 from maild.imap import wire
 from maild.imap.account import PatternMatcher
+from maild.imap.framing import CommandFramer
 from tests.support import IMAPTestCase, sampleMessage
 
 
@@ -276,3 +277,97 @@ class KeywordTests(IMAPTestCase):
         flags, permanent = yield self.session(select)
         self.assertEqual(flags, b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Label1 ~a-b.c)")
         self.assertIn(b"$Label1 ~a-b.c \\*)]", permanent)
+
+
+class CommandBoundTests(IMAPTestCase):
+    limits = {
+        "imap_command_size": 8192,
+        "imap_command_literals": 20,
+        "preauth_command_size": 2048,
+        "preauth_command_literals": 4,
+    }
+
+    @defer.inlineCallbacks
+    def test_manyLinesBeforeLogin(self):
+        """
+        Before login, a command continued over thousands of lines by
+        zero-length literals ends the session at the fifth literal (BYE):
+        nothing of it is kept, and another client is served meanwhile; a
+        synchronizing literal past the bound gets BAD and the session goes on.
+        """
+
+        def run(client):
+            client.send(b"s LOGIN {0}\r\n")
+            client.readLine()
+            for _ in range(3):
+                client.send(b" {0}\r\n")
+                client.readLine()
+            client.send(b" {0}\r\n")
+            refused = client.readUntilTagged(b"s")
+            noop = client.command(b"n NOOP")
+            client.send(b"a LOGIN " + b"x {0+}\r\n" * 20000 + b"\r\n")
+            closed = client.closed()
+            other = self.connect(login=False)
+            try:
+                served = other.command(b"o NOOP")
+            finally:
+                other.close()
+            return refused, noop, closed, client.buffer, served
+
+        refused, noop, closed, rest, served = yield self.session(run, login=False)
+        self.assertEqual(refused, ([], b"s BAD Command too long before login"))
+        self.assertEqual(noop, ([], b"n OK NOOP completed"))
+        self.assertTrue(closed)
+        self.assertEqual(rest, b"* BYE Command too long before login\r\n")
+        self.assertEqual(served, ([], b"o OK NOOP completed"))
+
+    @defer.inlineCallbacks
+    def test_commandBoundsAfterLogin(self):
+        """
+        After login, a command with more literals than
+        imap_command_literals, or more octets than imap_command_size, gets
+        BAD at the literal that passes the bound; the rest of the command
+        is read past, and the next command is understood.
+        """
+
+        def run(client):
+            client.send(b"a NOOP" + b" {0+}\r\n" * 5000 + b"\r\nb NOOP\r\n")
+            many = client.readUntilTagged(b"a")
+            after = client.readUntilTagged(b"b")
+            client.send(b"c SEARCH" + b" TEXT {1000+}\r\n" + b"x" * 1000 + b"" + b" TEXT {1000+}\r\n" + b"y" * 1000 + b"\r\n")
+            fine = client.readUntilTagged(b"c")
+            client.send(b"d SEARCH" + (b" TEXT {1000+}\r\n" + b"x" * 1000) * 10 + b"\r\ne NOOP\r\n")
+            big = client.readUntilTagged(b"d")
+            return many, after, fine, big, client.readUntilTagged(b"e")
+
+        many, after, fine, big, noop = yield self.session(run, select=b"INBOX")
+        self.assertEqual(many, ([], b"a BAD Too many literals"))
+        self.assertEqual(after, ([], b"b OK NOOP completed"))
+        self.assertEqual(fine, ([b"* SEARCH"], b"c OK SEARCH completed"))
+        self.assertEqual(big, ([], b"d BAD Command too long"))
+        self.assertEqual(noop, ([], b"e OK NOOP completed"))
+
+    def test_framingIsLinear(self):
+        """
+        The framer reads with a cursor: 20,000 lines in one buffer are cut
+        without copying the rest of the buffer per line (the buffer object
+        is replaced only once the whole input is used).
+        """
+        sink = _CountingSink()
+        framer = sink.framer = CommandFramer(sink, 100)
+        data = b"a NOOP\r\n" * 20000
+        framer.feed(data)
+        self.assertEqual(sink.commands, 20000)
+        self.assertEqual(sink.buffers, {id(data)})
+        self.assertEqual(framer.pending, 0)
+
+
+class _CountingSink:
+    def __init__(self):
+        self.commands = 0
+        self.buffers = set()
+        self.framer = None
+
+    def commandReceived(self, parts):
+        self.commands += 1
+        self.buffers.add(id(self.framer.buffer))

@@ -100,6 +100,12 @@ class _Sink:
     def lineTooLong(self, start):
         self.commands.append(["too long", start[:10]])
 
+    def commandDropped(self, parts):
+        pass
+
+    def literalTooBigToSkip(self, size):
+        self.commands.append(["too big to skip", size])
+
 
 class FramingTests(unittest.SynchronousTestCase):
     def test_anyCut(self):

@@ -3,6 +3,11 @@ Cutting the client's byte stream into IMAP commands: lines, literals
 (synchronizing C{{n}} and RFC 7888 non-synchronizing C{{n+}}), the line
 length cap, and literals streamed to a sink instead of being held in
 memory (an APPEND of 100 MB costs no more memory than one of 1 KB).
+
+The framer reads its buffer with a cursor and keeps a running count of
+each command's octets and literals, so the cost of a command is linear in
+its size however many lines it spans; the protocol uses the counts to
+bound a command (L{CommandSink.literalAnnounced}).
 """
 
 from __future__ import annotations
@@ -22,6 +27,20 @@ class CommandSink(Protocol):
     def commandReceived(self, parts: list) -> None: ...
 
     def lineTooLong(self, start: bytes) -> None: ...
+
+    def commandDropped(self, parts: list) -> None:
+        """
+        The command whose C{parts} were received so far will not be run
+        (refused, or its next line was too long): release what its
+        literals hold.
+        """
+
+    def literalTooBigToSkip(self, size: int) -> None:
+        """
+        A refused command's non-synchronizing literal is bigger than
+        L{CommandFramer.skipLimit}: reading past it would tie the session
+        up for nothing; the framer stops reading.
+        """
 
 
 class LiteralDecision:
@@ -54,17 +73,27 @@ class CommandFramer:
     Frames commands for C{sink} from the bytes given to L{feed}.
 
     @ivar lineLimit: the longest command line (without its literals).
+    @ivar skipLimit: the biggest non-synchronizing literal of a refused
+        command that is read past; a bigger one stops the framer.
+    @ivar commandSize: octets of the command being received so far: its
+        lines and the literals held in memory (not those given to a sink).
+    @ivar literalCount: literals of the command being received so far.
     """
 
     # A line we drop for being too long is remembered only by its tail,
     # where a literal announcement would be.
     _TAIL = 32
 
-    def __init__(self, sink: CommandSink, lineLimit: int) -> None:
+    def __init__(self, sink: CommandSink, lineLimit: int, skipLimit: int = 2**63) -> None:
         self.sink = sink
         self.lineLimit = lineLimit
+        self.skipLimit = skipLimit
         self.buffer = b""
+        # Where the unread input starts in the buffer.
+        self.pos = 0
         self.parts: list = []
+        self.commandSize = 0
+        self.literalCount = 0
         self.literalLeft = 0
         self.literalChunks: list[bytes] | None = None
         self.literalSink = None
@@ -79,29 +108,53 @@ class CommandFramer:
         self.lineHandler: Callable[[bytes], None] | None = None
         self.held = False
 
+    @property
+    def pending(self) -> int:
+        """
+        Octets received and not yet used.
+        """
+        return len(self.buffer) - self.pos
+
     def discardBuffered(self) -> None:
         """
         Forget what was received but not yet used (after STARTTLS).
         """
         self.buffer = b""
+        self.pos = 0
+
+    def stop(self) -> None:
+        """
+        Take nothing more: the session is closing.
+        """
+        self._dropCommand()
+        self.discardBuffered()
+        self.held = True
 
     def feed(self, data: bytes) -> None:
-        if self.buffer:
+        if self.pos:
+            # Once per read, not once per line: what is left is copied once.
+            self.buffer = self.buffer[self.pos :] + data
+            self.pos = 0
+        elif self.buffer:
             self.buffer += data
         else:
             self.buffer = data
         self.process()
 
     def process(self) -> None:
-        while self.buffer and not self.held:
+        while self.pos < len(self.buffer) and not self.held:
             if self.literalLeft:
                 self._literalData()
             elif not self._line():
                 break
+        if self.pos and self.pos == len(self.buffer):
+            self.buffer = b""
+            self.pos = 0
 
     def _literalData(self) -> None:
-        take = self.buffer[: self.literalLeft]
-        self.buffer = self.buffer[len(take) :]
+        end = min(self.pos + self.literalLeft, len(self.buffer))
+        take = self.buffer[self.pos : end]
+        self.pos = end
         self.literalLeft -= len(take)
         if self.literalSink is not None:
             self.literalSink.write(take)
@@ -109,6 +162,9 @@ class CommandFramer:
             self.literalChunks.append(take)
         if self.literalLeft:
             return
+        self._literalComplete()
+
+    def _literalComplete(self) -> None:
         if self.literalSink is not None:
             self.parts.append(Literal(message=self.literalSink, size=self.literalSize))
         elif self.literalChunks is not None:
@@ -123,12 +179,13 @@ class CommandFramer:
 
         @return: whether a line was complete.
         """
-        end = self.buffer.find(b"\n")
+        end = self.buffer.find(b"\n", self.pos)
         if end < 0:
-            if len(self.buffer) > self.lineLimit:
+            if len(self.buffer) - self.pos > self.lineLimit:
                 self._startSkipping()
             return False
-        line, self.buffer = self.buffer[:end], self.buffer[end + 1 :]
+        line = self.buffer[self.pos : end]
+        self.pos = end + 1
         if line.endswith(b"\r"):
             line = line[:-1]
         if self.skipping:
@@ -145,55 +202,80 @@ class CommandFramer:
         if self.lineHandler is not None and not self.parts:
             handler, self.lineHandler = self.lineHandler, None
             handler(line)
+            # A continuation line is no command: a literal it announces
+            # is data to read past, never a command to run.
+            self._skipAnnouncedLiteral(line)
             return True
+        self.commandSize += len(line) + 2
         m = LITERAL_SPEC.search(line)
         if m is None:
             parts, self.parts = self.parts + [line], []
+            self.commandSize = self.literalCount = 0
             self.sink.commandReceived(parts)
             return True
         size, synchronizing = int(m.group(1)), not m.group(2)
         self.parts.append(line)
         decision = self.sink.literalAnnounced(self.parts, size, synchronizing)
         if decision.close:
-            self.parts = []
-            self.buffer = b""
-            self.held = True
+            self.stop()
         elif decision.accept:
+            self.literalCount += 1
             self.literalLeft = size
             self.literalSize = size
             self.literalSink = decision.sink
-            self.literalChunks = None if decision.sink is not None else []
+            if decision.sink is None:
+                self.literalChunks = []
+                self.commandSize += size
+            else:
+                self.literalChunks = None
             if not size:
-                self._literalData()
+                self._literalComplete()
         else:
-            self.parts = []
+            self._dropCommand()
             if not synchronizing:
                 # Read past the data without keeping it.
                 self._skipAnnouncedLiteral(line)
         return True
 
+    def _dropCommand(self) -> None:
+        parts, self.parts = self.parts, []
+        self.commandSize = self.literalCount = 0
+        if self.literalSink is not None:
+            # Stopped in the middle of a literal that was being stored.
+            parts.append(Literal(message=self.literalSink, size=self.literalSize))
+            self.literalSink = None
+            self.literalLeft = 0
+        if any(isinstance(p, Literal) for p in parts):
+            self.sink.commandDropped(parts)
+
     def _startSkipping(self) -> None:
         if not self.skipping:
-            self.skipStart = self.buffer[:64]
+            self.skipStart = self.buffer[self.pos : self.pos + 64]
             self.skipping = True
-        self.skippedTail = (self.skippedTail + self.buffer)[-self._TAIL :]
-        self.buffer = b""
+        self.skippedTail = (self.skippedTail + self.buffer[-self._TAIL :])[-self._TAIL :]
+        self.discardBuffered()
 
     def _endSkipping(self, line: bytes) -> None:
-        tail = (self.skippedTail + line)[-self._TAIL :]
+        tail = (self.skippedTail + line[-self._TAIL :])[-self._TAIL :]
         start = self.skipStart
         self.skipping = False
         self.skippedTail = self.skipStart = b""
-        self.parts = []
+        self._dropCommand()
         self.sink.lineTooLong(start)
         self._skipAnnouncedLiteral(tail)
 
     def _skipAnnouncedLiteral(self, line: bytes) -> None:
         m = LITERAL_SPEC.search(line)
-        if m is not None and m.group(2):
-            # The dropped line announced a literal that is coming anyway.
-            self.literalLeft = int(m.group(1))
-            self.literalChunks = None
-            self.literalSink = None
-            if not self.literalLeft:
-                self.discardLine = True
+        if m is None or not m.group(2):
+            return
+        # The dropped line announced a literal that is coming anyway.
+        size = int(m.group(1))
+        if size > self.skipLimit:
+            self.stop()
+            self.sink.literalTooBigToSkip(size)
+            return
+        self.literalLeft = size
+        self.literalChunks = None
+        self.literalSink = None
+        if not size:
+            self.discardLine = True

@@ -103,7 +103,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.limits = settings.limits
         self.callLater = settings.clock.callLater
         self.clientAddress = "?"
-        self.framer = CommandFramer(self, settings.limits.imap_line_length)
+        self.framer = CommandFramer(self, settings.limits.imap_line_length, settings.limits.preauth_literal_size)
         self.account: Account | None = None
         self.view: SelectedFolder | None = None
         self.idling: bytes | None = None
@@ -196,7 +196,7 @@ class IMAPServer(imap4.IMAP4Server):
         if self.state != _UNAUTH:
             self.resetTimeout()
         self.framer.feed(data)
-        if self.framer.held and len(self.framer.buffer) > _HOLD_LIMIT and not self._paused:
+        if self.framer.held and self.framer.pending > _HOLD_LIMIT and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
 
@@ -204,25 +204,58 @@ class IMAPServer(imap4.IMAP4Server):
         tag, _, _ = splitTag(start)
         self._send((tag or b"*") + b" BAD Command line too long")
 
+    def commandDropped(self, parts: list) -> None:
+        # The message of a refused APPEND leaves nothing in the spool.
+        for part in parts:
+            if isinstance(part, Literal) and part.message is not None:
+                part.message.discard()
+                if part.message is self._incoming:
+                    self._incoming = None
+
+    def literalTooBigToSkip(self, size: int) -> None:
+        # RFC 7888 section 4: too much to read past; the session ends.
+        self._bye(b"Literal too big")
+
     def literalAnnounced(self, parts: list, size: int, synchronizing: bool) -> LiteralDecision:
         tag, name, rest = splitTag(parts[0])
         tag = tag or b"*"
-        held = sum(p.size for p in parts if isinstance(p, Literal))
+        framer = self.framer
         if self.state == _UNAUTH:
+            # Before login only a few small literals (LOGIN's, an ID's):
+            # anything more is not a client logging in.
+            held = sum(p.size for p in parts if isinstance(p, Literal))
             if held + size > self.limits.preauth_literal_size:
-                if synchronizing:
-                    self._send(tag + b" NO [TOOBIG] Literal too big before login")
-                    return REFUSE
-                self._bye(b"Literal too big before login")
-                return CLOSE
-        elif name == b"APPEND" and self._appendMessageNext(parts):
-            return self._appendLiteral(tag, parts, size, synchronizing)
-        elif held + size > self.limits.imap_line_length:
-            self._send(tag + b" NO [TOOBIG] Literal too big")
-            return REFUSE
+                return self._refuseLiteral(tag, synchronizing, b"NO [TOOBIG] Literal too big before login", b"Literal too big before login")
+            if (
+                framer.literalCount >= self.limits.preauth_command_literals
+                or framer.commandSize + size > self.limits.preauth_command_size
+            ):
+                return self._refuseLiteral(tag, synchronizing, b"BAD Command too long before login", b"Command too long before login")
+        else:
+            if framer.literalCount >= self.limits.imap_command_literals:
+                return self._refuseLiteral(tag, synchronizing, b"BAD Too many literals")
+            if name == b"APPEND" and self._appendMessageNext(parts):
+                return self._appendLiteral(tag, parts, size, synchronizing)
+            if size > self.limits.imap_line_length:
+                return self._refuseLiteral(tag, synchronizing, b"NO [TOOBIG] Literal too big")
+            if framer.commandSize + size > self.limits.imap_command_size:
+                return self._refuseLiteral(tag, synchronizing, b"BAD Command too long")
         if synchronizing:
             self._send(b"+ Ready for literal data")
         return ACCEPT
+
+    def _refuseLiteral(self, tag: bytes, synchronizing: bool, reply: bytes, bye: bytes = b"") -> LiteralDecision:
+        """
+        Refuse the command at the literal it announces with C{reply}: a
+        synchronizing literal is never sent; a non-synchronizing one is
+        coming, and is read past after login (up to the framer's skip
+        limit), while before login the session ends with C{bye}.
+        """
+        if not synchronizing and self.state == _UNAUTH:
+            self._bye(bye)
+            return CLOSE
+        self._send(tag + b" " + reply)
+        return REFUSE
 
     def _appendMessageNext(self, parts: list) -> bool:
         """
@@ -243,16 +276,14 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _appendLiteral(self, tag: bytes, parts: list, size: int, synchronizing: bool) -> LiteralDecision:
         def refuse(reply: bytes) -> LiteralDecision:
-            self._send(tag + b" " + reply)
-            if synchronizing:
-                # The client sends nothing more of this command.
-                return REFUSE
-            if size <= self.limits.message_size:
-                return REFUSE  # read past the data and drop it
-            # RFC 7888 section 4: too much to read past; the session ends.
-            self._bye(b"Literal too big")
-            return CLOSE
+            # A non-synchronizing literal bigger than the framer's skip
+            # limit (message_size) ends the session there.
+            return self._refuseLiteral(tag, synchronizing, reply)
 
+        if any(isinstance(p, Literal) and p.message is not None for p in parts):
+            # One message per APPEND (no MULTIAPPEND): refused before a
+            # second one is stored.
+            return refuse(b"BAD APPEND takes one message")
         try:
             tokens = self._tokensBeforeLiteral(parts)
             name = decodeMailbox(Arguments(tokens).mailbox())
@@ -489,6 +520,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._loginDeadline = None
             # RFC 3501 section 5.4: at least 30 minutes once logged in.
             self.timeOut = self.limits.imap_idle_timeout
+            # A refused literal up to the size of a message is read past.
+            self.framer.skipLimit = self.limits.message_size
             self.setTimeout(self.timeOut)
             caps = b" ".join(self.listCapabilities())
             self._send(tag + b" OK [CAPABILITY " + caps + b"] Logged in")
