@@ -14,7 +14,7 @@ from twisted.internet import defer
 from maild.imap import wire
 from maild.imap.account import PatternMatcher
 from maild.imap.framing import CommandFramer
-from tests.support import IMAPTestCase, sampleMessage
+from tests.support import IMAPTestCase, sampleMessage, waitForEmptySpool
 
 
 class ListPatternTests(IMAPTestCase):
@@ -371,3 +371,38 @@ class _CountingSink:
     def commandReceived(self, parts):
         self.commands += 1
         self.buffers.add(id(self.framer.buffer))
+
+
+class RefusedAppendTests(IMAPTestCase):
+    limits = {"imap_line_length": 1024}
+
+    @defer.inlineCallbacks
+    def test_noSpoolFileBehindRefusedAppend(self):
+        """
+        An APPEND with several message literals is refused (BAD) at the
+        second, before it is stored; neither that nor an APPEND refused
+        after its message arrived (a too-long line, a stray argument)
+        leaves a message or a spool file behind.
+        """
+        message = b"Subject: x\r\n\r\n" + b"y" * 5000 + b"\r\n"
+        n = len(message)
+
+        def run(client):
+            replies = []
+            for i in range(50):
+                client.send(b"a%d APPEND INBOX {%d+}\r\n%s {%d+}\r\n%s\r\n" % (i, n, message, n, message))
+                replies.append(client.readUntilTagged(b"a%d" % i)[1])
+            client.send(b"b APPEND INBOX {%d+}\r\n%s {%d}\r\n" % (n, message, n))
+            replies.append(client.readUntilTagged(b"b")[1])
+            client.send(b"c APPEND INBOX {%d+}\r\n%s %s\r\n" % (n, message, b"z" * 3000))
+            replies.append(client.readUntilTagged(b"c")[1])
+            client.send(b"d APPEND INBOX {%d+}\r\n%s EXTRA\r\n" % (n, message))
+            replies.append(client.readUntilTagged(b"d")[1])
+            return replies, client.command(b"z NOOP")
+
+        replies, noop = yield self.session(run)
+        self.assertTrue(all(r.endswith(b"BAD APPEND takes one message") for r in replies[:50]), replies[:3])
+        self.assertEqual(replies[50:], [b"b BAD APPEND takes one message", b"c BAD Command line too long", b"d BAD Too many arguments"])
+        self.assertEqual(noop[1], b"z OK NOOP completed")
+        self.assertEqual(self.messages("alice@localhost"), [])
+        self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])

@@ -257,7 +257,8 @@ class CommandFramer:
 
     def _endSkipping(self, line: bytes) -> None:
         tail = (self.skippedTail + line[-self._TAIL :])[-self._TAIL :]
-        start = self.skipStart
+        # A continuation line is reported with its command's tag.
+        start = self.parts[0] if self.parts else self.skipStart
         self.skipping = False
         self.skippedTail = self.skipStart = b""
         self._dropCommand()
