@@ -406,3 +406,45 @@ class RefusedAppendTests(IMAPTestCase):
         self.assertEqual(noop[1], b"z OK NOOP completed")
         self.assertEqual(self.messages("alice@localhost"), [])
         self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
+
+
+class IdleAndHugeLiteralTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_idleEndsOnDoneOnly(self):
+        """
+        `DONE {10+}` on IDLE's continuation ends IDLE with BAD; the
+        literal's data is read past, never run as a command; `done` in
+        any case ends it normally.
+        """
+
+        def run(client):
+            client.send(b"i IDLE\r\n")
+            client.readLine()
+            client.send(b"DONE {10+}\r\nc LOGOUT\r\n\r\nd NOOP\r\n")
+            first = client.readUntilTagged(b"i")
+            second = client.readUntilTagged(b"d")
+            client.send(b"j IDLE\r\n")
+            client.readLine()
+            client.send(b"done\r\n")
+            return first, second, client.readUntilTagged(b"j")
+
+        first, second, third = yield self.session(run, select=b"INBOX")
+        self.assertEqual(first, ([], b"i BAD Expected DONE"))
+        self.assertEqual(second, ([], b"d OK NOOP completed"))
+        self.assertEqual(third, ([], b"j OK IDLE terminated"))
+
+    @defer.inlineCallbacks
+    def test_hugeLiteralAfterLoginCloses(self):
+        """
+        After login, a non-APPEND literal of {99999999999999999999+} is
+        refused and the session closed with BYE, rather than discarding
+        that many octets in silence.
+        """
+
+        def run(client):
+            client.send(b"a SELECT {99999999999999999999+}\r\n" + b"x" * 1000)
+            return client.closed(), client.buffer
+
+        closed, rest = yield self.session(run)
+        self.assertTrue(closed)
+        self.assertEqual(rest, b"a NO [TOOBIG] Literal too big\r\n* BYE Literal too big\r\n")

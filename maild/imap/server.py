@@ -1010,7 +1010,9 @@ class IMAPServer(imap4.IMAP4Server):
     def _idleLine(self, line: bytes) -> None:
         tag, self.idling = self.idling, None
         self._stopWatching()
-        if line.strip().upper() != b"DONE":
+        # RFC 2177: IDLE ends on "DONE" alone; anything else ends it too,
+        # as an error (the framer reads past a literal it announces).
+        if line.upper() != b"DONE":
             self._send(tag + b" BAD Expected DONE")
             return
         self._done(tag, b"OK IDLE terminated")
