@@ -448,3 +448,89 @@ class IdleAndHugeLiteralTests(IMAPTestCase):
         closed, rest = yield self.session(run)
         self.assertTrue(closed)
         self.assertEqual(rest, b"a NO [TOOBIG] Literal too big\r\n* BYE Literal too big\r\n")
+
+
+def deepFromMessage(depth: int = 3000) -> bytes:
+    return b"From: " + b"(" * depth + b"x\r\nTo: alice@localhost\r\nSubject: deep from\r\n\r\nbody\r\n"
+
+
+def nestedMultipartMessage(depth: int = 600) -> bytes:
+    out = [b"From: a@example.org\r\nSubject: nested\r\nMIME-Version: 1.0\r\n"]
+    for i in range(depth):
+        out.append(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i))
+    out.append(b"Content-Type: text/plain\r\n\r\nleaf\r\n")
+    out.extend(b"--b%d--\r\n" % i for i in reversed(range(depth)))
+    return b"".join(out)
+
+
+def nestedMessageMessage(depth: int = 600) -> bytes:
+    out = [b"From: a@example.org\r\nSubject: inside\r\n"]
+    out.extend(b"Content-Type: message/rfc822\r\n\r\nFrom: c@example.org\r\n" for _ in range(depth))
+    out.append(b"\r\nleaf\r\n")
+    return b"".join(out)
+
+
+class DeepNestingTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_deepMessagesDegradeOnlyThemselves(self):
+        """
+        A From: of 3,000 "(" and 600-level nested multiparts or messages:
+        FETCH 1:* ENVELOPE / ALL / BODYSTRUCTURE answers OK for the whole
+        range; the bad From: shows as NIL and the deep structure is cut
+        into an opaque leaf, while the good messages are untouched.
+        """
+        yield self.deliver(
+            sampleMessage("before"), deepFromMessage(), nestedMultipartMessage(), nestedMessageMessage(), sampleMessage("after")
+        )
+
+        def run(client):
+            return [
+                client.command(b"a FETCH 1:* (ENVELOPE)"),
+                client.command(b"b FETCH 1:* ALL"),
+                client.command(b"c FETCH 1:* (BODYSTRUCTURE)"),
+                client.command(b"d FETCH 1:* (BODY)"),
+                client.command(b"e SEARCH FROM carol"),
+                client.command(b"f SEARCH TEXT leaf"),
+            ]
+
+        replies = yield self.session(run, select=b"INBOX")
+        for untagged, tagged in replies[:4]:
+            self.assertRegex(tagged, rb"^[a-d] OK FETCH completed")
+            self.assertEqual([line.split(b" ", 2)[1] for line in untagged], [b"1", b"2", b"3", b"4", b"5"])
+        envelopes = replies[0][0]
+        self.assertIn(b'(NIL "deep from" NIL NIL NIL ((NIL NIL "alice" "localhost")) NIL NIL NIL NIL)', envelopes[1])
+        self.assertIn(b'"application" "octet-stream"', replies[2][0][2])
+        self.assertIn(b'"application" "octet-stream"', replies[2][0][3])
+        self.assertIn(b'"before" (("Carol" NIL "carol" "remote.test"))', envelopes[0])
+        self.assertEqual(replies[4], ([b"* SEARCH 1 5"], b"e OK SEARCH completed"))
+        self.assertEqual(replies[5][1], b"f OK SEARCH completed")
+
+    @defer.inlineCallbacks
+    def test_deepSearchPrograms(self):
+        """
+        `SEARCH NOT NOT … ALL` and `OR ALL OR ALL …` 2,000 deep are
+        answered (double negations cancel, OR chains are flattened);
+        a program still nested deeper than the bound after that gets BAD;
+        none of them is an internal error.
+        """
+        yield self.deliver(*(sampleMessage(f"m{i}") for i in range(3)))
+
+        def run(client):
+            return [
+                client.command(b"a SEARCH " + b"NOT " * 2000 + b"ALL"),
+                client.command(b"b SEARCH " + b"NOT " * 2001 + b"ALL"),
+                client.command(b"c SEARCH " + b"OR ALL " * 2000 + b"ALL"),
+                client.command(b"d SEARCH " + b"OR " * 2000 + b"ALL " * 2001),
+                client.command(b"e SEARCH " + b"NOT OR ALL " * 2000 + b"ALL"),
+                client.command(b"f UID SEARCH " + b"OR NOT SEEN " * 2000 + b"ALL"),
+                client.command(b"g SEARCH " + b"NOT OR UNSEEN " * 10 + b"ALL"),
+            ]
+
+        replies = yield self.session(run, select=b"INBOX")
+        self.assertEqual(replies[0], ([b"* SEARCH 1 2 3"], b"a OK SEARCH completed"))
+        self.assertEqual(replies[1], ([b"* SEARCH"], b"b OK SEARCH completed"))
+        self.assertEqual(replies[2], ([b"* SEARCH 1 2 3"], b"c OK SEARCH completed"))
+        self.assertEqual(replies[3], ([b"* SEARCH 1 2 3"], b"d OK SEARCH completed"))
+        self.assertEqual(replies[4], ([], b"e BAD Search program too deeply nested"))
+        self.assertEqual(replies[5], ([b"* SEARCH 1 2 3"], b"f OK SEARCH completed"))
+        self.assertEqual(replies[6], ([b"* SEARCH"], b"g OK SEARCH completed"))

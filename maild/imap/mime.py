@@ -23,6 +23,10 @@ from zope.interface import implementer
 from maild.imap.wire import Adjacent
 
 _headerParser = BytesHeaderParser(policy=compat32)
+# Nesting beyond any real message's: MIME parts (multiparts and messages
+# inside messages) and comments in address fields.
+MAX_DEPTH = 50
+MAX_COMMENT_DEPTH = 50
 _FIELD_NAME = re.compile(rb"([^:\s]+)[ \t]*:")
 
 
@@ -193,15 +197,23 @@ class MessagePart:
                 raise LookupError(n)
         return part
 
-    def bodyStructure(self, extended: bool) -> list:
+    def bodyStructure(self, extended: bool, depth: int = 0) -> list:
         """
         BODY / BODYSTRUCTURE as nested lists for L{maild.imap.wire.collapse}.
+
+        Parts nested deeper than L{MAX_DEPTH} (multiparts or messages
+        inside messages) are described as opaque leaves: anyone can send
+        a message of 600 nested multiparts, and its BODYSTRUCTURE must
+        neither exhaust the stack nor fail the rest of a FETCH.
         """
+        if depth >= MAX_DEPTH and (self.isMultipart() or self.contentType == "message/rfc822"):
+            return ["application", "octet-stream", None, None, None, "7bit", len(self.body)]
         if self.isMultipart():
             parts = self.parts
             if not parts:
                 return ["text", "plain", ["charset", "us-ascii"], None, None, "7bit", len(self.body), self.body.count(b"\n")]
-            result: list = [Adjacent([p.bodyStructure(extended) for p in parts]), self.contentType.split("/", 1)[1]]
+            children = [p.bodyStructure(extended, depth + 1) for p in parts]
+            result: list = [Adjacent(children), self.contentType.split("/", 1)[1]]
             if extended:
                 result += [self._params(exclude=()), self._disposition(), self._language(), self._location()]
             return result
@@ -219,7 +231,7 @@ class MessagePart:
             result.append(self.body.count(b"\n"))
         elif self.contentType == "message/rfc822":
             inner = self.embedded
-            result += [envelope(inner), inner.bodyStructure(extended), self.body.count(b"\n")]
+            result += [envelope(inner), inner.bodyStructure(extended, depth + 1), self.body.count(b"\n")]
         if extended:
             result += [self._str(b"content-md5"), self._disposition(), self._language(), self._location()]
         return result
@@ -287,6 +299,30 @@ def _splitMultipart(body: bytes, boundary: bytes) -> list[bytes]:
     return parts
 
 
+def _commentDepth(value: bytes) -> int:
+    """
+    How deeply RFC 5322 comments nest in a header value (parentheses
+    outside quoted strings).
+    """
+    deepest = depth = 0
+    quoted = escaped = False
+    for c in value:
+        if escaped:
+            escaped = False
+        elif c == 0x5C:  # backslash
+            escaped = True
+        elif quoted:
+            quoted = c != 0x22
+        elif c == 0x22:
+            quoted = True
+        elif c == 0x28:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == 0x29 and depth:
+            depth -= 1
+    return deepest
+
+
 def envelope(part: MessagePart) -> list:
     """
     ENVELOPE (RFC 3501 section 7.4.2): the raw header values, addresses
@@ -310,7 +346,10 @@ def envelope(part: MessagePart) -> list:
 
 
 def _addresses(value: bytes | None) -> list | None:
-    if not value:
+    if not value or _commentDepth(value) > MAX_COMMENT_DEPTH:
+        # The email package parses comments recursively: a From: of 3,000
+        # "(" (anyone can deliver one) would exhaust the stack.  The field
+        # shows as NIL instead.
         return None
     text = value.decode("utf-8", "surrogateescape")
     out = []

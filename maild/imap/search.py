@@ -50,23 +50,56 @@ CHARSETS = (b"US-ASCII", b"UTF-8")
 _PAUSE_EVERY = 50
 
 
+# How deeply NOT, OR and parenthesized lists may nest in a search
+# program (once OR chains are flattened and double negations removed):
+# evaluation recurses that deep.
+MAX_DEPTH = 64
+
+
 @dataclass
 class Key:
     """
-    One node of the search tree.
+    One node of the search tree: C{and} and C{or} hold a list of keys in
+    C{arg}, C{not} one key.
     """
 
     kind: str
     arg: Any = None
     arg2: Any = None
+    depth: int = 1
 
     @property
     def cheap(self) -> bool:
         if self.kind in ("and", "or"):
-            return all(k.cheap for k in self.arg) if self.kind == "and" else self.arg.cheap and self.arg2.cheap
+            return all(k.cheap for k in self.arg)
         if self.kind == "not":
             return self.arg.cheap
         return self.kind in ("all", "flag", "keyword", "recent", "set")
+
+
+def _node(kind: str, children: list[Key]) -> Key:
+    """
+    An C{and}, C{or} or C{not} node over C{children}: nested nodes of the
+    same kind are merged (C{OR a OR b c} is one C{or} of three) and
+    C{NOT NOT a} is C{a}, so that the chains clients build stay shallow.
+
+    @raise BadCommand: if the program nests deeper than L{MAX_DEPTH}.
+    """
+    if kind == "not":
+        [child] = children
+        if child.kind == "not":
+            return child.arg
+        key = Key("not", child, depth=child.depth + 1)
+    else:
+        merged: list[Key] = []
+        for child in children:
+            merged.extend(child.arg if child.kind == kind else [child])
+        if len(merged) == 1:
+            return merged[0]
+        key = Key(kind, merged, depth=1 + max(k.depth for k in merged))
+    if key.depth > MAX_DEPTH:
+        raise BadCommand("Search program too deeply nested")
+    return key
 
 
 def parseKeys(tokens: list[Any]) -> Key:
@@ -77,11 +110,16 @@ def parseKeys(tokens: list[Any]) -> Key:
     """
     if not tokens:
         raise BadCommand("Missing search keys")
-    reader = _Reader(tokens)
+    return _parseList(_Reader(tokens))
+
+
+def _parseList(reader: "_Reader") -> Key:
     keys = []
     while reader.more():
         keys.append(_parseKey(reader))
-    return keys[0] if len(keys) == 1 else Key("and", keys)
+    if not keys:
+        raise BadCommand("Empty search list")
+    return _node("and", keys)
 
 
 class _Reader:
@@ -115,15 +153,38 @@ class _Reader:
 
 
 def _parseKey(reader: _Reader) -> Key:
-    token = reader.next()
+    """
+    One search key, with the keys NOT and OR take: read with a stack of
+    pending operators rather than by recursion, so that C{NOT NOT ...}
+    or C{OR ALL OR ALL ...} thousands deep is refused by L{_node}, not by
+    the interpreter's stack.  (Parenthesized lists recurse, bounded by
+    the tokenizer's nesting limit.)
+    """
+    pending: list[tuple[str, list[Key], int]] = []
+    while True:
+        token = reader.next()
+        if isinstance(token, Atom) and token.upper() in (b"NOT", b"OR"):
+            kind = token.upper().decode().lower()
+            pending.append((kind, [], 1 if kind == "not" else 2))
+            continue
+        key = _parseSimpleKey(token, reader)
+        while pending:
+            kind, children, wanted = pending[-1]
+            children.append(key)
+            if len(children) < wanted:
+                break
+            pending.pop()
+            key = _node(kind, children)
+        else:
+            return key
+
+
+def _parseSimpleKey(token: Any, reader: _Reader) -> Key:
+    """
+    A key other than NOT and OR.
+    """
     if isinstance(token, list):
-        inner = _Reader(token)
-        keys = []
-        while inner.more():
-            keys.append(_parseKey(inner))
-        if not keys:
-            raise BadCommand("Empty search list")
-        return keys[0] if len(keys) == 1 else Key("and", keys)
+        return _parseList(_Reader(token))
     if not isinstance(token, Atom):
         raise BadCommand("Bad search key")
     name = token.upper()
@@ -134,18 +195,14 @@ def _parseKey(reader: _Reader) -> Key:
     if name in (b"NEW", b"OLD", b"RECENT"):
         recent = Key("recent")
         if name == b"NEW":
-            return Key("and", [recent, Key("flag", SEEN, False)])
-        return recent if name == b"RECENT" else Key("not", recent)
+            return _node("and", [recent, Key("flag", SEEN, False)])
+        return recent if name == b"RECENT" else _node("not", [recent])
     if name in (b"KEYWORD", b"UNKEYWORD"):
         name = reader.atom()
         if not wire.isKeyword(name):
             raise BadCommand("Keywords must be atoms")
         keyword = Key("keyword", name.decode("ascii"))
-        return keyword if name == b"KEYWORD" else Key("not", keyword)
-    if name == b"NOT":
-        return Key("not", _parseKey(reader))
-    if name == b"OR":
-        return Key("or", _parseKey(reader), _parseKey(reader))
+        return keyword if name == b"KEYWORD" else _node("not", [keyword])
     if name == b"UID":
         return Key("set", SequenceSet(tuple(parseSequenceSet(reader.atom())), True))
     if name in _HEADER_KEYS:
@@ -224,8 +281,10 @@ class Search:
                 mask = self._and(mask, (yield from self._eval(child, mask)))
             return mask
         if kind == "or":
-            first = yield from self._eval(key.arg, candidates)
-            return self._or(first, (yield from self._eval(key.arg2, candidates)))
+            mask = bytes(self.count)
+            for child in key.arg:
+                mask = self._or(mask, (yield from self._eval(child, candidates)))
+            return mask
         if kind == "not":
             return self._not((yield from self._eval(key.arg, candidates)))
         if kind == "flag":
