@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime
 import os
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 
 from maild.imap import wire
 from maild.imap.account import PatternMatcher
 from maild.imap.framing import CommandFramer
 from tests.support import IMAPTestCase, sampleMessage, waitForEmptySpool
+from tests.test_imap_sessions import waitFor
 
 
 class ListPatternTests(IMAPTestCase):
@@ -534,3 +535,52 @@ class DeepNestingTests(IMAPTestCase):
         self.assertEqual(replies[4], ([], b"e BAD Search program too deeply nested"))
         self.assertEqual(replies[5], ([b"* SEARCH 1 2 3"], b"f OK SEARCH completed"))
         self.assertEqual(replies[6], ([b"* SEARCH"], b"g OK SEARCH completed"))
+
+
+class IdleOnDeletedFolderTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_idleOnDeletedFolder(self):
+        """
+        A session in IDLE on a folder another session deletes ends its
+        IDLE without an internal error; its connection slot is given back
+        when it closes; and inotify goes on serving the other sessions in
+        IDLE (Twisted's INotify closes itself when a watched directory is
+        deleted).
+        """
+        inbox = self.maildir("alice@localhost")
+        factory = self.service.listeners["imap"].factory
+
+        def run():
+            idler = self.connect()
+            other = self.connect()
+            deleter = self.connect()
+            try:
+                deleter.command(b"c CREATE Gone")
+                idler.command(b"s SELECT Gone")
+                other.command(b"s SELECT INBOX")
+                for client in (idler, other):
+                    client.send(b"i IDLE\r\n")
+                    assert client.readLine() == b"+ idling"
+                deleted = deleter.command(b"d DELETE Gone")
+                idler.send(b"DONE\r\n")
+                done = idler.readUntilTagged(b"i")[1] if not idler.closed(0.5) else b"closed"
+                (inbox / "tmp" / "outside").write_bytes(sampleMessage("outside"))
+                os.rename(inbox / "tmp" / "outside", inbox / "new" / "1700000000.M1P99Q1.elsewhere")
+                arrived = waitFor(other, b"RECENT\r\n")
+                other.send(b"DONE\r\n")
+                other.readUntilTagged(b"i")
+                return deleted, done, arrived
+            finally:
+                for client in (idler, other, deleter):
+                    client.close()
+
+        deleted, done, arrived = yield self.inThread(run)
+        self.assertEqual(deleted, ([], b"d OK DELETE completed"))
+        self.assertNotIn(b"SERVERBUG", done)
+        self.assertIn(b"* 1 EXISTS\r\n* 1 RECENT\r\n", arrived)
+        for _ in range(100):
+            if not factory.sessions:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(factory.sessions, set())
+        self.assertEqual(dict(factory.connections), {})

@@ -129,6 +129,16 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendServerGreeting()
 
     def connectionLost(self, reason) -> None:
+        try:
+            self._release()
+        finally:
+            # Whatever failed above, the address's connection slot is
+            # given back and the daemon can stop.
+            factory = getattr(self, "factory", None)
+            if factory is not None:
+                factory.connectionClosed(self)
+
+    def _release(self) -> None:
         self.setTimeout(None)
         if self._loginDeadline is not None and self._loginDeadline.active():
             self._loginDeadline.cancel()
@@ -143,9 +153,6 @@ class IMAPServer(imap4.IMAP4Server):
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
-        factory = getattr(self, "factory", None)
-        if factory is not None:
-            factory.connectionClosed(self)
 
     def timeoutConnection(self) -> None:
         self._bye(b"Autologout; connection idle too long")
@@ -1003,9 +1010,9 @@ class IMAPServer(imap4.IMAP4Server):
         self.framer.lineHandler = self._idleLine
 
     def _stopWatching(self) -> None:
-        if self._watching is not None:
-            self.settings.store.watcher.unwatch(self._watching)
-            self._watching = None
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            self.settings.store.watcher.unwatch(watching)
 
     def _idleLine(self, line: bytes) -> None:
         tag, self.idling = self.idling, None
