@@ -91,12 +91,18 @@ def _node(kind: str, children: list[Key]) -> Key:
             return child.arg
         key = Key("not", child, depth=child.depth + 1)
     else:
-        merged: list[Key] = []
+        # The biggest node of the same kind is grown in place (nodes are
+        # never shared): a chain of 2,000 ORs is merged in linear time.
+        same = [c for c in children if c.kind == kind]
+        key = max(same, key=lambda c: len(c.arg)) if same else Key(kind, [], depth=1)
         for child in children:
-            merged.extend(child.arg if child.kind == kind else [child])
-        if len(merged) == 1:
-            return merged[0]
-        key = Key(kind, merged, depth=1 + max(k.depth for k in merged))
+            if child is key:
+                continue
+            grafted = child.arg if child.kind == kind else [child]
+            key.arg.extend(grafted)
+            key.depth = max(key.depth, 1 + max(k.depth for k in grafted))
+        if len(key.arg) == 1:
+            return key.arg[0]
     if key.depth > MAX_DEPTH:
         raise BadCommand("Search program too deeply nested")
     return key
