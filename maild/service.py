@@ -158,8 +158,11 @@ class MailService(service.MultiService):
                 continue
             endpoint = endpoints.serverFromString(reactor, description)
             factory = builder()
-            if name in IMPLICIT_TLS and description.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
+            if name in IMPLICIT_TLS:
                 # RFC 8314: TLS from the first byte, with the same certificate.
+                # The factory is wrapped, not the endpoint, so that this holds
+                # for every endpoint type (tcp, systemd, haproxy:tcp, unix,
+                # plugins): config refuses those that do TLS themselves.
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
             listener = Listener(name, description, endpoint, factory, reactor)
             listener.setServiceParent(self)
