@@ -4,10 +4,12 @@ Cutting the client's byte stream into IMAP commands: lines, literals
 length cap, and literals streamed to a sink instead of being held in
 memory (an APPEND of 100 MB costs no more memory than one of 1 KB).
 
-The framer reads its buffer with a cursor and keeps a running count of
-each command's octets and literals, so the cost of a command is linear in
-its size however many lines it spans; the protocol uses the counts to
-bound a command (L{CommandSink.literalAnnounced}).
+Lines and counted octets come from L{maild.lines.LineReader}, the reader
+under every protocol (a read cursor, overlong lines dropped as they
+come, discard after STARTTLS); this module adds what is IMAP's: literals,
+and a running count of each command's octets and literals, so that the
+cost of a command is linear in its size however many lines it spans and
+the protocol can bound it (L{CommandSink.literalAnnounced}).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from maild.imap.parser import LITERAL_SPEC, Literal
+from maild.lines import LineReader, Overlong
 
 
 class CommandSink(Protocol):
@@ -72,7 +75,7 @@ class CommandFramer:
     """
     Frames commands for C{sink} from the bytes given to L{feed}.
 
-    @ivar lineLimit: the longest command line (without its literals).
+    @param lineLimit: the longest command line (without its literals).
     @ivar skipLimit: the biggest non-synchronizing literal of a refused
         command that is read past; a bigger one stops the framer.
     @ivar commandSize: octets of the command being received so far: its
@@ -80,17 +83,10 @@ class CommandFramer:
     @ivar literalCount: literals of the command being received so far.
     """
 
-    # A line we drop for being too long is remembered only by its tail,
-    # where a literal announcement would be.
-    _TAIL = 32
-
     def __init__(self, sink: CommandSink, lineLimit: int, skipLimit: int = 2**63) -> None:
         self.sink = sink
-        self.lineLimit = lineLimit
+        self.reader = LineReader(lineLimit)
         self.skipLimit = skipLimit
-        self.buffer = b""
-        # Where the unread input starts in the buffer.
-        self.pos = 0
         self.parts: list = []
         self.commandSize = 0
         self.literalCount = 0
@@ -98,11 +94,8 @@ class CommandFramer:
         self.literalChunks: list[bytes] | None = None
         self.literalSink = None
         self.literalSize = 0
-        self.skipping = False
         # The rest of a refused command's line, after its skipped literal.
         self.discardLine = False
-        self.skippedTail = b""
-        self.skipStart = b""
         # When set, the next line goes here instead of being a command
         # (AUTHENTICATE responses, IDLE's DONE).
         self.lineHandler: Callable[[bytes], None] | None = None
@@ -113,14 +106,13 @@ class CommandFramer:
         """
         Octets received and not yet used.
         """
-        return len(self.buffer) - self.pos
+        return self.reader.pending
 
     def discardBuffered(self) -> None:
         """
         Forget what was received but not yet used (after STARTTLS).
         """
-        self.buffer = b""
-        self.pos = 0
+        self.reader.discard()
 
     def stop(self) -> None:
         """
@@ -131,30 +123,18 @@ class CommandFramer:
         self.held = True
 
     def feed(self, data: bytes) -> None:
-        if self.pos:
-            # Once per read, not once per line: what is left is copied once.
-            self.buffer = self.buffer[self.pos :] + data
-            self.pos = 0
-        elif self.buffer:
-            self.buffer += data
-        else:
-            self.buffer = data
+        self.reader.feed(data)
         self.process()
 
     def process(self) -> None:
-        while self.pos < len(self.buffer) and not self.held:
+        while self.reader.pending and not self.held:
             if self.literalLeft:
                 self._literalData()
             elif not self._line():
                 break
-        if self.pos and self.pos == len(self.buffer):
-            self.buffer = b""
-            self.pos = 0
 
     def _literalData(self) -> None:
-        end = min(self.pos + self.literalLeft, len(self.buffer))
-        take = self.buffer[self.pos : end]
-        self.pos = end
+        take = self.reader.read(self.literalLeft)
         self.literalLeft -= len(take)
         if self.literalSink is not None:
             self.literalSink.write(take)
@@ -175,29 +155,23 @@ class CommandFramer:
 
     def _line(self) -> bool:
         """
-        Take one line from the buffer.
+        Take one line from the reader.
 
         @return: whether a line was complete.
         """
-        end = self.buffer.find(b"\n", self.pos)
-        if end < 0:
-            if len(self.buffer) - self.pos > self.lineLimit:
-                self._startSkipping()
+        line = self.reader.readLine()
+        if line is None:
             return False
-        line = self.buffer[self.pos : end]
-        self.pos = end + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if self.skipping:
-            self._endSkipping(line)
-            return True
         if self.discardLine:
             self.discardLine = False
-            self._skipAnnouncedLiteral(line)
+            self._skipAnnouncedLiteral(line.tail if isinstance(line, Overlong) else line)
             return True
-        if len(line) > self.lineLimit:
-            self.skipStart = line[:64]
-            self._endSkipping(line)
+        if isinstance(line, Overlong):
+            # A continuation line is reported with its command's tag.
+            start = self.parts[0] if self.parts else line.start
+            self._dropCommand()
+            self.sink.lineTooLong(start)
+            self._skipAnnouncedLiteral(line.tail)
             return True
         if self.lineHandler is not None and not self.parts:
             handler, self.lineHandler = self.lineHandler, None
@@ -247,23 +221,6 @@ class CommandFramer:
             self.literalLeft = 0
         if any(isinstance(p, Literal) for p in parts):
             self.sink.commandDropped(parts)
-
-    def _startSkipping(self) -> None:
-        if not self.skipping:
-            self.skipStart = self.buffer[self.pos : self.pos + 64]
-            self.skipping = True
-        self.skippedTail = (self.skippedTail + self.buffer[-self._TAIL :])[-self._TAIL :]
-        self.discardBuffered()
-
-    def _endSkipping(self, line: bytes) -> None:
-        tail = (self.skippedTail + line[-self._TAIL :])[-self._TAIL :]
-        # A continuation line is reported with its command's tag.
-        start = self.parts[0] if self.parts else self.skipStart
-        self.skipping = False
-        self.skippedTail = self.skipStart = b""
-        self._dropCommand()
-        self.sink.lineTooLong(start)
-        self._skipAnnouncedLiteral(tail)
 
     def _skipAnnouncedLiteral(self, line: bytes) -> None:
         m = LITERAL_SPEC.search(line)
