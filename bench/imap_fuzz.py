@@ -374,6 +374,9 @@ def runCase(session: Session, r: random.Random, tag: bytes, pieces: list, sent: 
             line = b""
             if piece.sync:
                 reply = session.readResponse()
+                while reply.startswith(b"* ") and not reply.startswith(b"* BYE"):
+                    # Another session's changes (EXISTS, EXPUNGE) may come first.
+                    reply = session.readResponse()
                 if not reply.startswith(b"+"):
                     return classify(reply, tag)
             if piece.announced != len(piece.data):
