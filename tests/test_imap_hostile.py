@@ -502,7 +502,7 @@ class DeepNestingTests(IMAPTestCase):
         self.assertIn(b'"application" "octet-stream"', replies[2][0][3])
         self.assertIn(b'"before" (("Carol" NIL "carol" "remote.test"))', envelopes[0])
         self.assertEqual(replies[4], ([b"* SEARCH 1 5"], b"e OK SEARCH completed"))
-        self.assertEqual(replies[5][1], b"f OK SEARCH completed")
+        self.assertEqual(replies[5], ([b"* SEARCH 3 4"], b"f OK SEARCH completed"))
 
     @defer.inlineCallbacks
     def test_deepSearchPrograms(self):

@@ -11,20 +11,21 @@ look only at the messages the cheaper keys left in.
 
 from __future__ import annotations
 
+import binascii
 import bisect
 import datetime
-import email
 import email.header
 import email.utils
+import quopri
+import re
 from dataclasses import dataclass
-from email.policy import compat32
 from itertools import compress
 from typing import Any, Callable, Iterator
 
 from maild.imap import wire
 from maild.imap.fetch import MessageData
 from maild.imap.mailbox import SelectedFolder
-from maild.imap.mime import headerFields, unfold
+from maild.imap.mime import MAX_DEPTH, headerFields, unfold
 from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseNumber, parseSequenceSet
 from maild.store import MessageGone
 from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, HAS_KEYWORDS, SEEN
@@ -441,18 +442,47 @@ def _decodeHeader(value: bytes) -> str:
 
 def _bodyText(message: MessageData) -> str:
     """
-    The text of a message's body for BODY and TEXT: text parts decoded
-    from their transfer encoding and charset, other parts as they are.
+    The text of a message's body for BODY and TEXT: leaf parts decoded
+    from their transfer encoding and charset, messages inside messages
+    included.
+
+    The parts are maild's own (L{maild.imap.mime.MessagePart}), walked with
+    a stack no deeper than BODYSTRUCTURE opens them (deeper ones are
+    searched whole): the email package took 0.2 s of the reactor for one
+    message of 600 nested multiparts.
     """
-    parsed = email.message_from_bytes(message.data, policy=compat32)
     texts = []
-    for part in parsed.walk():
-        if part.is_multipart():
-            continue
-        payload = part.get_payload(decode=True) or b""
-        charset = part.get_content_charset() or "utf-8"
-        try:
-            texts.append(payload.decode(charset, "replace"))
-        except LookupError:
-            texts.append(payload.decode("utf-8", "replace"))
+    stack = [(message.part, 0)]
+    while stack:
+        part, depth = stack.pop()
+        if depth < MAX_DEPTH:
+            if part.isMultipart():
+                stack.extend((child, depth + 1) for child in reversed(part.parts))
+                continue
+            inner = part.embedded
+            if inner is not None:
+                stack.append((inner, depth + 1))
+                continue
+        # A leaf, or a part too deep to open: searched as it is.
+        texts.append(_decodedBody(part))
     return "\n".join(texts).casefold()
+
+
+_CHARSET = re.compile(rb'charset\s*=\s*"?([^";\s]+)', re.I)
+
+
+def _decodedBody(part) -> str:
+    encoding = (part.field(b"content-transfer-encoding") or b"").strip().lower()
+    payload = part.body
+    if encoding == b"base64":
+        try:
+            payload = binascii.a2b_base64(payload)
+        except binascii.Error:
+            pass
+    elif encoding == b"quoted-printable":
+        payload = quopri.decodestring(payload)
+    charset = _CHARSET.search(part.field(b"content-type") or b"")
+    try:
+        return payload.decode(charset.group(1).decode("ascii", "replace") if charset else "utf-8", "replace")
+    except LookupError:
+        return payload.decode("utf-8", "replace")
