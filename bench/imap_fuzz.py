@@ -7,8 +7,8 @@ folders the fuzzing sessions use.
 
 The daemon runs in this process so that it can be measured from the
 inside: the reactor thread's CPU time for each batch of input it handles
-(``dataReceived``, which runs every command framed from it) and each turn
-of a streamed response, the reactor's lateness on a 50 ms timer, the
+(``dataReceived``, which runs every command framed from it), each turn
+of a streamed response and each step of a cooperative command, the reactor's lateness on a 50 ms timer, the
 process's memory, and every failure or error it logs.  The clients run in
 a second process (this script with ``--client``), so they do not share
 the daemon's interpreter lock.
@@ -592,6 +592,19 @@ def daemon(args) -> None:
 
     server.IMAPServer.dataReceived = timed(server.IMAPServer.dataReceived, lambda s, d: d[:100].decode("latin-1"))
     producer.ResponseProducer._produce = timed(producer.ResponseProducer._produce, lambda s: "response turn")
+    realCooperate = task.cooperate
+
+    def timedSteps(iterator):
+        # SEARCH and big STOREs run in steps between other sessions' turns.
+        step = timed(lambda _, it: next(it), lambda _, it: "cooperative step (SEARCH, STORE)")
+        iterator = iter(iterator)
+        while True:
+            try:
+                yield step(None, iterator)
+            except StopIteration:
+                return
+
+    task.cooperate = lambda iterator: realCooperate(timedSteps(iterator))
 
     config = loadConfig(
         None,
