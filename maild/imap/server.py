@@ -291,12 +291,16 @@ class IMAPServer(imap4.IMAP4Server):
             # anything more is not a client logging in.
             held = sum(p.size for p in parts if isinstance(p, Literal))
             if held + size > self.limits.preauth_literal_size:
-                return self._refuseLiteral(tag, synchronizing, b"NO [TOOBIG] Literal too big before login", b"Literal too big before login")
+                return self._refuseLiteral(
+                    tag, synchronizing, b"NO [TOOBIG] Literal too big before login", b"Literal too big before login"
+                )
             if (
                 framer.literalCount >= self.limits.preauth_command_literals
                 or framer.commandSize + size > self.limits.preauth_command_size
             ):
-                return self._refuseLiteral(tag, synchronizing, b"BAD Command too long before login", b"Command too long before login")
+                return self._refuseLiteral(
+                    tag, synchronizing, b"BAD Command too long before login", b"Command too long before login"
+                )
         else:
             if framer.literalCount >= self.limits.imap_command_literals:
                 return self._refuseLiteral(tag, synchronizing, b"BAD Too many literals")
