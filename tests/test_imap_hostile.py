@@ -541,9 +541,9 @@ class IdleOnDeletedFolderTests(IMAPTestCase):
         """
         A session in IDLE on a folder another session deletes ends its
         IDLE without an internal error; its connection slot is given back
-        when it closes; and inotify goes on serving the other sessions in
-        IDLE (Twisted's INotify closes itself when a watched directory is
-        deleted).
+        when it closes and the daemon can stop; and inotify goes on serving
+        the other sessions in IDLE (Twisted's INotify closes itself when a
+        watched directory is deleted).
         """
         inbox = self.maildir("alice@localhost")
         factory = self.service.listeners["imap"].factory
@@ -582,3 +582,5 @@ class IdleOnDeletedFolderTests(IMAPTestCase):
             yield task.deferLater(reactor, 0.02, lambda: None)
         self.assertEqual(factory.sessions, set())
         self.assertEqual(dict(factory.connections), {})
+        # What SIGTERM does: it finishes (it waited forever for the session).
+        yield self.stopServer()
