@@ -584,3 +584,34 @@ class IdleOnDeletedFolderTests(IMAPTestCase):
         self.assertEqual(dict(factory.connections), {})
         # What SIGTERM does: it finishes (it waited forever for the session).
         yield self.stopServer()
+
+
+class OneReplyTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_invalidNameAndBadArgumentsOneReply(self):
+        """
+        A command with an invalid mailbox name and malformed arguments
+        besides gets one tagged reply, not a NO and then a BAD (the fuzzer
+        found the second reply answering the client's next command).
+        """
+        yield self.deliver(sampleMessage("one"))
+        commands = [
+            b'a STATUS "&2AA-" x',
+            b"b DELETE &2AA- extra",
+            b"c RENAME &2AA- x y",
+            b"d RENAME Archive a/../b extra",
+            b"e COPY 1 &2AA- extra",
+            b"f SUBSCRIBE a/../b extra",
+            b"g NOOP",
+        ]
+
+        def run(client):
+            client.send(b"".join(c + b"\r\n" for c in commands))
+            lines = []
+            while not lines or not lines[-1].startswith(b"g "):
+                lines.append(client.readLine())
+            return [line for line in lines if not line.startswith(b"* ")]
+
+        tagged = yield self.session(run, select=b"INBOX")
+        self.assertEqual([line[:1] for line in tagged], [b"a", b"b", b"c", b"d", b"e", b"f", b"g"])
+        self.assertTrue(all(b" NO Invalid mailbox name" in line for line in tagged[:6]), tagged)

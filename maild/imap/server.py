@@ -415,6 +415,10 @@ class IMAPServer(imap4.IMAP4Server):
             self._discardIncoming()
             self._send(tag + b" BAD " + str(e).encode("ascii", "replace"))
             return
+        except _InvalidMailbox as e:
+            self._discardIncoming()
+            self._send(tag + b" NO Invalid mailbox name: " + str(e).encode("utf-8", "replace")[:200])
+            return
         except Exception:
             log.failure("IMAP command {name} failed", name=name)
             self._discardIncoming()
@@ -609,13 +613,19 @@ class IMAPServer(imap4.IMAP4Server):
 
     # Authenticated --------------------------------------------------------------
 
-    def _mailboxArg(self, tag: bytes, args: Arguments) -> str | None:
+    def _mailboxArg(self, args: Arguments) -> str:
+        """
+        The next argument as a folder name.
+
+        @raise _InvalidMailbox: for a name that is not valid; the command
+            is answered NO, once (reading its other arguments on, it got a
+            BAD as well).
+        """
         raw = args.mailbox()
         try:
             return decodeMailbox(raw)
         except InvalidName as e:
-            self._send(tag + b" NO Invalid mailbox name: " + str(e).encode("utf-8", "replace")[:200])
-            return None
+            raise _InvalidMailbox(str(e))
 
     def do_SELECT(self, tag, args, uid, writable=True):
         raw = args.mailbox()
@@ -682,10 +692,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK CREATE completed")
 
     def do_DELETE(self, tag, args, uid):
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         args.end()
-        if name is None:
-            return
         if self.view is not None and self.view.name == name:
             self._deselect()
         try:
@@ -698,13 +706,9 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK DELETE completed")
 
     def do_RENAME(self, tag, args, uid):
-        old = self._mailboxArg(tag, args)
-        if old is None:
-            return
-        new = self._mailboxArg(tag, args)
+        old = self._mailboxArg(args)
+        new = self._mailboxArg(args)
         args.end()
-        if new is None:
-            return
         try:
             self.account.rename(old, new)
         except NoSuchFolder:
@@ -717,10 +721,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK RENAME completed")
 
     def do_SUBSCRIBE(self, tag, args, uid, subscribe=True):
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         args.end()
-        if name is None:
-            return
         if subscribe:
             self.account.subscribe(name)
         else:
@@ -774,11 +776,9 @@ class IMAPServer(imap4.IMAP4Server):
         self._done(tag, b"OK ENABLE completed")
 
     def do_STATUS(self, tag, args, uid):
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         items = [i.upper() for i in atomList(args.list("status items"), "status item")]
         args.end()
-        if name is None:
-            return
         if not items or any(i not in _STATUS_ITEMS for i in items):
             raise BadCommand("Unknown status item")
         try:
@@ -791,10 +791,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._done(tag, b"OK STATUS completed")
 
     def do_APPEND(self, tag, args, uid):
-        name = self._mailboxArg(tag, args)
-        if name is None:
-            self._discardIncoming()
-            return None
+        name = self._mailboxArg(args)
         flags: list[bytes] = []
         date = None
         if isinstance(args.peek(), list):
@@ -1013,10 +1010,8 @@ class IMAPServer(imap4.IMAP4Server):
     def do_COPY(self, tag, args, uid, move=False):
         view = self.view
         spans = args.sequenceSet(uid).positions(view.uids)
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         args.end()
-        if name is None:
-            return None
         verb = b"MOVE" if move else b"COPY"
         if move and not view.writable:
             self._done(tag, b"NO [READ-ONLY] Mailbox is read-only", verb, uid)
@@ -1087,6 +1082,12 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(tag + b" BAD Expected DONE")
             return
         self._done(tag, b"OK IDLE terminated")
+
+
+class _InvalidMailbox(Exception):
+    """
+    A mailbox argument that is not a valid folder name (answered NO).
+    """
 
 
 def _flagBits(names: list[bytes]) -> tuple[int, list[str]]:
