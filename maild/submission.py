@@ -151,6 +151,7 @@ class SubmissionServer(SMTPServer):
     """
 
     checksHeaders = True
+    service = "submission"
 
     def __init__(self, settings) -> None:
         SMTPServer.__init__(self, settings)
