@@ -31,7 +31,7 @@ import json
 import os
 import random
 import resource
-import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -662,6 +662,7 @@ def daemon(args) -> None:
     d.addBoth(lambda _: reactor.stop())
     reactor.run()
     logFile.close()
+    shutil.rmtree(data, ignore_errors=True)
     log = (out / "daemon.log").read_text(errors="replace")
     result.update(
         {
