@@ -363,7 +363,7 @@ def startDaemon(workdir: Path, protocol: str) -> tuple[subprocess.Popen, int, in
             "--data-dir", str(data), "--hostname", "fuzz.test", "--domain", "localhost"]
     helpText = subprocess.run(twistd + ["maild", "--help"], capture_output=True, text=True, env=env).stdout
     for name, value in listeners.items():
-        if f"--{name}" in helpText:
+        if f"--{name}=" in helpText:
             args += [f"--{name}", value]
     process = subprocess.Popen(args, cwd=workdir, env=env)
     for _ in range(300):
@@ -389,7 +389,10 @@ def seedMailboxes(port: int) -> None:
                 client.sendmail("seed@remote.test", [user], f"Subject: seed {i}\r\n\r\nline\r\n.dot\r\n".encode())
 
 
-async def fuzz(port: int, protocol: str, seconds: float, seed: int, pid: int | None, concurrency: int) -> dict:
+async def fuzz(
+    port: int, protocol: str, seconds: float, seed: int, pid: int | None, concurrency: int,
+    kinds: tuple[str, ...] = ("grammar", "raw", "nonreader"), sampleEvery: float = 10.0,
+) -> dict:
     stats = Stats()
     memory: list[tuple[float, int]] = []
     start = time.monotonic()
@@ -399,9 +402,12 @@ async def fuzz(port: int, protocol: str, seconds: float, seed: int, pid: int | N
         rng = random.Random(seed * 1000 + n)
         while time.monotonic() < deadline:
             roll = rng.random()
-            if roll < 0.85:
+            kind = "grammar" if roll < 0.85 else "raw" if roll < 0.97 else "nonreader"
+            if kind not in kinds:
+                continue
+            if kind == "grammar":
                 await grammarSession(port, protocol, rng, stats)
-            elif roll < 0.97:
+            elif kind == "raw":
                 await rawSession(port, rng, stats)
             else:
                 await nonReader(port, protocol, rng, stats, min(20.0, max(1.0, deadline - time.monotonic())))
@@ -410,7 +416,7 @@ async def fuzz(port: int, protocol: str, seconds: float, seed: int, pid: int | N
         while time.monotonic() < deadline:
             if pid is not None:
                 memory.append((round(time.monotonic() - start), rss(pid)))
-            await asyncio.sleep(10)
+            await asyncio.sleep(sampleEvery)
 
     await asyncio.gather(sampler(), *(worker(n) for n in range(concurrency)))
     if pid is not None:
@@ -437,12 +443,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the temporary data folder and log")
+    parser.add_argument("--only", choices=["grammar", "raw", "nonreader"], action="append",
+                        help="run only these kinds of client (repeatable)")
+    parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between memory samples")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix=f"maild-fuzz-{args.protocol}-"))
     process, port, seedPort, log = startDaemon(workdir, args.protocol)
     try:
         seedMailboxes(seedPort)
-        result = asyncio.run(fuzz(port, args.protocol, args.minutes * 60, args.seed, process.pid, args.concurrency))
+        kinds = tuple(args.only or ("grammar", "raw", "nonreader"))
+        result = asyncio.run(
+            fuzz(port, args.protocol, args.minutes * 60, args.seed, process.pid, args.concurrency,
+                 kinds, args.sample_every)
+        )
     finally:
         process.terminate()
         process.wait(30)

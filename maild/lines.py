@@ -144,7 +144,7 @@ class LineReader:
                 bytes(buffer[start : min(end, start + self.START)]),
                 bytes(buffer[max(start, end - self.TAIL) : end]),
             )
-        return bytes(buffer[start:end])
+        return self._copy(start, end)
 
     def _dropPending(self) -> None:
         buffer = self._buffer
@@ -166,14 +166,20 @@ class LineReader:
         end = min(len(self._buffer), start + size)
         self._pos = end
         self._scan = max(self._scan, end)
-        return bytes(self._buffer[start:end])
+        return self._copy(start, end)
 
     def peek(self) -> bytes:
         """
         Everything waiting, without reading it (for a decoder that takes
         what it can and says how much with L{skip}).
         """
-        return bytes(self._buffer[self._pos :])
+        return self._copy(self._pos, len(self._buffer))
+
+    def _copy(self, start: int, end: int) -> bytes:
+        # One copy (slicing the bytearray first would make two); the view
+        # is released at once, so the buffer can grow again.
+        with memoryview(self._buffer) as view:
+            return bytes(view[start:end])
 
     def skip(self, size: int) -> None:
         """

@@ -134,7 +134,6 @@ class Transaction:
     # When DATA began (the clock's seconds), and the octets received since.
     dataStart: float = 0.0
     received: int = 0
-    rateCheck: Any = None
     # The header section, collected for checkHeaders (submission).
     headers: bytearray = field(default_factory=bytearray)
     headersDone: bool = False
@@ -656,25 +655,32 @@ class SMTPServer(smtp.ESMTP):
         transaction.decoder = DataDecoder()
         self.mode = DATA
         self.setTimeout(None)
-        self._startDeadline(self.limits.data_timeout)
         transaction.dataStart = self.settings.clock.seconds()
-        transaction.rateCheck = self.callLater(self.limits.min_data_rate_after, self._checkDataRate)
+        # One timer for the DATA deadline and the minimum rate.
+        first = min(self.limits.min_data_rate_after, self.limits.data_timeout)
+        self._deadline = self.callLater(first, self._checkData)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
-    def _checkDataRate(self) -> None:
+    def _checkData(self) -> None:
         """
-        Close a DATA transfer that averages less than the minimum rate (a
-        client sending a byte every few seconds would otherwise hold the
-        connection until the DATA deadline); otherwise look again when it
-        would fall below the rate if nothing more came.
+        The DATA deadline (RFC 5321 section 4.5.3.2), and the minimum rate:
+        a transfer averaging less than C{min_data_rate} once it has run
+        C{min_data_rate_after} is closed (a client sending a byte every few
+        seconds would otherwise hold the connection until the deadline).
+        Otherwise look again when it would fall below the rate if nothing
+        more came, or at the deadline.
         """
+        self._deadline = None
         transaction = self.transaction
         if transaction is None or self.mode != DATA:
             return
-        transaction.rateCheck = None
+        limits = self.limits
         elapsed = self.settings.clock.seconds() - transaction.dataStart
-        rate = self.limits.min_data_rate
-        if transaction.received < rate * elapsed:
+        if elapsed >= limits.data_timeout:
+            self.timeoutConnection()
+            return
+        rate = limits.min_data_rate
+        if elapsed >= limits.min_data_rate_after and transaction.received < rate * elapsed:
             log.info(
                 "data rate too low rip={rip}: {received} octets in {elapsed:.0f} s",
                 rip=self.clientAddress,
@@ -685,8 +691,9 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(421, b"4.4.2 " + self.host + b" Error: data rate too low")
             self.close()
             return
-        wait = max(transaction.received / rate - elapsed, 1.0)
-        transaction.rateCheck = self.callLater(wait, self._checkDataRate)
+        untilSlow = max(transaction.received / rate, limits.min_data_rate_after) - elapsed
+        wait = min(max(untilSlow, 1.0), limits.data_timeout - elapsed)
+        self._deadline = self.callLater(wait, self._checkData)
 
     def _traceHeaders(self, transaction: Transaction) -> bytes:
         """
@@ -767,7 +774,6 @@ class SMTPServer(smtp.ESMTP):
     def _endOfData(self) -> None:
         transaction = self.transaction
         self.transaction = None
-        _cancelCall(transaction.rateCheck)
         self.mode = COMMAND
         self._cancelDeadline()
         self.setTimeout(self.timeout)
@@ -830,17 +836,10 @@ class SMTPServer(smtp.ESMTP):
 
     def _discardTransaction(self) -> None:
         transaction, self.transaction = self.transaction, None
-        if transaction is not None:
-            _cancelCall(transaction.rateCheck)
         if transaction is not None and transaction.message is not None and self.mode == DATA:
             transaction.message.discard()
         if self.mode == DATA:
             self.mode = COMMAND
-
-
-def _cancelCall(call) -> None:
-    if call is not None and call.active():
-        call.cancel()
 
 
 def _bytes(text) -> bytes:

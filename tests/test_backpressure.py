@@ -11,6 +11,9 @@ dataReceived once the session pauses it.
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -86,3 +89,60 @@ class BackpressureTests(ServerTestCase):
         CAPABILITY x 400,000 on IMAP.
         """
         self.assertBounded("imap", b"a CAPABILITY\r\n")
+
+
+class RealSocketBackpressureTests(ServerTestCase):
+    """
+    The same over a real TCP connection: the transport pauses the session
+    and the session pauses the transport.
+    """
+
+    listeners = ("smtp", "imap")
+
+    @defer.inlineCallbacks
+    def flood(self, name: str, command: bytes):
+        """
+        Send C{command} 400,000 times (as much as the connection takes until
+        it blocks for a second) without reading, then return the server's
+        session.
+        """
+
+        def send():
+            client = socket.create_connection(("127.0.0.1", self.port(name)))
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(1)
+            data = command * 400_000
+            sent = 0
+            try:
+                while sent < len(data):
+                    sent += client.send(data[sent : sent + 65536])
+            except socket.timeout:
+                pass
+            return client, sent
+
+        client, sent = yield self.inThread(send)
+        self.addCleanup(client.close)
+        [session] = self.service.listeners[name].factory.sessions
+        return session, sent, len(command) * 400_000
+
+    @defer.inlineCallbacks
+    def test_smtp(self):
+        """
+        EHLO x 400,000 on the MX port: the session's replies stop at the
+        transport's limit, and it stops reading.
+        """
+        session, sent, total = yield self.flood("smtp", b"EHLO x\r\n")
+        self.assertTrue(session._outputPaused)
+        self.assertTrue(session._readingPaused)
+        # (What the kernel's socket buffers hold is not the server's.)
+        self.assertLess(session.reader.pending, 256 * 1024)
+
+    @defer.inlineCallbacks
+    def test_imap(self):
+        """
+        CAPABILITY x 400,000 on IMAP: the same.
+        """
+        session, sent, total = yield self.flood("imap", b"a CAPABILITY\r\n")
+        self.assertTrue(session._outputPaused)
+        self.assertTrue(session._paused)
+        self.assertLess(session.framer.pending, 2 * 1024 * 1024)

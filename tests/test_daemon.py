@@ -385,6 +385,38 @@ class ImplicitTLSEndpointTests(unittest.TestCase):
             output, _ = process.communicate(timeout=30)
         self.assertTrue(greeting.startswith(b"* OK "), output)
 
+    def test_workers(self):
+        """
+        With --workers, whose listeners are systemd: endpoints in each
+        worker, IMAPS still greets in TLS (it greeted in plaintext).
+        """
+        import ssl
+
+        port = freePort()
+        daemon = Daemon(
+            self.folder,
+            ["-n", "--pidfile=", "maild", "--workers=2", *listenOnly(imaps=f"tcp:{port}:interface=127.0.0.1")],
+        )
+        try:
+            waitForPort(port, daemon.process)
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                        with context.wrap_socket(raw) as tls:
+                            greeting = tls.recv(1000)
+                    break
+                except (ssl.SSLError, ConnectionError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            output = daemon.stop()
+        self.assertTrue(greeting.startswith(b"* OK "), output)
+
     def test_tlsEndpointRefused(self):
         """
         An implicit-TLS listener on an endpoint that does TLS itself (ssl:)

@@ -202,6 +202,61 @@ class LastReplyTests(ServerTestCase):
         self.assertTrue(closed)
 
 
+class LastReplyLimitsTests(ServerTestCase):
+    """
+    The refusals and goodbyes that end a session reach the client over TLS.
+    """
+
+    listeners = ("smtps", "pop3s", "imaps")
+    limits = {"connections_per_ip": 1}
+
+    def tlsClient(self, name: str) -> RawClient:
+        client = RawClient(self.port(name))
+        client.startTLS(clientContext(self.service))
+        return client
+
+    @defer.inlineCallbacks
+    def test_connectionLimitRefusal(self):
+        """
+        Past the per-address limit, each implicit-TLS listener's refusal
+        arrives through TLS before the close.
+        """
+
+        def run():
+            lines = []
+            for name in ("smtps", "pop3s", "imaps"):
+                first = self.tlsClient(name)
+                first.readLine()
+                second = self.tlsClient(name)
+                lines.append(second.readLine())
+                second.close()
+                first.close()
+            return lines
+
+        smtp, pop, imap = yield self.inThread(run)
+        self.assertTrue(smtp.startswith(b"421 4.7.0 "), smtp)
+        self.assertTrue(pop.startswith(b"-ERR [SYS/TEMP]"), pop)
+        self.assertTrue(imap.startswith(b"* BYE"), imap)
+
+    @defer.inlineCallbacks
+    def test_shutdownGoodbye(self):
+        """
+        When the daemon stops, an SMTPS session is told 421 4.3.2 through
+        TLS before the close.
+        """
+        client = yield self.inThread(self.tlsClient, "smtps")
+        greeting = yield self.inThread(client.readLine)
+        self.assertTrue(greeting.startswith(b"220 "))
+        stopping = self.stopServer()
+        goodbye = yield self.inThread(client.readLine)
+        # (The server waits for the client's side of the TLS close.)
+        closed = yield self.inThread(client.closed)
+        client.close()
+        yield stopping
+        self.assertTrue(closed)
+        self.assertTrue(goodbye.startswith(b"421 4.3.2 "), goodbye)
+
+
 class HAProxyTLSTests(ServerTestCase):
     """
     Implicit TLS behind HAProxy's PROXY protocol (`haproxy:tcp:...`).
