@@ -157,7 +157,7 @@ class IncomingMessage:
         try:
             if self._file is None:
                 self.path, self._file = self.spool.create()
-            self._file.write(b"".join(pieces))
+            _writeAll(self._file, b"".join(pieces))
         except OSError as e:
             self.error = storageFailure(e)
         except Exception:
@@ -198,7 +198,7 @@ class IncomingMessage:
         pieces, self._pieces, self._buffered = self._pieces, [], 0
         if self._file is None:
             self.path, self._file = self.spool.create()
-        self._file.write(b"".join(pieces))
+        _writeAll(self._file, b"".join(pieces))
         if self.internalDate is not None:
             # After the last write (which sets the time) and before the file
             # is synced and placed: no reader ever sees it without its date.
@@ -244,7 +244,8 @@ class Target:
     """
     Where to put a copy: C{folder}'s C{new/} when it is C{recent} (as
     delivery, APPEND and COPY make it, RFC 3501 section 2.3.2), else its
-    C{cur/}; with the flag letters C{info}, if any.
+    C{cur/}; with the flag letters C{info}, if any.  Or, when C{name} is
+    given, C{folder/name} (the outbound queue names its files itself).
     """
 
     folder: Path
@@ -253,6 +254,7 @@ class Target:
     # Made when missing (a user's INBOX); a folder deleted meanwhile is not
     # brought back by an APPEND.
     create: bool = True
+    name: str | None = None
 
 
 @dataclass
@@ -436,16 +438,22 @@ class Committer:
             try:
                 for target in job.targets:
                     base = newBaseName(message.size, message.crlfSize)
-                    name = base if target.info is None else base + ":2," + target.info
-                    path = target.folder / ("new" if target.recent else "cur") / name
+                    if target.name is not None:
+                        path = target.folder / target.name
+                    else:
+                        name = base if target.info is None else base + ":2," + target.info
+                        path = target.folder / ("new" if target.recent else "cur") / name
                     source = placed[0] if placed else message.path
                     try:
                         moved = placeFile(source, path, move=not placed)
                     except FileNotFoundError:
-                        if not target.create:
+                        if target.name is not None:
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                        elif not target.create:
                             raise FolderMissing(str(target.folder))
-                        for sub in ("cur", "new", "tmp"):
-                            (target.folder / sub).mkdir(parents=True, exist_ok=True)
+                        else:
+                            for sub in ("cur", "new", "tmp"):
+                                (target.folder / sub).mkdir(parents=True, exist_ok=True)
                         moved = placeFile(source, path, move=not placed)
                     spoolFileMoved = spoolFileMoved or moved
                     placed.append(path)
@@ -567,6 +575,18 @@ def _withdrawFailed(group: list[_Job]) -> None:
             for path in job.placed:
                 _unlinkQuietly(path)
             job.placed = None
+
+
+def _writeAll(file, data: bytes) -> None:
+    """
+    Write all of C{data} to an unbuffered file: a raw write may write only
+    part (a file system filling up does that before it fails with
+    ENOSPC), and the rest must not be silently lost.
+    """
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written:]
 
 
 def _unlinkQuietly(path: Path) -> None:
