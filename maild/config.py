@@ -68,6 +68,13 @@ class Limits:
     imap_line_length: int = 65536
     # Literals sent before LOGIN are capped far below the message size.
     preauth_literal_size: int = 8192
+    # One IMAP command's lines and literals together (an APPEND message
+    # not counted), and its number of literals: after login, and the
+    # tighter bounds before it.
+    imap_command_size: int = 1024 * 1024
+    imap_command_literals: int = 1000
+    preauth_command_size: int = 16384
+    preauth_command_literals: int = 8
     imap_nesting_depth: int = 16
     connections_per_ip: int = 32
     # SMTP: a deadline for one command line and for the whole DATA

@@ -264,7 +264,7 @@ class StreamingTests(IMAPTestCase):
 
         def sample():
             for session in self.service.listeners["imap"].factory.sessions:
-                samples.append(len(session.framer.buffer))
+                samples.append(session.framer.pending)
 
         sampler = task.LoopingCall(sample)
         sampler.clock = reactor

@@ -6,33 +6,85 @@ and the folder operations, over L{maild.store.UserMailbox}.
 
 from __future__ import annotations
 
-import re
-
 from twisted.mail.imap4 import IAccount, INamespacePresenter
 from zope.interface import implementer
 
 from maild.store import Folder, MailStore, NoSuchFolder, UserMailbox
 from maild.store.maildir import IMAP_DELIMITER, IN_NEW, INBOX, SEEN
 
+# Longest LIST/LSUB reference + pattern taken: far above any folder name
+# (MAX_FOLDER_NAME octets), so only junk is refused.
+MAX_PATTERN = 1024
 
 
-def patternMatcher(pattern: str) -> re.Pattern[str]:
+class PatternTooLong(ValueError):
+    pass
+
+
+class PatternMatcher:
     """
     A LIST pattern (RFC 3501 section 6.3.8): C{*} matches anything, C{%}
     anything but the delimiter; INBOX matches in any case.
+
+    Matched as a bit-parallel NFA (shift-and) rather than a backtracking
+    regular expression: each character of a name costs a few integer
+    operations whatever the wildcards, so C{"**...**x"} cannot stall the
+    daemon.  Bit M{i} of the state is "the first M{i} pattern tokens are
+    matched".
     """
-    out = []
+
+    def __init__(self, pattern: str) -> None:
+        if len(pattern) > MAX_PATTERN:
+            raise PatternTooLong(pattern[:40])
+        tokens = _collapseWildcards(pattern)
+        self._accept = 1 << len(tokens)
+        self._literal: dict[str, int] = {}
+        self._anything = 0
+        self._notDelimiter = 0
+        foldInbox = pattern[:5].upper() == INBOX
+        for i, token in enumerate(tokens):
+            bit = 1 << i
+            if token == "*":
+                self._anything |= bit
+            elif token == "%":
+                self._notDelimiter |= bit
+            else:
+                cases = {token.lower(), token.upper()} if foldInbox and i < 5 else {token}
+                for c in cases:
+                    self._literal[c] = self._literal.get(c, 0) | bit
+        self._wild = self._anything | self._notDelimiter
+        self._start = self._close(1)
+
+    def _close(self, state: int) -> int:
+        # A wildcard may match nothing.  Runs of wildcards were collapsed,
+        # so one step reaches every state.
+        return state | ((state & self._wild) << 1)
+
+    def match(self, name: str) -> bool:
+        state = self._start
+        literal = self._literal
+        for c in name:
+            moved = (state & literal.get(c, 0)) << 1
+            moved |= state & (self._anything if c == IMAP_DELIMITER else self._wild)
+            state = self._close(moved)
+            if not state:
+                return False
+        return bool(state & self._accept)
+
+
+def _collapseWildcards(pattern: str) -> list[str]:
+    """
+    The pattern's characters, with each run of wildcards made one: C{*} if
+    the run holds one, else C{%} (C{%*%} and C{*} match the same names).
+    """
+    tokens: list[str] = []
     for c in pattern:
-        if c == "*":
-            out.append(".*")
-        elif c == "%":
-            out.append("[^/]*")
-        else:
-            out.append(re.escape(c))
-    regex = "".join(out)
-    if pattern[:5].upper() == "INBOX":
-        regex = "(?i:" + "".join(out[:5]) + ")" + "".join(out[5:])
-    return re.compile(regex + r"\Z", re.S)
+        if c in "*%" and tokens and tokens[-1] in "*%":
+            if c == "*":
+                tokens[-1] = "*"
+            continue
+        tokens.append(c)
+    return tokens
 
 
 @implementer(IAccount, INamespacePresenter)
@@ -116,10 +168,13 @@ class Account:
         The folders LIST (or LSUB) returns: name and attributes, with
         RFC 3348 children and RFC 6154 special-use attributes, and
         C{\\Noselect} parents that exist only as part of a deeper name.
+
+        @raise PatternTooLong: for a reference and pattern together
+            longer than L{MAX_PATTERN}.
         """
         if reference and not reference.endswith(IMAP_DELIMITER) and not pattern.startswith(IMAP_DELIMITER):
             reference += IMAP_DELIMITER
-        matcher = patternMatcher(reference + pattern)
+        matcher = PatternMatcher(reference + pattern)
         existing = self.mailbox.folderNames()
         existingSet = set(existing)
         subscriptions = self.mailbox.subscriptions() if subscribed else []

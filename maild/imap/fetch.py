@@ -20,7 +20,7 @@ from maild.imap import wire
 from maild.imap.cache import folderCache
 from maild.imap.mailbox import SelectedFolder
 from maild.imap.mime import MessagePart, envelope, selectFields
-from maild.imap.parser import Atom, BadCommand
+from maild.imap.parser import Atom, BadCommand, parseNumber
 from maild.store import MessageGone
 
 _MACROS = {
@@ -100,13 +100,13 @@ def parseItem(token: Any) -> FetchItem:
     section = m.group(2)
     item = FetchItem(b"BODY[]", peek=peek)
     if m.group(3) is not None:
-        item.partial = (int(m.group(3)), int(m.group(4)))
+        item.partial = (parseNumber(m.group(3), "partial"), parseNumber(m.group(4), "partial"))
     rest = section
     while rest:
         number, dot, remainder = rest.partition(b".")
         if not number.isdigit():
             break
-        if int(number) == 0 or len(number) > 5:
+        if len(number) > 5 or int(number) == 0:
             raise BadCommand("Bad section part")
         item.parts.append(int(number))
         rest = remainder

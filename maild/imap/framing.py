@@ -3,6 +3,13 @@ Cutting the client's byte stream into IMAP commands: lines, literals
 (synchronizing C{{n}} and RFC 7888 non-synchronizing C{{n+}}), the line
 length cap, and literals streamed to a sink instead of being held in
 memory (an APPEND of 100 MB costs no more memory than one of 1 KB).
+
+Lines and counted octets come from L{maild.lines.LineReader}, the reader
+under every protocol (a read cursor, overlong lines dropped as they
+come, discard after STARTTLS); this module adds what is IMAP's: literals,
+and a running count of each command's octets and literals, so that the
+cost of a command is linear in its size however many lines it spans and
+the protocol can bound it (L{CommandSink.literalAnnounced}).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from maild.imap.parser import LITERAL_SPEC, Literal
+from maild.lines import LineReader, Overlong
 
 
 class CommandSink(Protocol):
@@ -22,6 +30,20 @@ class CommandSink(Protocol):
     def commandReceived(self, parts: list) -> None: ...
 
     def lineTooLong(self, start: bytes) -> None: ...
+
+    def commandDropped(self, parts: list) -> None:
+        """
+        The command whose C{parts} were received so far will not be run
+        (refused, or its next line was too long): release what its
+        literals hold.
+        """
+
+    def literalTooBigToSkip(self, size: int) -> None:
+        """
+        A refused command's non-synchronizing literal is bigger than
+        L{CommandFramer.skipLimit}: reading past it would tie the session
+        up for nothing; the framer stops reading.
+        """
 
 
 class LiteralDecision:
@@ -53,55 +75,66 @@ class CommandFramer:
     """
     Frames commands for C{sink} from the bytes given to L{feed}.
 
-    @ivar lineLimit: the longest command line (without its literals).
+    @param lineLimit: the longest command line (without its literals).
+    @ivar skipLimit: the biggest non-synchronizing literal of a refused
+        command that is read past; a bigger one stops the framer.
+    @ivar commandSize: octets of the command being received so far: its
+        lines and the literals held in memory (not those given to a sink).
+    @ivar literalCount: literals of the command being received so far.
     """
 
-    # A line we drop for being too long is remembered only by its tail,
-    # where a literal announcement would be.
-    _TAIL = 32
-
-    def __init__(self, sink: CommandSink, lineLimit: int) -> None:
+    def __init__(self, sink: CommandSink, lineLimit: int, skipLimit: int = 2**63) -> None:
         self.sink = sink
-        self.lineLimit = lineLimit
-        self.buffer = b""
+        self.reader = LineReader(lineLimit)
+        self.skipLimit = skipLimit
         self.parts: list = []
+        self.commandSize = 0
+        self.literalCount = 0
         self.literalLeft = 0
         self.literalChunks: list[bytes] | None = None
         self.literalSink = None
         self.literalSize = 0
-        self.skipping = False
         # The rest of a refused command's line, after its skipped literal.
         self.discardLine = False
-        self.skippedTail = b""
-        self.skipStart = b""
         # When set, the next line goes here instead of being a command
         # (AUTHENTICATE responses, IDLE's DONE).
         self.lineHandler: Callable[[bytes], None] | None = None
         self.held = False
 
+    @property
+    def pending(self) -> int:
+        """
+        Octets received and not yet used.
+        """
+        return self.reader.pending
+
     def discardBuffered(self) -> None:
         """
         Forget what was received but not yet used (after STARTTLS).
         """
-        self.buffer = b""
+        self.reader.discard()
+
+    def stop(self) -> None:
+        """
+        Take nothing more: the session is closing.
+        """
+        self._dropCommand()
+        self.discardBuffered()
+        self.held = True
 
     def feed(self, data: bytes) -> None:
-        if self.buffer:
-            self.buffer += data
-        else:
-            self.buffer = data
+        self.reader.feed(data)
         self.process()
 
     def process(self) -> None:
-        while self.buffer and not self.held:
+        while self.reader.pending and not self.held:
             if self.literalLeft:
                 self._literalData()
             elif not self._line():
                 break
 
     def _literalData(self) -> None:
-        take = self.buffer[: self.literalLeft]
-        self.buffer = self.buffer[len(take) :]
+        take = self.reader.read(self.literalLeft)
         self.literalLeft -= len(take)
         if self.literalSink is not None:
             self.literalSink.write(take)
@@ -109,6 +142,9 @@ class CommandFramer:
             self.literalChunks.append(take)
         if self.literalLeft:
             return
+        self._literalComplete()
+
+    def _literalComplete(self) -> None:
         if self.literalSink is not None:
             self.parts.append(Literal(message=self.literalSink, size=self.literalSize))
         elif self.literalChunks is not None:
@@ -119,81 +155,85 @@ class CommandFramer:
 
     def _line(self) -> bool:
         """
-        Take one line from the buffer.
+        Take one line from the reader.
 
         @return: whether a line was complete.
         """
-        end = self.buffer.find(b"\n")
-        if end < 0:
-            if len(self.buffer) > self.lineLimit:
-                self._startSkipping()
+        line = self.reader.readLine()
+        if line is None:
             return False
-        line, self.buffer = self.buffer[:end], self.buffer[end + 1 :]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if self.skipping:
-            self._endSkipping(line)
-            return True
         if self.discardLine:
             self.discardLine = False
-            self._skipAnnouncedLiteral(line)
+            self._skipAnnouncedLiteral(line.tail if isinstance(line, Overlong) else line)
             return True
-        if len(line) > self.lineLimit:
-            self.skipStart = line[:64]
-            self._endSkipping(line)
+        if isinstance(line, Overlong):
+            # A continuation line is reported with its command's tag.
+            start = self.parts[0] if self.parts else line.start
+            self._dropCommand()
+            self.sink.lineTooLong(start)
+            self._skipAnnouncedLiteral(line.tail)
             return True
         if self.lineHandler is not None and not self.parts:
             handler, self.lineHandler = self.lineHandler, None
             handler(line)
+            # A continuation line is no command: a literal it announces
+            # is data to read past, never a command to run.
+            self._skipAnnouncedLiteral(line)
             return True
+        self.commandSize += len(line) + 2
         m = LITERAL_SPEC.search(line)
         if m is None:
             parts, self.parts = self.parts + [line], []
+            self.commandSize = self.literalCount = 0
             self.sink.commandReceived(parts)
             return True
         size, synchronizing = int(m.group(1)), not m.group(2)
         self.parts.append(line)
         decision = self.sink.literalAnnounced(self.parts, size, synchronizing)
         if decision.close:
-            self.parts = []
-            self.buffer = b""
-            self.held = True
+            self.stop()
         elif decision.accept:
+            self.literalCount += 1
             self.literalLeft = size
             self.literalSize = size
             self.literalSink = decision.sink
-            self.literalChunks = None if decision.sink is not None else []
+            if decision.sink is None:
+                self.literalChunks = []
+                self.commandSize += size
+            else:
+                self.literalChunks = None
             if not size:
-                self._literalData()
+                self._literalComplete()
         else:
-            self.parts = []
+            self._dropCommand()
             if not synchronizing:
                 # Read past the data without keeping it.
                 self._skipAnnouncedLiteral(line)
         return True
 
-    def _startSkipping(self) -> None:
-        if not self.skipping:
-            self.skipStart = self.buffer[:64]
-            self.skipping = True
-        self.skippedTail = (self.skippedTail + self.buffer)[-self._TAIL :]
-        self.buffer = b""
-
-    def _endSkipping(self, line: bytes) -> None:
-        tail = (self.skippedTail + line)[-self._TAIL :]
-        start = self.skipStart
-        self.skipping = False
-        self.skippedTail = self.skipStart = b""
-        self.parts = []
-        self.sink.lineTooLong(start)
-        self._skipAnnouncedLiteral(tail)
+    def _dropCommand(self) -> None:
+        parts, self.parts = self.parts, []
+        self.commandSize = self.literalCount = 0
+        if self.literalSink is not None:
+            # Stopped in the middle of a literal that was being stored.
+            parts.append(Literal(message=self.literalSink, size=self.literalSize))
+            self.literalSink = None
+            self.literalLeft = 0
+        if any(isinstance(p, Literal) for p in parts):
+            self.sink.commandDropped(parts)
 
     def _skipAnnouncedLiteral(self, line: bytes) -> None:
         m = LITERAL_SPEC.search(line)
-        if m is not None and m.group(2):
-            # The dropped line announced a literal that is coming anyway.
-            self.literalLeft = int(m.group(1))
-            self.literalChunks = None
-            self.literalSink = None
-            if not self.literalLeft:
-                self.discardLine = True
+        if m is None or not m.group(2):
+            return
+        # The dropped line announced a literal that is coming anyway.
+        size = int(m.group(1))
+        if size > self.skipLimit:
+            self.stop()
+            self.sink.literalTooBigToSkip(size)
+            return
+        self.literalLeft = size
+        self.literalChunks = None
+        self.literalSink = None
+        if not size:
+            self.discardLine = True

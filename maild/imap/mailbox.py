@@ -62,7 +62,7 @@ class SelectedFolder:
 
     def getFlags(self) -> list[bytes]:
         names = [name for _, name in wire.SYSTEM_FLAGS]
-        return names + [k.encode("utf-8") for k in self.folder.keywords.allNames()]
+        return names + wire.keywordNames(self.folder.keywords.allNames())
 
     def flagsLines(self) -> list[bytes]:
         """

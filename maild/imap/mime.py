@@ -19,6 +19,9 @@ from zope.interface import implementer
 from maild.imap.headervalues import ContentValue, parseAddressList, parseContentValue
 from maild.imap.wire import Adjacent
 
+# Nesting beyond any real message's: MIME parts (multiparts and messages
+# inside messages).
+MAX_DEPTH = 50
 _FIELD_NAME = re.compile(rb"([^:\s]+)[ \t]*:")
 
 
@@ -208,15 +211,23 @@ class MessagePart:
             part = candidates[n - 1]
         return part
 
-    def bodyStructure(self, extended: bool) -> list:
+    def bodyStructure(self, extended: bool, depth: int = 0) -> list:
         """
         BODY / BODYSTRUCTURE as nested lists for L{maild.imap.wire.collapse}.
+
+        Parts nested deeper than L{MAX_DEPTH} (multiparts or messages
+        inside messages) are described as opaque leaves: anyone can send
+        a message of 600 nested multiparts, and its BODYSTRUCTURE must
+        neither exhaust the stack nor fail the rest of a FETCH.
         """
+        if depth >= MAX_DEPTH and (self.isMultipart() or self.contentType == "message/rfc822"):
+            return ["application", "octet-stream", None, None, None, "7bit", len(self.body)]
         if self.isMultipart():
             parts = self.parts
             if not parts:
                 return ["text", "plain", ["charset", "us-ascii"], None, None, "7bit", len(self.body), self.body.count(b"\n")]
-            result: list = [Adjacent([p.bodyStructure(extended) for p in parts]), self.contentType.split("/", 1)[1]]
+            children = [p.bodyStructure(extended, depth + 1) for p in parts]
+            result: list = [Adjacent(children), self.contentType.split("/", 1)[1]]
             if extended:
                 result += [self._params(), self._disposition(), self._language(), self._location()]
             return result
@@ -234,7 +245,7 @@ class MessagePart:
             result.append(self.body.count(b"\n"))
         elif self.contentType == "message/rfc822":
             inner = self.embedded
-            result += [envelope(inner), inner.bodyStructure(extended), self.body.count(b"\n")]
+            result += [envelope(inner), inner.bodyStructure(extended, depth + 1), self.body.count(b"\n")]
         if extended:
             result += [self._str(b"content-md5"), self._disposition(), self._language(), self._location()]
         return result

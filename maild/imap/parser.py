@@ -77,6 +77,9 @@ def tokenize(parts: Sequence[bytes | Literal], maxDepth: int) -> list[Any]:
     while index < len(parts):
         segment = parts[index]
         index += 1
+        if isinstance(segment, Literal):
+            raise BadCommand("Literal where none was announced")
+        _checkLiteralMarker(segment, index < len(parts))
         pos, end = 0, len(segment)
         while pos < end:
             c = segment[pos]
@@ -109,6 +112,21 @@ def tokenize(parts: Sequence[bytes | Literal], maxDepth: int) -> list[Any]:
     if len(stack) != 1:
         raise BadCommand("Unbalanced parentheses")
     return top
+
+
+def _checkLiteralMarker(segment: bytes, literalFollows: bool) -> None:
+    """
+    A literal's C{{n}} must begin a token (RFC 3501 section 9: it is a
+    string, which follows SP or C{(}); stuck to a word (C{x{1+}}) it would
+    make the word swallow its own marker.
+
+    @raise BadCommand: if C{segment} ends with a marker that is glued.
+    """
+    if not literalFollows:
+        return
+    m = LITERAL_SPEC.search(segment)
+    if m is not None and m.start() and segment[m.start() - 1] not in b" (":
+        raise BadCommand("Literal marker inside a word")
 
 
 def _quoted(segment: bytes, pos: int) -> tuple[Quoted, int]:
@@ -176,6 +194,21 @@ def splitTag(line: bytes) -> tuple[bytes | None, bytes | None, bytes]:
 # Sequence sets ------------------------------------------------------------
 
 _SET_ELEMENT = re.compile(rb"(\d+|\*)(?::(\d+|\*))?\Z")
+# RFC 3501 section 9: nz-number and number are 32-bit unsigned integers.
+MAX_NUMBER = 0xFFFFFFFF
+
+
+def parseNumber(digits: bytes, what: str = "number") -> int:
+    """
+    The value of a C{number} made of C{digits}, refused above 2^32 - 1
+    before Python is asked to convert thousands of digits.
+
+    @raise BadCommand: if it is too big.
+    """
+    significant = digits.lstrip(b"0") or b"0"
+    if len(significant) > 10 or int(significant) > MAX_NUMBER:
+        raise BadCommand(f"Bad {what}: number too big")
+    return int(significant)
 
 
 def parseSequenceSet(text: bytes) -> list[tuple[int, int]]:
@@ -192,12 +225,10 @@ def parseSequenceSet(text: bytes) -> list[tuple[int, int]]:
         if m is None:
             raise BadCommand("Invalid sequence set")
         a, b = m.group(1), m.group(2)
-        low = 0 if a == b"*" else int(a)
-        high = low if b is None else (0 if b == b"*" else int(b))
+        low = 0 if a == b"*" else parseNumber(a, "sequence set")
+        high = low if b is None else (0 if b == b"*" else parseNumber(b, "sequence set"))
         if (a != b"*" and low == 0) or (b is not None and b != b"*" and high == 0):
             raise BadCommand("Invalid sequence set: 0")
-        if low > 0xFFFFFFFF or high > 0xFFFFFFFF:
-            raise BadCommand("Invalid sequence set: number too big")
         ranges.append((low, high))
     return ranges
 
@@ -293,6 +324,8 @@ def decodeMailbox(raw: bytes) -> str:
         name = raw.decode("imap4-utf-7")
         # Twisted's decoder is lenient: only the canonical form is a name.
         canonical = name.encode("imap4-utf-7") == raw
+        # UTF-16 that decodes to lone surrogates (&2AA-) is no Unicode name.
+        name.encode("utf-8")
     except (UnicodeError, ValueError):
         canonical = False
     if not canonical:
@@ -344,9 +377,9 @@ class Arguments:
 
     def number(self, what: str = "number") -> int:
         token = self.atom(what)
-        if not token.isdigit() or len(token) > 10:
+        if not token.isdigit():
             raise BadCommand(f"Bad {what}")
-        return int(token)
+        return parseNumber(token, what)
 
     def mailbox(self) -> bytes:
         """

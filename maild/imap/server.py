@@ -36,7 +36,7 @@ from maild.auth import (
 from maild.config import Limits
 from maild.connections import LimitedFactory
 from maild.imap import wire
-from maild.imap.account import Account
+from maild.imap.account import Account, PatternTooLong
 from maild.imap.fetch import FetchRequest, parseItems
 from maild.imap.framing import ACCEPT, CLOSE, REFUSE, CommandFramer, LiteralDecision
 from maild.imap.mailbox import SelectedFolder
@@ -111,7 +111,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.limits = settings.limits
         self.callLater = settings.clock.callLater
         self.clientAddress = "?"
-        self.framer = CommandFramer(self, settings.limits.imap_line_length)
+        self.framer = CommandFramer(self, settings.limits.imap_line_length, settings.limits.preauth_literal_size)
         self.account: Account | None = None
         self.view: SelectedFolder | None = None
         self.idling: bytes | None = None
@@ -146,6 +146,16 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendServerGreeting()
 
     def connectionLost(self, reason) -> None:
+        try:
+            self._release()
+        finally:
+            # Whatever failed above, the address's connection slot is
+            # given back and the daemon can stop.
+            factory = getattr(self, "factory", None)
+            if factory is not None:
+                factory.connectionClosed(self)
+
+    def _release(self) -> None:
         self.setTimeout(None)
         if self._loginDeadline is not None and self._loginDeadline.active():
             self._loginDeadline.cancel()
@@ -163,9 +173,6 @@ class IMAPServer(imap4.IMAP4Server):
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
-        factory = getattr(self, "factory", None)
-        if factory is not None:
-            factory.connectionClosed(self)
 
     def timeoutConnection(self) -> None:
         self._bye(b"Autologout; connection idle too long")
@@ -225,7 +232,7 @@ class IMAPServer(imap4.IMAP4Server):
         # Read again only once what waits is under the limit: resuming
         # first would let a client that reads little push a read's worth
         # more each time a few replies drain.
-        if self._paused and len(self.framer.buffer) <= _HOLD_LIMIT and not self.closing:
+        if self._paused and self.framer.pending <= _HOLD_LIMIT and not self.closing:
             self._paused = False
             self.transport.resumeProducing()
 
@@ -265,7 +272,7 @@ class IMAPServer(imap4.IMAP4Server):
         if self.state != _UNAUTH:
             self.resetTimeout()
         self.framer.feed(data)
-        if self.framer.held and len(self.framer.buffer) > _HOLD_LIMIT and not self._paused:
+        if self.framer.held and self.framer.pending > _HOLD_LIMIT and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
 
@@ -273,25 +280,62 @@ class IMAPServer(imap4.IMAP4Server):
         tag, _, _ = splitTag(start)
         self._send((tag or b"*") + b" BAD Command line too long")
 
+    def commandDropped(self, parts: list) -> None:
+        # The message of a refused APPEND leaves nothing in the spool.
+        for part in parts:
+            if isinstance(part, Literal) and part.message is not None:
+                part.message.discard()
+                if part.message is self._incoming:
+                    self._incoming = None
+
+    def literalTooBigToSkip(self, size: int) -> None:
+        # RFC 7888 section 4: too much to read past; the session ends.
+        self._bye(b"Literal too big")
+
     def literalAnnounced(self, parts: list, size: int, synchronizing: bool) -> LiteralDecision:
         tag, name, rest = splitTag(parts[0])
         tag = tag or b"*"
-        held = sum(p.size for p in parts if isinstance(p, Literal))
+        framer = self.framer
         if self.state == _UNAUTH:
+            # Before login only a few small literals (LOGIN's, an ID's):
+            # anything more is not a client logging in.
+            held = sum(p.size for p in parts if isinstance(p, Literal))
             if held + size > self.limits.preauth_literal_size:
-                if synchronizing:
-                    self._send(tag + b" NO [TOOBIG] Literal too big before login")
-                    return REFUSE
-                self._bye(b"Literal too big before login")
-                return CLOSE
-        elif name == b"APPEND" and self._appendMessageNext(parts):
-            return self._appendLiteral(tag, parts, size, synchronizing)
-        elif held + size > self.limits.imap_line_length:
-            self._send(tag + b" NO [TOOBIG] Literal too big")
-            return REFUSE
+                return self._refuseLiteral(
+                    tag, synchronizing, b"NO [TOOBIG] Literal too big before login", b"Literal too big before login"
+                )
+            if (
+                framer.literalCount >= self.limits.preauth_command_literals
+                or framer.commandSize + size > self.limits.preauth_command_size
+            ):
+                return self._refuseLiteral(
+                    tag, synchronizing, b"BAD Command too long before login", b"Command too long before login"
+                )
+        else:
+            if framer.literalCount >= self.limits.imap_command_literals:
+                return self._refuseLiteral(tag, synchronizing, b"BAD Too many literals")
+            if name == b"APPEND" and self._appendMessageNext(parts):
+                return self._appendLiteral(tag, parts, size, synchronizing)
+            if size > self.limits.imap_line_length:
+                return self._refuseLiteral(tag, synchronizing, b"NO [TOOBIG] Literal too big")
+            if framer.commandSize + size > self.limits.imap_command_size:
+                return self._refuseLiteral(tag, synchronizing, b"BAD Command too long")
         if synchronizing:
             self._send(b"+ Ready for literal data")
         return ACCEPT
+
+    def _refuseLiteral(self, tag: bytes, synchronizing: bool, reply: bytes, bye: bytes = b"") -> LiteralDecision:
+        """
+        Refuse the command at the literal it announces with C{reply}: a
+        synchronizing literal is never sent; a non-synchronizing one is
+        coming, and is read past after login (up to the framer's skip
+        limit), while before login the session ends with C{bye}.
+        """
+        if not synchronizing and self.state == _UNAUTH:
+            self._bye(bye)
+            return CLOSE
+        self._send(tag + b" " + reply)
+        return REFUSE
 
     def _appendMessageNext(self, parts: list) -> bool:
         """
@@ -312,16 +356,14 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _appendLiteral(self, tag: bytes, parts: list, size: int, synchronizing: bool) -> LiteralDecision:
         def refuse(reply: bytes) -> LiteralDecision:
-            self._send(tag + b" " + reply)
-            if synchronizing:
-                # The client sends nothing more of this command.
-                return REFUSE
-            if size <= self.limits.message_size:
-                return REFUSE  # read past the data and drop it
-            # RFC 7888 section 4: too much to read past; the session ends.
-            self._bye(b"Literal too big")
-            return CLOSE
+            # A non-synchronizing literal bigger than the framer's skip
+            # limit (message_size) ends the session there.
+            return self._refuseLiteral(tag, synchronizing, reply)
 
+        if any(isinstance(p, Literal) and p.message is not None for p in parts):
+            # One message per APPEND (no MULTIAPPEND): refused before a
+            # second one is stored.
+            return refuse(b"BAD APPEND takes one message")
         try:
             tokens = self._tokensBeforeLiteral(parts)
             name = decodeMailbox(Arguments(tokens).mailbox())
@@ -383,6 +425,10 @@ class IMAPServer(imap4.IMAP4Server):
         except BadCommand as e:
             self._discardIncoming()
             self._send(tag + b" BAD " + str(e).encode("ascii", "replace"))
+            return
+        except _InvalidMailbox as e:
+            self._discardIncoming()
+            self._send(tag + b" NO Invalid mailbox name: " + str(e).encode("utf-8", "replace")[:200])
             return
         except FolderMissing:
             # Another process deleted or renamed the folder while this
@@ -518,7 +564,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_AUTHENTICATE(self, tag, args, uid):
         mechanism = args.atom("mechanism").upper()
-        initial = args.next() if args.more() else None
+        # RFC 4959: initial-response = base64 / "=", an atom.
+        initial = args.atom("initial response") if args.more() else None
         args.end()
         if mechanism not in PASSWORD_MECHANISMS:
             self._send(tag + b" NO Unsupported authentication mechanism")
@@ -526,8 +573,7 @@ class IMAPServer(imap4.IMAP4Server):
         if not self._plaintextAllowed():
             self._send(tag + b" NO [PRIVACYREQUIRED] Plaintext authentication is disabled before STARTTLS")
             return None
-        # RFC 4959: an initial response, "=" for an empty one.
-        initial = None if initial is None else bytes(initial)
+        # RFC 4959: "=" is an empty initial response.
         return self._saslStep(tag, PasswordExchange(mechanism), initial, first=True)
 
     def _saslStep(self, tag: bytes, exchange: PasswordExchange, response, first=False):
@@ -573,6 +619,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._loginDeadline = None
             # RFC 3501 section 5.4: at least 30 minutes once logged in.
             self.timeOut = self.limits.imap_idle_timeout
+            # A refused literal up to the size of a message is read past.
+            self.framer.skipLimit = self.limits.message_size
             self.setTimeout(self.timeOut)
             caps = b" ".join(self.listCapabilities())
             self._send(tag + b" OK [CAPABILITY " + caps + b"] Logged in")
@@ -590,13 +638,19 @@ class IMAPServer(imap4.IMAP4Server):
 
     # Authenticated --------------------------------------------------------------
 
-    def _mailboxArg(self, tag: bytes, args: Arguments) -> str | None:
+    def _mailboxArg(self, args: Arguments) -> str:
+        """
+        The next argument as a folder name.
+
+        @raise _InvalidMailbox: for a name that is not valid; the command
+            is answered NO, once (reading its other arguments on, it got a
+            BAD as well).
+        """
         raw = args.mailbox()
         try:
             return decodeMailbox(raw)
         except InvalidName as e:
-            self._send(tag + b" NO Invalid mailbox name: " + str(e).encode("utf-8", "replace")[:200])
-            return None
+            raise _InvalidMailbox(str(e))
 
     def do_SELECT(self, tag, args, uid, writable=True):
         raw = args.mailbox()
@@ -664,10 +718,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK CREATE completed")
 
     def do_DELETE(self, tag, args, uid):
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         args.end()
-        if name is None:
-            return
         if self.view is not None and self.view.name == name:
             self._deselect()
         try:
@@ -680,13 +732,9 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK DELETE completed")
 
     def do_RENAME(self, tag, args, uid):
-        old = self._mailboxArg(tag, args)
-        if old is None:
-            return
-        new = self._mailboxArg(tag, args)
+        old = self._mailboxArg(args)
+        new = self._mailboxArg(args)
         args.end()
-        if new is None:
-            return
         try:
             self.account.rename(old, new)
         except NoSuchFolder:
@@ -699,10 +747,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK RENAME completed")
 
     def do_SUBSCRIBE(self, tag, args, uid, subscribe=True):
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         args.end()
-        if name is None:
-            return
         if subscribe:
             self.account.subscribe(name)
         else:
@@ -730,7 +776,11 @@ class IMAPServer(imap4.IMAP4Server):
             # RFC 3501 6.3.8: the delimiter and the root of the reference.
             lines.append(b'* LIST (\\Noselect) "/" ""')
         else:
-            for name, attributes in self.account.list(reference, pattern, subscribed):
+            try:
+                listed = self.account.list(reference, pattern, subscribed)
+            except PatternTooLong:
+                raise BadCommand("Mailbox pattern too long")
+            for name, attributes in listed:
                 lines.append(b"* " + verb + b" (" + b" ".join(attributes) + b') "/" ' + wire.mailboxName(name))
         if lines:
             self.transport.write(b"\r\n".join(lines) + b"\r\n")
@@ -754,11 +804,9 @@ class IMAPServer(imap4.IMAP4Server):
         self._done(tag, b"OK ENABLE completed")
 
     def do_STATUS(self, tag, args, uid):
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         items = [i.upper() for i in atomList(args.list("status items"), "status item")]
         args.end()
-        if name is None:
-            return
         if not items or any(i not in _STATUS_ITEMS for i in items):
             raise BadCommand("Unknown status item")
         try:
@@ -771,10 +819,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._done(tag, b"OK STATUS completed")
 
     def do_APPEND(self, tag, args, uid):
-        name = self._mailboxArg(tag, args)
-        if name is None:
-            self._discardIncoming()
-            return None
+        name = self._mailboxArg(args)
         flags: list[bytes] = []
         date = None
         if isinstance(args.peek(), list):
@@ -1005,10 +1050,8 @@ class IMAPServer(imap4.IMAP4Server):
     def do_COPY(self, tag, args, uid, move=False):
         view = self.view
         spans = args.sequenceSet(uid).positions(view.uids)
-        name = self._mailboxArg(tag, args)
+        name = self._mailboxArg(args)
         args.end()
-        if name is None:
-            return None
         verb = b"MOVE" if move else b"COPY"
         if move and not view.writable:
             self._done(tag, b"NO [READ-ONLY] Mailbox is read-only", verb, uid)
@@ -1079,25 +1122,34 @@ class IMAPServer(imap4.IMAP4Server):
         self.framer.lineHandler = self._idleLine
 
     def _stopWatching(self) -> None:
-        if self._watching is not None:
-            self._watching.unwatch()
-            self._watching = None
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.unwatch()
 
     def _idleLine(self, line: bytes) -> None:
         tag, self.idling = self.idling, None
         metrics.imapIdleSessions.dec()
         self._stopWatching()
-        if line.strip().upper() != b"DONE":
+        # RFC 2177: IDLE ends on "DONE" alone; anything else ends it too,
+        # as an error (the framer reads past a literal it announces).
+        if line.upper() != b"DONE":
             self._send(tag + b" BAD Expected DONE")
             return
         self._done(tag, b"OK IDLE terminated")
+
+
+class _InvalidMailbox(Exception):
+    """
+    A mailbox argument that is not a valid folder name (answered NO).
+    """
 
 
 def _flagBits(names: list[bytes]) -> tuple[int, list[str]]:
     """
     The flag bits and keyword names of a flag list.
 
-    @raise BadCommand: for an unknown system flag.
+    @raise BadCommand: for an unknown system flag or a keyword that is
+        not an atom (it would be stored, and break every client's FLAGS).
     """
     bits = 0
     keywords = []
@@ -1110,8 +1162,10 @@ def _flagBits(names: list[bytes]) -> tuple[int, list[str]]:
             continue
         elif name.startswith(b"\\"):
             raise BadCommand("Unknown system flag")
+        elif not wire.isKeyword(name):
+            raise BadCommand("Keywords must be atoms")
         else:
-            keywords.append(name.decode("ascii", "replace"))
+            keywords.append(name.decode("ascii"))
     return bits, keywords
 
 

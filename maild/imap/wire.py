@@ -5,6 +5,7 @@ mailbox names, dates and flags.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import re
 import time
@@ -93,37 +94,56 @@ def internalDate(seconds: float) -> bytes:
     )
 
 
+# RFC 3501 section 9: date-time = DQUOTE date-day-fixed "-" date-month "-"
+# date-year SP time SP zone DQUOTE, date-day-fixed = (SP DIGIT) / 2DIGIT
+# (a lone digit is taken too).  Fixed widths: no number of a thousand
+# digits ever reaches int().
+_DATE_TIME = re.compile(
+    rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})\Z"
+)
+# date = date-text / DQUOTE date-text DQUOTE, date-text = date-day "-"
+# date-month "-" date-year, date-day = 1*2DIGIT.
+_DATE = re.compile(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})\Z")
+
+
 def parseDateTime(value: bytes) -> float | None:
     """
     Seconds since the epoch for an APPEND date-time
-    (C{" 7-Jul-1996 02:44:25 -0700"}), or None if malformed.
+    (C{" 7-Jul-1996 02:44:25 -0700"}), or None if malformed or if it
+    names no real moment (31-Feb, hour 25, zone minutes over 59).
     """
-    import calendar
-
-    try:
-        date, clock, zone = value.strip().split(b" ")
-        day, month, year = date.split(b"-")
-        hour, minute, second = (int(x) for x in clock.split(b":"))
-        monthNumber = _MONTH_NUMBERS[month.lower()]
-        if len(zone) != 5 or zone[:1] not in b"+-" or not zone[1:].isdigit():
-            return None
-        offset = (int(zone[1:3]) * 60 + int(zone[3:5])) * 60
-        if zone[:1] == b"-":
-            offset = -offset
-        stamp = calendar.timegm((int(year), monthNumber, int(day), hour, minute, second))
-    except (ValueError, KeyError, OverflowError):
+    m = _DATE_TIME.match(value)
+    if m is None:
         return None
-    return stamp - offset
-
-
-def parseSearchDate(value: bytes) -> tuple[int, int, int] | None:
-    """
-    An RFC 3501 C{date} (C{1-Feb-1994}) as (year, month, day).
-    """
+    day, month, year, hour, minute, second, sign, zoneHours, zoneMinutes = m.groups()
+    monthNumber = _MONTH_NUMBERS.get(month.lower())
+    if monthNumber is None or int(zoneMinutes) > 59:
+        return None
     try:
-        day, month, year = value.split(b"-")
-        return int(year), _MONTH_NUMBERS[month.lower()], int(day)
-    except (ValueError, KeyError):
+        moment = datetime.datetime(
+            int(year), monthNumber, int(day), int(hour), int(minute), int(second), tzinfo=datetime.timezone.utc
+        )
+    except ValueError:
+        return None
+    offset = (int(zoneHours) * 60 + int(zoneMinutes)) * 60
+    return moment.timestamp() - (offset if sign == b"+" else -offset)
+
+
+def parseSearchDate(value: bytes) -> datetime.date | None:
+    """
+    An RFC 3501 C{date} (C{1-Feb-1994}), or None if malformed or not a
+    real day.
+    """
+    m = _DATE.match(value)
+    if m is None:
+        return None
+    day, month, year = m.groups()
+    monthNumber = _MONTH_NUMBERS.get(month.lower())
+    if monthNumber is None:
+        return None
+    try:
+        return datetime.date(int(year), monthNumber, int(day))
+    except ValueError:
         return None
 
 
@@ -142,12 +162,35 @@ FLAG_BITS = {name.lower(): bit for bit, name in SYSTEM_FLAGS}
 RECENT = b"\\Recent"
 
 
+# RFC 3501 section 9: flag-keyword = atom; ATOM-CHAR is any CHAR (7-bit)
+# but the atom-specials ( ) { SP CTL % * " \ ].
+_KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+\Z')
+
+
+def isKeyword(name: bytes) -> bool:
+    """
+    Whether C{name} may be a keyword: an atom, so that it can go back to
+    every client inside FLAGS and PERMANENTFLAGS.
+    """
+    return _KEYWORD.match(name) is not None
+
+
+def keywordNames(keywords: list[str]) -> list[bytes]:
+    """
+    The keywords that can be shown, as octets: a name another program
+    wrote in C{dovecot-keywords} that is no atom would break the response
+    for every client, and is left out.
+    """
+    names = (k.encode("utf-8", "replace") for k in keywords)
+    return [name for name in names if isKeyword(name)]
+
+
 def flagNames(bits: int, keywords: list[str], recent: bool) -> bytes:
     """
     The FLAGS list of a message.
     """
     names = [name for bit, name in SYSTEM_FLAGS if bits & bit]
-    names.extend(k.encode("utf-8") for k in keywords)
+    names.extend(keywordNames(keywords))
     if recent:
         names.append(RECENT)
     return b"(" + b" ".join(names) + b")"

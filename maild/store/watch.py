@@ -68,20 +68,30 @@ class FolderWatcher:
         self._watched[folder] = count + 1
         if count:
             return
+        if not self._watchWithInotify(folder):
+            self._startPolling()
+
+    def _watchWithInotify(self, folder: Folder) -> bool:
+        """
+        Watch C{folder}'s directories with inotify.
+
+        @return: whether inotify watches it now.
+        """
         notifier = self._inotify()
-        if notifier is not None:
-            mask = inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM | inotify.IN_DELETE
-            try:
-                for sub in ("new", "cur"):
-                    notifier.watch(
-                        FilePath(str(folder.path / sub)),
-                        mask=mask,
-                        callbacks=[lambda _, path, mask, folder=folder: self._changed(folder)],
-                    )
-                return
-            except Exception as e:
-                log.warn("cannot watch {path} ({error}): polling it instead", path=str(folder.path), error=e)
-        self._startPolling()
+        if notifier is None:
+            return False
+        mask = inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM | inotify.IN_DELETE
+        try:
+            for sub in ("new", "cur"):
+                notifier.watch(
+                    FilePath(str(folder.path / sub)),
+                    mask=mask,
+                    callbacks=[lambda _, path, mask, folder=folder: self._event(folder, mask)],
+                )
+        except Exception as e:
+            log.warn("cannot watch {path} ({error}): polling it instead", path=str(folder.path), error=e)
+            return False
+        return True
 
     def unwatch(self, folder: Folder) -> None:
         count = self._watched.get(folder, 0) - 1
@@ -96,8 +106,26 @@ class FolderWatcher:
             for sub in ("new", "cur"):
                 try:
                     self._notifier.ignore(FilePath(str(folder.path / sub)))
-                except KeyError:
-                    pass  # never watched (the folder was gone already)
+                except (KeyError, OSError):
+                    # Its directory was deleted: inotify forgot it already.
+                    pass
+
+    def _event(self, folder: Folder, mask: int) -> None:
+        if mask & inotify.IN_DELETE_SELF and self._notifier is not None:
+            # A watched directory was deleted (DELETE or RENAME of the
+            # folder).  Twisted's INotify then closes itself, forgetting
+            # every other folder's watch: start a new one for the folders
+            # still there, once this event is handled.
+            self._notifier = None
+            self.reactor.callLater(0, self._renewInotify)
+        self._changed(folder)
+
+    def _renewInotify(self) -> None:
+        if not self._useInotify or self._notifier is not None:
+            return
+        for folder in list(self._watched):
+            if (folder.path / "cur").is_dir() and not self._watchWithInotify(folder):
+                self._startPolling()
 
     def _changed(self, folder: Folder) -> None:
         if folder in self._watched and folder not in self._pending:
