@@ -163,6 +163,10 @@ class Config:
     # Files left in tmp/ longer than this are removed (the Maildir spec
     # says 36 hours).
     tmp_grace: float = 36 * 3600.0
+    # How sessions waiting in IDLE learn of other programs' changes:
+    # "inotify" (this machine's writers), "poll" (every few seconds; what a
+    # shared file system such as NFS needs).
+    watch: str = "inotify"
     # Whether IMAP and POP3 take passwords before TLS: "loopback" only from
     # loopback addresses, "always" everywhere, "never" nowhere.
     plaintext_auth: str = "loopback"
@@ -368,8 +372,10 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 problems, "store.tmp_grace", value, (int, float)
             ):
                 values["tmp_grace"] = float(value)
-            elif name not in ("sync", "tmp_grace"):
-                problems.append(f"store.{name}: unknown key (known: sync, tmp_grace)")
+            elif name == "watch" and _checkType(problems, "store.watch", value, (str,)):
+                values["watch"] = value
+            elif name not in ("sync", "tmp_grace", "watch"):
+                problems.append(f"store.{name}: unknown key (known: sync, tmp_grace, watch)")
     auth = raw.get("auth", {})
     if _checkType(problems, "auth", auth, (dict,)):
         for name, value in auth.items():
@@ -468,6 +474,8 @@ def loadConfig(
         if file is not None and not _readable(file):
             problems.append(f"tls.{name}: cannot read {file}")
 
+    if values.get("watch", defaults.watch) not in ("inotify", "poll"):
+        problems.append(f"store.watch: must be 'inotify' or 'poll', got {values['watch']!r}")
     if values.get("sync", defaults.sync) not in ("fsync", "syncfs"):
         problems.append(f"store.sync: must be 'fsync' or 'syncfs', got {values['sync']!r}")
     if values.get("plaintext_auth", defaults.plaintext_auth) not in (

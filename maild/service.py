@@ -123,7 +123,7 @@ class MailService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
-        self.store = MailStore(config.data_dir, self.committer)
+        self.store = MailStore(config.data_dir, self.committer, watch=config.watch)
         self.accounts = Accounts(config.usersFile)
         if config.dev.enabled:
             self.devMailbox = devMailbox(config.domains)

@@ -75,12 +75,18 @@ class MailStore:
     KEEP_MESSAGES = 200_000
     KEEP_FOLDERS = 64
 
-    def __init__(self, dataDir: Path, committer: Committer | None = None) -> None:
+    def __init__(
+        self, dataDir: Path, committer: Committer | None = None, watch: str = "inotify"
+    ) -> None:
         self.root = dataDir / "mail"
         self.spool = dataDir / "tmp"
         self.committer = committer
         self._spool = Spool(self.spool, committer.reactor) if committer is not None else None
-        self.watcher = FolderWatcher(committer.reactor) if committer is not None else None
+        self.watcher = (
+            FolderWatcher(committer.reactor, useInotify=watch == "inotify")
+            if committer is not None
+            else None
+        )
         self._folders: weakref.WeakValueDictionary[Path, Folder] = (
             weakref.WeakValueDictionary()
         )

@@ -33,9 +33,13 @@ class FolderWatcher:
         inotify cannot be used.
     @param settle: seconds to wait after an event before refreshing, so a
         burst of changes costs one refresh.
+    @param useInotify: False to poll even where inotify works (a shared
+        file system: inotify does not see other machines' writes).
     """
 
-    def __init__(self, reactor, pollInterval: float = 5.0, settle: float = 0.02) -> None:
+    def __init__(
+        self, reactor, pollInterval: float = 5.0, settle: float = 0.02, useInotify: bool = True
+    ) -> None:
         self.reactor = reactor
         self.pollInterval = pollInterval
         self.settle = settle
@@ -43,7 +47,7 @@ class FolderWatcher:
         self._pending: dict[Folder, object] = {}
         self._notifier = None
         # Whether inotify may still be tried (it is set up on first use).
-        self._useInotify = inotify is not None
+        self._useInotify = useInotify and inotify is not None
         self._poller: task.LoopingCall | None = None
 
     def _inotify(self):
