@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from maild.names import InvalidName, normalizeAddress, normalizeDomain
 
@@ -136,6 +137,8 @@ class ClusterSettings:
     workers: int = 1
     # Who may put a PROXY header in front of a connection (haproxy: listeners).
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # redis://host:port/db shared by every node; empty for none.
+    redis: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ class Config:
     tmp_grace: float = 36 * 3600.0
     # How sessions waiting in IDLE learn of other programs' changes:
     # "inotify" (this machine's writers), "poll" (every few seconds; what a
-    # shared file system such as NFS needs).
+    # shared file system such as NFS needs), "redis" (notices from every
+    # node through [cluster] redis, polling while Redis is away).
     watch: str = "inotify"
     # Whether IMAP and POP3 take passwords before TLS: "loopback" only from
     # loopback addresses, "always" everywhere, "never" nowhere.
@@ -474,8 +478,6 @@ def loadConfig(
         if file is not None and not _readable(file):
             problems.append(f"tls.{name}: cannot read {file}")
 
-    if values.get("watch", defaults.watch) not in ("inotify", "poll"):
-        problems.append(f"store.watch: must be 'inotify' or 'poll', got {values['watch']!r}")
     if values.get("sync", defaults.sync) not in ("fsync", "syncfs"):
         problems.append(f"store.sync: must be 'fsync' or 'syncfs', got {values['sync']!r}")
     if values.get("plaintext_auth", defaults.plaintext_auth) not in (
@@ -492,6 +494,17 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
+    if values.get("watch", defaults.watch) not in ("inotify", "poll", "redis"):
+        problems.append(
+            f"store.watch: must be 'inotify', 'poll' or 'redis', got {values['watch']!r}"
+        )
+    if values.get("watch") == "redis" and not tables["cluster"].redis:
+        problems.append("store.watch: 'redis' needs [cluster] redis")
+    if tables["cluster"].redis:
+        try:
+            parseRedisURL(tables["cluster"].redis)
+        except ValueError as e:
+            problems.append(f"cluster.redis: {e}")
     if tables["web"].metrics not in ("trusted", "anyone"):
         problems.append(f"web.metrics: must be 'trusted' or 'anyone', got {tables['web'].metrics!r}")
     if tables["dev"].enabled and not tables["dev"].public:
@@ -519,6 +532,19 @@ def loadConfig(
         catchall=MappingProxyType(values.pop("catchall", {})),
         **{k: (Path(v) if k == "data_dir" else v) for k, v in values.items()},
     )
+
+
+def parseRedisURL(url: str) -> tuple[str, int, int, str | None]:
+    """
+    C{redis://[:password@]host[:port][/db]} as (host, port, db, password).
+
+    @raise ValueError: for another scheme or a bad number.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    db = int(parts.path.strip("/") or 0)
+    return parts.hostname, parts.port or 6379, db, parts.password
 
 
 def _endpointInterface(description: str) -> str | None:

@@ -12,29 +12,17 @@ from __future__ import annotations
 import os
 import socket
 from typing import Callable
-from urllib.parse import urlsplit
 
 import txredisapi
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
+from maild.config import parseRedisURL
+
 log = Logger()
 
 CHANNEL_PREFIX = "maild:"
-
-
-def parseRedisURL(url: str) -> tuple[str, int, int, str | None]:
-    """
-    C{redis://[:password@]host[:port][/db]} as (host, port, db, password).
-
-    @raise ValueError: for another scheme or a bad number.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"not a redis:// URL: {url!r}")
-    db = int(parts.path.strip("/") or 0)
-    return parts.hostname, parts.port or 6379, db, parts.password
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):

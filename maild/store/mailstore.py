@@ -76,14 +76,20 @@ class MailStore:
     KEEP_FOLDERS = 64
 
     def __init__(
-        self, dataDir: Path, committer: Committer | None = None, watch: str = "inotify"
+        self,
+        dataDir: Path,
+        committer: Committer | None = None,
+        watch: str = "inotify",
+        events=None,
     ) -> None:
         self.root = dataDir / "mail"
         self.spool = dataDir / "tmp"
         self.committer = committer
         self._spool = Spool(self.spool, committer.reactor) if committer is not None else None
         self.watcher = (
-            FolderWatcher(committer.reactor, useInotify=watch == "inotify")
+            FolderWatcher(
+                committer.reactor, useInotify=watch == "inotify", root=self.root, events=events
+            )
             if committer is not None
             else None
         )
@@ -114,6 +120,8 @@ class MailStore:
         folder = self._folders.get(path)
         if folder is None:
             folder = Folder(name, path)
+            if self.watcher is not None:
+                folder.onOwnChange = self.watcher.tellOthers
             self._folders[path] = folder
         self._recent[path] = folder
         self._recent.move_to_end(path)
@@ -159,6 +167,9 @@ class MailStore:
                 folder = self._folders.get(path.parent.parent)
                 if folder is not None:
                     folder.addPlaced([path], origin=origin)
+                elif self.watcher is not None:
+                    # Not open here, but perhaps in another process.
+                    self.watcher.tellOthersAbout(path.parent.parent)
             return paths
 
         return d.addCallback(announce)
