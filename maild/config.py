@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from maild.names import InvalidName, normalizeAddress, normalizeDomain
 
@@ -212,6 +213,8 @@ class ClusterSettings:
     workers: int = 1
     # Who may put a PROXY header in front of a connection (haproxy: listeners).
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # redis://host:port/db shared by every node; empty for none.
+    redis: str = ""
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,11 @@ class Config:
     # Files left in tmp/ longer than this are removed (the Maildir spec
     # says 36 hours).
     tmp_grace: float = 36 * 3600.0
+    # How sessions waiting in IDLE learn of other programs' changes:
+    # "inotify" (this machine's writers), "poll" (every few seconds; what a
+    # shared file system such as NFS needs), "redis" (notices from every
+    # node through [cluster] redis, polling while Redis is away).
+    watch: str = "inotify"
     # Whether IMAP and POP3 take passwords before TLS: "loopback" only from
     # loopback addresses, "always" everywhere, "never" nowhere.
     plaintext_auth: str = "loopback"
@@ -448,8 +456,10 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 problems, "store.tmp_grace", value, (int, float)
             ):
                 values["tmp_grace"] = float(value)
-            elif name not in ("sync", "tmp_grace"):
-                problems.append(f"store.{name}: unknown key (known: sync, tmp_grace)")
+            elif name == "watch" and _checkType(problems, "store.watch", value, (str,)):
+                values["watch"] = value
+            elif name not in ("sync", "tmp_grace", "watch"):
+                problems.append(f"store.{name}: unknown key (known: sync, tmp_grace, watch)")
     auth = raw.get("auth", {})
     if _checkType(problems, "auth", auth, (dict,)):
         for name, value in auth.items():
@@ -595,6 +605,17 @@ def loadConfig(
             f"mx.dmarc: must be one of {', '.join(DMARC_POLICIES)}, got {tables['mx'].dmarc!r}"
         )
     problems += _relayProblems(tables["relay"])
+    if values.get("watch", defaults.watch) not in ("inotify", "poll", "redis"):
+        problems.append(
+            f"store.watch: must be 'inotify', 'poll' or 'redis', got {values['watch']!r}"
+        )
+    if values.get("watch") == "redis" and not tables["cluster"].redis:
+        problems.append("store.watch: 'redis' needs [cluster] redis")
+    if tables["cluster"].redis:
+        try:
+            parseRedisURL(tables["cluster"].redis)
+        except ValueError as e:
+            problems.append(f"cluster.redis: {e}")
     if tables["web"].metrics not in ("trusted", "anyone"):
         problems.append(f"web.metrics: must be 'trusted' or 'anyone', got {tables['web'].metrics!r}")
     if tables["dev"].enabled and not tables["dev"].public:
@@ -638,6 +659,17 @@ def _relayProblems(relay: RelaySettings) -> list[str]:
     if relay.smarthost_user and relay.smarthost_password_file is None:
         problems.append("relay.smarthost_user: give smarthost_password_file too")
     return problems
+def parseRedisURL(url: str) -> tuple[str, int, int, str | None]:
+    """
+    C{redis://[:password@]host[:port][/db]} as (host, port, db, password).
+
+    @raise ValueError: for another scheme or a bad number.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    db = int(parts.path.strip("/") or 0)
+    return parts.hostname, parts.port or 6379, db, parts.password
 
 
 def _endpointInterface(description: str) -> str | None:

@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
+from maild.cluster import RedisLink
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
@@ -126,7 +127,15 @@ class MailService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
-        self.store = MailStore(config.data_dir, self.committer)
+        self.redis = RedisLink(config.cluster.redis, reactor) if config.cluster.redis else None
+        if self.redis is not None:
+            self.redis.setServiceParent(self)
+        self.store = MailStore(
+            config.data_dir,
+            self.committer,
+            watch=config.watch,
+            events=self.redis if config.watch == "redis" else None,
+        )
         self.accounts = Accounts(config.usersFile)
         if config.dev.enabled:
             self.devMailbox = devMailbox(config.domains)

@@ -19,7 +19,7 @@ import os
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Protocol, Sequence
+from typing import IO, Callable, Iterable, Protocol, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -116,6 +116,9 @@ class Folder:
         self.missing = False
         # Base names of expunged messages whose files a thread is removing.
         self._unlinking: set[str] = set()
+        # Called after each change this process makes (not those it finds
+        # on disk), to tell other processes (L{maild.store.watch}).
+        self.onOwnChange: Callable[["Folder"], None] | None = None
 
     # Reading the index ----------------------------------------------------
 
@@ -304,10 +307,12 @@ class Folder:
     def listeners(self) -> Sequence[FolderListener]:
         return tuple(self._listeners)
 
-    def _announce(self, change: FolderChange) -> None:
+    def _announce(self, change: FolderChange, own: bool = True) -> None:
         if change:
             for listener in tuple(self._listeners):
                 listener.folderChanged(self, change)
+            if own and self.onOwnChange is not None:
+                self.onOwnChange(self)
 
     def _dirMtimes(self) -> dict[str, int]:
         # Every command of every session asks: string paths, not pathlib's
@@ -343,7 +348,7 @@ class Folder:
             return self._gone()
         changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
         change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
-        self._announce(change)
+        self._announce(change, own=False)
         return change
 
     def _gone(self) -> FolderChange:

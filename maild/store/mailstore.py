@@ -90,12 +90,24 @@ class MailStore:
     KEEP_MESSAGES = 200_000
     KEEP_FOLDERS = 64
 
-    def __init__(self, dataDir: Path, committer: Committer | None = None) -> None:
+    def __init__(
+        self,
+        dataDir: Path,
+        committer: Committer | None = None,
+        watch: str = "inotify",
+        events=None,
+    ) -> None:
         self.root = dataDir / "mail"
         self.spool = dataDir / "tmp"
         self.committer = committer
         self._spool = Spool(self.spool, committer.reactor) if committer is not None else None
-        self.watcher = FolderWatcher(committer.reactor) if committer is not None else None
+        self.watcher = (
+            FolderWatcher(
+                committer.reactor, useInotify=watch == "inotify", root=self.root, events=events
+            )
+            if committer is not None
+            else None
+        )
         self._folders: weakref.WeakValueDictionary[Path, Folder] = (
             weakref.WeakValueDictionary()
         )
@@ -127,6 +139,8 @@ class MailStore:
         folder = self._folders.get(path)
         if folder is None:
             folder = Folder(name, path, self, uidValidities)
+            if self.watcher is not None:
+                folder.onOwnChange = self.watcher.tellOthers
             self._folders[path] = folder
         self._recent[path] = folder
         self._recent.move_to_end(path)
@@ -185,6 +199,9 @@ class MailStore:
                         folder.addPlaced([path], origin=origin)
                     except FolderMissing:
                         pass  # deleted meanwhile: whoever placed it is told
+                elif self.watcher is not None:
+                    # Not open here, but perhaps in another process.
+                    self.watcher.tellOthersAbout(path.parent.parent)
             return paths
 
         return d.addCallback(announce)

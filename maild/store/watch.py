@@ -11,6 +11,8 @@ other machines' changes), watched folders are looked at every few seconds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
@@ -33,17 +35,39 @@ class FolderWatcher:
         inotify cannot be used.
     @param settle: seconds to wait after an event before refreshing, so a
         burst of changes costs one refresh.
+    @param useInotify: False to poll even where inotify works (a shared
+        file system: inotify does not see other machines' writes).
+    @param events: a L{maild.cluster.RedisLink}: change notices published
+        by every process on the data folder (this one's own changes are
+        sent there too); polling takes over while it is down.
+    @param root: the store's root, to which folder paths in notices are
+        relative (nodes may mount the shared folder in different places).
     """
 
-    def __init__(self, reactor, pollInterval: float = 5.0, settle: float = 0.02) -> None:
+    def __init__(
+        self,
+        reactor,
+        pollInterval: float = 5.0,
+        settle: float = 0.02,
+        useInotify: bool = True,
+        root: Path | None = None,
+        events=None,
+    ) -> None:
         self.reactor = reactor
+        self.root = root
+        self.events = events
+        if events is not None:
+            useInotify = False
+            events.listen("folder", self._notice)
+            # Notices sent while the link was down are lost: look again.
+            events.listen("reconnected", lambda _: self._refreshAll())
         self.pollInterval = pollInterval
         self.settle = settle
         self._watched: dict[Folder, int] = {}
         self._pending: dict[Folder, object] = {}
         self._notifier = None
         # Whether inotify may still be tried (it is set up on first use).
-        self._useInotify = inotify is not None
+        self._useInotify = useInotify and inotify is not None
         self._poller: task.LoopingCall | None = None
 
     def _inotify(self):
@@ -138,6 +162,28 @@ class FolderWatcher:
         except OSError as e:
             log.error("cannot look at {path}: {error}", path=str(folder.path), error=e)
 
+    # Between processes (Redis) ----------------------------------------------
+
+    def tellOthers(self, folder: Folder) -> None:
+        """
+        Publish that this process changed C{folder}.
+        """
+        self.tellOthersAbout(folder.path)
+
+    def tellOthersAbout(self, path: Path) -> None:
+        if self.events is None or self.root is None:
+            return
+        key = path.relative_to(self.root).as_posix()
+        self.events.publish("folder", key).addErrback(lambda _: None)
+
+    def _notice(self, key: str) -> None:
+        if self.root is None or ".." in key.split("/"):
+            return
+        path = self.root / key
+        for folder in self._watched:
+            if folder.path == path:
+                self._changed(folder)
+
     def _startPolling(self) -> None:
         if self._poller is None:
             self._poller = task.LoopingCall(self._poll)
@@ -145,6 +191,12 @@ class FolderWatcher:
             self._poller.start(self.pollInterval, now=False)
 
     def _poll(self) -> None:
+        if self.events is not None and self.events.up:
+            # The notices say when to look.
+            return
+        self._refreshAll()
+
+    def _refreshAll(self) -> None:
         for folder in list(self._watched):
             self._refresh(folder)
 

@@ -1,0 +1,148 @@
+"""
+One node's link to Redis: a connection for commands and one subscribed to
+maild's channels, both reconnecting by themselves (txredisapi, in the
+reactor, never a blocking call).
+
+Every command has a short deadline: a Redis that hangs is treated as one
+that is down, so a login or a delivery never waits on it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable
+
+import txredisapi
+from twisted.application import service
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger
+
+from maild.config import parseRedisURL
+
+log = Logger()
+
+CHANNEL_PREFIX = "maild:"
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def connectionMade(self):
+        txredisapi.SubscriberProtocol.connectionMade(self)
+        self.factory.link._subscriberUp(self)
+
+    def connectionLost(self, reason):
+        txredisapi.SubscriberProtocol.connectionLost(self, reason)
+        self.factory.link._subscriberDown()
+
+    def messageReceived(self, pattern, channel, message):
+        self.factory.link._received(channel, message)
+
+
+class _SubscriberFactory(txredisapi.SubscriberFactory):
+    protocol = _Subscriber
+    # Come back quickly after Redis restarts; IDLE sessions rely on it.
+    maxDelay = 2
+
+    def __init__(self, link: "RedisLink") -> None:
+        txredisapi.SubscriberFactory.__init__(self)
+        self.link = link
+
+
+class RedisLink(service.Service):
+    """
+    @ivar up: whether Redis answers (the subscription is connected and the
+        last command did not fail or time out).
+    @param timeout: seconds a command may take before it counts as failed.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str, reactor, timeout: float = 0.5, warnEvery: float = 60.0) -> None:
+        self.host, self.port, self.db, self.password = parseRedisURL(url)
+        self.reactor = reactor
+        self.timeout = timeout
+        self.warnEvery = warnEvery
+        self.up = False
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self._listeners: dict[str, list[Callable[[str], None]]] = {}
+        self._commands = None
+        self._subscriberFactory: _SubscriberFactory | None = None
+        self._warner: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=2)
+        self._commands = txredisapi.RedisFactory(
+            None, self.db, 1, isLazy=True, password=self.password, replyTimeout=self.timeout
+        )
+        self._commands.maxDelay = 2
+        self._commands.startConnecting(endpoint)
+        self._subscriberFactory = _SubscriberFactory(self)
+        self._subscriberFactory.password = self.password
+        self._subscriberFactory.startConnecting(endpoint)
+        self._warner = task.LoopingCall(self._warnIfDown)
+        self._warner.clock = self.reactor
+        self._warner.start(self.warnEvery, now=False)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._warner is not None and self._warner.running:
+            self._warner.stop()
+        stopped = [f.disconnect() for f in (self._commands, self._subscriberFactory) if f is not None]
+        return defer.gatherResults(stopped, consumeErrors=True).addErrback(lambda _: None)
+
+    def _warnIfDown(self) -> None:
+        if not self.up:
+            log.warn(
+                "Redis at {host}:{port} is unreachable: this node counts and polls by itself",
+                host=self.host, port=self.port,
+            )
+
+    # Events --------------------------------------------------------------
+
+    def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """
+        Call C{callback(message)} for each message published on C{channel}
+        by any node (this one included).
+        """
+        self._listeners.setdefault(channel, []).append(callback)
+
+    def publish(self, channel: str, message: str) -> defer.Deferred:
+        return self.call("publish", CHANNEL_PREFIX + channel, message)
+
+    def _subscriberUp(self, protocol) -> None:
+        protocol.psubscribe(CHANNEL_PREFIX + "*").addErrback(lambda _: None)
+        if not self.up:
+            log.info("Redis at {host}:{port} reached", host=self.host, port=self.port)
+        self.up = True
+        for callback in self._listeners.get("reconnected", []):
+            callback("")
+
+    def _subscriberDown(self) -> None:
+        if self.up:
+            log.warn("lost Redis at {host}:{port}; reconnecting", host=self.host, port=self.port)
+        self.up = False
+
+    def _received(self, channel, message) -> None:
+        if isinstance(channel, bytes):
+            channel = channel.decode("utf-8", "replace")
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        for callback in self._listeners.get(channel[len(CHANNEL_PREFIX):], []):
+            try:
+                callback(message)
+            except Exception:
+                log.failure("handling a Redis message on {channel}", channel=channel)
+
+    # Commands ------------------------------------------------------------
+
+    def call(self, command: str, *args) -> defer.Deferred:
+        """
+        Run one Redis command; fails at once when Redis is down, and after
+        C{timeout} seconds when it does not answer.
+        """
+        if not self.up or self._commands is None:
+            return defer.fail(txredisapi.ConnectionError("Redis is unreachable"))
+        d = defer.maybeDeferred(getattr(self._commands.handler, command), *args)
+        d.addTimeout(self.timeout, self.reactor)
+        return d

@@ -1,0 +1,178 @@
+"""
+A cluster on loopback for tests and benchmarks: N maild nodes (separate
+twistd processes) on one data folder, real HAProxy in front of them
+(PROXY protocol v2), and optionally a real Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support import freePort, writeUsers
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL_NAMES = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
+
+
+def missing(*programs: str) -> str | None:
+    """
+    Why a cluster cannot be started here, or None.
+    """
+    for program in programs:
+        if shutil.which(program) is None:
+            return f"{program} is not installed (Debian package; .ci/run installs it)"
+    return None
+
+
+def waitForPort(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+class Node:
+    """
+    One maild process: SMTP and IMAP behind the PROXY protocol, plus a
+    plain HTTP listener for /healthz.
+    """
+
+    def __init__(self, number: int, folder: Path, config: str) -> None:
+        self.number = number
+        self.folder = folder
+        self.config = config
+        self.ports = {"smtp": freePort(), "imap": freePort(), "http": freePort()}
+        self.log = folder / f"node{number}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        listeners = []
+        for name in PROTOCOL_NAMES:
+            port = self.ports.get(name)
+            if port is None:
+                listeners.append(f"--{name}=none")
+            elif name == "http":
+                listeners.append(f"--{name}=tcp:{port}:interface=127.0.0.1")
+            else:
+                listeners.append(f"--{name}=haproxy:tcp:{port}:interface=127.0.0.1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "--logfile", str(self.log), "maild", "--config", self.config,
+             f"--hostname=node{self.number}.test", *listeners],
+            cwd=self.folder,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        waitForPort(self.ports["http"], process=self.process)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logText(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Cluster:
+    """
+    C{size} nodes on one data folder behind HAProxy: C{frontends["smtp"]}
+    spreads SMTP round-robin over the nodes, C{frontends["imap"]} IMAP;
+    C{frontends["imap1"]}... reach one node each.
+    """
+
+    def __init__(self, folder: Path, size: int = 3, users: dict[str, str] | None = None,
+                 config: str = "", redis: bool = False) -> None:
+        self.folder = folder
+        self.dataDir = folder / "data"
+        writeUsers(self.dataDir, users or {})
+        self.redisPort = freePort() if redis else None
+        text = f'data_dir = "{self.dataDir}"\ndomains = ["localhost"]\n' + config
+        if redis:
+            text += f'\n[cluster]\nredis = "redis://127.0.0.1:{self.redisPort}/0"\n'
+        self.configPath = folder / "maild.toml"
+        self.configPath.write_text(text)
+        self.nodes = [Node(n, folder, str(self.configPath)) for n in range(1, size + 1)]
+        self.frontends: dict[str, int] = {}
+        self.haproxy: subprocess.Popen | None = None
+        self.redis: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.redisPort is not None:
+            self.startRedis()
+        for node in self.nodes:
+            node.start()
+        self.startHAProxy()
+
+    def startRedis(self) -> None:
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redisPort), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        waitForPort(self.redisPort, process=self.redis)
+
+    def stopRedis(self) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(timeout=30)
+
+    def startHAProxy(self) -> None:
+        lines = [
+            "global", "  maxconn 4000",
+            "defaults", "  mode tcp", "  timeout connect 2s", "  timeout client 60s",
+            "  timeout server 60s", "  retries 3", "  option redispatch",
+        ]
+        for service, balance in (("smtp", "roundrobin"), ("imap", "leastconn")):
+            port = self.frontends[service] = freePort()
+            lines += [f"frontend {service}", f"  bind 127.0.0.1:{port}", f"  default_backend {service}",
+                      f"backend {service}", f"  balance {balance}"]
+            lines += [
+                f"  server node{n.number} 127.0.0.1:{n.ports[service]} send-proxy-v2 check inter 200ms fall 2"
+                for n in self.nodes
+            ]
+        for node in self.nodes:
+            port = self.frontends[f"imap{node.number}"] = freePort()
+            lines += [f"listen imap{node.number}", f"  bind 127.0.0.1:{port}",
+                      f"  server node{node.number} 127.0.0.1:{node.ports['imap']} send-proxy-v2"]
+        path = self.folder / "haproxy.cfg"
+        path.write_text("\n".join(lines) + "\n")
+        self.haproxy = subprocess.Popen(
+            ["haproxy", "-f", str(path), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        for port in self.frontends.values():
+            waitForPort(port, process=self.haproxy)
+
+    def stop(self) -> None:
+        if self.haproxy is not None and self.haproxy.poll() is None:
+            self.haproxy.terminate()
+            self.haproxy.wait(timeout=30)
+        for node in self.nodes:
+            node.stop()
+        self.stopRedis()
+
+    def maildir(self, address: str, folder: str = "") -> Path:
+        local, _, domain = address.partition("@")
+        return self.dataDir / "mail" / domain / local / (f".{folder}" if folder else "")

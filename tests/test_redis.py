@@ -1,0 +1,146 @@
+"""
+Nodes that share a data folder and a Redis (real redis-server on
+loopback): change notices reach IDLE sessions on the other node at once,
+with inotify off; when Redis goes away the nodes keep serving and poll,
+and they come back to it by themselves.
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.trial import unittest
+
+from maild.service import MailService
+from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, writeUsers
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        self.port = freePort()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+def waitUntil(condition, timeout: float = 10.0):
+    @defer.inlineCallbacks
+    def poll():
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError("timed out")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    return poll()
+
+
+class TwoNodesTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+        self.redisServer = RedisServer()
+        self.redisServer.start()
+        self.addCleanup(self.redisServer.stop)
+        self.dataDir = Path(self.mktemp()).resolve()
+        writeUsers(self.dataDir, {"alice@localhost": PASSWORD})
+        self.nodes = []
+        for _ in range(2):
+            config = makeConfig(
+                self.dataDir,
+                ("smtp", "imap"),
+                watch="redis",
+                cluster={"redis": f"redis://127.0.0.1:{self.redisServer.port}/0"},
+            )
+            node = MailService(config, reactor)
+            # Polling (the fallback, idle while Redis is up) is quick here,
+            # so that the fallback test does not wait five seconds.
+            node.store.watcher.pollInterval = 0.2
+            node.startService()
+            self.addCleanup(node.stopService)
+            self.nodes.append(node)
+        yield defer.gatherResults(
+            [lst.ready for node in self.nodes for lst in node.listeners.values()]
+        )
+        yield waitUntil(lambda: all(node.redis.up for node in self.nodes))
+
+    def idleOn(self, node: MailService) -> IMAPClient:
+        client = IMAPClient(node.port("imap"))
+        client.readLine()
+        client.login()
+        client.command(b"s SELECT INBOX")
+        client.send(b"i IDLE\r\n")
+        assert client.readLine() == b"+ idling"
+        return client
+
+    def deliverThrough(self, node: MailService, subject: str) -> None:
+        with smtplib.SMTP("127.0.0.1", node.port("smtp")) as s:
+            s.sendmail("carol@remote.test", ["alice@localhost"], f"Subject: {subject}\r\n\r\nx\r\n")
+
+    def deliveryHeard(self, deadline: float) -> bool:
+        """
+        An IDLE session on node 1 hears of a delivery through node 2 within
+        C{deadline} seconds.
+        """
+        client = self.idleOn(self.nodes[0])
+        try:
+            self.deliverThrough(self.nodes[1], "from node 2")
+            client.sock.settimeout(deadline)
+            try:
+                line = client.readLine()
+            except (socket.timeout, TimeoutError):
+                return False
+            return line == b"* 1 EXISTS" or line.endswith(b" EXISTS")
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_idleHearsTheOtherNode(self):
+        """
+        With inotify off (watch = "redis"), an IDLE client on node 1 hears
+        of mail that node 2 stored within half a second.
+        """
+        heard = yield threads.deferToThread(self.deliveryHeard, 0.5)
+        self.assertTrue(heard)
+
+    @defer.inlineCallbacks
+    def test_redisAwayThenBack(self):
+        """
+        With Redis gone, both nodes keep receiving and IDLE falls back to
+        polling; once Redis is back the nodes reconnect by themselves and
+        notices flow again.
+        """
+        self.redisServer.stop()
+        yield waitUntil(lambda: not any(node.redis.up for node in self.nodes))
+        heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
+        self.assertTrue(heard, "polling did not take over")
+        self.redisServer.start()
+        yield waitUntil(lambda: all(node.redis.up for node in self.nodes), timeout=20)
+        # (While Redis is up, polling looks at nothing: only notices tell.)
+        heard = yield threads.deferToThread(self.deliveryHeard, 0.5)
+        self.assertTrue(heard, "notices did not come back with Redis")
