@@ -98,6 +98,22 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class POP3Options:
+    """
+    The C{[pop3]} table.
+
+    @ivar uidl_format: how a message's unique id (UIDL) is made, in the
+        syntax of Dovecot's C{pop3_uidl_format}: C{%u} the UID, C{%v} the
+        UIDVALIDITY, C{%f} the Maildir base name, C{%08X} a zero-padded
+        hexadecimal width.  A site moving from a Dovecot whose format was
+        changed sets the same one here, so clients that leave mail on the
+        server download nothing again.
+    """
+
+    uidl_format: str = "%08Xu%08Xv"
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -129,6 +145,7 @@ class Config:
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
     dns: DNSSettings = field(default_factory=DNSSettings)
+    pop3: POP3Options = field(default_factory=POP3Options)
 
     @property
     def usersFile(self) -> Path:
@@ -151,6 +168,7 @@ class Config:
 TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
+        "pop3": "pop3",
     }
 )
 
@@ -433,6 +451,12 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
+    from maild.pop3 import BadUidlFormat, uidlFormatter
+
+    try:
+        uidlFormatter(tables["pop3"].uidl_format)
+    except BadUidlFormat as e:
+        problems.append(str(e))
     for network in limits.trusted_networks:
         try:
             ipaddress.ip_network(network, strict=False)

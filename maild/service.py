@@ -22,7 +22,7 @@ from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
-from maild.pop3 import Maildrop, POP3Factory, POP3Settings
+from maild.pop3 import Maildrop, POP3Factory, POP3Settings, uidlFormatter
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
@@ -123,10 +123,11 @@ class MailService(service.MultiService):
             aliases=config.aliases,
             catchall=config.catchall,
         )
+        uidl = uidlFormatter(config.pop3.uidl_format)
         self.realm = MailRealm(
             {
                 IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user),
-                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user)),
+                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user), uidl),
                 IAccount: lambda user: Account(self.store, user),
             }
         )
