@@ -58,8 +58,14 @@ class SelectedFolder:
     # IMailboxInfo -------------------------------------------------------------
 
     def getFlags(self) -> list[bytes]:
-        names = [name for _, name in wire.SYSTEM_FLAGS]
-        return names + [k.encode("utf-8") for k in self.folder.keywords.allNames()]
+        # $Forwarded is always offered: Thunderbird sets it on messages it
+        # forwarded, and older files may carry it as the letter P.
+        names = [name for _, name in wire.SYSTEM_FLAGS] + [wire.FORWARDED]
+        return names + [
+            k.encode("utf-8")
+            for k in self.folder.keywords.allNames()
+            if k.lower() != "$forwarded"
+        ]
 
     def getHierarchicalDelimiter(self) -> bytes:
         return b"/"

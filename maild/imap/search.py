@@ -27,7 +27,7 @@ from maild.imap.mailbox import SelectedFolder
 from maild.imap.mime import headerFields, unfold
 from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseSequenceSet
 from maild.store import MessageGone
-from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, HAS_KEYWORDS, SEEN
+from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, FORWARDED, HAS_KEYWORDS, SEEN
 
 _FLAG_KEYS = {
     b"ANSWERED": (ANSWERED, True),
@@ -286,8 +286,12 @@ class Search:
     def _keywordTest(self, name: str) -> Callable:
         folder = self.view.folder
         letters = folder.keywords.letters([name], create=False)
+        # Older files carry $Forwarded as the Maildir letter P.
+        legacy = FORWARDED if name.lower() == "$forwarded" else 0
 
         def test(i, message) -> bool:
+            if folder.flags[i] & legacy:
+                return True
             if not letters or not folder.flags[i] & HAS_KEYWORDS:
                 return False
             return letters in folder.keywordLetters.get(folder.uids[i], "")

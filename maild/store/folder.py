@@ -24,7 +24,7 @@ from typing import IO, Iterable, Protocol, Sequence
 from twisted.logger import Logger
 
 from maild.store import maildir
-from maild.store.keywords import Keywords
+from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList
 
@@ -134,9 +134,17 @@ class Folder:
         return self._dir + self.fileName(i)
 
     def keywordNames(self, i: int) -> list[str]:
-        if not self.flags[i] & HAS_KEYWORDS:
-            return []
-        return self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+        """
+        The keywords of message C{i}, with $Forwarded for an older file's
+        Maildir letter P.
+        """
+        bits = self.flags[i]
+        names = []
+        if bits & HAS_KEYWORDS:
+            names = self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+        if bits & maildir.FORWARDED and not any(n.lower() == "$forwarded" for n in names):
+            names.append("$Forwarded")
+        return names
 
     def positionsWith(self, bit: int) -> list[int]:
         """
@@ -459,6 +467,10 @@ class Folder:
             else:
                 new = (old & SETTABLE) & ~bits
                 letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
+            if new & maildir.FORWARDED:
+                new, letters = self._forwardedAsKeyword(
+                    new, letters, removing=mode < 0 and self._forwardedIn(keywordLetters)
+                )
             if letters:
                 new |= HAS_KEYWORDS
             if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
@@ -473,6 +485,25 @@ class Folder:
                 FolderChange(flagged=[self.uids[i] for i in changed], origin=origin)
             )
         return changed
+
+    def _forwardedIn(self, letters: str) -> bool:
+        forwarded = self.keywords.letters(["$Forwarded"], create=False)
+        return bool(forwarded) and forwarded in letters
+
+    def _forwardedAsKeyword(self, bits: int, letters: str, removing: bool) -> tuple[int, str]:
+        """
+        Flags as they are to be written when an older file carries
+        $Forwarded as the Maildir letter P: the letter goes, and the
+        keyword takes its place (as Dovecot stores it) unless this change
+        removes it.  With all 26 keyword letters taken the P stays.
+        """
+        if removing:
+            return bits & ~maildir.FORWARDED, letters
+        try:
+            forwarded = self.keywords.letters(["$Forwarded"])
+        except TooManyKeywords:
+            return bits, letters
+        return bits & ~maildir.FORWARDED, "".join(sorted(set(letters) | set(forwarded)))
 
     def _rename(self, i: int, bits: int, letters: str) -> bool:
         old = self.filePath(i)

@@ -32,6 +32,10 @@ ANSWERED = 0x02
 FLAGGED = 0x04
 DELETED = 0x08
 DRAFT = 0x10
+# The Maildir letter P ("passed"), which older maild versions wrote for
+# $Forwarded.  Dovecot ignores it and keeps $Forwarded as a keyword, as
+# maild now does: the bit is read from older files and is replaced by the
+# keyword whenever the message's flags are written again.
 FORWARDED = 0x20
 IN_NEW = 0x40  # the file is still in new/: nobody has seen it (\Recent)
 HAS_KEYWORDS = 0x80

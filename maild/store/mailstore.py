@@ -178,7 +178,8 @@ class MailStore:
             letters = destination.keywords.letters(names) if names else ""
             size, crlfSize = source.sizes(i)
             base = maildir.newBaseName(size, crlfSize)
-            name = maildir.curFileName(base, source.flags[i] & SETTABLE, letters)
+            bits = source.flags[i] & SETTABLE & ~maildir.FORWARDED  # now a keyword
+            name = maildir.curFileName(base, bits, letters)
             plan.append(
                 (source.uids[i], source.filePath(i), destination.path / "cur" / name)
             )
