@@ -395,6 +395,34 @@ class MailboxTests(unittest.SynchronousTestCase):
         (self.mailbox.root / "subscriptions").write_text("V\t2\n\nSent\nLists\tPython\n")
         self.assertEqual(self.mailbox.subscriptions(), ["Sent", "Lists/Python"])
 
+    def test_subscriptionsInDovecotMaildirForm(self):
+        """
+        The subscriptions file holds storage names, as Dovecot 2.3 writes
+        it for Maildir++ (seen by running it): Work/Sub is C{Work.Sub}, a
+        dot inside a name is C{~2e}, non-ASCII is modified UTF-7.  Dovecot
+        discards C{Work/Sub} lines as invalid.
+        """
+        for name in ("Work/Sub", "Proj.2026", "Entwürfe"):
+            self.mailbox.create(name)
+            self.mailbox.subscribe(name)
+        lines = (self.mailbox.root / "subscriptions").read_text().splitlines()
+        self.assertEqual(lines[-3:], ["Work.Sub", "Proj~2e2026", "Entw&APw-rfe"])
+        self.assertEqual(self.mailbox.subscriptions()[-3:], ["Work/Sub", "Proj.2026", "Entwürfe"])
+
+    def test_subscriptionsOfOlderMaild(self):
+        """
+        A file an older maild wrote (IMAP names: C{Work/Sub}, C{Proj.2026}
+        for the folder stored as C{.Proj~2e2026}) still reads right; a
+        Dovecot line whose folder exists wins over the literal reading.
+        """
+        self.mailbox.create("Work/Sub")
+        self.mailbox.create("Proj.2026")
+        self.mailbox.create("A/B")
+        (self.mailbox.root / "subscriptions").write_text("INBOX\nWork/Sub\nProj.2026\nA.B\nGone.Away\n")
+        self.assertEqual(
+            self.mailbox.subscriptions(), ["INBOX", "Work/Sub", "Proj.2026", "A/B", "Gone/Away"]
+        )
+
     def test_staleTemporariesRemoved(self):
         old = put(self.mailbox.root, "tmp/old")
         fresh = put(self.mailbox.folderPath("Sent"), "tmp/fresh")

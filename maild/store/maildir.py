@@ -191,6 +191,39 @@ def folderDirName(name: str) -> str:
     return "." + ".".join(_encodePart(p) for p in name.split(IMAP_DELIMITER))
 
 
+def subscriptionLine(name: str) -> str:
+    """
+    How Dovecot writes folder C{name} in the C{subscriptions} file of a
+    Maildir++ layout: its storage name, the directory without the leading
+    dot (C{Work.Sub}, C{Proj~2e2026}, modified UTF-7), and C{INBOX}.
+    """
+    dirName = folderDirName(name)
+    return dirName[1:] if dirName else INBOX
+
+
+def subscriptionNames(line: str) -> list[str]:
+    """
+    The folder names a C{subscriptions} line may mean, the likelier
+    first: Dovecot's storage name, and the IMAP name as older maild
+    versions wrote it (C{Work/Sub}, or C{Proj.2026} for the folder whose
+    directory is C{.Proj~2e2026}).  Invalid readings are left out.
+    """
+    names = []
+    if line.upper() == INBOX:
+        return [INBOX]
+    if IMAP_DELIMITER not in line:
+        name = folderNameFromDir("." + line)
+        if name is not None:
+            names.append(name)
+    try:
+        literal = validateFolderName(line)
+    except InvalidName:
+        return names
+    if literal not in names:
+        names.append(literal)
+    return names
+
+
 def folderNameFromDir(dirName: str) -> str | None:
     """
     The IMAP folder name of a Maildir++ directory, or None when the

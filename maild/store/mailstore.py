@@ -370,7 +370,8 @@ class UserMailbox:
             for name in os.listdir(self.root / sub):
                 os.rename(self.root / sub / name, target / sub / name)
 
-    # Subscriptions: the file Dovecot keeps, one name per line.
+    # Subscriptions: the file Dovecot keeps, one name per line, in the form
+    # Dovecot 2.3 writes for this layout.
 
     def subscriptions(self) -> list[str]:
         try:
@@ -380,16 +381,24 @@ class UserMailbox:
         names = []
         lines = text.splitlines()
         if lines and lines[0].startswith("V\t"):
-            # Dovecot 2.3's versioned form: a header, a blank line, then
+            # Dovecot's versioned form: a header, a blank line, then IMAP
             # names with a tab as the hierarchy separator.
             lines = [line.replace("\t", maildir.IMAP_DELIMITER) for line in lines[2:]]
-        for line in lines:
-            line = line.strip()
-            if line:
+            readings = [[line] for line in lines]
+        else:
+            # Dovecot's form for Maildir++: storage names (Work.Sub); older
+            # maild versions wrote IMAP names (Work/Sub), which are still
+            # read, the one of an existing folder winning.
+            readings = [maildir.subscriptionNames(line.strip()) for line in lines if line.strip()]
+        for candidates in readings:
+            existing = [n for n in candidates if self.exists(n)]
+            for name in existing[:1] or candidates[:1]:
                 try:
-                    names.append(maildir.validateFolderName(line))
+                    name = maildir.validateFolderName(name)
                 except ValueError:
                     continue
+                if name not in names:
+                    names.append(name)
         return names
 
     def subscribe(self, name: str) -> None:
@@ -405,5 +414,5 @@ class UserMailbox:
     def _writeSubscriptions(self, names: list[str]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / (SUBSCRIPTIONS + ".tmp")
-        tmp.write_text("".join(n + "\n" for n in names), "utf-8")
+        tmp.write_text("".join(maildir.subscriptionLine(n) + "\n" for n in names), "utf-8")
         os.replace(tmp, self.root / SUBSCRIPTIONS)
