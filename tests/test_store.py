@@ -598,3 +598,155 @@ class CrossProcessLockTests(unittest.SynchronousTestCase):
             self.assertEqual(proc.returncode, 0, err)
             assigned += [int(x) for x in out.split()]
         self.assertEqual(sorted(assigned), list(range(1, 401)))
+
+
+class FakeTime:
+    """
+    A clock and a sleep that only move when slept on; C{onSleep} runs at
+    each sleep (to release a lock, say).
+    """
+
+    def __init__(self, onSleep=None) -> None:
+        self.now = self.start = time.time()
+        self.sleeps = 0
+        self.onSleep = onSleep
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+        if self.onSleep is not None:
+            self.onSleep(self.sleeps)
+
+
+class DovecotDotLockTests(unittest.SynchronousTestCase):
+    """
+    maild takes Dovecot's own lock on dovecot-uidlist (the dot-lock
+    protocol of Dovecot's file-dotlock.c), so both servers can serve one
+    folder at once.
+    """
+
+    def setUp(self):
+        self.path = Path(self.mktemp()).resolve()
+        self.path.mkdir()
+        self.lock = self.path / "dovecot-uidlist.lock"
+
+    def settings(self, fake: FakeTime, **values):
+        from maild.store.locking import DotLockSettings
+
+        return DotLockSettings(sleep=fake.sleep, clock=fake.clock, **values)
+
+    def hold(self, holder: str, age: float = 0.0) -> None:
+        self.lock.write_text(holder)
+        if age:
+            stamp = time.time() - age
+            os.utime(self.lock, (stamp, stamp))
+
+    def test_lockFileWhileHeld(self):
+        """
+        While maild numbers messages, dovecot-uidlist.lock exists and names
+        this process as Dovecot writes it (pid:hostname); it is removed
+        after, also after a nested hold; no maild-only lock file is made.
+        """
+        import socket
+
+        uids = UidList(self.path)
+        uids.assign(["a"])
+        with uids.locked():
+            with uids.locked():
+                self.assertEqual(self.lock.read_text(), f"{os.getpid()}:{socket.gethostname()}")
+            self.assertTrue(self.lock.exists())
+        self.assertFalse(self.lock.exists())
+        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist"])
+
+    def test_waitsWhileDovecotHoldsIt(self):
+        """
+        A lock a live process holds (pid 1 of this host) is waited for, and
+        what its holder appended meanwhile is read before numbering: the
+        new file gets the next UID, not one the holder gave out.
+        """
+        import socket
+
+        uids = UidList(self.path)
+        uids.assign(["a"])
+        self.hold(f"1:{socket.gethostname()}", age=10)
+
+        def dovecotFinishes(sleeps):
+            if sleeps == 3:
+                with open(self.path / "dovecot-uidlist", "a") as f:
+                    f.write("2 W300 S290 :dovecot-wrote-this\n")
+                self.lock.unlink()
+
+        fake = FakeTime(dovecotFinishes)
+        uids = UidList(self.path, self.settings(fake))
+        self.assertEqual(uids.assign(["b"]), [3])
+        self.assertEqual(fake.sleeps, 3)
+        self.assertEqual(uids.assign(["dovecot-wrote-this"]), [2])
+
+    def test_deadHolderOverridden(self):
+        """
+        A lock left by a process of this host that no longer exists (and at
+        least 2 seconds old) is taken over at once.
+        """
+        import socket
+
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+        self.hold(f"{int(dead.stdout)}:{socket.gethostname()}", age=10)
+        fake = FakeTime()
+        self.assertEqual(UidList(self.path, self.settings(fake)).assign(["a"]), [1])
+        self.assertEqual(fake.sleeps, 0)
+
+    def test_staleLockOverridden(self):
+        """
+        A lock of another host that nothing changed for the stale timeout
+        (2 minutes, Dovecot's for dovecot-uidlist) is taken over.
+        """
+        self.hold("4242:elsewhere.example", age=10)
+        fake = FakeTime()
+        uids = UidList(self.path, self.settings(fake, staleAfter=120.0, timeout=300.0))
+        self.assertEqual(uids.assign(["a"]), [1])
+        self.assertGreater(fake.now - fake.start, 120.0 - 10)
+
+    def test_timeout(self):
+        """
+        A lock that stays fresh longer than the timeout is an error, not a
+        wait without end.
+        """
+        from maild.store.locking import LockTimeout
+
+        def touch(sleeps):
+            os.utime(self.lock)
+
+        self.hold("4242:elsewhere.example")
+        fake = FakeTime(touch)
+        uids = UidList(self.path, self.settings(fake, staleAfter=60.0, timeout=5.0))
+        self.assertRaises(LockTimeout, uids.assign, ["a"])
+
+    def test_keywordsUnderUidListLock(self):
+        """
+        A new keyword waits for the UID list lock (Dovecot creates keywords
+        only under it), and each rewrite of dovecot-keywords moves its time
+        to a later second, so that Dovecot reads it again.
+        """
+        import socket
+
+        keywords = Keywords(self.path)
+        keywords.letters(["One"])
+        first = os.stat(self.path / "dovecot-keywords").st_mtime
+        self.hold(f"1:{socket.gethostname()}", age=10)
+
+        def dovecotFinishes(sleeps):
+            if sleeps == 2:
+                (self.path / "dovecot-keywords").write_text("0 One\n1 FromDovecot\n")
+                self.lock.unlink()
+
+        fake = FakeTime(dovecotFinishes)
+        keywords = Keywords(self.path, self.settings(fake))
+        self.assertEqual(keywords.letters(["Two"]), "c")
+        self.assertEqual(fake.sleeps, 2)
+        text = (self.path / "dovecot-keywords").read_text()
+        self.assertEqual(text, "0 One\n1 FromDovecot\n2 Two\n")
+        self.assertGreaterEqual(int(os.stat(self.path / "dovecot-keywords").st_mtime), int(first) + 1)
+        self.assertFalse((self.path / "dovecot-keywords.lock").exists())

@@ -400,10 +400,21 @@ class Folder:
                 unnumbered = sorted(
                     (base for base in onDisk if base not in numberedBases), key=_deliveryOrder
                 )
+            if numbered and subs == {"cur"}:
+                # Another process (Dovecot) may have numbered a file still in
+                # new/, which we did not list, below one it moved to cur/:
+                # take it now, or it would later get a second, higher UID.
+                numbered += self._numberedInNew(known, above, numbered[-1][0], onDisk)
+                numbered.sort()
             newUids = [uid for uid, _ in numbered]
+            newBases = [base for _, base in numbered]
             if unnumbered:
-                newUids += self.uidList.assign(unnumbered, above=above)
-            newBases = [base for _, base in numbered] + unnumbered
+                assigned = self.uidList.assign(unnumbered, above=above)
+                # Some may have been numbered meanwhile by another process,
+                # below the UIDs given to the others: keep UID order.
+                pairs = sorted(zip(newUids + assigned, newBases + unnumbered))
+                newUids = [uid for uid, _ in pairs]
+                newBases = [base for _, base in pairs]
             infos = list(map(onDisk.__getitem__, newBases))
             parsed = {
                 info: (IN_NEW, "") if info is None else maildir.flagBits(info)
@@ -422,6 +433,20 @@ class Folder:
         self.keywordLetters = keywordLetters
         self._loaded = True
         return change
+
+    def _numberedInNew(
+        self, known: dict[str, int], above: int, below: int, onDisk: dict[str, str | None]
+    ) -> list[tuple[int, str]]:
+        """
+        The files in C{new/} (unlisted) that the UID list numbers between
+        C{above} and C{below}; C{onDisk} learns them.
+        """
+        found = []
+        for base, uid in known.items():
+            if above <= uid < below and base not in onDisk and os.path.exists(self._dir + "new/" + base):
+                onDisk[base] = None
+                found.append((uid, base))
+        return found
 
     # Changing the folder --------------------------------------------------
 

@@ -2,6 +2,12 @@
 IMAP keywords of a folder, stored as Dovecot does: Maildir info letters
 C{a}-C{z}, whose names are listed in the folder's C{dovecot-keywords} file
 (C{<index> <name>} per line, C{a} being index 0).
+
+As in Dovecot's maildir-keywords.c, a new name is given a letter only
+under the folder's UID list lock (C{dovecot-uidlist.lock}), after reading
+the file again; the file is then replaced under its own dot-lock
+(C{dovecot-keywords.lock}), and its modification time always moves to a
+later second: Dovecot reads the file again only when that time changed.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ import os
 import string
 from pathlib import Path
 
-from maild.store.locking import locked
+from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked
+from maild.store.uidlist import FILE_NAME as UIDLIST_NAME
 
 FILE_NAME = "dovecot-keywords"
 MAX_KEYWORDS = 26
@@ -21,11 +28,12 @@ class TooManyKeywords(Exception):
 
 
 class Keywords:
-    def __init__(self, folderPath: Path) -> None:
+    def __init__(self, folderPath: Path, lockSettings: DotLockSettings = DOVECOT_MAILDIR) -> None:
         self.path = folderPath / FILE_NAME
-        self.lockPath = folderPath / "maild-keywords.lock"
+        self.uidListPath = folderPath / UIDLIST_NAME
+        self.lockSettings = lockSettings
         self._byLetter: dict[str, str] = {}
-        self._mtime = -1
+        self._mtime: tuple[int, int] | int = -1
 
     def _refresh(self) -> None:
         try:
@@ -33,7 +41,7 @@ class Keywords:
         except FileNotFoundError:
             self._byLetter, self._mtime = {}, -1
             return
-        if st.st_mtime_ns == self._mtime:
+        if (st.st_ino, st.st_mtime_ns) == self._mtime:
             return
         byLetter = {}
         with open(self.path, encoding="utf-8", errors="replace") as f:
@@ -41,7 +49,7 @@ class Keywords:
                 index, _, name = line.strip().partition(" ")
                 if index.isdigit() and int(index) < MAX_KEYWORDS and name:
                     byLetter[string.ascii_lowercase[int(index)]] = name
-        self._byLetter, self._mtime = byLetter, st.st_mtime_ns
+        self._byLetter, self._mtime = byLetter, (st.st_ino, st.st_mtime_ns)
 
     def names(self, letters: str) -> list[str]:
         """
@@ -66,7 +74,7 @@ class Keywords:
         found = {name.lower(): c for c, name in self._byLetter.items()}
         missing = [n for k, n in wanted.items() if k not in found]
         if missing and create:
-            with locked(self.lockPath):
+            with dotLocked(self.uidListPath, self.lockSettings):
                 self._mtime = -1
                 self._refresh()
                 found = {name.lower(): c for c, name in self._byLetter.items()}
@@ -83,9 +91,20 @@ class Keywords:
         return "".join(sorted(found[k] for k in wanted if k in found))
 
     def _write(self) -> None:
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for letter in sorted(self._byLetter):
-                f.write(f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n")
-        os.replace(tmp, self.path)
-        self._mtime = os.stat(self.path).st_mtime_ns
+        try:
+            previous = int(os.stat(self.path).st_mtime)
+        except FileNotFoundError:
+            previous = -1
+        with dotLocked(self.path, self.lockSettings):
+            tmp = self.path.with_name(FILE_NAME + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for letter in sorted(self._byLetter):
+                    f.write(f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n")
+                f.flush()
+                os.fsync(f.fileno())
+                written = int(os.fstat(f.fileno()).st_mtime)
+            if written <= previous:
+                os.utime(tmp, (written, previous + 1))
+            os.replace(tmp, self.path)
+        st = os.stat(self.path)
+        self._mtime = (st.st_ino, st.st_mtime_ns)

@@ -9,8 +9,11 @@ so that UIDs survive a move of the Maildir between maild and Dovecot::
 New records are appended (as Dovecot does); the file is rewritten only to
 drop records of expunged messages.  The header's C{N} may therefore be
 older than the records: the next UID is the larger of C{N} and the last
-record's UID plus one.  All changes happen under a lock file that holds
-between processes, and a rewrite replaces the file atomically.
+record's UID plus one.  All changes happen under Dovecot's own dot-lock,
+C{dovecot-uidlist.lock} (L{maild.store.locking.dotLocked}), after reading
+what the other holders (Dovecot, other maild processes) wrote, so that both
+servers can number one folder's messages at the same time; a rewrite
+replaces the file atomically.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maild.store.locking import locked
+from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked
 
 FILE_NAME = "dovecot-uidlist"
-LOCK_NAME = "maild-uidlist.lock"
 
 
 class CorruptUidList(Exception):
@@ -105,10 +107,17 @@ class UidList:
     of it.
     """
 
-    def __init__(self, folderPath: Path) -> None:
+    def __init__(self, folderPath: Path, lockSettings: DotLockSettings = DOVECOT_MAILDIR) -> None:
         self.path = folderPath / FILE_NAME
-        self.lockPath = folderPath / LOCK_NAME
+        self.lockSettings = lockSettings
         self.state: UidListState | None = None
+
+    def locked(self):
+        """
+        Hold the folder's UID list lock (Dovecot's C{dovecot-uidlist.lock}),
+        which also guards C{dovecot-keywords}.
+        """
+        return dotLocked(self.path, self.lockSettings)
 
     @property
     def uidvalidity(self) -> int:
@@ -155,7 +164,7 @@ class UidList:
         return state
 
     def _create(self, replaceCorrupt: bool = False) -> UidListState:
-        with locked(self.lockPath):
+        with self.locked():
             if not replaceCorrupt and self.path.exists():
                 # Another process created it while we waited for the lock.
                 self.state = None
@@ -189,7 +198,7 @@ class UidList:
 
         @return: the UID of each base.
         """
-        with locked(self.lockPath):
+        with self.locked():
             state = self.refresh()
             lines = []
             result = []
@@ -223,7 +232,7 @@ class UidList:
         # twice what the live records need.
         if size > 64 * 1024 and size > 2 * 64 * (len(state.uids) + 1):
             gone = set(bases)
-            with locked(self.lockPath):
+            with self.locked():
                 state = self.refresh()
                 state.uids = {b: u for b, u in state.uids.items() if b not in gone}
                 self._writeAll(state)
