@@ -11,6 +11,7 @@ verified too.  Both libraries compare in constant time.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,7 +192,11 @@ class Accounts:
         without an error.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.path.with_name(self.path.name + ".lock")):
+        lockPath = self.path.with_name(self.path.name + ".lock")
+        with locked(lockPath):
+            # Run as root, a lock file made now must stay usable by the
+            # daemon's own user, who may rewrite the file too.
+            keepOwner(lockPath, self._owner())
             try:
                 text = self.path.read_text("utf-8")
             except FileNotFoundError:
@@ -199,6 +204,18 @@ class Accounts:
             entries, _ = self._parse(text)
             yield entries
             self._write(entries.values())
+
+    def _owner(self) -> tuple[int, int, int]:
+        """
+        The owner, group and mode the users file must keep: those it has,
+        or for a new file the data folder's owner and group, mode 0600.
+        """
+        try:
+            st = os.stat(self.path)
+            return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+        except FileNotFoundError:
+            st = os.stat(self.path.parent)
+            return st.st_uid, st.st_gid, 0o600
 
     def _write(self, entries: Iterable[_Entry]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -208,14 +225,36 @@ class Accounts:
             if entry.rest:
                 line += ":" + entry.rest
             lines.append(line + "\n")
+        uid, gid, mode = self._owner()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            # The replacement keeps the file's owner and mode (a daemon
+            # running as its own user, or Dovecot's auth process, must
+            # still read it after root ran "maild user add").
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), uid, gid)
+            os.fchmod(f.fileno(), mode)
             f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._stamp = None
         self._checked = float("-inf")
+
+
+def keepOwner(path: Path, owner: tuple[int, ...]) -> None:
+    """
+    Give C{path} the owner and group C{owner} starts with, when running
+    as root and C{path} is root's (just made by us).
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid == 0 and (st.st_uid, st.st_gid) != tuple(owner[:2]):
+        os.lchown(path, owner[0], owner[1])
 
 
 class LocalAddresses:
