@@ -144,6 +144,9 @@ class Config:
     # Whether submission offers AUTH before TLS (by default it never does,
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
+    # [auth] rehash: replace a password hash that is not Argon2id (one
+    # brought from Dovecot, say) at the user's next successful login.
+    rehash_passwords: bool = False
     dns: DNSSettings = field(default_factory=DNSSettings)
     pop3: POP3Options = field(default_factory=POP3Options)
 
@@ -352,9 +355,11 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 problems, "auth.submission_plaintext", value, (bool,)
             ):
                 values["submission_plaintext_auth"] = value
-            elif name not in ("plaintext", "submission_plaintext"):
+            elif name == "rehash" and _checkType(problems, "auth.rehash", value, (bool,)):
+                values["rehash_passwords"] = value
+            elif name not in ("plaintext", "submission_plaintext", "rehash"):
                 problems.append(
-                    f"auth.{name}: unknown key (known: plaintext, submission_plaintext)"
+                    f"auth.{name}: unknown key (known: plaintext, submission_plaintext, rehash)"
                 )
     return values
 

@@ -115,7 +115,7 @@ class MailService(service.MultiService):
         self.reactor = reactor
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
         self.store = MailStore(config.data_dir, self.committer)
-        self.accounts = Accounts(config.usersFile)
+        self.accounts = Accounts(config.usersFile, rehash=config.rehash_passwords)
         self.addresses = LocalAddresses(
             self.accounts,
             config.domains,

@@ -101,6 +101,15 @@ class ConfigTests(unittest.SynchronousTestCase):
             [problem] = self.problems(f'[pop3]\nuidl_format = "{bad}"\n')
             self.assertIn("pop3 uidl_format", problem)
 
+    def test_authRehash(self):
+        """
+        [auth] rehash is off unless set, and must be a boolean.
+        """
+        self.assertFalse(loadConfig().rehash_passwords)
+        self.assertTrue(loadConfig(self.write("[auth]\nrehash = true\n")).rehash_passwords)
+        [problem] = self.problems('[auth]\nrehash = "yes"\n')
+        self.assertIn("auth.rehash: expected bool", problem)
+
     def test_badToml(self):
         [problem] = self.problems('data_dir = "unterminated\n')
         self.assertIn("not valid TOML", problem)
