@@ -137,14 +137,16 @@ class UidListTests(unittest.SynchronousTestCase):
         self.assertEqual(state.uids["1700000001.M1P1.host"], 9)
         self.assertEqual(uids.assign(["new"]), [10])
 
-    def test_renumberBelowFloor(self):
+    def test_renumberCameBack(self):
         """
-        A base whose recorded UID is below the floor given (a file that came
-        back after its UID was passed) gets a new, higher UID.
+        A base whose recorded UID was seen expunged (a file that came back)
+        gets a new, higher UID; one numbered by another process keeps its
+        own, even below UIDs given since.
         """
         uids = UidList(self.path)
-        uids.assign(["a", "b"])
-        self.assertEqual(uids.assign(["a"], above=3), [3])
+        uids.assign(["a", "b", "c"])
+        self.assertEqual(uids.assign(["a"], renumber={1}), [4])
+        self.assertEqual(uids.assign(["b"], renumber={1}), [2])
 
     def test_corruptListStartsNewValidity(self):
         """

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import os
+import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +79,13 @@ class Folder:
     """
     The shared index of one folder.
 
+    @cvar GONE_KEPT: how many expunged UIDs to remember.
+
     @ivar name: the IMAP name (C{INBOX}, C{Sent}, C{Lists/Python}).
     @ivar path: the folder's directory (holding C{cur new tmp}).
     """
+
+    GONE_KEPT = 100_000
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
@@ -97,6 +102,7 @@ class Folder:
         self._listeners: list[FolderListener] = []
         self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
         self._loaded = False
+        self._gone: dict[int, None] = {}
 
     # Reading the index ----------------------------------------------------
 
@@ -338,8 +344,15 @@ class Folder:
         the index with them; entries in the other directory stay as they are.
         """
         # Record the times first: a change made while we list is seen next time.
-        self._mtimes = mtimes
+        self._mtimes = _settled(mtimes)
         onDisk = self._listing(subs)
+        # A directory that changed while we listed it (a rename by another
+        # process) may have been listed without a file: one it seems to
+        # lack is not taken for expunged until a listing is undisturbed.
+        after = self._dirMtimes()
+        disturbed = {sub for sub in subs if after[sub] != mtimes[sub]}
+        for sub in disturbed:
+            self._mtimes[sub] = _LIST_AGAIN
         state = self.uidList.refresh()
         change = FolderChange()
         if self._loaded and state.uidvalidity != self.uidvalidity:
@@ -354,62 +367,76 @@ class Folder:
         keywordLetters: dict[int, str] = {}
         goneBases = []
         listedNew, listedCur = "new" in subs, "cur" in subs
+        uncertain = False
         for uid, bits, base in zip(self.uids, self.flags, self.bases):
             oldLetters = self.keywordLetters.get(uid, "")
-            if not (listedNew if bits & IN_NEW else listedCur):
-                newBits, letters = bits, oldLetters
-            elif base not in onDisk:
-                change.expunged.append(uid)
-                goneBases.append(base)
-                continue
-            else:
+            if base in onDisk:
+                # Where we knew it, or moved from new/ to cur/ by another
+                # process (seen in cur/ before new/ was listed again).
                 info = onDisk.pop(base)
                 newBits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
                 if newBits != bits or letters != oldLetters:
                     change.flagged.append(uid)
+            elif not (listedNew if bits & IN_NEW else listedCur):
+                newBits, letters = bits, oldLetters
+            elif disturbed or len(subs) == 1:
+                # Perhaps moved to the directory we did not list: decided
+                # when both are listed, at the next refresh.
+                newBits, letters = bits, oldLetters
+                uncertain = True
+            else:
+                change.expunged.append(uid)
+                goneBases.append(base)
+                continue
             keptUids.append(uid)
             keptFlags.append(newBits)
             keptBases.append(base)
             if letters:
                 keywordLetters[uid] = letters
-        if len(subs) == 1:
-            # A file listed here may still be indexed in the other, unlisted
-            # directory (the same base in both): it is not new.
-            indexed = set(keptBases) if onDisk else set()
-            for base in [b for b in onDisk if b in indexed]:
-                del onDisk[base]
+        if uncertain:
+            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
         if goneBases:
             self.uidList.forget(goneBases)
             for uid in change.expunged:
                 self._sizes.pop(uid, None)
+            self._rememberGone(change.expunged)
 
-        # Files we did not know: those the UID list numbers (above our
-        # highest UID) in its order, then the others in delivery order
-        # (their names start with the delivery time).
+        # Files we did not know: those the UID list numbers keep their UID
+        # (another process, Dovecot say, numbered them: a second UID would
+        # make one message two), in its order; the others are numbered now,
+        # in delivery order (their names start with the delivery time).
         if onDisk:
-            above = keptUids[-1] + 1 if keptUids else 1
             known = state.uids
+            gone = self._gone
             # Opening a folder of 100,000 messages must stay cheap: the
             # files the list numbers come in its order (sorted as plain
             # tuples); only the others need their names parsed.
-            numbered = [(uid, base) for base, uid in known.items() if uid >= above and base in onDisk]
+            numbered = [
+                (uid, base) for base, uid in known.items() if base in onDisk and uid not in gone
+            ]
             numbered.sort()
+            if keptUids and numbered and numbered[0][0] <= keptUids[-1]:
+                # A UID we hold for another file is no UID for this one.
+                numbered = [(u, b) for u, b in numbered if not _holds(keptUids, u)]
+            if numbered and subs == {"cur"}:
+                # Another process may have numbered a file still in new/,
+                # which we did not list, below one it moved to cur/: take it
+                # now, or it would later get a second, higher UID.
+                numbered += self._numberedInNew(known, keptUids, numbered[-1][0], onDisk)
+                numbered.sort()
             unnumbered: list[str] = []
             if len(numbered) < len(onDisk):
                 numberedBases = {base for _, base in numbered}
                 unnumbered = sorted(
                     (base for base in onDisk if base not in numberedBases), key=_deliveryOrder
                 )
-            if numbered and subs == {"cur"}:
-                # Another process (Dovecot) may have numbered a file still in
-                # new/, which we did not list, below one it moved to cur/:
-                # take it now, or it would later get a second, higher UID.
-                numbered += self._numberedInNew(known, above, numbered[-1][0], onDisk)
-                numbered.sort()
             newUids = [uid for uid, _ in numbered]
             newBases = [base for _, base in numbered]
             if unnumbered:
-                assigned = self.uidList.assign(unnumbered, above=above)
+                # A file whose UID we saw expunged came back: it gets a new
+                # one (UIDs are never reused, RFC 3501 section 2.3.1.1).
+                held = {known[b] for b in unnumbered if b in known}
+                assigned = self.uidList.assign(unnumbered, renumber=held)
                 # Some may have been numbered meanwhile by another process,
                 # below the UIDs given to the others: keep UID order.
                 pairs = sorted(zip(newUids + assigned, newBases + unnumbered))
@@ -421,9 +448,19 @@ class Folder:
                 for info in set(infos)
             }
             bitsOf = {info: bits for info, (bits, _) in parsed.items()}
-            keptUids.extend(newUids)
-            keptFlags += bytes(map(bitsOf.__getitem__, infos))
-            keptBases.extend(newBases)
+            newFlags = bytes(map(bitsOf.__getitem__, infos))
+            if keptUids and newUids and newUids[0] < keptUids[-1]:
+                # Numbered by another process below UIDs we had: in place.
+                merged = sorted(
+                    list(zip(keptUids, keptFlags, keptBases)) + list(zip(newUids, newFlags, newBases))
+                )
+                keptUids = array("I", (u for u, _, _ in merged))
+                keptFlags = bytearray(f for _, f, _ in merged)
+                keptBases = [b for _, _, b in merged]
+            else:
+                keptUids.extend(newUids)
+                keptFlags += newFlags
+                keptBases.extend(newBases)
             if any(letters for _, letters in parsed.values()):
                 for uid, info in zip(newUids, infos):
                     if parsed[info][1]:
@@ -435,18 +472,37 @@ class Folder:
         return change
 
     def _numberedInNew(
-        self, known: dict[str, int], above: int, below: int, onDisk: dict[str, str | None]
+        self, known: dict[str, int], kept: array, below: int, onDisk: dict[str, str | None]
     ) -> list[tuple[int, str]]:
         """
-        The files in C{new/} (unlisted) that the UID list numbers between
-        C{above} and C{below}; C{onDisk} learns them.
+        The files in C{new/} (unlisted) that the UID list numbers below
+        C{below} and the index lacks; C{onDisk} learns them.
         """
         found = []
+        gone = self._gone
         for base, uid in known.items():
-            if above <= uid < below and base not in onDisk and os.path.exists(self._dir + "new/" + base):
+            if (
+                uid < below
+                and base not in onDisk
+                and uid not in gone
+                and not _holds(kept, uid)
+                and os.path.exists(self._dir + "new/" + base)
+            ):
                 onDisk[base] = None
                 found.append((uid, base))
         return found
+
+    def _rememberGone(self, uids: Iterable[int]) -> None:
+        """
+        Remember UIDs seen expunged (the latest L{GONE_KEPT}): a file that
+        comes back under one gets a new UID.
+        """
+        gone = self._gone
+        for uid in uids:
+            gone[uid] = None
+        if len(gone) > self.GONE_KEPT:
+            for uid in list(gone)[: len(gone) - self.GONE_KEPT]:
+                del gone[uid]
 
     # Changing the folder --------------------------------------------------
 
@@ -460,7 +516,7 @@ class Folder:
 
     def _ownChangeDone(self, unchanged: bool) -> None:
         if unchanged:
-            self._mtimes = self._dirMtimes()
+            self._mtimes = _settled(self._dirMtimes())
 
     def setFlags(
         self,
@@ -592,6 +648,7 @@ class Folder:
             self.keywordLetters.pop(uid, None)
             self._sizes.pop(uid, None)
         self.uidList.forget(goneBases)
+        self._rememberGone(gone)
         expunged = sorted(gone)
         self._announce(FolderChange(expunged=expunged, origin=origin))
         return expunged
@@ -631,20 +688,49 @@ class Folder:
                 result[base] = uid  # a listing found it first
             else:
                 fresh.append((base, None if path.parent.name == "new" else info))
-        above = self.uids[-1] + 1 if self.uids else 1
-        uids = self.uidList.assign([base for base, _ in fresh], above=above)
+        # These files are new (their names are ours): a UID the list already
+        # has for one was given by another process (Dovecot) that saw the
+        # file first, and is its UID; numbering it again would give the
+        # message two UIDs.
+        uids = self.uidList.assign([base for base, _ in fresh])
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
             bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
-            self.uids.append(uid)
-            self.flags.append(bits)
-            self.bases.append(base)
+            result[base] = uid
+            i = bisect.bisect_left(self.uids, uid)
+            if i < len(self.uids) and self.uids[i] == uid:
+                continue  # taken in meanwhile by a listing
+            self.uids.insert(i, uid)
+            self.flags.insert(i, bits)
+            self.bases.insert(i, base)
             if letters:
                 self.keywordLetters[uid] = letters
-            result[base] = uid
             change.added.append(uid)
         self._announce(change)
         return [result[maildir.splitFileName(p.name)[0]] for p in paths]
+
+
+# A directory time this close to now may be shared by a change still to come
+# (file systems keep times in ticks, NFS servers with their own clock), so
+# it proves nothing yet: the directory is listed again at the next refresh.
+# Dovecot's Maildir code waits the same second (MAILDIR_SYNC_SECS) before it
+# trusts a directory's time, which is what lets both servers share a folder.
+UNSETTLED_NS = 1_000_000_000
+_LIST_AGAIN = -3
+
+
+def _settled(mtimes: dict[str, int]) -> dict[str, int]:
+    """
+    The directory times to remember: a time too recent to trust is kept
+    as a value no directory has, so that the next refresh lists it again.
+    """
+    now = time.time_ns()
+    return {sub: (_LIST_AGAIN if mtime > now - UNSETTLED_NS else mtime) for sub, mtime in mtimes.items()}
+
+
+def _holds(uids: array, uid: int) -> bool:
+    i = bisect.bisect_left(uids, uid)
+    return i < len(uids) and uids[i] == uid
 
 
 @functools.lru_cache(maxsize=16)

@@ -22,8 +22,10 @@ import os
 import re
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Collection
 
 from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked
 
@@ -32,6 +34,11 @@ FILE_NAME = "dovecot-uidlist"
 
 class CorruptUidList(Exception):
     pass
+
+
+def _closeHeld(held: list) -> None:
+    if held[0] is not None:
+        held[0].close()
 
 
 @dataclass
@@ -111,6 +118,8 @@ class UidList:
         self.path = folderPath / FILE_NAME
         self.lockSettings = lockSettings
         self.state: UidListState | None = None
+        self._held: list[IO[bytes] | None] = [None]
+        weakref.finalize(self, _closeHeld, self._held)
 
     def locked(self):
         """
@@ -130,25 +139,32 @@ class UidList:
         starts a new UIDVALIDITY.
         """
         previous = self.state
+        held = self._held[0]
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (
-                    previous is not None
-                    and previous.inode == st.st_ino
-                    and previous.offset <= st.st_size
-                ):
-                    if previous.offset < st.st_size:
-                        f.seek(previous.offset)
-                        tail = f.read()
-                        complete = tail[: tail.rfind(b"\n") + 1]
-                        _parseRecords(complete.decode("utf-8", "replace"), previous)
-                        previous.offset += len(complete)
-                    return previous
-                data = f.read()
+            st = os.stat(self.path)
+            if (
+                previous is not None
+                and held is not None
+                and previous.inode == st.st_ino
+                and previous.offset <= st.st_size
+            ):
+                # Still the file we read: the one we hold open, whose inode
+                # no replacement can reuse (Dovecot rewrites the list by
+                # renaming a new file over it, and does so often).
+                if previous.offset < st.st_size:
+                    held.seek(previous.offset)
+                    tail = held.read()
+                    complete = tail[: tail.rfind(b"\n") + 1]
+                    _parseRecords(complete.decode("utf-8", "replace"), previous)
+                    previous.offset += len(complete)
+                return previous
+            f = open(self.path, "rb")
         except FileNotFoundError:
             self.state = self._create()
             return self.state
+        self._hold(f)
+        st = os.fstat(f.fileno())
+        data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
         header, _, records = complete.decode("utf-8", "replace").partition("\n")
         try:
@@ -177,10 +193,20 @@ class UidList:
             self._writeAll(state)
             return state
 
+    def _hold(self, f) -> None:
+        """
+        Keep C{f}, the version of the file last read, open (closing the
+        one held before).
+        """
+        previous, self._held[0] = self._held[0], f
+        if previous is not None:
+            previous.close()
+
     def _readLocked(self) -> UidListState:
-        with open(self.path, "rb") as f:
-            data = f.read()
-            inode = os.fstat(f.fileno()).st_ino
+        f = open(self.path, "rb")
+        self._hold(f)
+        data = f.read()
+        inode = os.fstat(f.fileno()).st_ino
         complete = data[: data.rfind(b"\n") + 1]
         header, _, records = complete.decode("utf-8", "replace").partition("\n")
         uidvalidity, uidnext, guid = _parseHeader(header)
@@ -189,12 +215,13 @@ class UidList:
         state.offset = len(complete)
         return state
 
-    def assign(self, bases: list[str], above: int = 1) -> list[int]:
+    def assign(self, bases: list[str], renumber: Collection[int] = ()) -> list[int]:
         """
         Give new UIDs to C{bases} (in that order), after catching up with
         whatever another process appended.  A base that already has a UID
-        of at least C{above} keeps it; one with a lower UID (a file that
-        came back) is numbered again, since UIDs only grow.
+        keeps it (another process, Dovecot say, numbered it first), unless
+        that UID is in C{renumber}: a message seen expunged whose file came
+        back is numbered again, since UIDs only grow.
 
         @return: the UID of each base.
         """
@@ -204,7 +231,7 @@ class UidList:
             result = []
             for base in bases:
                 uid = state.uids.get(base)
-                if uid is None or uid < above:
+                if uid is None or uid in renumber:
                     uid = state.uidnext
                     state.uidnext += 1
                     state.uids[base] = uid
@@ -254,5 +281,7 @@ class UidList:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        state.inode = os.stat(self.path).st_ino
+        f = open(self.path, "rb")
+        self._hold(f)
+        state.inode = os.fstat(f.fileno()).st_ino
         state.offset = len(data)
