@@ -686,6 +686,10 @@ class Folder:
             i = self.position(uid) if uid is not None else None
             if i is not None and self.bases[i] == base:
                 result[base] = uid  # a listing found it first
+            elif base in self.uidList.forgotten:
+                # A listing found it first, and another session or process
+                # expunged it since: it had its UID, it needs no other.
+                result[base] = self.uidList.forgotten[base]
             else:
                 fresh.append((base, None if path.parent.name == "new" else info))
         # These files are new (their names are ours): a UID the list already

@@ -112,13 +112,19 @@ class UidList:
     """
     The UID list of one folder directory, and what this process last read
     of it.
+
+    @cvar FORGOTTEN_KEPT: how many expunged base names L{forgotten} keeps.
     """
+
+    FORGOTTEN_KEPT = 10_000
 
     def __init__(self, folderPath: Path, lockSettings: DotLockSettings = DOVECOT_MAILDIR) -> None:
         self.path = folderPath / FILE_NAME
         self.lockSettings = lockSettings
         self.state: UidListState | None = None
         self._held: list[IO[bytes] | None] = [None]
+        # The UIDs of the latest expunged files, by base name.
+        self.forgotten: dict[str, int] = {}
         weakref.finalize(self, _closeHeld, self._held)
 
     def locked(self):
@@ -249,8 +255,14 @@ class UidList:
         most of its records are dead.
         """
         state = self.refresh()
+        forgotten = self.forgotten
         for base in bases:
-            state.uids.pop(base, None)
+            uid = state.uids.pop(base, None)
+            if uid is not None:
+                forgotten[base] = uid
+        if len(forgotten) > self.FORGOTTEN_KEPT:
+            for base in list(forgotten)[: len(forgotten) - self.FORGOTTEN_KEPT]:
+                del forgotten[base]
         try:
             size = os.stat(self.path).st_size
         except OSError:
