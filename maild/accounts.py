@@ -304,8 +304,11 @@ class Accounts:
             # The replacement keeps the file's owner and mode (a daemon
             # running as its own user, or Dovecot's auth process, must
             # still read it after root ran "maild user add").
-            if os.geteuid() == 0:
-                os.fchown(f.fileno(), uid, gid)
+            try:
+                os.fchown(f.fileno(), uid if os.geteuid() == 0 else -1, gid)
+            except PermissionError:
+                # Not root, and not in the file's group: it gets ours.
+                log.warn("{path} loses its group {gid}", path=str(self.path), gid=gid)
             os.fchmod(f.fileno(), mode)
             f.writelines(lines)
             f.flush()

@@ -272,9 +272,6 @@ protocol imap {{
 service auth {{
   user = {MAIL_USER}
 }}
-service auth-worker {{
-  user = {MAIL_USER}
-}}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
