@@ -515,8 +515,11 @@ class Folder:
         return before == self._mtimes
 
     def _ownChangeDone(self, unchanged: bool) -> None:
+        # Trusted although recent: listing a big cur/ again after each of
+        # our own flag changes would cost more than the rare change another
+        # process makes within our own rename's clock tick.
         if unchanged:
-            self._mtimes = _settled(self._dirMtimes())
+            self._mtimes = self._dirMtimes()
 
     def setFlags(
         self,
