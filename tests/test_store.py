@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
@@ -90,6 +91,28 @@ class NameTests(unittest.SynchronousTestCase):
         self.assertIsNone(maildir.folderNameFromDir(".."))
         self.assertIsNone(maildir.folderNameFromDir("..deleted-1"))
         self.assertIsNone(maildir.folderNameFromDir("cur"))
+
+
+class SubscriptionLineTests(unittest.SynchronousTestCase):
+    @given(st.lists(st.text(min_size=1, max_size=12).filter(lambda p: "/" not in p), min_size=1, max_size=4))
+    def test_roundTrip(self, parts):
+        """
+        A valid folder name written as Dovecot writes it in subscriptions
+        reads back as itself, first.
+        """
+        try:
+            name = maildir.validateFolderName("/".join(parts))
+        except InvalidName:
+            return
+        self.assertEqual(maildir.subscriptionNames(maildir.subscriptionLine(name))[0], name)
+
+    @given(st.text(max_size=40))
+    def test_anyLine(self, line):
+        """
+        Any line gives only valid folder names, never an exception.
+        """
+        for name in maildir.subscriptionNames(line):
+            self.assertEqual(maildir.validateFolderName(name), name)
 
 
 class UidListTests(unittest.SynchronousTestCase):
