@@ -22,7 +22,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet import ssl as twistedSSL
 from twisted.internet.protocol import ClientCreator
 from twisted.mail.pop3 import AdvancedPOP3Client
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild.auth import plaintextLoginAllowed
@@ -1279,6 +1279,7 @@ class UidlFormatTests(unittest.SynchronousTestCase):
         self.assertEqual(uidlFormatter("%f")(3, 4, "1.M2P3.host"), b"1.M2P3.host")
         self.assertEqual(uidlFormatter("%%%u{}")(1, 2, "b"), b"%1{}")
 
+    @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
     @given(st.text(max_size=30))
     def test_anyTemplate(self, template):
         """

@@ -379,9 +379,9 @@ class Folder:
                     change.flagged.append(uid)
             elif not (listedNew if bits & IN_NEW else listedCur):
                 newBits, letters = bits, oldLetters
-            elif disturbed or len(subs) == 1:
-                # Perhaps moved to the directory we did not list: decided
-                # when both are listed, at the next refresh.
+            elif disturbed or (bits & IN_NEW and not listedCur):
+                # Perhaps moved (to cur/, by another process) where we did
+                # not look: decided when both are listed, at the next refresh.
                 newBits, letters = bits, oldLetters
                 uncertain = True
             else:
