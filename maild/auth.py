@@ -22,6 +22,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from maild import metrics
 from maild.accounts import Accounts, loginName
 from maild.names import InvalidName
 
@@ -204,6 +205,7 @@ class Authenticator:
         shown = "".join(c if c.isprintable() and c != " " else "?" for c in username[:128])
 
         def succeeded(result):
+            metrics.logins.labels(service, method, "ok").inc()
             self.throttle.succeeded(clientAddress)
             log.info(
                 "login: service={service} user=<{user}> method={method} rip={rip}",
@@ -215,6 +217,7 @@ class Authenticator:
             return result
 
         def failed(reason):
+            metrics.logins.labels(service, method, "failed").inc()
             if not reason.check(error.UnauthorizedLogin, error.UnhandledCredentials):
                 log.failure("login error", reason)
             log.warn(
@@ -283,6 +286,18 @@ def isLoopback(host: str) -> bool:
     except ValueError:
         # Not an IP address: a UNIX socket or similar local transport.
         return not host[:1].isdigit() and ":" not in host
+
+
+def isTrusted(host: str, networks) -> bool:
+    """
+    Whether C{host} (an IP address) is in one of C{networks}
+    (C{limits.trusted_networks}: addresses or CIDR networks).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def plaintextLoginAllowed(policy: str, clientHost: str, secure: bool) -> bool:

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
 from maild.service import MailService
+from maild.workers import WorkerSupervisor
 
 
 class Options(usage.Options):
@@ -25,7 +26,13 @@ class Options(usage.Options):
         ["hostname", None, None, "This server's host name (default: the FQDN)."],
         ["tls-cert", None, None, "TLS certificate chain (PEM)."],
         ["tls-key", None, None, "TLS private key (PEM)."],
+        ["workers", None, None, "maild processes sharing the listeners (default 1)."],
     ] + [[name, None, None, f"Listener for {name.upper()}."] for name in PROTOCOLS]
+    optFlags = [
+        ["dev", None, "Developer mode: accept mail for any address and any login, "
+         "in one shared mailbox; relay nothing (loopback only)."],
+        ["dev-public", None, "Allow the developer mode on non-loopback listeners."],
+    ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
@@ -45,7 +52,9 @@ class Options(usage.Options):
             raise usage.UsageError("\n" + "\n".join(e.problems))
 
 
-def makeService(options: Options) -> MailService:
+def makeService(options: Options):
+    if options.config.cluster.workers > 1:
+        return WorkerSupervisor(options.config, options)
     return MailService(options.config)
 
 

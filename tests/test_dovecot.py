@@ -41,6 +41,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from maild import cli
+from maild.config import PROTOCOLS
 from tests.support import freePort
 
 DOVECOT = shutil.which("dovecot", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
@@ -166,7 +167,7 @@ class Site:
 
     def startMaild(self, *extra: str) -> None:
         listeners = []
-        for name in ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps"):
+        for name in PROTOCOLS:
             port = self.mailPorts.get(name)
             endpoint = f"tcp:{port}:interface=127.0.0.1" if port else "none"
             listeners += [f"--{name}", endpoint]
