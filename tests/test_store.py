@@ -234,6 +234,38 @@ class FolderTests(unittest.SynchronousTestCase):
     def folderChanged(self, folder, change):
         self.changes.append(change)
 
+    def test_placedAfterAnotherProcessNumbered(self):
+        """
+        When another process (Dovecot) numbered a file we have not listed
+        yet, and then our own delivery gets the next UID, the other file
+        is taken first: listeners learn both in UID order, so a session
+        told of the higher UID does not miss the lower one.
+        """
+        self.folder.refresh()
+        self.changes.clear()
+        theirs = put(self.path, "new/1700000003.M1P9Q1.other")
+        [theirUid] = UidList(self.path).assign([theirs.name])
+        ours = put(self.path, "new/1700000004.M1P1Q2.h")
+        [ourUid] = self.folder.addPlaced([ours])
+        self.assertEqual((theirUid, ourUid), (3, 4))
+        self.assertEqual(list(self.folder.uids), [1, 2, 3, 4])
+        self.assertEqual([uid for change in self.changes for uid in change.added], [3, 4])
+
+    def test_numberedElsewhereKeepsItsUid(self):
+        """
+        A file another process numbered keeps that UID in our index even
+        when we learn of it after higher ones: it is never numbered twice.
+        """
+        self.folder.refresh()
+        theirs = put(self.path, "cur/1700000003.M1P9Q1.other:2,S")
+        later = put(self.path, "cur/1700000004.M1P9Q2.other:2,")
+        other = UidList(self.path)
+        other.assign(["1700000003.M1P9Q1.other", "1700000004.M1P9Q2.other"])
+        self.folder.refresh()
+        self.assertEqual(list(self.folder.uids), [1, 2, 3, 4])
+        records = (self.path / "dovecot-uidlist").read_text().splitlines()[1:]
+        self.assertEqual(len(records), len({line.split(" :")[1] for line in records}))
+
     def test_loadInDeliveryOrder(self):
         """
         Opening a folder numbers its files by delivery time, reads flags

@@ -492,6 +492,15 @@ class Folder:
                 found.append((uid, base))
         return found
 
+    def _unknownBelow(self, uid: int) -> bool:
+        """
+        Whether UIDs between our highest and C{uid} were given to files we
+        neither hold nor saw expunged.
+        """
+        start = self.uids[-1] + 1 if self.uids else 1
+        gone = self._gone
+        return any(u not in gone for u in range(start, uid))
+
     def _rememberGone(self, uids: Iterable[int]) -> None:
         """
         Remember UIDs seen expunged (the latest L{GONE_KEPT}): a file that
@@ -700,6 +709,12 @@ class Folder:
         # file first, and is its UID; numbering it again would give the
         # message two UIDs.
         uids = self.uidList.assign([base for base, _ in fresh])
+        if uids and self._unknownBelow(min(uids)):
+            # Another process numbered files we have not listed below
+            # these: list them first, so that sessions learn the messages
+            # in UID order (one told of a higher UID would never see them).
+            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
+            self.refresh()
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
             bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
