@@ -158,8 +158,8 @@ class UidList:
                 # no replacement can reuse (Dovecot rewrites the list by
                 # renaming a new file over it, and does so often).
                 if previous.offset < st.st_size:
-                    held.seek(previous.offset)
-                    tail = held.read()
+                    # pread: no shared file position for threads to race on.
+                    tail = os.pread(held.fileno(), st.st_size - previous.offset, previous.offset)
                     complete = tail[: tail.rfind(b"\n") + 1]
                     _parseRecords(complete.decode("utf-8", "replace"), previous)
                     previous.offset += len(complete)
