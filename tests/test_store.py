@@ -86,7 +86,7 @@ class NameTests(unittest.SynchronousTestCase):
         Names that could leave the user's folder or confuse the layout are
         refused.
         """
-        for bad in ("", "..", "a/../b", "/abs", "a//b", "a/", "x\x00y", "a*", "%", "a\\b", "a" * 300):
+        for bad in ("", "..", "a/../b", "/abs", "a//b", "a/", "x\x00y", "a*", "%", "a\\b", "a" * 300, "\ud800"):
             self.assertRaises(InvalidName, maildir.validateFolderName, bad)
         self.assertIsNone(maildir.folderNameFromDir(".."))
         self.assertIsNone(maildir.folderNameFromDir("..deleted-1"))

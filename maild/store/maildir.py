@@ -149,7 +149,12 @@ def validateFolderName(name: str) -> str:
         raise InvalidName("empty folder name")
     if name.upper() == INBOX:
         return INBOX
-    if len(name.encode("utf-8")) > MAX_FOLDER_NAME:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (modified UTF-7 "&2AA-" decodes to one).
+        raise InvalidName("folder name is not valid Unicode") from None
+    if len(encoded) > MAX_FOLDER_NAME:
         raise InvalidName("folder name too long")
     if _FORBIDDEN_IN_FOLDER.search(name):
         raise InvalidName(f"folder name {name!r} contains a forbidden character")
