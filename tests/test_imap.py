@@ -352,13 +352,13 @@ class CommandTests(IMAPTestCase):
     def test_unsafeNamesRefused(self):
         """
         Names that could leave the user's folder (`../x`, `/etc`,
-        `INBOX/../../x`, NUL, bad modified UTF-7) are refused with NO before
-        they touch the file system.
+        `INBOX/../../x`, NUL, bad modified UTF-7, a lone surrogate) are
+        refused with NO before they touch the file system.
         """
 
         def run(client):
             replies = []
-            for name in (b'"../x"', b'"/etc"', b'"INBOX/../../x"', b'"a//b"', b"{3+}\r\na\x00b", b'"&Jjo"'):
+            for name in (b'"../x"', b'"/etc"', b'"INBOX/../../x"', b'"a//b"', b"{3+}\r\na\x00b", b'"&Jjo"', b'"&2AA-"'):
                 for verb in (b"CREATE", b"SELECT", b"DELETE"):
                     replies.append(client.command(b"t " + verb + b" " + name)[1])
             return replies
