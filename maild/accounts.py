@@ -32,6 +32,7 @@ from passlib.context import CryptContext
 from twisted.logger import Logger
 
 from maild.names import InvalidName, normalizeAddress, splitAddress
+from maild.store.files import replaceFile
 from maild.store.locking import locked
 
 log = Logger()
@@ -291,7 +292,6 @@ class Accounts:
             return st.st_uid, st.st_gid, 0o600
 
     def _write(self, entries: Iterable[_Entry]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         lines = []
         for entry in entries:
             line = f"{entry.address}:{entry.passwordHash}"
@@ -299,21 +299,10 @@ class Accounts:
                 line += ":" + entry.rest
             lines.append(line + "\n")
         uid, gid, mode = self._owner()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # The replacement keeps the file's owner and mode (a daemon
-            # running as its own user, or Dovecot's auth process, must
-            # still read it after root ran "maild user add").
-            try:
-                os.fchown(f.fileno(), uid if os.geteuid() == 0 else -1, gid)
-            except PermissionError:
-                # Not root, and not in the file's group: it gets ours.
-                log.warn("{path} loses its group {gid}", path=str(self.path), gid=gid)
-            os.fchmod(f.fileno(), mode)
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        # The replacement keeps the file's owner and mode (a daemon running
+        # as its own user, or Dovecot's auth process, must still read it
+        # after root ran "maild user add").
+        replaceFile(self.path, "".join(lines).encode("utf-8"), mode=mode, owner=(uid, gid))
         self._stamp = None
         self._checked = float("-inf")
 

@@ -23,6 +23,7 @@ from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings, uidlFormatter
+from maild.relay import Relay
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
@@ -139,10 +140,15 @@ class MailService(service.MultiService):
                 catchall=config.catchall,
             )
             checker = PasswordChecker(self.accounts, config.domains[0], reactor)
+        # Mail for other domains: queued and sent by the relay (the
+        # developer mode relays nothing).
+        self.relay = None if config.dev.enabled else Relay(config, self.store, self.addresses, reactor)
+        if self.relay is not None:
+            self.relay.setServiceParent(self)
         uidl = uidlFormatter(config.pop3.uidl_format)
         self.realm = MailRealm(
             {
-                IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user),
+                IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user, self.relay),
                 pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user), uidl),
                 IAccount: lambda user: Account(self.store, user),
             }

@@ -244,6 +244,7 @@ class SMTPServer(smtp.ESMTP):
         self._deadline = None
         self._errors = 0
         self._esmtp = False
+        self._lost = False
 
     # Connection ------------------------------------------------------------
 
@@ -269,6 +270,7 @@ class SMTPServer(smtp.ESMTP):
         pass
 
     def connectionLost(self, reason) -> None:
+        self._lost = True
         self._cancelDeadline()
         self._discardTransaction()
         smtp.ESMTP.connectionLost(self, reason)
@@ -408,7 +410,8 @@ class SMTPServer(smtp.ESMTP):
 
     def _release(self) -> None:
         self._held -= 1
-        if self._held:
+        if self._held or self._lost:
+            # A closed session must not set its idle timer again.
             return
         self.setTimeout(self.timeout)
         self._process()
@@ -794,9 +797,17 @@ class SMTPServer(smtp.ESMTP):
             return
         self._hold()
         transaction.dataEnded = time.perf_counter()
-        d = self.settings.store.deliver(transaction.message, transaction.recipients)
+        d = self.deliverMessage(transaction)
         d.addCallbacks(self._delivered, self._deliveryFailed, (transaction,), None, (transaction,))
         d.addBoth(lambda _: self._release())
+
+    def deliverMessage(self, transaction: Transaction):
+        """
+        Store the received message durably for its recipients.
+
+        @return: a Deferred firing when it is on disk.
+        """
+        return self.settings.store.deliver(transaction.message, transaction.recipients)
 
     def _delivered(self, paths, transaction: Transaction) -> None:
         log.info(

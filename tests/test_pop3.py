@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild.auth import plaintextLoginAllowed
-from maild.pop3 import LOCK_NAME, BadUidlFormat, messageResponse, uidlFormatter
+from maild.pop3 import BadUidlFormat, messageResponse, uidlFormatter
+from maild.store.mailstore import MAILDROP_LOCK
 from maild.store.folder import Folder
 from tests.support import PASSWORD, RawClient, ServerTestCase
 
@@ -583,7 +584,7 @@ class MaildropTests(POP3TestCase):
         The maildrop lock holds between processes: while another process
         holds it, login gets -ERR [IN-USE].
         """
-        lockPath = self.maildir(ALICE) / LOCK_NAME
+        lockPath = self.maildir(ALICE) / MAILDROP_LOCK
         holder = subprocess.Popen(
             [
                 sys.executable,

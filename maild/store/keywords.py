@@ -16,6 +16,7 @@ import os
 import string
 from pathlib import Path
 
+from maild.store.files import folderMustExist, fsyncDirectory
 from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked
 from maild.store.uidlist import FILE_NAME as UIDLIST_NAME
 
@@ -44,11 +45,16 @@ class Keywords:
         if (st.st_ino, st.st_mtime_ns) == self._mtime:
             return
         byLetter = {}
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                index, _, name = line.strip().partition(" ")
-                if index.isdigit() and int(index) < MAX_KEYWORDS and name:
-                    byLetter[string.ascii_lowercase[int(index)]] = name
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    index, _, name = line.strip().partition(" ")
+                    if index.isdigit() and int(index) < MAX_KEYWORDS and name:
+                        byLetter[string.ascii_lowercase[int(index)]] = name
+        except FileNotFoundError:
+            # Its folder was deleted or renamed meanwhile.
+            self._byLetter, self._mtime = {}, -1
+            return
         self._byLetter, self._mtime = byLetter, (st.st_ino, st.st_mtime_ns)
 
     def names(self, letters: str) -> list[str]:
@@ -74,7 +80,7 @@ class Keywords:
         found = {name.lower(): c for c, name in self._byLetter.items()}
         missing = [n for k, n in wanted.items() if k not in found]
         if missing and create:
-            with dotLocked(self.uidListPath, self.lockSettings):
+            with folderMustExist(self.path.parent), dotLocked(self.uidListPath, self.lockSettings):
                 self._mtime = -1
                 self._refresh()
                 found = {name.lower(): c for c, name in self._byLetter.items()}
@@ -106,5 +112,6 @@ class Keywords:
             if written <= previous:
                 os.utime(tmp, (written, previous + 1))
             os.replace(tmp, self.path)
+            fsyncDirectory(self.path.parent)
         st = os.stat(self.path)
         self._mtime = (st.st_ino, st.st_mtime_ns)

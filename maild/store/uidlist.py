@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Collection
 
-from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked
+from maild.store.files import replaceFile
+from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked, locked
 
 FILE_NAME = "dovecot-uidlist"
 
@@ -39,6 +40,37 @@ class CorruptUidList(Exception):
 def _closeHeld(held: list) -> None:
     if held[0] is not None:
         held[0].close()
+
+
+class UidValidities:
+    """
+    Where the UIDVALIDITY of every folder of one user comes from: a
+    counter in the user's root, raised under a lock, so that a folder that
+    appears under a name (created after a delete, renamed onto a deleted
+    name, made in the same second as another) never gets a value that name
+    had: the value is at least the time and more than any given before
+    (RFC 3501 section 2.3.1.1).
+    """
+
+    FILE_NAME = "maild-uidvalidity"
+    LOCK_NAME = "maild-uidvalidity.lock"
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / self.FILE_NAME
+        self.lockPath = root / self.LOCK_NAME
+
+    def allocate(self, above: int = 0) -> int:
+        """
+        A new UIDVALIDITY, greater than any given before and than C{above}.
+        """
+        with locked(self.lockPath):
+            try:
+                last = int(self.path.read_text("ascii").strip() or 0)
+            except (FileNotFoundError, ValueError):
+                last = 0
+            value = max(int(time.time()), last + 1, above + 1)
+            replaceFile(self.path, b"%d\n" % value)
+        return value
 
 
 @dataclass
@@ -118,8 +150,14 @@ class UidList:
 
     FORGOTTEN_KEPT = 10_000
 
-    def __init__(self, folderPath: Path, lockSettings: DotLockSettings = DOVECOT_MAILDIR) -> None:
+    def __init__(
+        self,
+        folderPath: Path,
+        uidValidities: UidValidities | None = None,
+        lockSettings: DotLockSettings = DOVECOT_MAILDIR,
+    ) -> None:
         self.path = folderPath / FILE_NAME
+        self.uidValidities = uidValidities
         self.lockSettings = lockSettings
         self.state: UidListState | None = None
         self._held: list[IO[bytes] | None] = [None]
@@ -192,10 +230,8 @@ class UidList:
                 self.state = None
                 return self._readLocked()
             state = UidListState(
-                uidvalidity=int(time.time()), uidnext=1, guid=uuid.uuid4().hex
+                uidvalidity=self._newUidValidity(), uidnext=1, guid=uuid.uuid4().hex
             )
-            if self.state is not None and self.state.uidvalidity >= state.uidvalidity:
-                state.uidvalidity = self.state.uidvalidity + 1
             self._writeAll(state)
             return state
 
@@ -207,6 +243,33 @@ class UidList:
         previous, self._held[0] = self._held[0], f
         if previous is not None:
             previous.close()
+
+    def _newUidValidity(self, known: int = 0) -> int:
+        """
+        A UIDVALIDITY greater than this list ever had (as far as this
+        process knows, and as far as the user's counter knows).
+        """
+        if self.state is not None:
+            known = max(known, self.state.uidvalidity)
+        if self.uidValidities is not None:
+            return self.uidValidities.allocate(above=known)
+        return max(int(time.time()), known + 1)
+
+    def renew(self) -> None:
+        """
+        Give the folder a new UIDVALIDITY, keeping its UIDs: it now lives
+        under a name that may have had any value before (RENAME).
+        """
+        with self.locked():
+            try:
+                state = self._readLocked()
+            except FileNotFoundError:
+                return  # made with a fresh value when first opened
+            except (CorruptUidList, ValueError):
+                state = UidListState(uidvalidity=0, uidnext=1, guid=uuid.uuid4().hex)
+            state.uidvalidity = self._newUidValidity(state.uidvalidity)
+            self._writeAll(state)
+            self.state = state
 
     def _readLocked(self) -> UidListState:
         f = open(self.path, "rb")
@@ -231,6 +294,8 @@ class UidList:
 
         @return: the UID of each base.
         """
+        if not bases:
+            return []
         with self.locked():
             state = self.refresh()
             lines = []
@@ -281,18 +346,13 @@ class UidList:
         """
         Replace the file with C{state}.  The caller holds the lock.
         """
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
         lines = [f"3 V{state.uidvalidity} N{state.uidnext} G{state.guid}\n"]
         lines.extend(
             f"{uid} :{base}\n"
             for base, uid in sorted(state.uids.items(), key=lambda item: item[1])
         )
         data = "".join(lines).encode("utf-8")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replaceFile(self.path, data)
         f = open(self.path, "rb")
         self._hold(f)
         state.inode = os.fstat(f.fileno()).st_ino
