@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
+from pathlib import Path
 from typing import IO
 
 from maild import client, livecheck
-from maild.accounts import AccountError, Accounts
+from maild.accounts import AccountError, Accounts, keepOwner
 from maild.config import Config, ConfigError, configFromOptions
 from maild.names import InvalidName, normalizeAddress
 from maild.relay import commands as relaycommands
@@ -98,6 +100,25 @@ def _account(name: str, config: Config) -> str:
     return address
 
 
+def _ownLikeDataFolder(dataDir: Path, userRoot: Path) -> None:
+    """
+    Run as root, give what C{maild user add} just made (the user's Maildir
+    and the directories above it) to the data folder's owner: the daemon
+    runs as that user (C{twistd -u}, systemd C{User=}), and so does
+    Dovecot's mail process, and they must write there.
+    """
+    if os.geteuid() != 0:
+        return
+    st = os.stat(dataDir)
+    owner = (st.st_uid, st.st_gid)
+    made = [dataDir / "mail", userRoot.parent]
+    for top, dirs, files in os.walk(userRoot):
+        made.append(Path(top))
+        made.extend(Path(top) / name for name in files)
+    for path in made:
+        keepOwner(path, owner)
+
+
 def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
     accounts = Accounts(config.usersFile)
     if args.action == "list":
@@ -107,7 +128,9 @@ def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
     address = _account(args.name, config)
     if args.action == "add":
         accounts.add(address, _password(args, stdin))
-        MailStore(config.data_dir).mailbox(address).ensureExists()
+        mailbox = MailStore(config.data_dir).mailbox(address)
+        mailbox.ensureExists()
+        _ownLikeDataFolder(config.data_dir, mailbox.root)
         stdout.write(f"added {address}\n")
     elif args.action == "passwd":
         accounts.setPassword(address, _password(args, stdin))

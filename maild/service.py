@@ -23,7 +23,7 @@ from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.cluster import RedisLink
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
-from maild.pop3 import Maildrop, POP3Factory, POP3Settings
+from maild.pop3 import Maildrop, POP3Factory, POP3Settings, uidlFormatter
 from maild.relay import Relay
 from maild.resolver import makeResolver
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
@@ -136,7 +136,7 @@ class MailService(service.MultiService):
             watch=config.watch,
             events=self.redis if config.watch == "redis" else None,
         )
-        self.accounts = Accounts(config.usersFile)
+        self.accounts = Accounts(config.usersFile, rehash=config.rehash_passwords)
         if config.dev.enabled:
             self.devMailbox = devMailbox(config.domains)
             self.store.mailbox(self.devMailbox).ensureExists()
@@ -156,10 +156,11 @@ class MailService(service.MultiService):
         self.relay = None if config.dev.enabled else Relay(config, self.store, self.addresses, reactor)
         if self.relay is not None:
             self.relay.setServiceParent(self)
+        uidl = uidlFormatter(config.pop3.uidl_format)
         self.realm = MailRealm(
             {
                 IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user, self.relay),
-                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user)),
+                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user), uidl),
                 IAccount: lambda user: Account(self.store, user),
             }
         )

@@ -39,9 +39,34 @@ class PasswordTests(unittest.SynchronousTestCase):
         self.assertFalse(verifyPassword("{BLF-CRYPT}" + hashed, "pW"))
 
     def test_unknownSchemeNeverMatches(self):
-        self.assertFalse(verifyPassword("{PLAIN}pw", "pw"))
+        self.assertFalse(verifyPassword("{SSHA}pw", "pw"))
         self.assertFalse(verifyPassword("pw", "pw"))
         self.assertRaises(AccountError, hashPassword, "pw", "PLAIN")
+
+    def test_dovecotCryptFamilyAndPlain(self):
+        """
+        The schemes a Dovecot site's passwd-file holds are verified:
+        {SHA512-CRYPT} and {SHA256-CRYPT} (doveadm pw's long-time default),
+        {MD5-CRYPT}, {CRYPT} in any crypt(3) form, {PLAIN}; a malformed
+        hash never matches and raises nothing.
+        """
+        from passlib import hash as h
+
+        stored = [
+            "{SHA512-CRYPT}" + h.sha512_crypt.hash("pw", rounds=5000),
+            "{SHA256-CRYPT}" + h.sha256_crypt.hash("pw", rounds=5000),
+            "{MD5-CRYPT}" + h.md5_crypt.hash("pw"),
+            "{CRYPT}" + h.des_crypt.hash("pw"),
+            "{CRYPT}" + h.sha512_crypt.hash("pw", rounds=5000),
+            "{CRYPT}" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$"),
+            "{PLAIN}pw",
+            "{plain}pw",
+        ]
+        for line in stored:
+            self.assertTrue(verifyPassword(line, "pw"), line)
+            self.assertFalse(verifyPassword(line, "pW"), line)
+        for broken in ("{SHA512-CRYPT}$6$", "{SHA256-CRYPT}garbage", "{CRYPT}", "{CRYPT}$9$x$y", "{MD5-CRYPT}$1$"):
+            self.assertFalse(verifyPassword(broken, "pw"), broken)
 
 
 class AccountsTests(unittest.SynchronousTestCase):
@@ -75,6 +100,38 @@ class AccountsTests(unittest.SynchronousTestCase):
         self.path.write_text("# users\ncarol@example.org:{PLAIN}x:1000:1000::/home/carol::userdb_quota_rule=*:storage=1G\n")
         self.accounts.setPassword("carol@example.org", "pw")
         self.assertIn("::userdb_quota_rule=*:storage=1G", self.path.read_text())
+
+    def test_rehashAtLogin(self):
+        """
+        With rehash on, a successful login replaces a hash that is not
+        Argon2id by an Argon2id one, keeping the line's other fields; a
+        failed login, or rehash off, changes nothing.
+        """
+        from passlib import hash as h
+
+        old = "{SHA512-CRYPT}" + h.sha512_crypt.hash("pw", rounds=5000)
+        self.path.write_text(f"carol@example.org:{old}:1000:1000::/home/carol\n")
+        self.assertTrue(Accounts(self.path).verify("carol@example.org", "pw"))
+        self.assertIn(old, self.path.read_text())
+        accounts = Accounts(self.path, rehash=True)
+        self.assertFalse(accounts.verify("carol@example.org", "wrong"))
+        self.assertIn(old, self.path.read_text())
+        self.assertTrue(accounts.verify("carol@example.org", "pw"))
+        line = self.path.read_text()
+        self.assertRegex(line, r"^carol@example\.org:\{ARGON2ID\}\$argon2id\$.*:1000:1000::/home/carol\n$")
+        self.assertTrue(Accounts(self.path).verify("carol@example.org", "pw"))
+
+    def test_rehashLeavesAChangedHash(self):
+        """
+        A re-hash does not overwrite a password changed since the login
+        verified the old one.
+        """
+        self.path.write_text("carol@example.org:{PLAIN}old\n")
+        accounts = Accounts(self.path, rehash=True)
+        accounts.setPassword("carol@example.org", "new")
+        accounts._rehash("carol@example.org", "{PLAIN}old", "old")
+        self.assertTrue(Accounts(self.path).verify("carol@example.org", "new"))
+        self.assertFalse(Accounts(self.path).verify("carol@example.org", "old"))
 
     def test_badNamesRefused(self):
         for bad in ("../x@example.org", "x@../example.org", "a/b@example.org", "x\x00@example.org", "x@", "a" * 65 + "@example.org", "x@ex ample.org"):

@@ -52,6 +52,47 @@ class UserCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(self.maild("user", "del", "alice@localhost")[0], 0)
         self.assertEqual(self.maild("user", "list")[1], "")
 
+    def test_addAsRootKeepsOwnership(self):
+        """
+        Run as root on a data folder another user owns (the daemon's user,
+        which Dovecot's processes run as too), user add keeps the users
+        file's owner and mode (its lock file takes the same owner), and the
+        new Maildir, the folders above it and its files belong to the data
+        folder's owner.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("changing owners needs root")
+        self.data.mkdir(parents=True)
+        os.chown(self.data, 8, 8)
+        users = self.data / "users"
+        users.write_text("")
+        os.chown(users, 8, 12)
+        os.chmod(users, 0o640)
+        self.assertEqual(self.maild("user", "add", "alice", "--password-stdin", stdin="pw\n")[0], 0)
+        self.assertEqual(self.maild("user", "passwd", "alice", "--password-stdin", stdin="pw2\n")[0], 0)
+        st = os.stat(users)
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (8, 12, 0o640))
+        lock = os.stat(self.data / "users.lock")
+        self.assertEqual((lock.st_uid, lock.st_gid), (8, 12))
+        made = [self.data / "mail", self.data / "mail/localhost"]
+        for top, dirs, files in os.walk(self.data / "mail/localhost/alice"):
+            made += [Path(top)] + [Path(top) / name for name in files]
+        self.assertIn(self.data / "mail/localhost/alice/.Sent/cur", made)
+        self.assertEqual({(p, os.stat(p).st_uid, os.stat(p).st_gid) for p in made}, {(p, 8, 8) for p in made})
+
+    def test_newUsersFileOwnedLikeDataFolder(self):
+        """
+        A users file that user add creates, as root, belongs to the data
+        folder's owner, mode 0600.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("changing owners needs root")
+        self.data.mkdir(parents=True)
+        os.chown(self.data, 8, 8)
+        self.assertEqual(self.maild("user", "add", "alice", "--password-stdin", stdin="pw\n")[0], 0)
+        st = os.stat(self.data / "users")
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (8, 8, 0o600))
+
     def test_refusals(self):
         """
         Names that could escape the data folder, other domains, duplicates

@@ -22,10 +22,11 @@ from twisted.internet import defer, reactor, task
 from twisted.internet import ssl as twistedSSL
 from twisted.internet.protocol import ClientCreator
 from twisted.mail.pop3 import AdvancedPOP3Client
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild.auth import plaintextLoginAllowed
-from maild.pop3 import messageResponse
+from maild.pop3 import BadUidlFormat, messageResponse, uidlFormatter
 from maild.store.mailstore import MAILDROP_LOCK
 from maild.store.folder import Folder
 from tests.support import PASSWORD, RawClient, ServerTestCase
@@ -610,7 +611,8 @@ class MaildropTests(POP3TestCase):
     def test_uidlStableAcrossRestart(self):
         """
         UIDL gives each message its IMAP UID and the folder's UIDVALIDITY
-        (Dovecot's %08Xu%08Xv), the same after the daemon restarts.
+        exactly as Dovecot's default %08Xu%08Xv writes them (lower-case
+        hexadecimal), the same after the daemon restarts.
         """
         yield self.deliver(message(subject="one"), message(subject="two"))
 
@@ -626,10 +628,30 @@ class MaildropTests(POP3TestCase):
         folder = self.service.store.mailbox(ALICE).folder("INBOX")
         folder.refresh()
         expected = b"".join(
-            b"%d %08X%08X\r\n" % (n + 1, uid, folder.uidvalidity)
+            b"%d %08x%08x\r\n" % (n + 1, uid, folder.uidvalidity)
             for n, uid in enumerate(folder.uids)
         )
         self.assertEqual(after, expected + b".\r\n")
+
+    @defer.inlineCallbacks
+    def test_uidlFormatConfigured(self):
+        """
+        [pop3] uidl_format takes Dovecot's pop3_uidl_format syntax, for a
+        site that changed Dovecot's default: %u.%v gives decimal UID and
+        UIDVALIDITY.
+        """
+        yield self.stopServer()
+        yield self.startServer(pop3={"uidl_format": "%u.%v"})
+        yield self.deliver(message(subject="one"))
+
+        def uidl(client):
+            client.command(b"UIDL")
+            return client.readMultiline()
+
+        listing = yield self.session(uidl)
+        folder = self.service.store.mailbox(ALICE).folder("INBOX")
+        folder.refresh()
+        self.assertEqual(listing, b"1 %d.%d\r\n.\r\n" % (folder.uids[0], folder.uidvalidity))
 
     @defer.inlineCallbacks
     def test_retrSetsSeen(self):
@@ -1268,3 +1290,27 @@ class TimeoutTests(POP3TestCase):
         self.assertTrue(said.endswith(b"-ERR Disconnected: no login in time.\r\n"), said)
         self.assertTrue(closed)
         self.assertLess(elapsed, 2)
+
+
+class UidlFormatTests(unittest.SynchronousTestCase):
+    def test_dovecotForms(self):
+        """
+        Dovecot's pop3_uidl_format forms: zero-padded lower-case hex, long
+        variable names, the base name, and %% for a percent sign.
+        """
+        self.assertEqual(uidlFormatter("%08Xu%08Xv")(10, 0x6B0E06E6, "b"), b"0000000a6b0e06e6")
+        self.assertEqual(uidlFormatter("%{uid}-%{uidvalidity}")(3, 4, "b"), b"3-4")
+        self.assertEqual(uidlFormatter("%f")(3, 4, "1.M2P3.host"), b"1.M2P3.host")
+        self.assertEqual(uidlFormatter("%%%u{}")(1, 2, "b"), b"%1{}")
+
+    @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+    @given(st.text(max_size=30))
+    def test_anyTemplate(self, template):
+        """
+        Any template either is refused with BadUidlFormat or makes ids.
+        """
+        try:
+            uidl = uidlFormatter(template)
+        except BadUidlFormat:
+            return
+        self.assertIsInstance(uidl(1, 2, "base"), bytes)

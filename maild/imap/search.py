@@ -29,7 +29,7 @@ from maild.imap.headervalues import addressText, parseAddressList
 from maild.imap.mime import MAX_DEPTH, headerFields, unfold
 from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseNumber, parseSequenceSet
 from maild.store import MessageGone
-from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, HAS_KEYWORDS, SEEN
+from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, FORWARDED, HAS_KEYWORDS, SEEN
 
 _FLAG_KEYS = {
     b"ANSWERED": (ANSWERED, True),
@@ -357,8 +357,12 @@ class Search:
     def _keywordTest(self, name: str) -> Callable:
         folder = self.view.folder
         letters = folder.keywords.letters([name], create=False)
+        # Older files carry $Forwarded as the Maildir letter P.
+        legacy = FORWARDED if name.lower() == "$forwarded" else 0
 
         def test(i, message) -> bool:
+            if folder.flags[i] & legacy:
+                return True
             if not letters or not folder.flags[i] & HAS_KEYWORDS:
                 return False
             return letters in folder.keywordLetters.get(folder.uids[i], "")
