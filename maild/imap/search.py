@@ -207,10 +207,10 @@ def _parseSimpleKey(token: Any, reader: _Reader) -> Key:
             return _node("and", [recent, Key("flag", SEEN, False)])
         return recent if name == b"RECENT" else _node("not", [recent])
     if name in (b"KEYWORD", b"UNKEYWORD"):
-        name = reader.atom()
-        if not wire.isKeyword(name):
+        flag = reader.atom()
+        if not wire.isKeyword(flag):
             raise BadCommand("Keywords must be atoms")
-        keyword = Key("keyword", name.decode("ascii"))
+        keyword = Key("keyword", flag.decode("ascii"))
         return keyword if name == b"KEYWORD" else _node("not", [keyword])
     if name == b"UID":
         return Key("set", SequenceSet(tuple(parseSequenceSet(reader.atom())), True))
