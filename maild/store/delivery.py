@@ -141,7 +141,7 @@ class IncomingMessage:
         try:
             if self._file is None:
                 self.path, self._file = self.spool.create()
-            self._file.write(b"".join(pieces))
+            _writeAll(self._file, b"".join(pieces))
         except OSError as e:
             self.error = _failure(e)
         except Exception:
@@ -182,7 +182,7 @@ class IncomingMessage:
         pieces, self._pieces, self._buffered = self._pieces, [], 0
         if self._file is None:
             self.path, self._file = self.spool.create()
-        self._file.write(b"".join(pieces))
+        _writeAll(self._file, b"".join(pieces))
         if sync:
             os.fsync(self._file.fileno())
 
@@ -248,6 +248,19 @@ def _libcSyncfs() -> Callable[[int], None]:
             raise OSError(err, os.strerror(err))
 
     return syncfs
+
+
+def _writeAll(file, data: bytes) -> None:
+    """
+    Write all of C{data} to an unbuffered file.  write(2) may write only
+    part when the disk is nearly full and say so only by its count; the
+    next call then raises ENOSPC, which the caller turns into a refusal,
+    rather than a truncated message being acknowledged.
+    """
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written:]
 
 
 def fsyncDirectory(path: Path) -> None:
