@@ -26,7 +26,7 @@ from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
-from maild.tls import ServerTLS, certificateFiles
+from maild.tls import RENEWAL_CHECK_INTERVAL, ServerTLS, certificateFiles, localCA
 
 log = Logger()
 
@@ -139,8 +139,13 @@ class MailService(service.MultiService):
             LoginThrottle(reactor, limits.auth_failure_delay, limits.auth_failure_delay_max),
         )
         # STARTTLS is offered wherever it applies, so TLS is always set up
-        # (with a self-signed certificate when none is configured).
+        # (with one signed by the local CA when none is configured).
+        self.localCA = localCA(config)
         self.tls = ServerTLS(*certificateFiles(config))
+        if self.localCA is not None:
+            renewal = internet.TimerService(RENEWAL_CHECK_INTERVAL, self.renewCertificate)
+            renewal.clock = reactor
+            renewal.setServiceParent(self)
         self.listeners: dict[str, Listener] = {}
         builders: dict[str, Callable[[], Any]] = {
             "smtp": self._mxFactory,
@@ -172,6 +177,13 @@ class MailService(service.MultiService):
         )
         cleanup.clock = reactor
         cleanup.setServiceParent(self)
+
+    def renewCertificate(self) -> bool:
+        """
+        Renew the local CA's server certificate if it is due (daily); new
+        connections get the new one, open ones keep theirs.
+        """
+        return self.tls.renewIfDue(self.localCA)
 
     def _smtpFactory(self, protocol: type[SMTPServer], **settings) -> SMTPFactory:
         return SMTPFactory(
@@ -229,6 +241,11 @@ class MailService(service.MultiService):
             "maild starting: data in {data}, domains {domains}",
             data=str(self.config.data_dir.resolve()),
             domains=", ".join(self.config.domains),
+        )
+        log.info(
+            "TLS certificate {path}, SHA-256 fingerprint {fingerprint}",
+            path=str(self.tls.certPath),
+            fingerprint=self.tls.fingerprint,
         )
         if self.config.plaintext_auth == "always":
             log.warn("IMAP and POP3 accept passwords without TLS from any address")

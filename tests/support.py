@@ -149,9 +149,10 @@ def deliveryOrder(path: Path) -> tuple[int, int, int]:
 
 def clientContext(service: MailService, minimum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
     """
-    A client TLS context that trusts the daemon's (self-signed) certificate.
+    A client TLS context that trusts only the local CA of the daemon (the
+    one that signed its certificate), verifying the host name.
     """
-    context = ssl.create_default_context(cafile=str(service.tls.certPath))
+    context = ssl.create_default_context(cafile=str(service.localCA.certPath))
     if minimum is not None:
         context.minimum_version = minimum
     return context

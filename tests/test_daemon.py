@@ -173,7 +173,7 @@ class ReloadTests(unittest.TestCase):
         """
         import ssl
 
-        from maild.tls import generateSelfSigned
+        from maild.tls import LocalCA
 
         folder = Path(self.mktemp()).resolve()
         folder.mkdir()
@@ -202,7 +202,7 @@ class ReloadTests(unittest.TestCase):
             waitForPort(port, daemon.process)
             first = served()
             tls = folder / "maildata/tls"
-            generateSelfSigned("renewed.test", tls / "cert.pem", tls / "key.pem")
+            LocalCA(tls, "renewed.test").renew()
             second = servedAfterHangup(first)
             (tls / "cert.pem").write_text("broken")
             third = servedAfterHangup(second)

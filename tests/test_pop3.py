@@ -153,7 +153,7 @@ class POP3TestCase(ServerTestCase):
         return client
 
     def tlsContext(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.service.tls.certPath))
+        return ssl.create_default_context(cafile=str(self.service.localCA.certPath))
 
 
 class MessageResponseTests(unittest.SynchronousTestCase):
@@ -480,7 +480,7 @@ class POP3SessionTests(POP3TestCase):
         challenge), lists and retrieves.
         """
         yield self.deliver(message())
-        trust = twistedSSL.Certificate.loadPEM(self.service.tls.certPath.read_bytes())
+        trust = twistedSSL.Certificate.loadPEM(self.service.localCA.certPath.read_bytes())
         client = yield ClientCreator(reactor, GreetedClient).connectTCP(
             "127.0.0.1", self.port("pop3")
         )

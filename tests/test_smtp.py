@@ -397,7 +397,7 @@ class SMTPDeliveryTests(ServerTestCase):
         (it takes LF line ends and sends CRLF).
         """
         sent = message(subject="From Twisted")
-        trust = ssl.Certificate.loadPEM(self.service.tls.certPath.read_bytes())
+        trust = ssl.Certificate.loadPEM(self.service.localCA.certPath.read_bytes())
         result = defer.Deferred()
         factory = twistedSMTP.ESMTPSenderFactory(
             None,

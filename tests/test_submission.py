@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from maild.submission import headerValues
-from maild.tls import fingerprint, generateSelfSigned
+from maild.tls import fingerprint
 from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
 
 
@@ -267,7 +267,7 @@ class SubmissionTests(ServerTestCase):
             return der
 
         before = yield self.inThread(served)
-        generateSelfSigned("renewed.test", tls.certPath, tls.keyPath)
+        self.service.localCA.renew()
         self.assertTrue(tls.reload())
         after = yield self.inThread(served)
         self.assertNotEqual(before, after)
