@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from maild.accounts import Accounts, loginName
+from maild.connections import TrustedNetworks
 from maild.names import InvalidName
 
 log = Logger()
@@ -130,11 +131,12 @@ class PasswordChecker:
 
 class LoginThrottle:
     """
-    Slows down password guessing per client address: each failure is
+    Slows down password guessing per client address (or per user name,
+    for clients in trusted networks: see L{Authenticator}): each failure is
     answered after a delay that starts at C{base} seconds and doubles with
-    every further failure from that address, up to C{maximum} (Dovecot's
-    schedule).  An address that stays quiet for C{forget} seconds, or logs
-    in successfully, starts again from C{base}.
+    every further failure for that key, up to C{maximum} (Dovecot's
+    schedule).  A key that stays quiet for C{forget} seconds, or logs in
+    successfully, starts again from C{base}.
     """
 
     def __init__(
@@ -180,9 +182,21 @@ class Authenticator:
         login failed: service=imap user=<alice@example.org> method=PLAIN rip=192.0.2.7
     """
 
-    def __init__(self, portal: Portal, throttle: LoginThrottle) -> None:
+    def __init__(self, portal: Portal, throttle: LoginThrottle, trusted: Iterable[str] = ()) -> None:
         self.portal = portal
         self.throttle = throttle
+        self.trusted = TrustedNetworks(trusted)
+
+    def _throttleKey(self, clientAddress: str, username: str) -> str:
+        """
+        What failed logins are counted by: the client's address, or, for a
+        client in a trusted network (a webmail logging in all its users
+        from one address), the user name, so that one user's mistakes do
+        not delay everyone else's logins.
+        """
+        if clientAddress in self.trusted:
+            return "user " + username.lower()
+        return clientAddress
 
     def login(
         self,
@@ -202,9 +216,10 @@ class Authenticator:
             username = username.decode("utf-8", "replace")
         # Printable, bounded, without spaces: safe to put in a log line.
         shown = "".join(c if c.isprintable() and c != " " else "?" for c in username[:128])
+        throttleKey = self._throttleKey(clientAddress, username)
 
         def succeeded(result):
-            self.throttle.succeeded(clientAddress)
+            self.throttle.succeeded(throttleKey)
             log.info(
                 "login: service={service} user=<{user}> method={method} rip={rip}",
                 service=service,
@@ -224,7 +239,7 @@ class Authenticator:
                 method=method,
                 rip=clientAddress,
             )
-            delay = self.throttle.failed(clientAddress)
+            delay = self.throttle.failed(throttleKey)
             d = defer.Deferred()
             self.throttle.clock.callLater(
                 delay, d.errback, error.UnauthorizedLogin("authentication failed")

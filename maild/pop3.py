@@ -415,7 +415,7 @@ class POP3Server(pop3.POP3):
         self.host = settings.hostname.encode("idna")
         self.timeOut = self.limits.pop3_idle_timeout
         self.callLater = settings.clock.callLater
-        self.clientAddress = "?"
+        self.peerAddress = self.clientAddress = "?"
         self.mbox: Maildrop | None = None
         self._input = b""
         self._pos = 0
@@ -1018,7 +1018,9 @@ class POP3Factory(LimitedFactory):
     protocol = POP3Server
 
     def __init__(self, settings: POP3Settings) -> None:
-        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        LimitedFactory.__init__(
+            self, settings.limits.connections_per_ip, settings.limits.trusted_networks
+        )
         self.settings = settings
 
     def buildSession(self, addr) -> POP3Server:

@@ -137,6 +137,7 @@ class MailService(service.MultiService):
         self.authenticator = Authenticator(
             self.portal,
             LoginThrottle(reactor, limits.auth_failure_delay, limits.auth_failure_delay_max),
+            limits.trusted_networks,
         )
         # STARTTLS is offered wherever it applies, so TLS is always set up
         # (with one signed by the local CA when none is configured).

@@ -217,7 +217,7 @@ class SMTPServer(smtp.ESMTP):
         self.delivery = settings.delivery
         self.transaction: Transaction | None = None
         self.user: str | None = None
-        self.clientAddress = "?"
+        self.peerAddress = self.clientAddress = "?"
         self._input = b""
         # Where the next command line starts in _input.
         self._pos = 0
@@ -740,7 +740,9 @@ class SMTPFactory(LimitedFactory):
     goodbye = b"421 4.3.2 Service shutting down"
 
     def __init__(self, settings: SMTPSettings, protocol: type[SMTPServer] = SMTPServer) -> None:
-        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        LimitedFactory.__init__(
+            self, settings.limits.connections_per_ip, settings.limits.trusted_networks
+        )
         self.settings = settings
         self.protocol = protocol
 

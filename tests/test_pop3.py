@@ -1185,7 +1185,8 @@ class PlaintextRefusedTests(POP3TestCase):
 
 
 class ConnectionLimitTests(POP3TestCase):
-    limits = {"connections_per_ip": 1}
+    # Loopback clients stand for remote ones here (loopback is trusted by default).
+    limits = {"connections_per_ip": 1, "trusted_networks": ()}
 
     @defer.inlineCallbacks
     def test_connectionLimit(self):
