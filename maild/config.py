@@ -128,6 +128,10 @@ class Config:
     # Whether submission offers AUTH before TLS (by default it never does,
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
+    # Seconds a successful login is remembered (as a keyed hash, never the
+    # password), sparing clients that open many connections the password
+    # hash; 0 turns it off.
+    login_cache: float = 300.0
     dns: DNSSettings = field(default_factory=DNSSettings)
 
     @property
@@ -334,9 +338,17 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 problems, "auth.submission_plaintext", value, (bool,)
             ):
                 values["submission_plaintext_auth"] = value
-            elif name not in ("plaintext", "submission_plaintext"):
+            elif name == "login_cache" and _checkType(
+                problems, "auth.login_cache", value, (int, float)
+            ):
+                if value < 0:
+                    problems.append(f"auth.login_cache: must be 0 or more, got {value}")
+                else:
+                    values["login_cache"] = float(value)
+            elif name not in ("plaintext", "submission_plaintext", "login_cache"):
                 problems.append(
-                    f"auth.{name}: unknown key (known: plaintext, submission_plaintext)"
+                    "auth.{}: unknown key (known: plaintext, submission_plaintext, "
+                    "login_cache)".format(name)
                 )
     return values
 

@@ -131,7 +131,8 @@ class MailService(service.MultiService):
             }
         )
         self.portal = Portal(
-            self.realm, [PasswordChecker(self.accounts, config.domains[0], reactor)]
+            self.realm,
+            [PasswordChecker(self.accounts, config.domains[0], reactor, config.login_cache)],
         )
         limits = config.limits
         self.authenticator = Authenticator(
