@@ -98,6 +98,21 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    """
+    The C{[log]} table: where the daemon logs and how much it keeps.
+    """
+
+    # The log file; unset, the one twistd was told (--logfile, or
+    # twistd.log when it daemonizes), or standard output under -n.
+    file: Path | None = None
+    # A file reaching this size (octets) is rotated...
+    rotate_size: int = 10 * 1024 * 1024
+    # ...and at most this many rotated files are kept.
+    max_files: int = 10
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -133,6 +148,7 @@ class Config:
     # hash; 0 turns it off.
     login_cache: float = 300.0
     dns: DNSSettings = field(default_factory=DNSSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def usersFile(self) -> Path:
@@ -155,6 +171,7 @@ class Config:
 TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
+        "log": "log",
     }
 )
 

@@ -12,16 +12,18 @@ from typing import Any, Callable
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.mail import pop3
 from twisted.mail.imap4 import IAccount
 from twisted.mail.smtp import IMessageDelivery
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.components import Componentized
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
+from maild.logs import logObserver
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
@@ -113,6 +115,9 @@ class MailService(service.MultiService):
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
+        # Where twistd's log goes once this service joins its application
+        # (see setServiceParent); None leaves twistd's own choice.
+        self.logDestination = config.log.file
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
         self.store = MailStore(config.data_dir, self.committer)
         self.accounts = Accounts(config.usersFile)
@@ -179,6 +184,15 @@ class MailService(service.MultiService):
         )
         cleanup.clock = reactor
         cleanup.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        service.MultiService.setServiceParent(self, parent)
+        if self.logDestination is not None and isinstance(parent, Componentized):
+            # twistd logs through the application's ILogObserver component
+            # when it has one: one line per event, bounded rotated files.
+            parent.setComponent(
+                ILogObserver, logObserver(self.logDestination, self.config.log, self.reactor)
+            )
 
     def renewCertificate(self) -> bool:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
+from maild.logs import twistdDestination
 from maild.service import MailService
 
 
@@ -46,7 +47,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> MailService:
-    return MailService(options.config)
+    mail = MailService(options.config)
+    if mail.logDestination is None:
+        # twistd's own options (--logfile, -n, --syslog) say where to log.
+        mail.logDestination = twistdDestination(options.parent)
+    return mail
 
 
 __all__ = ["Options", "makeService"]
