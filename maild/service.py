@@ -108,13 +108,19 @@ class MailService(service.MultiService):
     L{Listener} per configured protocol.
     """
 
-    def __init__(self, config: Config, reactor=None, syncHook=None) -> None:
+    def __init__(self, config: Config, reactor=None, syncHook=None, clock=None) -> None:
+        """
+        @param clock: what sessions' deadlines, login delays, the login
+            cache and the shutdown grace are timed by: the reactor, or a
+            L{twisted.internet.task.Clock} that tests advance.
+        """
         service.MultiService.__init__(self)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
+        self.clock = clock or reactor
         # Where twistd's log goes once this service joins its application
         # (see setServiceParent); None leaves twistd's own choice.
         self.logDestination = config.log.file
@@ -137,12 +143,16 @@ class MailService(service.MultiService):
         )
         self.portal = Portal(
             self.realm,
-            [PasswordChecker(self.accounts, config.domains[0], reactor, config.login_cache)],
+            [
+                PasswordChecker(
+                    self.accounts, config.domains[0], reactor, config.login_cache, self.clock
+                )
+            ],
         )
         limits = config.limits
         self.authenticator = Authenticator(
             self.portal,
-            LoginThrottle(reactor, limits.auth_failure_delay, limits.auth_failure_delay_max),
+            LoginThrottle(self.clock, limits.auth_failure_delay, limits.auth_failure_delay_max),
             limits.trusted_networks,
         )
         # STARTTLS is offered wherever it applies, so TLS is always set up
@@ -173,7 +183,7 @@ class MailService(service.MultiService):
             if name in IMPLICIT_TLS and description.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
                 # RFC 8314: TLS from the first byte, with the same certificate.
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
-            listener = Listener(name, description, endpoint, factory, reactor)
+            listener = Listener(name, description, endpoint, factory, self.clock)
             listener.setServiceParent(self)
             self.listeners[name] = listener
         cleanup = internet.TimerService(
@@ -208,7 +218,7 @@ class MailService(service.MultiService):
                 limits=self.config.limits,
                 store=self.store,
                 addresses=self.addresses,
-                clock=self.reactor,
+                clock=self.clock,
                 tlsContext=self.tls,
                 **settings,
             ),
@@ -232,7 +242,7 @@ class MailService(service.MultiService):
                 hostname=self.config.hostname,
                 limits=self.config.limits,
                 authenticator=self.authenticator,
-                clock=self.reactor,
+                clock=self.clock,
                 plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
             )
@@ -245,7 +255,7 @@ class MailService(service.MultiService):
                 limits=self.config.limits,
                 store=self.store,
                 authenticator=self.authenticator,
-                clock=self.reactor,
+                clock=self.clock,
                 plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
             )

@@ -10,7 +10,6 @@ import os
 import smtplib
 import subprocess
 import threading
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -735,6 +734,60 @@ class DiskFullTests(ServerTestCase):
         self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
 
 
+class DeadlineTests(ServerTestCase):
+    """
+    The command and DATA deadlines at their default values, on a clock the
+    tests advance.
+    """
+
+    useClock = True
+    # The idle timer is longer, so only the deadlines can end the sessions.
+    limits = {"command_timeout": 300.0, "data_timeout": 600.0, "idle_timeout": 1000.0}
+
+    def greeted(self) -> RawClient:
+        client = RawClient(self.port())
+        client.readReply()
+        return client
+
+    @defer.inlineCallbacks
+    def test_tricklingCommandHitsDeadline(self):
+        """
+        A command line sent a byte every 10 s (well within the idle
+        timeout) is cut off with 421 4.4.2 at the command deadline, 300 s
+        after its first byte, although bytes keep coming.
+        """
+        client = yield self.inThread(self.greeted)
+        self.addCleanup(client.close)
+        text = b"NOOP and then some more bytes that never end" * 2
+        sent = yield self.trickle(client, [bytes([byte]) for byte in text], 10.0)
+        self.assertEqual(sent, 30)
+        buffer, closed = yield self.inThread(client.rest)
+        self.assertTrue(buffer.startswith(b"421 4.4.2 "), buffer)
+        self.assertTrue(closed)
+
+    @defer.inlineCallbacks
+    def test_tricklingDataHitsDeadline(self):
+        """
+        DATA sent a line every 20 s is cut off at the DATA deadline (600 s)
+        and nothing is stored.
+        """
+
+        def start():
+            client = self.greeted()
+            for line in (b"EHLO c", b"MAIL FROM:<carol@remote.test>", b"RCPT TO:<alice@localhost>", b"DATA"):
+                client.command(line)
+            return client
+
+        client = yield self.inThread(start)
+        self.addCleanup(client.close)
+        sent = yield self.trickle(client, [b"a line\r\n"] * 100, 20.0)
+        self.assertEqual(sent, 30)
+        buffer, closed = yield self.inThread(client.rest)
+        self.assertTrue(buffer.startswith(b"421 4.4.2 "), buffer)
+        self.assertTrue(closed)
+        self.assertEqual(self.messages("alice@localhost"), [])
+
+
 class LimitTests(ServerTestCase):
     # Loopback is trusted (exempt from the connection limit) by default;
     # here these clients stand for remote ones.
@@ -764,45 +817,5 @@ class LimitTests(ServerTestCase):
         self.assertTrue(closed)
         self.assertEqual(greeting[0], 220)
 
-    @defer.inlineCallbacks
-    def test_tricklingCommandHitsDeadline(self):
-        """
-        A command line sent a byte at a time is cut off at the command
-        deadline, although bytes keep coming.
-        """
-
-        def run():
-            client = RawClient(self.port())
-            client.readReply()
-            start = time.monotonic()
-            text = b"NOOP and then some more bytes that never end"
-            client.trickle([bytes([byte]) for byte in text], 0.05)
-            closed = client.closed()
-            return client.buffer, closed, time.monotonic() - start
-
-        buffer, closed, elapsed = yield self.inThread(run)
-        self.assertTrue(buffer.startswith(b"421 4.4.2 "), buffer)
-        self.assertTrue(closed)
-        self.assertLess(elapsed, 2.2)
-
-    @defer.inlineCallbacks
-    def test_tricklingDataHitsDeadline(self):
-        """
-        DATA sent slowly, line by line, is cut off at the DATA deadline and
-        nothing is stored.
-        """
-
-        def run():
-            client = RawClient(self.port())
-            client.readReply()
-            for line in (b"EHLO c", b"MAIL FROM:<carol@remote.test>", b"RCPT TO:<alice@localhost>", b"DATA"):
-                client.command(line)
-            client.trickle([b"a line\r\n"] * 40, 0.05)
-            return client.buffer, client.closed()
-
-        buffer, closed = yield self.inThread(run)
-        self.assertTrue(buffer.startswith(b"421 4.4.2 "), buffer)
-        self.assertTrue(closed)
-        self.assertEqual(self.messages("alice@localhost"), [])
 
 
