@@ -266,7 +266,10 @@ class LocalCA:
             # stolen CA key cannot impersonate other sites to its users
             # (RFC 5280 section 4.2.1.10).
             .add_extension(
-                x509.NameConstraints(permitted_subtrees=_serverNames(self.hostname, networks=True), excluded_subtrees=None),
+                x509.NameConstraints(
+                    permitted_subtrees=_serverNames(self.hostname, networks=True),
+                    excluded_subtrees=None,
+                ),
                 critical=True,
             )
             .add_extension(identifier, critical=False)
