@@ -12,6 +12,8 @@ import os
 import smtplib
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import log as legacyLog
@@ -108,6 +110,27 @@ class FormatTests(unittest.SynchronousTestCase):
         self.assertIn("said a\\r\\nlogin failed: fake", line)
         self.assertLessEqual(len(line), LINE_LIMIT + 10)
         self.assertTrue(line.endswith(" [cut]\n"))
+
+
+class FormatPropertyTests(unittest.SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(), st.text())
+    def test_anyTextOneLine(self, text, message):
+        """
+        Whatever a message holds (client input quoted in it, an exception's
+        text), its event is exactly one line, at most LINE_LIMIT long.
+        """
+        observer = CollectingObserver()
+        try:
+            raise ValueError(message)
+        except ValueError:
+            failure = Failure()
+        Logger(observer=observer).info("said {text}", text=text)
+        Logger(observer=observer).failure("failed on {text}", failure, text=text)
+        for line in observer.lines:
+            self.assertEqual(line.count("\n"), 1)
+            self.assertTrue(line.endswith("\n"))
+            self.assertLessEqual(len(line), LINE_LIMIT + len(" [cut]\n"))
 
 
 class RateLimitTests(unittest.SynchronousTestCase):

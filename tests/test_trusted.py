@@ -6,6 +6,8 @@ own applications, which speak for many users from one address.  Here
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -29,6 +31,17 @@ class TrustedNetworksTests(unittest.SynchronousTestCase):
             self.assertIn(host, trusted)
         for host in ("198.51.100.1", "::2", "2001:db8::1", "10.0.0.1"):
             self.assertNotIn(host, trusted)
+
+
+class TrustedNetworksPropertyTests(unittest.SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.text(), st.ip_addresses().map(str)))
+    def test_anyHostAnswered(self, host):
+        """
+        Any peer description (an address, a UNIX socket's, garbage) gets
+        an answer, never an exception.
+        """
+        self.assertIn(host in TrustedNetworks(["127.0.0.0/8", "::1/128"]), (True, False))
 
 
 class TrustedTestCase(ServerTestCase):
