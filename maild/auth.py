@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from maild import metrics
 from maild.accounts import Accounts, loginName
 from maild.connections import TrustedNetworks
 from maild.names import InvalidName
@@ -272,6 +273,7 @@ class Authenticator:
         throttleKey = self._throttleKey(clientAddress, username)
 
         def succeeded(result):
+            metrics.logins.labels(service, method, "ok").inc()
             self.throttle.succeeded(throttleKey)
             log.info(
                 "login: service={service} user=<{user}> method={method} rip={rip}",
@@ -283,6 +285,7 @@ class Authenticator:
             return result
 
         def failed(reason):
+            metrics.logins.labels(service, method, "failed").inc()
             if not reason.check(error.UnauthorizedLogin, error.UnhandledCredentials):
                 log.failure("login error", reason)
             log.warn(
@@ -351,6 +354,15 @@ def isLoopback(host: str) -> bool:
     except ValueError:
         # Not an IP address: a UNIX socket or similar local transport.
         return not host[:1].isdigit() and ":" not in host
+
+
+def isTrusted(host: str, networks) -> bool:
+    """
+    Whether C{host} (a peer's address) is in one of C{networks}
+    (addresses or CIDR networks, as C{limits.trusted_networks}); see
+    L{TrustedNetworks}.
+    """
+    return host in TrustedNetworks(networks)
 
 
 def plaintextLoginAllowed(policy: str, clientHost: str, secure: bool) -> bool:

@@ -2,7 +2,7 @@
 The C{maild} command: manage users, check the configuration, send mail.
 
     maild [--config maild.toml] [--data-dir DIR] user add|del|passwd|list [NAME] [--password-stdin]
-    maild [--config maild.toml] [--data-dir DIR] check
+    maild [--config maild.toml] [--data-dir DIR] check [--live]
     maild [--config maild.toml] [--data-dir DIR] cert [--renew] [--ca]
     maild [--config maild.toml] [--data-dir DIR] send ...
 """
@@ -14,7 +14,7 @@ import getpass
 import sys
 from typing import IO
 
-from maild import client
+from maild import client, livecheck
 from maild.accounts import AccountError, Accounts
 from maild.config import Config, ConfigError, configFromOptions
 from maild.names import InvalidName, normalizeAddress
@@ -42,7 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     actions.add_parser("list", help="list the users")
 
-    commands.add_parser("check", help="validate the configuration and data folder")
+    check = commands.add_parser("check", help="validate the configuration and data folder")
+    check.add_argument(
+        "--live",
+        action="store_true",
+        help="also connect to each listener of the running daemon and report",
+    )
+    check.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for each listener (--live)"
+    )
     cert = commands.add_parser(
         "cert",
         help="show the TLS certificate (made by maild's local CA when none is configured)",
@@ -106,7 +114,7 @@ def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
     return 0
 
 
-def _check(config: Config, stdout: IO[str], stderr: IO[str]) -> int:
+def _check(args, config: Config, stdout: IO[str], stderr: IO[str]) -> int:
     problems = []
     accounts = Accounts(config.usersFile)
     try:
@@ -129,7 +137,13 @@ def _check(config: Config, stdout: IO[str], stderr: IO[str]) -> int:
     for name, endpoint in config.enabledListeners().items():
         stdout.write(f"  {name}: {endpoint}\n")
     stdout.write(f"  {len(users)} user(s)\n")
-    return 0
+    if not args.live:
+        return 0
+    certPath = config.tls.cert or config.data_dir / "tls" / "cert.pem"
+    results = livecheck.checkLive(config, certPath if certPath.exists() else None, args.timeout)
+    for result in results:
+        stdout.write(result.line() + "\n")
+    return 0 if all(result.ok for result in results) else 1
 
 
 def _cert(args, config: Config, stdout: IO[str], stderr: IO[str]) -> int:
@@ -175,7 +189,7 @@ def main(
         if args.command == "user":
             return _user(args, config, stdin, stdout)
         if args.command == "check":
-            return _check(config, stdout, stderr)
+            return _check(args, config, stdout, stderr)
         if args.command == "cert":
             return _cert(args, config, stdout, stderr)
         if args.command == "send":

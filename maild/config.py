@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 
 from maild.names import InvalidName, normalizeAddress, normalizeDomain
 
-PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps")
+PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
 
 DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
     {
@@ -30,11 +31,15 @@ DEFAULT_LISTENERS: Mapping[str, str | None] = MappingProxyType(
         "pop3s": "tcp:8995",
         "imap": "tcp:8143",
         "imaps": "tcp:8993",
+        # Client autoconfiguration, metrics, health (and the developer
+        # mode's API): twisted.web.
+        "http": "tcp:8080",
+        "https": "tcp:8443",
     }
 )
 
 # Listeners that wrap their connections in TLS from the first byte (RFC 8314).
-IMPLICIT_TLS = frozenset({"smtps", "pop3s", "imaps"})
+IMPLICIT_TLS = frozenset({"smtps", "pop3s", "imaps", "https"})
 
 
 class ConfigError(Exception):
@@ -98,6 +103,42 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """
+    The C{[web]} table: what the HTTP listeners serve to whom.
+    """
+
+    # Who may read /metrics: "trusted" (limits.trusted_networks) or "anyone".
+    metrics: str = "trusted"
+
+
+@dataclass(frozen=True)
+class DevSettings:
+    """
+    The C{[dev]} table: the developer's catch-all mode.
+    """
+
+    # Accept mail for every address and any login, file everything in one
+    # shared mailbox, relay nothing.
+    enabled: bool = False
+    # Allow the mode on listeners that are not loopback-only.
+    public: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """
+    The C{[cluster]} table: several maild processes or nodes on one data
+    folder.
+    """
+
+    # maild processes on this machine sharing the listening sockets.
+    workers: int = 1
+    # Who may put a PROXY header in front of a connection (haproxy: listeners).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """
     The C{[log]} table: where the daemon logs and how much it keeps.
@@ -148,6 +189,9 @@ class Config:
     # hash; 0 turns it off.
     login_cache: float = 300.0
     dns: DNSSettings = field(default_factory=DNSSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    dev: DevSettings = field(default_factory=DevSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
@@ -171,6 +215,9 @@ class Config:
 TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
+        "web": "web",
+        "dev": "dev",
+        "cluster": "cluster",
         "log": "log",
     }
 )
@@ -404,8 +451,12 @@ def loadConfig(
         if value is None:
             continue
         if key in ("listeners", "tls", "limits") or key in TABLES.values():
+            given = {k: v for k, v in value.items() if v is not None}
+            if key in TABLES.values():
+                # Command-line values are checked like the file's.
+                given = _parseTable(key, given, _tableClass(key), problems)
             merged = dict(values.get(key, {}))
-            merged.update({k: v for k, v in value.items() if v is not None})
+            merged.update(given)
             values[key] = merged
         else:
             values[key] = value
@@ -462,11 +513,19 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
-    for network in limits.trusted_networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            problems.append(f"limits.trusted_networks: {network!r} is not an address or network")
+    if tables["web"].metrics not in ("trusted", "anyone"):
+        problems.append(f"web.metrics: must be 'trusted' or 'anyone', got {tables['web'].metrics!r}")
+    if tables["dev"].enabled and not tables["dev"].public:
+        _keepDevModeLocal(listeners, problems)
+    for key, networks in (
+        ("limits.trusted_networks", limits.trusted_networks),
+        ("cluster.trusted_proxies", tables["cluster"].trusted_proxies),
+    ):
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                problems.append(f"{key}: {network!r} is not an address or network")
     if problems:
         raise ConfigError(problems)
     values.pop("domains", None)
@@ -483,6 +542,49 @@ def loadConfig(
     )
 
 
+def _endpointInterface(description: str) -> str | None:
+    """
+    The C{interface=} of an endpoint string (its C{\\:} escapes undone),
+    or None.
+    """
+    for part in re.split(r"(?<!\\):", description):
+        if part.startswith("interface="):
+            return part[len("interface="):].replace("\\:", ":")
+    return None
+
+
+def _keepDevModeLocal(listeners: dict[str, str | None], problems: list[str]) -> None:
+    """
+    The developer mode takes any password and any recipient, so it stays
+    on loopback: default listeners are bound to 127.0.0.1, and a
+    configured one must be a loopback-only TCP or a UNIX endpoint.
+    """
+    for name, ep in listeners.items():
+        if ep is None:
+            continue
+        if ep == DEFAULT_LISTENERS.get(name):
+            listeners[name] = ep + ":interface=127.0.0.1"
+            continue
+        kind = ep.split(":", 1)[0]
+        interface = _endpointInterface(ep)
+        if kind == "unix":
+            continue
+        if kind in ("tcp", "tcp6") and interface and _isLoopback(interface):
+            continue
+        problems.append(
+            f"listen.{name}: the developer mode accepts any password, so it listens "
+            f"on loopback only; {ep!r} is not loopback-only (add interface=127.0.0.1, "
+            "or give --dev-public)"
+        )
+
+
+def _isLoopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _readable(path: Path) -> bool:
     try:
         with path.open("rb"):
@@ -491,13 +593,23 @@ def _readable(path: Path) -> bool:
         return False
 
 
+def _number(text: str | None) -> int | None:
+    """
+    A whole number given on the command line; a bad one is left for the
+    table's own check to report (as a string, not an int).
+    """
+    if text is None:
+        return None
+    return int(text) if str(text).isdigit() else text
+
+
 def configFromOptions(options: Mapping[str, Any]) -> Config:
     """
     The configuration for command-line options, as both the twistd plugin
     and the C{maild} command name them: C{config}, C{data_dir},
-    C{hostname}, C{domains}, one key per protocol in L{PROTOCOLS}, C{tls_cert}
-    and C{tls_key}.  Options left at None keep the file's value or the
-    default.
+    C{hostname}, C{domains}, one key per protocol in L{PROTOCOLS}, C{tls_cert},
+    C{tls_key}, C{dev} and C{dev_public}.  Options left at None (or false,
+    for the flags) keep the file's value or the default.
 
     @raise ConfigError: listing every problem found.
     """
@@ -510,5 +622,10 @@ def configFromOptions(options: Mapping[str, Any]) -> Config:
             "cert": Path(options["tls_cert"]) if options.get("tls_cert") else None,
             "key": Path(options["tls_key"]) if options.get("tls_key") else None,
         },
+        "dev": {
+            "enabled": True if options.get("dev") else None,
+            "public": True if options.get("dev_public") else None,
+        },
+        "cluster": {"workers": _number(options.get("workers"))},
     }
     return loadConfig(options.get("config"), overrides)

@@ -1,18 +1,24 @@
 """
-The daemon's log: one line per event, however bad the input that caused
-it, in files that cannot fill the disk.
+The daemon's log.
 
-twistd writes its log through an C{ILogObserver} component of the
-application when there is one (the way a .tac file chooses its log), so
-L{maild.service.MailService} sets one built by L{logObserver}: the file
-twistd was told (C{--logfile}, C{twistd.log} when it daemonizes) or
-C{[log] file}, rotated at C{[log] rotate_size} octets with at most
-C{[log] max_files} old files kept; or standard output under C{-n}.
+One line per event, however bad the input that caused it, in files that
+cannot fill the disk: twistd writes its log through an C{ILogObserver}
+component of the application when there is one (the way a .tac file
+chooses its log), so the top service sets one built by L{logObserver}
+(L{useAsTwistdLog}): the file twistd was told (C{--logfile},
+C{twistd.log} when it daemonizes) or C{[log] file}, rotated at C{[log]
+rotate_size} octets with at most C{[log] max_files} old files kept; or
+standard output under C{-n}.
+
+Workers (L{maild.workers}) send their events to their parent as JSON
+records, which the parent logs as its own events.
 """
 
 from __future__ import annotations
 
 import collections
+import io
+import json
 import signal
 import sys
 import threading
@@ -23,9 +29,13 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     eventAsText,
+    eventFromJSON,
     formatTime,
+    globalLogPublisher,
+    jsonFileLogObserver,
     timeFormatRFC3339,
 )
+from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -44,8 +54,11 @@ def describeFailure(failure) -> str:
     RecursionError's, a thousand), which one bad command repeated could
     turn into gigabytes.
     """
-    message = failure.getErrorMessage().strip().splitlines()
-    text = f"{failure.type.__name__}: {message[0][:300] if message else ''}"
+    text = getattr(failure.type, "__name__", "Error")
+    # (A failure relayed from a worker as JSON has lost its exception.)
+    if isinstance(failure.value, BaseException):
+        message = failure.getErrorMessage().strip().splitlines()
+        text += f": {message[0][:300] if message else ''}"
     if failure.frames:
         function, path, line = failure.frames[-1][:3]
         text += f" (at {_shortPath(path)}:{line} in {function})"
@@ -74,26 +87,22 @@ def _failureOf(event: dict[str, Any]):
 def formatOneLine(event: dict[str, Any], timeFormat: str | None = timeFormatRFC3339) -> str | None:
     """
     An event as one line of classic twistd log text, its failure (if any)
-    described in that line, newlines escaped, and cut at L{LINE_LIMIT}.
+    described at its end, newlines escaped, and cut at L{LINE_LIMIT}.
     """
     failure = _failureOf(event)
-    if failure is not None:
-        event = dict(event)
-        if event.get("log_format") == "{log_text}" and event.get("isError"):
-            # A legacy log.err(): its text already holds the traceback.
-            event["log_format"] = event.get("why") or "Unhandled Error"
-        event["maild_failure"] = describeFailure(failure)
-        event["log_format"] = (event.get("log_format") or "Unexpected error") + ": {maild_failure}"
-    if event.get("maild_suppressed"):
-        event = dict(event)
-        event["log_format"] = (event.get("log_format") or "") + (
-            " ({maild_suppressed} more like it left out)"
-        )
+    if failure is not None and event.get("isError") and event.get("log_format") == "{log_text}":
+        # A legacy log.err(): its text holds the traceback; say why instead.
+        event = dict(event, log_format="{why}", why=event.get("why") or "Unhandled Error")
+        event.pop("log_flattened", None)
     text = eventAsText(
         event, includeTraceback=False, formatTime=lambda t: formatTime(t, timeFormat)
     )
     if not text:
         return None
+    if failure is not None:
+        text += ": " + describeFailure(failure)
+    if event.get("maild_suppressed"):
+        text += f" ({event['maild_suppressed']} more like it left out)"
     line = text.replace("\r", "\\r").replace("\n", "\\n")
     if len(line) > LINE_LIMIT:
         line = line[:LINE_LIMIT] + " [cut]"
@@ -122,7 +131,7 @@ class FailureRateLimit:
         if failure is None:
             self.observer(event)
             return
-        where = failure.frames[-1][1:3] if failure.frames else None
+        where = tuple(failure.frames[-1][1:3]) if failure.frames else None
         kind = (event.get("log_namespace"), event.get("log_format"), failure.type, where)
         now = self.clock.seconds()
         state = self._kinds.get(kind)
@@ -170,6 +179,16 @@ def _rotateOnSIGUSR1(logFile: LogFile, clock) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: clock.callFromThread(logFile.rotate))
 
 
+def useAsTwistdLog(parent, destination: Path | IO[str] | None, settings, clock) -> None:
+    """
+    Make C{destination} (see L{logObserver}) the log of the twistd
+    application C{parent}, which a top service is being added to; None
+    leaves twistd's own choice.
+    """
+    if destination is not None and isinstance(parent, Componentized):
+        parent.setComponent(ILogObserver, logObserver(destination, settings, clock))
+
+
 def twistdDestination(twistdOptions) -> Path | IO[str] | None:
     """
     Where twistd was told to log: a file, standard output (C{-n} without
@@ -181,3 +200,46 @@ def twistdDestination(twistdOptions) -> Path | IO[str] | None:
     if name == "-" or (not name and twistdOptions.get("nodaemon")):
         return sys.stdout
     return Path(name or "twistd.log")
+
+
+# jsonFileLogObserver writes each record as this separator, the JSON
+# text (which never holds a raw newline) and a newline.
+RECORD_SEPARATOR = b"\x1e"
+
+
+def workerLogObserver() -> ILogObserver:
+    """
+    twistd's C{--logger} for a worker: every event as a JSON record on the
+    worker's standard output, which its parent reads.
+    """
+    # Line-buffered: each record reaches the parent as it is written.
+    return jsonFileLogObserver(io.open(1, "w", buffering=1, encoding="utf-8", closefd=False))
+
+
+class WorkerLogReader:
+    """
+    Reads a worker's JSON records and publishes them as events of this
+    process, marked with the worker's name.
+    """
+
+    def __init__(self, system: str, publisher=globalLogPublisher) -> None:
+        self.system = system
+        self.publisher = publisher
+        self._partial = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        records = (self._partial + data).split(b"\n")
+        self._partial = records.pop()
+        for record in records:
+            self._publish(record.lstrip(RECORD_SEPARATOR))
+
+    def _publish(self, record: bytes) -> None:
+        text = record.decode("utf-8", "replace").strip()
+        if not text:
+            return
+        try:
+            event = eventFromJSON(text)
+        except (ValueError, json.JSONDecodeError):
+            event = {"log_format": "{line}", "line": text, "log_level": None}
+        event["log_system"] = self.system
+        self.publisher(event)

@@ -12,23 +12,26 @@ from typing import Any, Callable
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.mail.imap4 import IAccount
 from twisted.mail.smtp import IMessageDelivery
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.components import Componentized
 
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
-from maild.logs import logObserver
+from maild.logs import useAsTwistdLog
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
+from maild.dev import AnyPasswordChecker, DevAddresses, devMailbox
+from maild.metrics import MeteredFactory
+from maild.proxyheader import ProxyHeaderFactory
 from maild.tls import RENEWAL_CHECK_INTERVAL, ServerTLS, certificateFiles, localCA
+from maild.web import WebFactory, makeRoot
 
 log = Logger()
 
@@ -43,14 +46,20 @@ class Listener(service.Service):
 
     @ivar port: the listening port, once started (tests ask it for the
         port number chosen for C{tcp:0}).
+    @ivar factory: the protocol's factory, which knows its sessions.
+    @ivar listeningFactory: what the endpoint is given: C{factory} inside
+        its wrappers (metrics, TLS).
     """
 
-    def __init__(self, name: str, description: str, endpoint, factory, clock) -> None:
+    def __init__(
+        self, name: str, description: str, endpoint, factory, clock, listeningFactory=None
+    ) -> None:
         self.name = name
         self.clock = clock
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
+        self.listeningFactory = listeningFactory or factory
         self.port = None
         self.ready: defer.Deferred | None = None
 
@@ -72,7 +81,7 @@ class Listener(service.Service):
             self._listen()
 
     def _listen(self) -> None:
-        self.ready = self.endpoint.listen(self.factory)
+        self.ready = self.endpoint.listen(self.listeningFactory)
         self.ready.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port):
@@ -97,8 +106,7 @@ class Listener(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             stopped.append(defer.maybeDeferred(port.stopListening))
-        factory = getattr(self.factory, "wrappedFactory", self.factory)
-        stopped.append(factory.closeSessions(self.clock))
+        stopped.append(self.factory.closeSessions(self.clock))
         return defer.gatherResults(stopped)
 
 
@@ -122,18 +130,28 @@ class MailService(service.MultiService):
         self.reactor = reactor
         self.clock = clock or reactor
         # Where twistd's log goes once this service joins its application
-        # (see setServiceParent); None leaves twistd's own choice.
+        # (see setServiceParent and maild.tap); None leaves twistd's own
+        # choice.
         self.logDestination = config.log.file
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
         self.store = MailStore(config.data_dir, self.committer)
         self.accounts = Accounts(config.usersFile)
-        self.addresses = LocalAddresses(
-            self.accounts,
-            config.domains,
-            postmaster=config.postmaster,
-            aliases=config.aliases,
-            catchall=config.catchall,
-        )
+        if config.dev.enabled:
+            self.devMailbox = devMailbox(config.domains)
+            self.store.mailbox(self.devMailbox).ensureExists()
+            self.addresses = DevAddresses(self.accounts, config.domains, self.devMailbox)
+            checker = AnyPasswordChecker(self.devMailbox)
+        else:
+            self.addresses = LocalAddresses(
+                self.accounts,
+                config.domains,
+                postmaster=config.postmaster,
+                aliases=config.aliases,
+                catchall=config.catchall,
+            )
+            checker = PasswordChecker(
+                self.accounts, config.domains[0], reactor, config.login_cache, self.clock
+            )
         self.realm = MailRealm(
             {
                 IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user),
@@ -141,14 +159,7 @@ class MailService(service.MultiService):
                 IAccount: lambda user: Account(self.store, user),
             }
         )
-        self.portal = Portal(
-            self.realm,
-            [
-                PasswordChecker(
-                    self.accounts, config.domains[0], reactor, config.login_cache, self.clock
-                )
-            ],
-        )
+        self.portal = Portal(self.realm, [checker])
         limits = config.limits
         self.authenticator = Authenticator(
             self.portal,
@@ -172,18 +183,26 @@ class MailService(service.MultiService):
             "pop3s": self._pop3Factory,
             "imap": self._imapFactory,
             "imaps": self._imapFactory,
+            "http": self._webFactory,
+            "https": self._webFactory,
         }
         for name, description in config.enabledListeners().items():
             builder = builders.get(name)
             if builder is None:
                 log.warn("{name}: not available in this version, not started", name=name)
                 continue
-            endpoint = endpoints.serverFromString(reactor, description)
+            proxied = description.startswith("haproxy:")
+            inner = description[len("haproxy:"):] if proxied else description
+            endpoint = endpoints.serverFromString(reactor, inner)
             factory = builder()
-            if name in IMPLICIT_TLS and description.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
+            wrapped = MeteredFactory(name, factory)
+            if name in IMPLICIT_TLS and inner.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
                 # RFC 8314: TLS from the first byte, with the same certificate.
-                factory = TLSMemoryBIOFactory(self.tls, False, factory)
-            listener = Listener(name, description, endpoint, factory, self.clock)
+                wrapped = TLSMemoryBIOFactory(self.tls, False, wrapped)
+            if proxied:
+                # The PROXY header comes first, before any TLS.
+                wrapped = ProxyHeaderFactory(wrapped, config.cluster.trusted_proxies, reactor)
+            listener = Listener(name, description, endpoint, factory, self.clock, wrapped)
             listener.setServiceParent(self)
             self.listeners[name] = listener
         cleanup = internet.TimerService(
@@ -197,12 +216,7 @@ class MailService(service.MultiService):
 
     def setServiceParent(self, parent) -> None:
         service.MultiService.setServiceParent(self, parent)
-        if self.logDestination is not None and isinstance(parent, Componentized):
-            # twistd logs through the application's ILogObserver component
-            # when it has one: one line per event, bounded rotated files.
-            parent.setComponent(
-                ILogObserver, logObserver(self.logDestination, self.config.log, self.reactor)
-            )
+        useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
 
     def renewCertificate(self) -> bool:
         """
@@ -210,6 +224,25 @@ class MailService(service.MultiService):
         connections get the new one, open ones keep theirs.
         """
         return self.tls.renewIfDue(self.localCA)
+
+    def _webFactory(self) -> WebFactory:
+        limits = self.config.limits
+        return WebFactory(
+            makeRoot(self), limits.connections_per_ip, limits.trusted_networks,
+            timeout=limits.idle_timeout,
+        )
+
+    def boundPorts(self) -> dict[str, int]:
+        """
+        The TCP port of each listener that is up, by name (what client
+        autoconfiguration offers).
+        """
+        ports = {}
+        for name, listener in self.listeners.items():
+            address = listener.port.getHost() if listener.port is not None else None
+            if getattr(address, "port", None):
+                ports[name] = address.port
+        return ports
 
     def _smtpFactory(self, protocol: type[SMTPServer], **settings) -> SMTPFactory:
         return SMTPFactory(
@@ -233,7 +266,10 @@ class MailService(service.MultiService):
             SubmissionServer,
             delivery=None,
             authenticator=self.authenticator,
-            plaintextAuth=self.config.submission_plaintext_auth,
+            # The developer mode is on loopback (unless made public): an
+            # application may log in there without STARTTLS.
+            plaintextAuth=self.config.submission_plaintext_auth
+            or (self.config.dev.enabled and not self.config.dev.public),
         )
 
     def _pop3Factory(self) -> POP3Factory:
@@ -273,6 +309,13 @@ class MailService(service.MultiService):
             path=str(self.tls.certPath),
             fingerprint=self.tls.fingerprint,
         )
+        if self.config.dev.enabled:
+            log.warn(
+                "DEVELOPER MODE: mail for every address is accepted and any password "
+                "logs in; everything lands in {mailbox}, nothing is relayed. "
+                "Never run this mode as a real mail server.",
+                mailbox=self.devMailbox,
+            )
         if self.config.plaintext_auth == "always":
             log.warn("IMAP and POP3 accept passwords without TLS from any address")
         if self.config.submission_plaintext_auth:

@@ -23,6 +23,7 @@ from twisted.mail import smtp
 from twisted.mail.smtp import AddressError, SMTPServerError
 from zope.interface import implementer
 
+from maild import metrics
 from maild.accounts import LocalAddresses
 from maild.connections import LimitedFactory
 from maild.config import Limits
@@ -128,6 +129,8 @@ class Transaction:
     # The header section, collected for checkHeaders (submission).
     headers: bytearray = field(default_factory=bytearray)
     headersDone: bool = False
+    # When the end of DATA arrived (time.perf_counter), for the metrics.
+    dataEnded: float = 0.0
 
 
 @implementer(smtp.IMessageDelivery)
@@ -203,9 +206,11 @@ class SMTPServer(smtp.ESMTP):
 
     @cvar checksHeaders: whether the header section of each message is
         handed to L{checkHeaders} (submission checks the From: header).
+    @cvar service: the name in logs and metrics.
     """
 
     checksHeaders = False
+    service = "smtp"
 
     def __init__(self, settings: SMTPSettings) -> None:
         smtp.ESMTP.__init__(self, contextFactory=settings.tlsContext)
@@ -393,6 +398,10 @@ class SMTPServer(smtp.ESMTP):
     def do_HELO(self, rest: bytes) -> None:
         if self._greeted(rest, esmtp=False):
             self.sendCode(250, self.host)
+
+    # Some teaching clients say HELLO: taken as HELO, since nothing else
+    # could be meant.
+    do_HELLO = do_HELO
 
     def do_EHLO(self, rest: bytes) -> None:
         if self._greeted(rest, esmtp=True):
@@ -679,6 +688,7 @@ class SMTPServer(smtp.ESMTP):
             if transaction.error is not None:
                 transaction.message.discard()
         if transaction.error is not None:
+            self._countMessage("refused", transaction.error)
             log.info(
                 "refused message from=<{sender}> rip={rip}: {reason}",
                 sender=str(transaction.sender),
@@ -688,6 +698,7 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(*transaction.error)
             return
         self._hold()
+        transaction.dataEnded = time.perf_counter()
         d = self.settings.store.deliver(transaction.message, transaction.recipients)
         d.addCallbacks(self._delivered, self._deliveryFailed, (transaction,), None, (transaction,))
         d.addBoth(lambda _: self._release())
@@ -702,8 +713,15 @@ class SMTPServer(smtp.ESMTP):
             recipients=",".join(f"<{r}>" for r in transaction.recipients),
             size=transaction.message.crlfSize,
         )
+        metrics.dataReplySeconds.observe(time.perf_counter() - transaction.dataEnded)
+        self._countMessage("accepted", None)
         if not self.transport.disconnecting:
             self.sendCode(250, b"2.0.0 Ok: queued as " + transaction.queueId.encode("ascii"))
+
+    def _countMessage(self, result: str, reply: tuple[int, bytes] | None) -> None:
+        # The enhanced status code is the reason: a bounded set of labels.
+        reason = reply[1].split(b" ", 1)[0].decode("ascii", "replace") if reply else ""
+        metrics.messages.labels(self.service, result, reason).inc()
 
     def _deliveryFailed(self, reason, transaction: Transaction) -> None:
         if reason.check(DeliveryFailed):
@@ -715,9 +733,11 @@ class SMTPServer(smtp.ESMTP):
         else:
             log.failure("cannot store {queueId}", reason, queueId=transaction.queueId)
         if reason.check(DeliveryFailed) and reason.value.noSpace:
-            self.sendCode(452, b"4.3.1 Error: insufficient system storage")
+            reply = (452, b"4.3.1 Error: insufficient system storage")
         else:
-            self.sendCode(451, b"4.3.0 Error: local error in processing")
+            reply = (451, b"4.3.0 Error: local error in processing")
+        self._countMessage("refused", reply)
+        self.sendCode(*reply)
 
     def _discardTransaction(self) -> None:
         transaction, self.transaction = self.transaction, None

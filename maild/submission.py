@@ -113,6 +113,7 @@ class SubmissionServer(SMTPServer):
     """
 
     checksHeaders = True
+    service = "submission"
     mechanisms = {b"PLAIN": PlainCredentials, b"LOGIN": LoginCredentials}
 
     def __init__(self, settings) -> None:

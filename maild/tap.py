@@ -10,6 +10,7 @@ from twisted.python import usage
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
 from maild.logs import twistdDestination
 from maild.service import MailService
+from maild.workers import WorkerSupervisor
 
 
 class Options(usage.Options):
@@ -26,7 +27,13 @@ class Options(usage.Options):
         ["hostname", None, None, "This server's host name (default: the FQDN)."],
         ["tls-cert", None, None, "TLS certificate chain (PEM)."],
         ["tls-key", None, None, "TLS private key (PEM)."],
+        ["workers", None, None, "maild processes sharing the listeners (default 1)."],
     ] + [[name, None, None, f"Listener for {name.upper()}."] for name in PROTOCOLS]
+    optFlags = [
+        ["dev", None, "Developer mode: accept mail for any address and any login, "
+         "in one shared mailbox; relay nothing (loopback only)."],
+        ["dev-public", None, "Allow the developer mode on non-loopback listeners."],
+    ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
@@ -46,12 +53,19 @@ class Options(usage.Options):
             raise usage.UsageError("\n" + "\n".join(e.problems))
 
 
-def makeService(options: Options) -> MailService:
-    mail = MailService(options.config)
-    if mail.logDestination is None:
+def makeService(options: Options):
+    if options.config.cluster.workers > 1:
+        top = WorkerSupervisor(options.config, options)
+    else:
+        top = MailService(options.config)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and twistd.get("logger"):
+        # A log observer given to twistd (a worker's, say) is used as is.
+        top.logDestination = None
+    elif top.logDestination is None:
         # twistd's own options (--logfile, -n, --syslog) say where to log.
-        mail.logDestination = twistdDestination(options.parent)
-    return mail
+        top.logDestination = twistdDestination(twistd)
+    return top
 
 
 __all__ = ["Options", "makeService"]

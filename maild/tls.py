@@ -32,6 +32,7 @@ from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory, ISSLTransport
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -76,9 +77,15 @@ def isEncrypted(transport) -> bool:
     Whether a session's transport is TLS: after STARTTLS (the transport then
     declares ISSLTransport), or on an implicit-TLS listener, whose
     connections the service wraps in a TLSMemoryBIOProtocol (which does not
-    declare it).
+    declare it).  Wrappers between the two (the metrics' counters) are
+    looked through.
     """
-    return ISSLTransport.providedBy(transport) or isinstance(transport, TLSMemoryBIOProtocol)
+    while True:
+        if ISSLTransport.providedBy(transport) or isinstance(transport, TLSMemoryBIOProtocol):
+            return True
+        if not isinstance(transport, ProtocolWrapper):
+            return False
+        transport = transport.transport
 
 
 def _utcnow() -> datetime.datetime:

@@ -126,6 +126,7 @@ class PluginTests(unittest.TestCase):
         config.write_text(
             f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n'
             'submission = "none"\nsmtps = "none"\npop3 = "none"\npop3s = "none"\nimap = "none"\nimaps = "none"\n'
+            'http = "none"\nhttps = "none"\n'
         )
         daemon = Daemon(self.folder, ["-ny", str(ROOT / "mail.tac")], {"MAILD_CONFIG": str(config)})
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -98,6 +98,20 @@ class FormatTests(unittest.SynchronousTestCase):
         self.assertIn("observer failed: [Failure instance: Traceback", line)
         self.assertIn(": KeyError: 'missing' (at test_logs.py:", line)
         self.assertEqual(line.count("\n"), 1)
+
+    def test_relayedFromWorker(self):
+        """
+        A failure a worker relays to its parent as JSON (which keeps its
+        fields pre-formatted and loses the exception) is one line too, and
+        passes the rate limit.
+        """
+        events: list = []
+        Logger(observer=events.append).failure("failed on {n}", shallowFailure(), n=7)
+        relayed = eventFromJSON(eventAsJSON(events[0]))
+        observer = CollectingObserver()
+        FailureRateLimit(observer, task.Clock())(relayed)
+        [line] = observer.lines
+        self.assertIn("failed on 7: KeyError (at test_logs.py:", line)
 
     def test_longAndMultiLineText(self):
         """

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
 
+from maild import metrics
 from maild.auth import (
     Authenticator,
     OtherIdentity,
@@ -137,6 +138,9 @@ class IMAPServer(imap4.IMAP4Server):
         self._loginDeadline = None
         if self._producer is not None:
             self._producer.stopProducing()
+        if self.idling is not None:
+            self.idling = None
+            metrics.imapIdleSessions.dec()
         self._stopWatching()
         self._deselect()
         if self._incoming is not None:
@@ -313,6 +317,7 @@ class IMAPServer(imap4.IMAP4Server):
                 self.view.folder.refresh()
                 if self.closing:
                     return
+            commandDone = metrics.imapCommandTimer(name.decode("ascii", "replace"))
             result = handler(self, tag, Arguments(tokens), uid)
         except BadCommand as e:
             self._discardIncoming()
@@ -324,7 +329,10 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(tag + b" NO [SERVERBUG] Internal error")
             return
         if isinstance(result, defer.Deferred):
+            result.addBoth(lambda outcome: (commandDone(), outcome)[1])
             self._hold(result, tag, name)
+        else:
+            commandDone()
 
     def lookupCommand(self, cmd: bytes):
         return COMMANDS.get(cmd.upper())
@@ -988,6 +996,7 @@ class IMAPServer(imap4.IMAP4Server):
     def do_IDLE(self, tag, args, uid):
         args.end()
         self.idling = tag
+        metrics.imapIdleSessions.inc()
         if self.view is not None:
             # Other programs' changes too must reach us at once.
             self._watching = self.view.folder
@@ -1003,6 +1012,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _idleLine(self, line: bytes) -> None:
         tag, self.idling = self.idling, None
+        metrics.imapIdleSessions.dec()
         self._stopWatching()
         if line.strip().upper() != b"DONE":
             self._send(tag + b" BAD Expected DONE")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from maild import metrics
 from maild.store.maildir import newBaseName
 
 log = Logger()
@@ -339,10 +341,13 @@ class Committer:
         self.start()
         group, self._waiting = self._waiting, []
         self._running = True
+        metrics.commitGroupSize.observe(len(group))
+        started = time.perf_counter()
         d = self._syncGroup(group)
-        d.addBoth(self._groupDone, group)
+        d.addBoth(self._groupDone, group, started)
 
-    def _groupDone(self, result, group: list[_Job]) -> None:
+    def _groupDone(self, result, group: list[_Job], started: float) -> None:
+        metrics.commitSyncSeconds.observe(time.perf_counter() - started)
         if isinstance(result, Failure):
             log.failure("delivery group failed", result)
             for job in group:

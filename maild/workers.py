@@ -1,0 +1,236 @@
+"""
+Every core of one machine: C{--workers N} runs N maild processes that
+share the listening sockets and the data folder.
+
+The parent opens every listener (so privileged ports are bound once, as
+root if need be), then starts the workers and hands each the open sockets
+the way systemd does (C{LISTEN_FDS}, C{LISTEN_FDNAMES}): a worker is an
+ordinary C{twistd maild} whose listeners are C{systemd:} endpoints.  The
+kernel spreads new connections over the workers.  The parent restarts a
+worker that dies, passes SIGHUP on (certificate reload), and stops them
+all on SIGTERM.
+
+The workers share nothing but the data folder, with the store's rules for
+several writers (fcntl locks, unique file names); per-address limits are
+per worker unless a cluster store (Redis) is configured.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, Mapping
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.address import IPv6Address, UNIXAddress
+from twisted.logger import Logger
+
+from maild.config import PROTOCOLS, Config
+from maild.logs import WorkerLogReader, useAsTwistdLog
+from maild.tls import certificateFiles
+
+log = Logger()
+
+# How long a stopping worker may take before it is killed.
+STOP_GRACE = 15.0
+# A worker that dies this soon after its start is restarted more slowly.
+CRASH_WINDOW = 10.0
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+# Run by each worker: systemd's protocol wants LISTEN_PID to be the
+# worker's own pid, which only the worker knows.
+_BOOTSTRAP = (
+    "import os, signal, sys\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    # A SIGHUP passed on while the worker starts must not end it; the
+    # daemon installs its own handler (certificate reload) once up.
+    "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    "from twisted.scripts.twistd import run\n"
+    "sys.argv = ['twistd'] + sys.argv[1:]\n"
+    "run()\n"
+)
+
+
+class _NotServed(protocol.Factory):
+    """
+    The parent's own factory for the sockets it opens: it never accepts
+    (reading is stopped at once); the workers do.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr):
+        return None
+
+
+def workerArguments(options: Mapping[str, Any], listeners: Mapping[str, str | None]) -> list[str]:
+    """
+    The C{twistd maild} options of a worker: the parent's own, with the
+    listeners replaced by the adopted sockets and no workers of its own.
+    """
+    args: list[str] = []
+    for key, value in sorted(options.items()):
+        if key in PROTOCOLS or key in ("workers", "domains") or value in (None, False):
+            continue
+        args.append(f"--{key}" if value is True else f"--{key}={value}")
+    args += [f"--domain={domain}" for domain in options.get("domains", ())]
+    args += [f"--{name}={listeners.get(name) or 'none'}" for name in PROTOCOLS]
+    return args + ["--workers=1"]
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, supervisor: "WorkerSupervisor", number: int) -> None:
+        self.supervisor = supervisor
+        self.number = number
+        self.ended = defer.Deferred()
+        self.started = 0.0
+        self.logReader = WorkerLogReader(f"worker {number}")
+
+    def connectionMade(self) -> None:
+        self.started = self.supervisor.reactor.seconds()
+        log.info("worker {number} started (pid {pid})", number=self.number, pid=self.transport.pid)
+
+    def outReceived(self, data: bytes) -> None:
+        # The worker's log events, as JSON records.
+        self.logReader.dataReceived(data)
+
+    def errReceived(self, data: bytes) -> None:
+        # What a worker says before its logging starts (a bad option, say).
+        for line in data.decode("utf-8", "replace").splitlines():
+            log.warn("worker {number}: {line}", number=self.number, line=line)
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+        self.supervisor.workerEnded(self, reason.value)
+
+
+class WorkerSupervisor(service.Service):
+    """
+    Opens the listeners, starts C{config.cluster.workers} workers, keeps
+    them running.
+
+    @param options: the parent's C{twistd maild} options, which every
+        worker is given too.
+    """
+
+    name = "workers"
+
+    def __init__(self, config: Config, options: Mapping[str, Any], reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.options = dict(options)
+        self.reactor = reactor
+        self.count = config.cluster.workers
+        self.ports: dict[str, Any] = {}
+        self.adopted: dict[str, str] = {}
+        self.processes: dict[int, _WorkerProcess] = {}
+        self._crashes: dict[int, int] = {}
+        self._stopping = False
+        # Where the parent logs (what its workers send it too); see
+        # maild.tap.
+        self.logDestination = config.log.file
+
+    def setServiceParent(self, parent) -> None:
+        service.Service.setServiceParent(self, parent)
+        useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
+
+    @defer.inlineCallbacks
+    def privilegedStartService(self):
+        service.Service.privilegedStartService(self)
+        # Made once here, or every worker would race to make it.
+        certificateFiles(self.config)
+        for name, description in self.config.enabledListeners().items():
+            proxied = description.startswith("haproxy:")
+            inner = description[len("haproxy:"):] if proxied else description
+            endpoint = endpoints.serverFromString(self.reactor, inner)
+            port = yield endpoint.listen(_NotServed())
+            port.stopReading()
+            address = port.getHost()
+            family = (
+                "UNIX" if isinstance(address, UNIXAddress)
+                else "INET6" if isinstance(address, IPv6Address) else "INET"
+            )
+            self.ports[name] = port
+            adopted = f"systemd:domain={family}:name={name}"
+            self.adopted[name] = ("haproxy:" if proxied else "") + adopted
+            log.info("{name} listening on {description} for the workers", name=name, description=description)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        if not self.ports:
+            # Not started privileged (a test, say): open the sockets now.
+            d = self.privilegedStartService()
+        else:
+            d = defer.succeed(None)
+        d.addCallback(lambda _: [self._spawn(n) for n in range(1, self.count + 1)])
+        if _isMainThread():
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.signalAll, signal.SIGHUP))
+
+    def _spawn(self, number: int) -> None:
+        if self._stopping:
+            return
+        names = list(self.ports)
+        fds = {0: "w", 1: "r", 2: "r"}
+        for i, name in enumerate(names):
+            fds[3 + i] = self.ports[name].fileno()
+        env = dict(os.environ)
+        env.update(LISTEN_FDS=str(len(names)), LISTEN_FDNAMES=":".join(names))
+        env.pop("LISTEN_PID", None)
+        args = [
+            sys.executable, "-c", _BOOTSTRAP, "--nodaemon", "--pidfile=",
+            "--logger=maild.logs.workerLogObserver", "maild",
+        ]
+        args += workerArguments(self.options, self.adopted)
+        process = _WorkerProcess(self, number)
+        self.processes[number] = process
+        self.reactor.spawnProcess(process, sys.executable, args, env=env, childFDs=fds)
+
+    def workerEnded(self, process: _WorkerProcess, reason) -> None:
+        if self.processes.get(process.number) is process:
+            del self.processes[process.number]
+        if self._stopping:
+            return
+        quick = self.reactor.seconds() - process.started < CRASH_WINDOW
+        crashes = self._crashes.get(process.number, 0) + 1 if quick else 0
+        self._crashes[process.number] = crashes
+        delay = RESTART_DELAYS[min(crashes, len(RESTART_DELAYS) - 1)]
+        log.warn(
+            "worker {number} ended ({reason}); restarting it in {delay} s",
+            number=process.number, reason=reason, delay=delay,
+        )
+        self.reactor.callLater(delay, self._spawn, process.number)
+
+    def signalAll(self, signum: int) -> None:
+        for process in list(self.processes.values()):
+            try:
+                process.transport.signalProcess(signum)
+            except Exception:  # already gone
+                pass
+
+    def pids(self) -> list[int]:
+        return [p.transport.pid for p in self.processes.values() if p.transport.pid]
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self._stopping = True
+        running = list(self.processes.values())
+        self.signalAll(signal.SIGTERM)
+        kill = self.reactor.callLater(STOP_GRACE, self.signalAll, signal.SIGKILL)
+        d = defer.gatherResults([p.ended for p in running])
+
+        def closePorts(_):
+            if kill.active():
+                kill.cancel()
+            return defer.gatherResults(
+                [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]
+            )
+
+        return d.addCallback(closePorts)
+
+
+def _isMainThread() -> bool:
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,153 @@
+"""
+Every core of one machine: C{--workers N} runs N maild processes on the
+same listening sockets and data folder, keeps them running, and passes
+signals on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import imaplib
+import os
+import re
+import signal
+import smtplib
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from tests.support import PASSWORD, freePort, writeUsers
+from tests.test_daemon import Daemon, listenOnly, waitForPort
+
+
+def waitFor(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive either.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+class WorkersTests(unittest.TestCase):
+    def setUp(self):
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir()
+        writeUsers(self.folder / "maildata", {"alice@localhost": PASSWORD})
+        self.smtp, self.imap = freePort(), freePort()
+        self.log = self.folder / "twistd.log"
+        self.daemon = Daemon(
+            self.folder,
+            ["-n", "--pidfile=", "--logfile", str(self.log), "maild", "--workers=2"]
+            + listenOnly(
+                smtp=f"tcp:{self.smtp}:interface=127.0.0.1",
+                imap=f"tcp:{self.imap}:interface=127.0.0.1",
+            ),
+        )
+        self.addCleanup(self.daemon.stop)
+        waitForPort(self.smtp, self.daemon.process)
+        self.pids = self.workerPids(2)
+        waitFor(lambda: self.logText().count("] maild starting") >= 2, what="both workers to be up")
+
+    def logText(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def workerPids(self, count: int) -> dict[int, int]:
+        def found():
+            pids = dict(
+                (int(n), int(p)) for n, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", self.logText())
+            )
+            return pids if len(pids) >= count else None
+
+        return waitFor(found, what="the workers to start")
+
+    def send(self, count: int, subject: str) -> None:
+        def one(i):
+            with smtplib.SMTP("127.0.0.1", self.smtp, timeout=30) as s:
+                s.sendmail("carol@remote.test", ["alice@localhost"], f"Subject: {subject} {i}\r\n\r\nx\r\n")
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(count)))
+
+    def inbox(self) -> list[Path]:
+        return list((self.folder / "maildata/mail/localhost/alice/new").iterdir())
+
+    def test_servesWithTwoWorkers(self):
+        """
+        Two workers serve one listener: every message sent concurrently is
+        stored once, and IMAP (served by either worker) sees them all with
+        distinct UIDs.
+        """
+        self.send(40, "load")
+        self.assertEqual(len(self.inbox()), 40)
+        imap = imaplib.IMAP4("127.0.0.1", self.imap)
+        imap.login("alice@localhost", PASSWORD)
+        imap.select("INBOX")
+        _, data = imap.uid("SEARCH", "ALL")
+        imap.logout()
+        self.assertEqual(len(set(data[0].split())), 40)
+        workers = set(re.findall(r"\[worker (\d+)\] maild starting", self.logText()))
+        self.assertEqual(workers, {"1", "2"})
+
+    def test_deadWorkerRestarted(self):
+        """
+        A worker killed with SIGKILL is started again by the parent, and
+        mail keeps flowing meanwhile.
+        """
+        os.kill(self.pids[1], signal.SIGKILL)
+        waitFor(lambda: "worker 1 ended" in self.logText(), what="the death to be noticed")
+        self.send(10, "during")
+        waitFor(lambda: self.logText().count("worker 1 started") >= 2, what="the restart")
+        self.send(10, "after")
+        self.assertEqual(len(self.inbox()), 20)
+
+    def test_signals(self):
+        """
+        SIGHUP reaches every worker (each reloads its certificate); SIGTERM
+        stops the parent and every worker.
+        """
+        self.daemon.process.send_signal(signal.SIGHUP)
+        waitFor(lambda: self.logText().count("TLS certificate reloaded") >= 2, what="both reloads")
+        self.daemon.stop()
+        self.assertIn(self.daemon.process.returncode, (0, -signal.SIGTERM))
+        for pid in self.pids.values():
+            self.assertFalse(alive(pid), pid)
+
+
+class WorkerLogReaderTests(unittest.SynchronousTestCase):
+    def test_recordsAcrossChunks(self):
+        """
+        A worker's JSON records become events of the parent, marked with the
+        worker's name, whatever the chunks they arrive in; a line that is
+        not JSON is kept as text.
+        """
+        import io as _io
+
+        from twisted.logger import Logger, formatEvent, jsonFileLogObserver
+
+        from maild.logs import WorkerLogReader
+
+        out = _io.StringIO()
+        Logger(observer=jsonFileLogObserver(out)).info("accepted {n} messages", n=3)
+        data = out.getvalue().encode() + b"not json\n"
+        events = []
+        reader = WorkerLogReader("worker 7", publisher=events.append)
+        for i in range(len(data)):
+            reader.dataReceived(data[i : i + 1])
+        self.assertEqual([formatEvent(e) for e in events], ["accepted 3 messages", "not json"])
+        self.assertEqual({e["log_system"] for e in events}, {"worker 7"})
