@@ -119,8 +119,9 @@ class MailService(service.MultiService):
     def __init__(self, config: Config, reactor=None, syncHook=None, clock=None) -> None:
         """
         @param clock: what sessions' deadlines, login delays, the login
-            cache and the shutdown grace are timed by: the reactor, or a
-            L{twisted.internet.task.Clock} that tests advance.
+            cache, the shutdown grace and the daily certificate check are
+            timed by: the reactor, or a L{twisted.internet.task.Clock} that
+            tests advance.
         """
         service.MultiService.__init__(self)
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +173,7 @@ class MailService(service.MultiService):
         self.tls = ServerTLS(*certificateFiles(config))
         if self.localCA is not None:
             renewal = internet.TimerService(RENEWAL_CHECK_INTERVAL, self.renewCertificate)
-            renewal.clock = reactor
+            renewal.clock = self.clock
             renewal.setServiceParent(self)
         self.listeners: dict[str, Listener] = {}
         builders: dict[str, Callable[[], Any]] = {

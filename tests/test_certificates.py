@@ -327,6 +327,27 @@ class ServedCertificateTests(ServerTestCase):
         self.assertEqual(certificateFingerprint(x509.load_der_x509_certificate(opened.sock.getpeercert(True))), before)
 
 
+class DailyRenewalTests(ServerTestCase):
+    listeners = ("imaps",)
+    useClock = True
+
+    def test_checkedDaily(self):
+        """
+        The daemon looks at its certificate once a day: a certificate that
+        has become due is replaced at the next daily check, not before.
+        """
+        authority = self.service.localCA
+        ca = (load(authority.certPath), serialization.load_pem_private_key(authority.keyPath.read_bytes(), None))
+        authority.issue(ca, datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=800))
+        self.assertTrue(self.service.tls.reload())
+        due = self.service.tls.fingerprint
+        self.clock.advance(24 * 3600 - 1)
+        self.assertEqual(self.service.tls.fingerprint, due)
+        self.clock.advance(1)
+        self.assertNotEqual(self.service.tls.fingerprint, due)
+        self.assertEqual(self.service.tls.fingerprint, fingerprint(authority.serverCertPath))
+
+
 class UpgradeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_daemonUpgradesOldPair(self):
