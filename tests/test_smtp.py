@@ -791,7 +791,7 @@ class DeadlineTests(ServerTestCase):
 class LimitTests(ServerTestCase):
     # Loopback is trusted (exempt from the connection limit) by default;
     # here these clients stand for remote ones.
-    limits = {"connections_per_ip": 2, "command_timeout": 0.5, "data_timeout": 0.8, "idle_timeout": 30, "trusted_networks": ()}
+    limits = {"connections_per_ip": 2, "trusted_networks": ()}
 
     @defer.inlineCallbacks
     def test_connectionLimitPerAddress(self):
