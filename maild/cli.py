@@ -197,6 +197,10 @@ def main(
     except (AccountError, InvalidName) as e:
         stderr.write(f"error: {e}\n")
         return 1
+    except OSError as e:
+        # A data folder that cannot be written (the daemon's user owns it).
+        stderr.write(f"error: {e.filename or ''}: {e.strerror}\n")
+        return 1
     return 2
 
 

@@ -124,6 +124,17 @@ class CertCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(run(["--data-dir", str(data), "cert", "--ca"])[1], exported)
         self.assertNotEqual(run(["--data-dir", str(data), "cert"])[1], shown)
 
+    def test_unwritableDataFolder(self):
+        """
+        A data folder where the certificate cannot be made gets one error
+        line, not a traceback.
+        """
+        blocker = Path(self.mktemp())
+        blocker.write_text("a file where the data folder should be")
+        status, _, err = run(["--data-dir", str(blocker / "data"), "cert"])
+        self.assertEqual(status, 1)
+        self.assertRegex(err, r"^error: .*data.*: Not a directory\n$")
+
     def test_configuredCertificate(self):
         """
         With certificate files configured, cert shows them, and --ca and
