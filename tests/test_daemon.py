@@ -125,8 +125,7 @@ class PluginTests(unittest.TestCase):
         config = self.folder / "maild.toml"
         config.write_text(
             f'data_dir = "data"\n[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n'
-            'submission = "none"\nsmtps = "none"\npop3 = "none"\npop3s = "none"\nimap = "none"\nimaps = "none"\n'
-            'http = "none"\nhttps = "none"\n'
+            'submission = "none"\nsmtps = "none"\npop3 = "none"\npop3s = "none"\nimap = "none"\nimaps = "none"\nhttp = "none"\nhttps = "none"\n'
         )
         daemon = Daemon(self.folder, ["-ny", str(ROOT / "mail.tac")], {"MAILD_CONFIG": str(config)})
         try:
@@ -174,7 +173,7 @@ class ReloadTests(unittest.TestCase):
         """
         import ssl
 
-        from maild.tls import LocalCA
+        from maild.tls import generateSelfSigned
 
         folder = Path(self.mktemp()).resolve()
         folder.mkdir()
@@ -203,7 +202,7 @@ class ReloadTests(unittest.TestCase):
             waitForPort(port, daemon.process)
             first = served()
             tls = folder / "maildata/tls"
-            LocalCA(tls, "renewed.test").renew()
+            generateSelfSigned("renewed.test", tls / "cert.pem", tls / "key.pem")
             second = servedAfterHangup(first)
             (tls / "cert.pem").write_text("broken")
             third = servedAfterHangup(second)
@@ -250,10 +249,7 @@ class CrashTests(unittest.TestCase):
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for thread in threads:
             thread.start()
-        # Kill it in full flow: once many messages have been answered.
-        deadline = time.monotonic() + 30
-        while len(acknowledged) < 40 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        time.sleep(1.5)
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait(10)
         stop.set()
@@ -275,9 +271,7 @@ class CrashTests(unittest.TestCase):
         (folder / "data/tmp").mkdir(exist_ok=True)
         (folder / "data/tmp/1700000000.M1P1Q1.crashed").write_bytes(b"partial message")
         leftovers = set(os.listdir(folder / "data/tmp"))
-        # Older than tmp_grace (1 s) without waiting for it.
-        for name in leftovers:
-            os.utime(folder / "data/tmp" / name, (time.time() - 10, time.time() - 10))
+        time.sleep(1.1)
         daemon = Daemon(folder, args)
         try:
             waitForPort(port, daemon.process)
