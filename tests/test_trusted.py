@@ -200,3 +200,24 @@ class OriginatingAddressTests(TrustedTestCase):
             [b'a ID ("x-originating-ip" "not an address")', b"b LOGIN alice@localhost wrong"],
         )
         self.assertEqual(self.delays, [(UNTRUSTED, 0.01), ("user alice@localhost", 0.01)])
+
+    @defer.inlineCallbacks
+    def test_oddIdLists(self):
+        """
+        ID lists of any shape from a trusted peer (an odd count, a nested
+        list, NIL, an address in a literal, an empty value) are answered
+        OK and leave the address as it was.
+        """
+        replies = yield self.imap(
+            TRUSTED,
+            [
+                b'a ID ("x-originating-ip")',
+                b'b ID ("x-originating-ip" ("192.0.2.7"))',
+                b'c ID ("x-originating-ip" NIL)',
+                b'd ID ("x-originating-ip" "")',
+                b"e ID NIL",
+                b"f LOGIN alice@localhost wrong",
+            ],
+        )
+        self.assertEqual([r.split(b" ")[1] for r in replies], [b"OK"] * 5 + [b"NO"])
+        self.assertEqual(self.delays, [("user alice@localhost", 0.01)])
