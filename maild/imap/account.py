@@ -146,7 +146,30 @@ class Account:
             if special:
                 attributes.append(special.encode("ascii"))
             result.append((name, attributes))
+        if subscribed and "%" in pattern:
+            result += self._unsubscribedParents(subscriptions, matcher, {name for name, _ in result})
         return result
+
+    @staticmethod
+    def _unsubscribedParents(subscriptions, matcher, listed: set[str]) -> list[tuple[str, list[bytes]]]:
+        """
+        RFC 3501 section 6.3.9: when "%" stops LSUB above a subscribed
+        name, its parent that the pattern does match is returned, flagged
+        C{\\Noselect}, even though it is not subscribed (or does not
+        exist).
+        """
+        found = []
+        for name in subscriptions:
+            if matcher.match(name):
+                continue
+            parts = name.split(IMAP_DELIMITER)
+            for depth in range(len(parts) - 1, 0, -1):
+                parent = IMAP_DELIMITER.join(parts[:depth])
+                if parent not in listed and matcher.match(parent):
+                    listed.add(parent)
+                    found.append((parent, [b"\\Noselect"]))
+                    break
+        return found
 
     def status(self, name: str, items: list[bytes], limit: int) -> list[tuple[bytes, int]]:
         """

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from maild.imap import wire
+from maild.imap.cache import folderCache
 from maild.imap.mailbox import SelectedFolder
 from maild.imap.mime import MessagePart, envelope, selectFields
 from maild.imap.parser import Atom, BadCommand
@@ -139,7 +140,9 @@ def parseItem(token: Any) -> FetchItem:
 
 class MessageData:
     """
-    What FETCH reads of one message, loaded when first needed.
+    What FETCH reads of one message, loaded when first needed; what is
+    derived from its octets comes from the folder's cache when another
+    FETCH (of any session) made it before.
     """
 
     __slots__ = ("folder", "index", "_data", "_part")
@@ -162,6 +165,16 @@ class MessageData:
             self._part = MessagePart(self.data)
         return self._part
 
+    def rendered(self, name: bytes, make) -> bytes:
+        """
+        The rendering C{name} of this message, from the folder's cache.
+        """
+        return folderCache(self.folder).get(self.folder.uids[self.index], name, make)
+
+    @property
+    def header(self) -> bytes:
+        return self.rendered(b"HEADER", lambda: self.part.header)
+
 
 def sectionContent(item: FetchItem, message: MessageData) -> bytes | None:
     """
@@ -170,8 +183,10 @@ def sectionContent(item: FetchItem, message: MessageData) -> bytes | None:
     if not item.parts:
         if item.text == b"":
             content = message.data
+        elif item.text == b"TEXT":
+            content = message.part.body
         else:
-            content = _textOf(item, message.part)
+            content = _headerOf(item, message.header)
     else:
         try:
             node = message.part.subPart(item.parts)
@@ -191,11 +206,15 @@ def sectionContent(item: FetchItem, message: MessageData) -> bytes | None:
 
 
 def _textOf(item: FetchItem, part: MessagePart) -> bytes:
-    if item.text == b"HEADER":
-        return part.header
     if item.text == b"TEXT":
         return part.body
-    return selectFields(part.header, item.fields, negate=item.text.endswith(b".NOT"))
+    return _headerOf(item, part.header)
+
+
+def _headerOf(item: FetchItem, header: bytes) -> bytes:
+    if item.text == b"HEADER":
+        return header
+    return selectFields(header, item.fields, negate=item.text.endswith(b".NOT"))
 
 
 def render(item: FetchItem, view: SelectedFolder, index: int, message: MessageData) -> bytes:
@@ -213,15 +232,15 @@ def render(item: FetchItem, view: SelectedFolder, index: int, message: MessageDa
     if name == b"INTERNALDATE":
         return b"INTERNALDATE " + wire.internalDate(folder.internalDate(index))
     if name == b"ENVELOPE":
-        return b"ENVELOPE " + wire.collapse(envelope(message.part))
+        return b"ENVELOPE " + message.rendered(name, lambda: wire.collapse(envelope(message.part)))
     if name == b"BODYSTRUCTURE":
-        return b"BODYSTRUCTURE " + wire.collapse(message.part.bodyStructure(True))
+        return b"BODYSTRUCTURE " + message.rendered(name, lambda: wire.collapse(message.part.bodyStructure(True)))
     if name == b"BODY":
-        return b"BODY " + wire.collapse(message.part.bodyStructure(False))
+        return b"BODY " + message.rendered(name, lambda: wire.collapse(message.part.bodyStructure(False)))
     if name == b"RFC822":
         return b"RFC822 " + wire.literal(message.data)
     if name == b"RFC822.HEADER":
-        return b"RFC822.HEADER " + wire.literal(message.part.header)
+        return b"RFC822.HEADER " + wire.literal(message.header)
     if name == b"RFC822.TEXT":
         return b"RFC822.TEXT " + wire.literal(message.part.body)
     content = sectionContent(item, message)

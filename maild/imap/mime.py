@@ -10,19 +10,15 @@ sections are cut from the message's own octets here.
 
 from __future__ import annotations
 
-import email.utils
 import io
 import re
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from twisted.mail.imap4 import IMessagePart
 from zope.interface import implementer
 
+from maild.imap.headervalues import ContentValue, parseAddressList, parseContentValue
 from maild.imap.wire import Adjacent
 
-_headerParser = BytesHeaderParser(policy=compat32)
 _FIELD_NAME = re.compile(rb"([^:\s]+)[ \t]*:")
 
 
@@ -83,8 +79,10 @@ class MessagePart:
         self.data = data
         self.header, self.body = splitHeader(data)
         self.defaultType = defaultType
-        self._parsed: Message | None = None
+        self._contentValue: ContentValue | None = None
         self._parts: list[MessagePart] | None = None
+        self._embedded: MessagePart | None = None
+        self._firstFields: dict[bytes, bytes] | None = None
 
     # IMessagePart -----------------------------------------------------------
 
@@ -111,30 +109,39 @@ class MessagePart:
 
     # Structure --------------------------------------------------------------
 
-    @property
-    def parsed(self) -> Message:
-        if self._parsed is None:
-            self._parsed = _headerParser.parsebytes(self.header)
-        return self._parsed
-
     def field(self, name: bytes) -> bytes | None:
         """
         The unfolded value of the first field C{name}, or None.
         """
-        for fieldName, raw in headerFields(self.header):
-            if fieldName == name:
-                return unfold(raw)
-        return None
+        if self._firstFields is None:
+            first: dict[bytes, bytes] = {}
+            for fieldName, raw in headerFields(self.header):
+                first.setdefault(fieldName, raw)
+            self._firstFields = first
+        raw = self._firstFields.get(name)
+        return None if raw is None else unfold(raw)
+
+    @property
+    def contentValue(self) -> ContentValue:
+        """
+        The Content-Type and its parameters; without a Content-Type, the
+        default type of where the part is (RFC 2046 section 5.1.5), and
+        one that cannot be read is text/plain (RFC 2045 section 5.2).
+        """
+        if self._contentValue is None:
+            raw = self.field(b"content-type")
+            if raw is None:
+                self._contentValue = ContentValue(self.defaultType.encode(), ())
+            else:
+                value = parseContentValue(raw, typed=True)
+                if value.value is None:
+                    value = ContentValue(b"text/plain", value.params)
+                self._contentValue = value
+        return self._contentValue
 
     @property
     def contentType(self) -> str:
-        value = self.parsed.get("content-type")
-        if value is None:
-            return self.defaultType
-        ctype = self.parsed.get_content_type()
-        if "/" not in value.split(";", 1)[0]:
-            return "text/plain"
-        return ctype
+        return self.contentValue.value.decode("ascii", "replace")
 
     @property
     def mainType(self) -> str:
@@ -147,12 +154,10 @@ class MessagePart:
         """
         if self._parts is None:
             self._parts = []
-            boundary = self.parsed.get_param("boundary") if self.isMultipart() else None
-            if isinstance(boundary, tuple):
-                boundary = email.utils.collapse_rfc2231_value(boundary)
+            boundary = self.contentValue.get(b"boundary") if self.isMultipart() else None
             if boundary:
                 childType = "message/rfc822" if self.contentType == "multipart/digest" else "text/plain"
-                self._parts = [MessagePart(p, childType) for p in _splitMultipart(self.body, boundary.encode("utf-8", "replace"))]
+                self._parts = [MessagePart(p, childType) for p in _splitMultipart(self.body, boundary)]
         return self._parts
 
     @property
@@ -160,37 +165,47 @@ class MessagePart:
         """
         The message inside a message/rfc822 part.
         """
-        if self.contentType == "message/rfc822":
-            return MessagePart(self.body)
-        return None
+        if self._embedded is None and self.contentType == "message/rfc822":
+            self._embedded = MessagePart(self.body)
+        return self._embedded
+
+    @property
+    def children(self) -> list["MessagePart"]:
+        """
+        The parts that section numbers name one level below this one
+        (RFC 3501 section 6.4.5): the body parts of a multipart; for a
+        message/rfc822 part, those of the message inside it, which is
+        itself part 1 when it is not a multipart (so C{BODY[2.1]} of a
+        message/rfc822 part 2 holding a text message is that text).
+        """
+        if self.isMultipart():
+            return self.parts
+        inner = self.embedded
+        if inner is None:
+            return []
+        return inner.parts if inner.isMultipart() else [inner]
 
     def subPart(self, numbers: list[int]) -> "MessagePart":
         """
         The part named by a section's part numbers (C{[1, 2]} is
-        C{BODY[1.2]}).  Part 1 of a non-multipart entity is its body; the
-        parts of a message/rfc822 part are those of the message inside it
-        (RFC 3501 section 6.4.5).
+        C{BODY[1.2]}).  Part 1 of a message that is not a multipart is the
+        message itself (its body is C{BODY[1]}); below it, numbers walk
+        L{children}.  As Dovecot does, 1 below a part with no children
+        names that part again.
 
         @raise LookupError: when there is no such part.
         """
         part = self
-        for n in numbers:
-            if part.isMultipart():
-                if not 1 <= n <= len(part.parts):
-                    raise LookupError(n)
-                part = part.parts[n - 1]
-            elif part is not self and part.contentType == "message/rfc822":
-                inner = part.embedded
-                if inner.isMultipart():
-                    if not 1 <= n <= len(inner.parts):
-                        raise LookupError(n)
-                    part = inner.parts[n - 1]
-                elif n == 1:
-                    part = inner
-                else:
-                    raise LookupError(n)
-            elif n != 1:
+        for depth, n in enumerate(numbers):
+            if depth == 0:
+                candidates = self.parts if self.isMultipart() else [self]
+            else:
+                candidates = part.children
+            if not candidates and n == 1:
+                continue
+            if not 1 <= n <= len(candidates):
                 raise LookupError(n)
+            part = candidates[n - 1]
         return part
 
     def bodyStructure(self, extended: bool) -> list:
@@ -203,13 +218,13 @@ class MessagePart:
                 return ["text", "plain", ["charset", "us-ascii"], None, None, "7bit", len(self.body), self.body.count(b"\n")]
             result: list = [Adjacent([p.bodyStructure(extended) for p in parts]), self.contentType.split("/", 1)[1]]
             if extended:
-                result += [self._params(exclude=()), self._disposition(), self._language(), self._location()]
+                result += [self._params(), self._disposition(), self._language(), self._location()]
             return result
         main, sub = self.contentType.split("/", 1)
         result = [
             main,
             sub,
-            self._params(exclude=()) or (["charset", "us-ascii"] if main == "text" else None),
+            self._params(),
             self._str(b"content-id"),
             self._str(b"content-description"),
             (self._str(b"content-transfer-encoding") or "7bit"),
@@ -227,30 +242,23 @@ class MessagePart:
     def _str(self, name: bytes) -> bytes | None:
         return self.field(name)
 
-    def _params(self, exclude) -> list | None:
-        params = self.parsed.get_params(header="content-type")
-        if not params:
-            return None
-        out = []
-        for key, value in params[1:]:
-            if isinstance(value, tuple):
-                value = email.utils.collapse_rfc2231_value(value)
-            out += [key, email.utils.unquote(value) if isinstance(value, str) else value]
+    def _params(self) -> list | None:
+        params = self.contentValue.params
+        out = [item for pair in params for item in pair]
+        # RFC 2045 section 5.2: text is us-ascii unless it says otherwise.
+        if self.mainType == "text" and not any(key in (b"charset", b"charset*") for key, _ in params):
+            out += [b"charset", b"us-ascii"]
         return out or None
 
     def _disposition(self) -> list | None:
-        if self.parsed.get("content-disposition") is None:
+        raw = self.field(b"content-disposition")
+        if raw is None:
             return None
-        params = self.parsed.get_params(header="content-disposition") or []
-        if not params:
+        disposition = parseContentValue(raw, typed=False)
+        if disposition.value is None:
             return None
-        kind = params[0][0]
-        rest = []
-        for key, value in params[1:]:
-            if isinstance(value, tuple):
-                value = email.utils.collapse_rfc2231_value(value)
-            rest += [key, value]
-        return [kind, rest or None]
+        params = [item for pair in disposition.params for item in pair]
+        return [disposition.value, params or None]
 
     def _language(self) -> bytes | None:
         return self.field(b"content-language")
@@ -312,11 +320,4 @@ def envelope(part: MessagePart) -> list:
 def _addresses(value: bytes | None) -> list | None:
     if not value:
         return None
-    text = value.decode("utf-8", "surrogateescape")
-    out = []
-    for name, address in email.utils.getaddresses([text]):
-        if not name and not address:
-            continue
-        mailbox, _, host = address.rpartition("@") if "@" in address else (address, "", "")
-        out.append([name or None, None, mailbox or None, host or None])
-    return out or None
+    return [address.asList() for address in parseAddressList(value)] or None

@@ -49,8 +49,13 @@ class Literal:
         self.size = size if message is not None else len(data)
 
 
-# RFC 3501 section 9: atom-specials are ( ) { SP CTL % * " \ ]
+# RFC 3501 section 9: atom-specials are ( ) { SP CTL % * " \ ]; "[" is an
+# ATOM-CHAR and "]" an ASTRING-CHAR, so both may be part of a word.
 _ATOM_END = re.compile(rb"[ ()\[]")
+# The FETCH attributes whose "[" opens a section that runs to its "]",
+# spaces and parentheses included (BODY[HEADER.FIELDS (A B)]).
+_SECTION_PREFIXES = (b"BODY", b"BODY.PEEK", b"BINARY", b"BINARY.PEEK", b"BINARY.SIZE")
+_LONGEST_PREFIX = max(map(len, _SECTION_PREFIXES))
 _TAG = re.compile(rb"[\x21-\x7e]+\Z")
 _BAD_TAG_CHARS = re.compile(rb'[(){%*"\\+]')
 LITERAL_SPEC = re.compile(rb"\{(\d{1,20})(\+?)\}\Z")
@@ -138,7 +143,9 @@ def _atom(segment: bytes, pos: int) -> tuple[Atom, int]:
         pos = m.start()
         if segment[pos] != 0x5B:  # [
             break
-        # A section (BODY[HEADER.FIELDS (A B)]) runs to its closing bracket.
+        if pos - start > _LONGEST_PREFIX or segment[start:pos].upper() not in _SECTION_PREFIXES:
+            pos += 1
+            continue
         close = segment.find(b"]", pos)
         if close < 0:
             raise BadCommand("Unterminated section")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 from maild.imap import wire
 from maild.imap.fetch import MessageData
 from maild.imap.mailbox import SelectedFolder
+from maild.imap.headervalues import addressText, parseAddressList
 from maild.imap.mime import headerFields, unfold
 from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseSequenceSet
 from maild.store import MessageGone
@@ -42,6 +43,7 @@ _FLAG_KEYS = {
     b"UNSEEN": (SEEN, False),
 }
 _HEADER_KEYS = {b"BCC": b"bcc", b"CC": b"cc", b"FROM": b"from", b"SUBJECT": b"subject", b"TO": b"to"}
+_ADDRESS_FIELDS = {b"bcc", b"cc", b"from", b"to"}
 _DATE_KEYS = {b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
 # Marks, in a flag byte string, a message someone else expunged.
 GONE = 0xFF
@@ -309,7 +311,13 @@ class Search:
                 values = [v for name, v in _fields(part) if name == field]
                 if not text:
                     return bool(values)
-                return any(text in _decodeHeader(v) for v in values)
+                if any(text in _decodeHeader(v) for v in values):
+                    return True
+                # An address field also matches its addresses written
+                # without their comments (<user (c)@ (c) host> is user@host).
+                return field in _ADDRESS_FIELDS and any(
+                    text in _decodeHeader(addressText(a)) for v in values for a in parseAddressList(v)
+                )
 
             return header
         if kind == "body":

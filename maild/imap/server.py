@@ -74,6 +74,10 @@ _STORE_CHUNK = 1000
 # Sequence-number commands during which no EXPUNGE may be sent
 # (RFC 3501 section 7.4.1).
 _NO_EXPUNGE = frozenset({b"FETCH", b"STORE", b"SEARCH", b"COPY"})
+# RFC 2180 section 4.1.2 (and RFC 5530's code): a FETCH or STORE that
+# named messages another session expunged.  Clients match the words "no
+# longer exist", as Dovecot says them.
+_EXPUNGE_ISSUED = b"NO [EXPUNGEISSUED] Some of the requested messages no longer exist"
 
 
 @dataclass(frozen=True)
@@ -675,7 +679,9 @@ class IMAPServer(imap4.IMAP4Server):
             reference = reference.decode("imap4-utf-7")
             pattern = pattern.decode("imap4-utf-7")
         except (UnicodeError, ValueError):
-            self._done(tag, b"NO Invalid mailbox name")
+            # A pattern that is not modified UTF-7 matches no folder's
+            # name: nothing to list, which is not an error (as Dovecot).
+            self._done(tag, b"OK " + verb + b" completed")
             return
         lines = []
         if not pattern and not subscribed:
@@ -784,11 +790,15 @@ class IMAPServer(imap4.IMAP4Server):
     def do_CLOSE(self, tag, args, uid):
         args.end()
         view = self.view
-        if view.writable:
-            # RFC 3501 6.4.2: expunge silently.
-            view.folder.expunge(view.deletedUids(), origin=view)
+        # RFC 3501 6.4.2: expunge silently.
+        d = view.folder.expungeInThread(view.deletedUids(), origin=view) if view.writable else defer.succeed(None)
         self._deselect()
-        self._send(tag + b" OK CLOSE completed")
+
+        def closed(_):
+            if self.transport is not None and not self.transport.disconnecting:
+                self._send(tag + b" OK CLOSE completed")
+
+        return d.addCallback(closed)
 
     def do_UNSELECT(self, tag, args, uid):
         args.end()
@@ -805,8 +815,13 @@ class IMAPServer(imap4.IMAP4Server):
         if not view.writable:
             self._done(tag, b"NO [READ-ONLY] Mailbox is read-only")
             return
-        view.folder.expunge(view.deletedUids(among), origin=view)
-        self._done(tag, b"OK EXPUNGE completed")
+        d = view.folder.expungeInThread(view.deletedUids(among), origin=view)
+
+        def expunged(_):
+            if self.transport is not None and not self.transport.disconnecting:
+                self._done(tag, b"OK EXPUNGE completed")
+
+        return d.addCallback(expunged)
 
     def do_SEARCH(self, tag, args, uid):
         tokens = args.tokens[args.pos :]
@@ -861,7 +876,7 @@ class IMAPServer(imap4.IMAP4Server):
                 log.error("FETCH failed: {error!r}", error=failure)
                 self._done(tag, b"NO [SERVERBUG] FETCH failed", b"FETCH", uid)
             elif request.missing and not uid:
-                self._done(tag, b"NO [EXPUNGEISSUED] Some messages were expunged", b"FETCH", uid)
+                self._done(tag, _EXPUNGE_ISSUED, b"FETCH", uid)
             else:
                 self._done(tag, b"OK FETCH completed", b"FETCH", uid)
             d.callback(None)
@@ -925,8 +940,10 @@ class IMAPServer(imap4.IMAP4Server):
                     lines.append(b"* %d FETCH (%bFLAGS %b)" % (p + 1, uidPart, view.flagList(i)))
             if lines:
                 self.transport.write(b"\r\n".join(lines) + b"\r\n")
-            gone = missing and not uid
-            self._done(tag, b"NO [EXPUNGEISSUED] Some messages were expunged" if gone else b"OK STORE completed", b"STORE", uid)
+            # RFC 2180 section 4.2.1: a .SILENT STORE that changed every
+            # message still there completed; otherwise say what is gone.
+            gone = missing and not uid and not silent
+            self._done(tag, _EXPUNGE_ISSUED if gone else b"OK STORE completed", b"STORE", uid)
 
         if len(positions) <= _STORE_CHUNK:
             store(positions)
@@ -982,7 +999,8 @@ class IMAPServer(imap4.IMAP4Server):
                 return
             # RFC 6851 section 4.3: COPYUID comes untagged, before the EXPUNGEs.
             if code:
-                self._send(b"* OK " + code.strip())
+                # RFC 3501 section 9: resp-text has text after its code.
+                self._send(b"* OK " + code + b"Moved UIDs")
             if self.view is view:
                 view.folder.expunge([s for s, _ in pairs], origin=view)
             self._sendUpdates(expunges=True)

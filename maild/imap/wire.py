@@ -5,6 +5,8 @@ mailbox names, dates and flags.
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from typing import Any
 
@@ -12,6 +14,10 @@ from maild.store import maildir
 
 _MONTHS = [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"]
 _MONTH_NUMBERS = {m.lower(): i + 1 for i, m in enumerate(_MONTHS)}
+
+
+# Octets a quoted string cannot hold (RFC 3501 section 9: QUOTED-CHAR).
+_NOT_QUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]")
 
 
 def literal(data: bytes) -> bytes:
@@ -27,7 +33,7 @@ def string(value: bytes | str | None) -> bytes:
         return b"NIL"
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if any(b >= 0x80 or b in (0x0A, 0x0D, 0x00) for b in value):
+    if _NOT_QUOTABLE.search(value):
         return literal(value)
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
@@ -55,9 +61,11 @@ def collapse(items: Any) -> bytes:
     return b"(" + b" ".join(collapse(i) for i in items) + b")"
 
 
+@functools.lru_cache(maxsize=4096)
 def mailboxName(name: str) -> bytes:
     """
-    A folder name as it goes on the wire: modified UTF-7, quoted.
+    A folder name as it goes on the wire: modified UTF-7, quoted (kept:
+    every LIST and STATUS of every session writes the same few names).
     """
     import twisted.mail.imap4  # noqa: F401  (registers "imap4-utf-7")
 
