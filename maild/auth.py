@@ -307,37 +307,51 @@ class Authenticator:
         return d
 
 
-class PlainResponseError(ValueError):
+class SASLError(ValueError):
     """
-    A SASL PLAIN response (RFC 4616) that cannot be used.
+    A SASL response that cannot be used.
     """
 
 
-class NotBase64(PlainResponseError):
+class NotBase64(SASLError):
     pass
 
 
-class MalformedPlain(PlainResponseError):
+class MalformedPlain(SASLError):
     pass
 
 
-class OtherIdentity(PlainResponseError):
+class OtherIdentity(SASLError):
     """
     The client asks to act as another user: not supported.
     """
 
 
-def decodePlain(response: bytes) -> tuple[bytes, bytes]:
+class Cancelled(SASLError):
     """
-    The user name and password of a base64 SASL PLAIN response.
+    The client cancelled the exchange ("*", RFC 4422 section 3.5).
+    """
 
-    @raise PlainResponseError: saying what is wrong with it.
+
+def decodeResponse(response: bytes) -> bytes:
+    """
+    A client's base64 SASL response, decoded strictly.
+
+    @raise NotBase64: if it is not base64.
     """
     try:
-        decoded = base64.b64decode(response, validate=True)
+        return base64.b64decode(response, validate=True)
     except (binascii.Error, ValueError):
         raise NotBase64("invalid base64 data")
-    parts = decoded.split(b"\0")
+
+
+def decodePlain(response: bytes) -> tuple[bytes, bytes]:
+    """
+    The user name and password of a base64 SASL PLAIN response (RFC 4616).
+
+    @raise SASLError: saying what is wrong with it.
+    """
+    parts = decodeResponse(response).split(b"\0")
     if len(parts) != 3:
         raise MalformedPlain("expected authzid NUL authcid NUL password")
     authzid, authcid, password = parts
@@ -346,6 +360,59 @@ def decodePlain(response: bytes) -> tuple[bytes, bytes]:
     if authzid and authcid and authzid != authcid:
         raise OtherIdentity("cannot act as another user")
     return authcid, password
+
+
+# The SASL mechanisms that carry a user name and password, as every
+# protocol offers them.
+PASSWORD_MECHANISMS = (b"PLAIN", b"LOGIN")
+
+
+class PasswordExchange:
+    """
+    The server side of one SASL exchange that ends with a user name and a
+    password: PLAIN (RFC 4616) or LOGIN (draft-murchison-sasl-login), with
+    or without an initial response (RFC 4954 section 4, RFC 4959, RFC 5034).
+    SMTP, POP3 and IMAP frame the challenges and responses; this decodes
+    them.
+
+    Both L{start} and L{respond} return the next challenge to send (raw:
+    the protocol base64-encodes it), or None once L{credentials} is
+    complete, and raise L{SASLError} when the exchange fails.
+
+    @param mechanism: one of L{PASSWORD_MECHANISMS}.
+    """
+
+    def __init__(self, mechanism: bytes) -> None:
+        if mechanism not in PASSWORD_MECHANISMS:
+            raise ValueError(f"unsupported mechanism {mechanism!r}")
+        self.mechanism = mechanism
+        self.credentials: credentials.UsernamePassword | None = None
+        self._username: bytes | None = None
+
+    def start(self, initial: bytes | None) -> bytes | None:
+        """
+        Begin, with the client's initial response if it sent one (its
+        encoded form, in which "=" is an empty response).
+        """
+        if initial is None:
+            return b"" if self.mechanism == b"PLAIN" else b"Username:"
+        return self.respond(b"" if initial == b"=" else initial)
+
+    def respond(self, response: bytes) -> bytes | None:
+        """
+        Take the client's next (base64) response.
+        """
+        if response == b"*":
+            raise Cancelled("authentication cancelled")
+        if self.mechanism == b"PLAIN":
+            authcid, password = decodePlain(response)
+            self.credentials = credentials.UsernamePassword(authcid, password)
+            return None
+        if self._username is None:
+            self._username = decodeResponse(response)
+            return b"Password:"
+        self.credentials = credentials.UsernamePassword(self._username, decodeResponse(response))
+        return None
 
 
 def isLoopback(host: str) -> bool:

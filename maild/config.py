@@ -74,6 +74,11 @@ class Limits:
     # transfer (RFC 5321 section 4.5.3.2), and an idle timer between commands.
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    # SMTP DATA must arrive at this many octets per second on average,
+    # counted once it has run this long (Postfix's smtpd_min_data_rate):
+    # a trickle does not hold a connection until data_timeout.
+    min_data_rate: int = 500
+    min_data_rate_after: float = 60.0
     idle_timeout: float = 300.0
     # POP3 (RFC 1939 section 3: at least 10 minutes) and IMAP (RFC 3501
     # section 5.4: at least 30 minutes) idle timers once logged in.
@@ -421,8 +426,34 @@ def _tableClass(fieldName: str) -> type:
     return {f.name: f for f in dataclasses.fields(Config)}[fieldName].default_factory
 
 
+# Endpoint types that wrap another endpoint string ("haproxy:tcp:993").
+_WRAPPER_ENDPOINTS = frozenset({"haproxy"})
+# Endpoint types that do TLS themselves.
+_TLS_ENDPOINTS = frozenset({"ssl", "tls"})
+
+
+def _endpointDoesTLS(description: str) -> bool:
+    """
+    Whether an endpoint string, after any wrappers, is one that does TLS.
+    """
+    for kind in description.split(":"):
+        kind = kind.strip().lower()
+        if kind not in _WRAPPER_ENDPOINTS:
+            return kind in _TLS_ENDPOINTS
+    return False
+
+
 def _validateEndpoint(name: str, description: str, problems: list[str]) -> None:
     from twisted.internet import endpoints, reactor
+
+    if name in IMPLICIT_TLS and _endpointDoesTLS(description):
+        # maild wraps every implicit-TLS listener in TLS itself, with the
+        # certificate it reloads; an ssl: endpoint would wrap it twice.
+        problems.append(
+            f"listen.{name}: {description!r} does TLS itself; maild adds TLS to this "
+            "listener, so give a plain endpoint (tcp:, tcp6:, systemd:, haproxy:tcp:...)"
+        )
+        return
 
     try:
         endpoints.serverFromString(reactor, description)

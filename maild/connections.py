@@ -112,6 +112,9 @@ class LimitedFactory(protocol.ServerFactory):
             if transport is not None and not transport.disconnecting:
                 if self.goodbye:
                     transport.write(self.goodbye + b"\r\n")
+                # A session registered as its transport's producer would
+                # hold the connection open.
+                transport.unregisterProducer()
                 transport.loseConnection()
         self._allClosed = defer.Deferred()
         abort = clock.callLater(grace, self._abortSessions)

@@ -5,7 +5,7 @@ L{POP3Server} subclasses Twisted's C{POP3} and replaces what Twisted gets
 wrong for a real server: it frames its input itself (overlong lines are
 refused without dropping the session, pipelined commands wait while a
 response is being sent, plaintext queued behind STLS is dropped), offers
-STLS (RFC 2595), SASL PLAIN (RFC 5034) and the response codes of RFC 2449
+STLS (RFC 2595), SASL PLAIN and LOGIN (RFC 5034) and the response codes of RFC 2449
 and RFC 3206, refuses APOP, and sends each message from its file in large
 CRLF, dot-stuffed pieces, the end marker in the same write as the last
 piece, with Nagle's algorithm off: Twisted's C{FileSender} and separate
@@ -17,6 +17,8 @@ login, numbered for the whole session (RFC 1939 section 3).
 """
 
 from __future__ import annotations
+
+import base64
 
 import re
 from array import array
@@ -30,15 +32,18 @@ from twisted.mail import pop3
 from zope.interface import implementer
 
 from maild.auth import (
+    PASSWORD_MECHANISMS,
     Authenticator,
-    MalformedPlain,
+    Cancelled,
     NotBase64,
     OtherIdentity,
-    decodePlain,
+    PasswordExchange,
+    SASLError,
     plaintextLoginAllowed,
 )
 from maild.config import Limits
 from maild.connections import LimitedFactory
+from maild.lines import LineReader, Overlong
 from maild.store.folder import Folder, MessageGone
 from maild.store.locking import ExclusiveHold
 from maild.store.maildir import IN_NEW, INBOX, SEEN
@@ -53,17 +58,11 @@ LOCK_NAME = "maild-pop3.lock"
 CHUNK = 256 * 1024
 # Lines of a LIST or UIDL response formatted per write.
 _LISTING_BATCH = 4096
-# How much unparsed input we hold while a response is pending before we
-# stop reading from the client.
-_HOLD_LIMIT = 64 * 1024
 # Retrieved messages are marked \Seen in batches, this long after the
 # first RETR of a batch (one change of the folder for many messages).
 _SEEN_DELAY = 0.05
 # A line count this long (TOP) means "the whole body" anyway.
 _MAX_DIGITS = 18
-
-# What L{POP3Server._nextLine} gives for a line over the limit.
-_OVERLONG = object()
 
 _PLAINTEXT_REFUSED = (
     b"[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
@@ -417,9 +416,7 @@ class POP3Server(pop3.POP3):
         self.callLater = settings.clock.callLater
         self.peerAddress = self.clientAddress = "?"
         self.mbox: Maildrop | None = None
-        self._input = b""
-        self._pos = 0
-        self._skippingLine = False
+        self.reader = LineReader(self.limits.line_length)
         self._readingPaused = False
         self._outputPaused = False
         self._processing = False
@@ -430,8 +427,8 @@ class POP3Server(pop3.POP3):
         # what to do once it is all written.
         self._stream: Iterator[bytes] | None = None
         self._afterStream: Callable[[], None] | None = None
-        # AUTH PLAIN sent without an initial response: the next line is it.
-        self._saslPending = False
+        # A SASL exchange under way (AUTH): the next line is its response.
+        self._exchange: PasswordExchange | None = None
         self._tlsStarted = False
         self._authFailures = 0
         self._loginDeadline = None
@@ -564,30 +561,8 @@ class POP3Server(pop3.POP3):
     # Input framing ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._input += data
+        self.reader.feed(data)
         self._process()
-
-    def _nextLine(self) -> bytes | object | None:
-        """
-        The next complete line of input, without its line end; C{None} if
-        there is none yet.  An overlong line is given as L{_OVERLONG}.
-        """
-        end = self._input.find(b"\n", self._pos)
-        if end < 0:
-            if len(self._input) - self._pos > self.limits.line_length:
-                # Drop what we have; the rest of the line is dropped when it
-                # comes, and answered then.
-                self._input, self._pos = b"", 0
-                self._skippingLine = True
-            return None
-        line = self._input[self._pos : end]
-        self._pos = end + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if self._skippingLine or len(line) > self.limits.line_length:
-            self._skippingLine = False
-            return _OVERLONG
-        return line
 
     def _process(self) -> None:
         """
@@ -606,16 +581,15 @@ class POP3Server(pop3.POP3):
                     self._pump()
                     progress = True
                     continue
-                line = self._nextLine()
+                line = self.reader.readLine()
                 if line is None:
                     break
                 progress = True
-                if line is _OVERLONG:
-                    self._saslPending = False
+                if isinstance(line, Overlong):
+                    self._exchange = None
                     self._err(b"Line too long.")
-                elif self._saslPending:
-                    self._saslPending = False
-                    self._saslResponse(line.strip())
+                elif self._exchange is not None:
+                    self._saslStep(self._exchange.respond, line.strip())
                 else:
                     self._command(line)
         finally:
@@ -623,9 +597,7 @@ class POP3Server(pop3.POP3):
         if progress and not self._closed:
             # A command, or a piece of a response the client took: not idle.
             self.resetTimeout()
-        if self._pos:
-            self._input, self._pos = self._input[self._pos :], 0
-        backlog = len(self._input) > _HOLD_LIMIT
+        backlog = self.reader.full
         if backlog != self._readingPaused and not self._closed:
             self._readingPaused = backlog
             if backlog:
@@ -717,7 +689,7 @@ class POP3Server(pop3.POP3):
         capabilities = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if self.mbox is None:
             if self._plaintextAllowed():
-                capabilities += [b"USER", b"SASL PLAIN"]
+                capabilities += [b"USER", b"SASL " + b" ".join(PASSWORD_MECHANISMS)]
             if self.settings.tlsContext is not None and not self.secure:
                 capabilities.append(b"STLS")
         capabilities.append(b"IMPLEMENTATION maild")
@@ -739,7 +711,7 @@ class POP3Server(pop3.POP3):
         self._ok(b"Begin TLS negotiation.")
         # Whatever the client sent behind STLS came in plaintext and must
         # not be taken as said inside TLS (CVE-2011-0411).
-        self._input, self._pos, self._skippingLine = b"", 0, False
+        self.reader.discard()
         self.transport.startTLS(self.settings.tlsContext)
         self._tlsStarted = True
         # RFC 2595 section 4: nothing learnt before TLS carries over.
@@ -775,42 +747,52 @@ class POP3Server(pop3.POP3):
         args = rest.split()
         if not args:
             # The mechanism list that clients older than RFC 2449 ask for.
-            self._write(b"+OK\r\n" + (b"PLAIN\r\n" if allowed else b"") + b".\r\n")
+            mechanisms = b"".join(m + b"\r\n" for m in PASSWORD_MECHANISMS) if allowed else b""
+            self._write(b"+OK\r\n" + mechanisms + b".\r\n")
             return
         if not allowed:
             self._err(_PLAINTEXT_REFUSED)
             return
-        if args[0].upper() != b"PLAIN":
+        mechanism = args[0].upper()
+        if mechanism not in PASSWORD_MECHANISMS:
             self._err(b"Unsupported authentication mechanism.")
             return
         if len(args) > 2:
-            self._err(b"Syntax: AUTH PLAIN [initial-response]")
-        elif len(args) == 2:
-            # RFC 5034 section 4: "=" is an empty initial response.
-            self._saslResponse(b"" if args[1] == b"=" else args[1])
-        else:
-            self._saslPending = True
-            self._write(b"+ \r\n")
+            self._err(b"Syntax: AUTH mechanism [initial-response]")
+            return
+        # RFC 5034 section 4: an initial response, "=" for an empty one.
+        self._exchange = PasswordExchange(mechanism)
+        self._saslStep(self._exchange.start, args[1] if len(args) == 2 else None)
 
-    def _saslResponse(self, response: bytes) -> None:
-        if response == b"*":
+    def _saslStep(self, step, response: bytes | None) -> None:
+        exchange = self._exchange
+        try:
+            challenge = step(response)
+        except Cancelled:
+            self._exchange = None
             self._err(b"Authentication cancelled.")
             return
-        try:
-            authcid, password = decodePlain(response)
         except NotBase64:
+            self._exchange = None
             self._err(b"Invalid base64 data.")
             return
         except OtherIdentity:
+            self._exchange = None
             self._err(b"[AUTH] Logging in as another user is not supported.")
             return
-        except MalformedPlain:
-            authcid = b""
-        if not authcid:
-            # Malformed, or no user name at all.
-            self._err(b"Invalid PLAIN response.")
+        except SASLError:
+            self._exchange = None
+            self._err(b"Invalid " + exchange.mechanism + b" response.")
             return
-        self._login(authcid, password, "PLAIN")
+        if challenge is not None:
+            self._write(b"+ " + base64.b64encode(challenge) + b"\r\n")
+            return
+        self._exchange = None
+        creds = exchange.credentials
+        if not creds.username:
+            self._err(b"Invalid " + exchange.mechanism + b" response.")
+            return
+        self._login(creds.username, creds.password, exchange.mechanism.decode("ascii"))
 
     def _login(self, user: bytes, password: bytes, method: str) -> None:
         self._busy = True

@@ -197,8 +197,11 @@ class MailService(service.MultiService):
             endpoint = endpoints.serverFromString(reactor, inner)
             factory = builder()
             wrapped = MeteredFactory(name, factory)
-            if name in IMPLICIT_TLS and inner.split(":", 1)[0] in ("tcp", "tcp6", "unix"):
+            if name in IMPLICIT_TLS:
                 # RFC 8314: TLS from the first byte, with the same certificate.
+                # The factory is wrapped, not the endpoint, so that this holds
+                # for every endpoint type (tcp, systemd, unix, plugins): config
+                # refuses those that do TLS themselves.
                 wrapped = TLSMemoryBIOFactory(self.tls, False, wrapped)
             if proxied:
                 # The PROXY header comes first, before any TLS.

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.smtp import AddressError, SMTPServerError
@@ -27,6 +28,7 @@ from maild import metrics
 from maild.accounts import LocalAddresses
 from maild.connections import LimitedFactory
 from maild.config import Limits
+from maild.lines import LineReader, Overlong
 from maild.names import InvalidName, normalizeAddress
 from maild.store.delivery import DeliveryFailed
 from maild.store.interfaces import IMailStore
@@ -36,9 +38,8 @@ log = Logger()
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 
-# How much unparsed input we hold while a reply is pending before we stop
-# reading from the client.
-_HOLD_LIMIT = 64 * 1024
+# Replies gathered for one write are written once they reach this size.
+_REPLY_BATCH = 16 * 1024
 # A line in DATA longer than this is passed on in pieces.
 _DATA_PIECE = 64 * 1024
 # After this many bad commands the session is closed (Postfix's
@@ -49,6 +50,10 @@ _MAX_HEADER_SECTION = 256 * 1024
 # The command is well formed up to its address (which is then at fault).
 _FROM_PREFIX = re.compile(rb"\s*FROM:\s*<", re.I)
 _TO_PREFIX = re.compile(rb"\s*TO:\s*<", re.I)
+_CONTROL_IN_LINE = re.compile(rb"[\r\0]")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+# RFC 6531 section 3.5: an address that needs SMTPUTF8, which we do not offer.
+_NEEDS_SMTPUTF8 = (553, b"5.6.7 Error: non-ASCII address requires SMTPUTF8")
 
 
 class DataDecoder:
@@ -126,6 +131,9 @@ class Transaction:
     size: int = 0
     error: tuple[int, bytes] | None = None
     firstPiece: bool = True
+    # When DATA began (the clock's seconds), and the octets received since.
+    dataStart: float = 0.0
+    received: int = 0
     # The header section, collected for checkHeaders (submission).
     headers: bytearray = field(default_factory=bytearray)
     headersDone: bool = False
@@ -200,6 +208,7 @@ class SMTPSettings:
     plaintextAuth: bool = False
 
 
+@implementer(IPushProducer)
 class SMTPServer(smtp.ESMTP):
     """
     One SMTP session.
@@ -223,14 +232,15 @@ class SMTPServer(smtp.ESMTP):
         self.transaction: Transaction | None = None
         self.user: str | None = None
         self.peerAddress = self.clientAddress = "?"
-        self._input = b""
-        # Where the next command line starts in _input.
-        self._pos = 0
+        self.reader = LineReader(self.limits.line_length)
         # Replies gathered while input is handled (None: write at once).
         self._replies: list[bytes] | None = None
+        self._repliesSize = 0
         self._held = 0
-        self._paused = False
-        self._skippingLine = False
+        # Whether we stopped reading from the client, and whether its
+        # transport asked us to stop writing (the client does not read).
+        self._readingPaused = False
+        self._outputPaused = False
         self._deadline = None
         self._errors = 0
         self._esmtp = False
@@ -241,7 +251,22 @@ class SMTPServer(smtp.ESMTP):
         return self.host + b" ESMTP maild"
 
     def connectionMade(self) -> None:
+        # A streaming producer: when the client does not read its replies
+        # and they pile up in the transport, we are paused and stop taking
+        # commands (and, once the reader is full, reading).
+        self.transport.registerProducer(self, True)
         smtp.ESMTP.connectionMade(self)
+
+    def pauseProducing(self) -> None:
+        self._outputPaused = True
+
+    def resumeProducing(self) -> None:
+        self._outputPaused = False
+        if self.transport is not None and not self.transport.disconnecting:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
 
     def connectionLost(self, reason) -> None:
         self._cancelDeadline()
@@ -252,8 +277,14 @@ class SMTPServer(smtp.ESMTP):
             factory.connectionClosed(self)
 
     def timeoutConnection(self) -> None:
+        if self._outputPaused:
+            # The client does not read: no reply can reach it, and a close
+            # would wait for it forever.
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+            return
         self.sendCode(421, b"4.4.2 " + self.host + b" Error: timeout exceeded")
-        self.transport.loseConnection()
+        self.close()
 
     def _startDeadline(self, seconds: float) -> None:
         self._cancelDeadline()
@@ -271,16 +302,10 @@ class SMTPServer(smtp.ESMTP):
     # Input framing ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._compactInput()
-        self._input += data
+        if self.mode == DATA and self.transaction is not None:
+            self.transaction.received += len(data)
+        self.reader.feed(data)
         self._process()
-
-    def _compactInput(self) -> None:
-        # Command lines are taken with a cursor (a copy of the rest of the
-        # input per line would make a burst of pipelined commands cost the
-        # square of its size); what was taken is dropped here, once.
-        if self._pos:
-            self._input, self._pos = self._input[self._pos :], 0
 
     def sendLine(self, line: bytes) -> None:
         # Replies to commands handled in one pass (a pipelined MAIL, RCPT,
@@ -290,9 +315,28 @@ class SMTPServer(smtp.ESMTP):
             self.transport.writeSequence((line, b"\r\n"))
         else:
             self._replies += (line, b"\r\n")
+            self._repliesSize += len(line) + 2
+            if self._repliesSize > _REPLY_BATCH:
+                # Out now, so that a client that does not read pauses us
+                # before much more is gathered.
+                self._flushReplies()
+                self._replies = []
+
+    def close(self) -> None:
+        """
+        Close the connection after every reply given so far.  Replies
+        gathered for one write must be written first: over TLS, what is
+        written after loseConnection is dropped, and the client would lose
+        the last reply (a 221 to QUIT, a 421).
+        """
+        self._flushReplies()
+        # (A registered producer would hold the connection open.)
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def _flushReplies(self) -> None:
         replies, self._replies = self._replies, None
+        self._repliesSize = 0
         if replies:
             self.transport.write(b"".join(replies))
 
@@ -309,43 +353,50 @@ class SMTPServer(smtp.ESMTP):
             self._flushReplies()
 
     def _handleInput(self) -> None:
+        reader = self.reader
         while (
-            self._pos < len(self._input) and not self._held and not self.transport.disconnecting
+            reader.pending
+            and not self._held
+            and not self._outputPaused
+            and not self.transport.disconnecting
         ):
             if self.mode == DATA:
-                self._compactInput()
                 if not self._dataPiece():
                     break
                 continue
-            end = self._input.find(b"\n", self._pos)
-            if end < 0:
-                if len(self._input) - self._pos > self.limits.line_length:
-                    # Drop what we have; the rest of the line is dropped
-                    # when it comes, and answered then.
-                    self._input, self._pos = b"", 0
-                    self._skippingLine = True
+            line = reader.readLine()
+            if line is None:
                 break
-            line, self._pos = self._input[self._pos : end], end + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if self._skippingLine or len(line) > self.limits.line_length:
-                self._skippingLine = False
+            if isinstance(line, Overlong):
                 self._error(500, b"5.5.2 Error: line too long")
                 continue
             self._cancelDeadline()
+            if _CONTROL_IN_LINE.search(line):
+                # RFC 5321 section 2.3.8: CR and LF only as the line end.
+                # A CR or NUL inside a command would end up in headers
+                # (Return-Path:) or confuse the next hop.
+                self._error(500, b"5.5.2 Error: bare CR or NUL in command")
+                continue
             self.lineReceived(line)
-        pending = len(self._input) - self._pos
         if self.mode != DATA and not self._held:
-            if pending or self._skippingLine:
+            if reader.partial:
                 # A command has begun: it must be complete within the
                 # deadline, however slowly its bytes trickle in.
                 if self._deadline is None:
                     self._startDeadline(self.limits.command_timeout)
             else:
                 self._cancelDeadline()
-        if self._held and pending > _HOLD_LIMIT and not self._paused:
-            self.transport.pauseProducing()
-            self._paused = True
+        self._pauseReading(reader.full)
+
+    def _pauseReading(self, pause: bool) -> None:
+        # The reader holds what came while commands wait (a reply pending,
+        # or output not taken); past its limit the client must wait too.
+        if pause != self._readingPaused and not self.transport.disconnecting:
+            self._readingPaused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _hold(self) -> None:
         """
@@ -360,9 +411,6 @@ class SMTPServer(smtp.ESMTP):
         if self._held:
             return
         self.setTimeout(self.timeout)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
         self._process()
 
     def lookupMethod(self, command: bytes):
@@ -376,7 +424,7 @@ class SMTPServer(smtp.ESMTP):
         self.sendCode(code, message)
         if self._errors >= _MAX_ERRORS:
             self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
-            self.transport.loseConnection()
+            self.close()
 
     def sendSyntaxError(self) -> None:
         self._error(500, b"5.5.2 Error: bad syntax")
@@ -455,7 +503,7 @@ class SMTPServer(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.sendCode(221, b"2.0.0 Bye")
-        self.transport.loseConnection()
+        self.close()
 
     def ext_AUTH(self, rest: bytes) -> None:
         self._error(503, b"5.5.1 Error: authentication not enabled")
@@ -467,11 +515,15 @@ class SMTPServer(smtp.ESMTP):
         if not self.canStartTLS:
             self._error(502, b"5.5.1 Error: command not implemented")
             return
+        if rest.strip():
+            # RFC 3207 section 4: STARTTLS takes no parameters.
+            self._error(501, b"5.5.4 Syntax: STARTTLS")
+            return
         self.sendCode(220, b"2.0.0 Ready to start TLS")
         self._flushReplies()
         # Whatever the client sent behind STARTTLS came in plaintext and
         # must not be taken as said inside TLS (CVE-2011-0411).
-        self._input, self._pos = b"", 0
+        self.reader.discard()
         self._cancelDeadline()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
@@ -492,6 +544,9 @@ class SMTPServer(smtp.ESMTP):
             self._error(503, b"5.5.1 Error: nested MAIL command")
             return
         if not self.mayStartTransaction():
+            return
+        if _NON_ASCII.search(rest):
+            self._error(*_NEEDS_SMTPUTF8)
             return
         match = self.mail_re.match(rest)
         if not match:
@@ -548,6 +603,9 @@ class SMTPServer(smtp.ESMTP):
         if transaction is None:
             self._error(503, b"5.5.1 Error: need MAIL command")
             return
+        if _NON_ASCII.search(rest):
+            self._error(*_NEEDS_SMTPUTF8)
+            return
         match = self.rcpt_re.match(rest)
         if not match:
             if _TO_PREFIX.match(rest):
@@ -597,8 +655,45 @@ class SMTPServer(smtp.ESMTP):
         transaction.decoder = DataDecoder()
         self.mode = DATA
         self.setTimeout(None)
-        self._startDeadline(self.limits.data_timeout)
+        transaction.dataStart = self.settings.clock.seconds()
+        # One timer for the DATA deadline and the minimum rate.
+        first = min(self.limits.min_data_rate_after, self.limits.data_timeout)
+        self._deadline = self.callLater(first, self._checkData)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _checkData(self) -> None:
+        """
+        The DATA deadline (RFC 5321 section 4.5.3.2), and the minimum rate:
+        a transfer averaging less than C{min_data_rate} once it has run
+        C{min_data_rate_after} is closed (a client sending a byte every few
+        seconds would otherwise hold the connection until the deadline).
+        Otherwise look again when it would fall below the rate if nothing
+        more came, or at the deadline.
+        """
+        self._deadline = None
+        transaction = self.transaction
+        if transaction is None or self.mode != DATA:
+            return
+        limits = self.limits
+        elapsed = self.settings.clock.seconds() - transaction.dataStart
+        if elapsed >= limits.data_timeout:
+            self.timeoutConnection()
+            return
+        rate = limits.min_data_rate
+        if elapsed >= limits.min_data_rate_after and transaction.received < rate * elapsed:
+            log.info(
+                "data rate too low rip={rip}: {received} octets in {elapsed:.0f} s",
+                rip=self.clientAddress,
+                received=transaction.received,
+                elapsed=elapsed,
+            )
+            self._discardTransaction()
+            self.sendCode(421, b"4.4.2 " + self.host + b" Error: data rate too low")
+            self.close()
+            return
+        untilSlow = max(transaction.received / rate, limits.min_data_rate_after) - elapsed
+        wait = min(max(untilSlow, 1.0), limits.data_timeout - elapsed)
+        self._deadline = self.callLater(wait, self._checkData)
 
     def _traceHeaders(self, transaction: Transaction) -> bytes:
         """
@@ -627,10 +722,10 @@ class SMTPServer(smtp.ESMTP):
         @return: whether anything was consumed.
         """
         transaction = self.transaction
-        content, used, done = transaction.decoder.decode(self._input)
+        content, used, done = transaction.decoder.decode(self.reader.peek())
         if not used:
             return False
-        self._input = self._input[used:]
+        self.reader.skip(used)
         if content and transaction.error is None:
             transaction.size += len(content)
             if transaction.size > self.limits.message_size:
@@ -693,7 +788,7 @@ class SMTPServer(smtp.ESMTP):
                 "refused message from=<{sender}> rip={rip}: {reason}",
                 sender=str(transaction.sender),
                 rip=self.clientAddress,
-                reason=transaction.error[1].decode("ascii"),
+                reason=transaction.error[1].decode("ascii", "replace"),
             )
             self.sendCode(*transaction.error)
             return

@@ -7,18 +7,15 @@ Authenticator, and a policy that lets a user send only as themselves.
 from __future__ import annotations
 
 import base64
-import binascii
-from email.utils import getaddresses
 
 from twisted.cred import error
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.mail._cred import LOGINCredentials, PLAINCredentials
-from twisted.mail._except import IllegalClientResponse
 from twisted.mail.smtp import SMTPServerError
 from zope.interface import implementer
 
 from maild.accounts import LocalAddresses
+from maild.auth import PASSWORD_MECHANISMS, Cancelled, OtherIdentity, PasswordExchange, SASLError
 from maild.smtp import AUTH, COMMAND, SMTPServer, localRecipient
 
 log = Logger()
@@ -27,32 +24,6 @@ NO_RELAY = SMTPServerError(
     550,
     "5.7.1 Relaying is not configured: this server delivers only to its own domains",
 )
-
-
-class PlainCredentials(PLAINCredentials):
-    """
-    RFC 4616 PLAIN; an authorization identity other than the user's own
-    is refused (we do not let one user act as another).
-    """
-
-    def setResponse(self, response: bytes) -> None:
-        parts = response.split(b"\0")
-        if len(parts) != 3:
-            raise IllegalClientResponse("expected authzid NUL authcid NUL password")
-        authzid, self.username, self.password = parts
-        if authzid and authzid != self.username:
-            # Verified (and logged) as a failed login, like a wrong password.
-            self.password = b""
-
-
-class LoginCredentials(LOGINCredentials):
-    """
-    The LOGIN mechanism, with the prompts clients expect.
-    """
-
-    def __init__(self) -> None:
-        LOGINCredentials.__init__(self)
-        self.challenges = [b"Password:", b"Username:"]
 
 
 @implementer(smtp.IMessageDelivery)
@@ -81,9 +52,13 @@ class SubmissionDelivery:
         return localRecipient(self.addresses, user, NO_RELAY)
 
     def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:
-        for _, address in getaddresses(headerValues(headers, ("from", "sender"))):
-            if address and not self.addresses.ownsSender(self.user, address):
-                return 553, f"5.7.1 From: address {address} not owned by user {self.user}".encode()
+        for value in headerValues(headers, ("from", "sender")):
+            for address in headerAddresses(value):
+                if not self.addresses.ownsSender(self.user, address):
+                    # Replies are ASCII (RFC 5321 section 2.4); the header
+                    # may hold anything.
+                    text = f"5.7.1 From: address {address[:256]} not owned by user {self.user}"
+                    return 553, text.encode("ascii", "backslashreplace")
         return None
 
 
@@ -107,6 +82,69 @@ def headerValues(headers: bytes, names: tuple[str, ...]) -> list[str]:
     return values
 
 
+def headerAddresses(value: str) -> list[str]:
+    """
+    The addresses in an address-list header value (RFC 5322 section 3.4):
+    the angle-addr of each mailbox, or its addr-spec, with comments, display
+    names and group names left out.
+
+    One pass, without recursion: the email package's parser recurses on
+    nested comments and on groups, and a header of 1,000 "(" or ":" raises
+    RecursionError there.
+    """
+    addresses: list[str] = []
+    plain: list[str] = []
+    angle: list[str] | None = None
+    inAngle = inQuote = escaped = False
+    depth = 0
+
+    def finish() -> None:
+        nonlocal plain, angle
+        text = "".join(angle if angle is not None else plain)
+        # obs-route (RFC 5322 section 4.4): "<@relay:user@host>".
+        address = "".join(text.split()).rpartition(":")[2]
+        if address:
+            addresses.append(address)
+        plain, angle = [], None
+
+    for char in value:
+        current = angle if inAngle else plain
+        if escaped:
+            escaped = False
+            if not depth:
+                current.append(char)
+        elif char == "\\" and (inQuote or depth):
+            escaped = True
+            if not depth:
+                current.append(char)
+        elif depth:
+            depth += 1 if char == "(" else -1 if char == ")" else 0
+        elif inQuote:
+            inQuote = char != '"'
+            current.append(char)
+        elif char == '"':
+            inQuote = True
+            current.append(char)
+        elif char == "(":
+            depth = 1
+        elif inAngle:
+            if char == ">":
+                inAngle = False
+            else:
+                current.append(char)
+        elif char == "<":
+            inAngle, angle = True, []
+        elif char in ",;":
+            finish()
+        elif char == ":":
+            # A group's name: its mailboxes follow.
+            plain = []
+        else:
+            plain.append(char)
+    finish()
+    return addresses
+
+
 class SubmissionServer(SMTPServer):
     """
     An SMTP session that requires AUTH before MAIL.
@@ -114,12 +152,10 @@ class SubmissionServer(SMTPServer):
 
     checksHeaders = True
     service = "submission"
-    mechanisms = {b"PLAIN": PlainCredentials, b"LOGIN": LoginCredentials}
 
     def __init__(self, settings) -> None:
         SMTPServer.__init__(self, settings)
-        self.challengers = dict(self.mechanisms)
-        self.mechanism = b""
+        self.exchange: PasswordExchange | None = None
         self._authFailures = 0
 
     def authAllowed(self) -> bool:
@@ -130,7 +166,7 @@ class SubmissionServer(SMTPServer):
         return self.secure or self.settings.plaintextAuth
 
     def authMechanisms(self) -> list[bytes]:
-        return list(self.mechanisms) if self.authAllowed() and self.user is None else []
+        return list(PASSWORD_MECHANISMS) if self.authAllowed() and self.user is None else []
 
     def mayStartTransaction(self) -> bool:
         if self.user is None:
@@ -157,47 +193,57 @@ class SubmissionServer(SMTPServer):
         if not self.authAllowed():
             self._error(538, b"5.7.11 Encryption required for requested authentication mechanism")
             return
-        parts = rest.split(None, 1)
+        parts = rest.split()
         mechanism = parts[0].upper() if parts else b""
-        factory = self.challengers.get(mechanism)
-        if factory is None:
+        if mechanism not in PASSWORD_MECHANISMS:
             self._error(504, b"5.5.4 Unrecognized authentication type")
             return
-        self.challenger = factory()
-        self.mechanism = mechanism
+        if len(parts) > 2:
+            self._error(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        self.exchange = PasswordExchange(mechanism)
         self.mode = AUTH
-        if len(parts) > 1:
-            # RFC 4954 section 4: "=" is an empty initial response.
-            self.state_AUTH(b"" if parts[1] == b"=" else parts[1])
-        else:
-            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+        # RFC 4954 section 4: the initial response, if any, is the first
+        # response ("=" an empty one); for LOGIN it is the user name.
+        self._saslStep(self.exchange.start, parts[1] if len(parts) > 1 else None)
 
     def state_AUTH(self, response: bytes) -> None:
-        if response == b"*":
-            self.mode = COMMAND
+        self._saslStep(self.exchange.respond, response.strip())
+
+    def _saslStep(self, step, response: bytes | None) -> None:
+        try:
+            challenge = step(response)
+        except Cancelled:
+            self._endExchange()
             self._error(501, b"5.7.0 Authentication aborted")
             return
-        try:
-            decoded = base64.b64decode(response, validate=True)
-            self.challenger.setResponse(decoded)
-        except (binascii.Error, IllegalClientResponse):
-            self.mode = COMMAND
+        except OtherIdentity:
+            self._endExchange()
+            self._refuseLogin(b"5.7.8 Error: cannot act as another user")
+            return
+        except SASLError:
+            self._endExchange()
             self._error(501, b"5.5.2 Cannot decode the authentication response")
             return
-        if self.challenger.moreChallenges():
-            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+        if challenge is not None:
+            self.sendCode(334, base64.b64encode(challenge))
             return
-        self.mode = COMMAND
+        exchange = self._endExchange()
         self._hold()
         d = self.settings.authenticator.login(
-            self.challenger,
+            exchange.credentials,
             self.clientAddress,
             "submission",
-            self.mechanism.decode("ascii"),
+            exchange.mechanism.decode("ascii"),
             smtp.IMessageDelivery,
         )
         d.addCallbacks(self._authenticated, self._authFailed)
         d.addBoth(lambda _: self._release())
+
+    def _endExchange(self) -> PasswordExchange:
+        exchange, self.exchange = self.exchange, None
+        self.mode = COMMAND
+        return exchange
 
     def _authenticated(self, result) -> None:
         _, avatar, logout = result
@@ -212,8 +258,11 @@ class SubmissionServer(SMTPServer):
             log.failure("authentication error", reason)
             self.sendCode(454, b"4.7.0 Temporary authentication failure")
             return
+        self._refuseLogin(b"5.7.8 Error: authentication failed")
+
+    def _refuseLogin(self, message: bytes) -> None:
         self._authFailures += 1
-        self.sendCode(535, b"5.7.8 Error: authentication failed")
+        self.sendCode(535, message)
         if self._authFailures >= self.limits.auth_failures_per_connection:
             self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many failed authentications")
-            self.transport.loseConnection()
+            self.close()

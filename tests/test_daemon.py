@@ -327,3 +327,115 @@ class PackagingTests(unittest.TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--imaps=", result.stdout)
+
+
+class ImplicitTLSEndpointTests(unittest.TestCase):
+    """
+    Implicit-TLS listeners speak TLS whatever their endpoint string (issue 8,
+    item 3): the factory is wrapped, not the endpoint.
+    """
+
+    def setUp(self):
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir()
+
+    def test_systemdSocket(self):
+        """
+        IMAPS on a socket handed over by systemd (`systemd:domain=INET:
+        index=0`, the form the README recommends) greets in TLS.
+        """
+        import ssl
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        args = ["-n", "maild", *listenOnly(imaps="systemd:domain=INET:index=0")]
+        # sd_listen_fds(3): the socket is fd 3, LISTEN_PID the daemon's pid
+        # (systemd 227 and later also name it).
+        launcher = (
+            "import os, sys; os.dup2(%d, 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+            "os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_FDNAMES'] = 'imaps'; "
+            "os.execv(sys.executable, [sys.executable, '-c', "
+            "'from twisted.scripts.twistd import run; run()'] + sys.argv[1:])" % fd
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", launcher, *args],
+            cwd=self.folder,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            pass_fds=(fd,),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        listener.close()
+        try:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                        with context.wrap_socket(raw) as tls:
+                            greeting = tls.recv(1000)
+                    break
+                except (ssl.SSLError, ConnectionError):
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=30)
+        self.assertTrue(greeting.startswith(b"* OK "), output)
+
+    def test_workers(self):
+        """
+        With --workers, whose listeners are systemd: endpoints in each
+        worker, IMAPS still greets in TLS (it greeted in plaintext).
+        """
+        import ssl
+
+        port = freePort()
+        daemon = Daemon(
+            self.folder,
+            ["-n", "--pidfile=", "maild", "--workers=2", *listenOnly(imaps=f"tcp:{port}:interface=127.0.0.1")],
+        )
+        try:
+            waitForPort(port, daemon.process)
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                        with context.wrap_socket(raw) as tls:
+                            greeting = tls.recv(1000)
+                    break
+                except (ssl.SSLError, ConnectionError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            output = daemon.stop()
+        self.assertTrue(greeting.startswith(b"* OK "), output)
+
+    def test_tlsEndpointRefused(self):
+        """
+        An implicit-TLS listener on an endpoint that does TLS itself (ssl:)
+        stops the daemon at start with a message saying what to use instead.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "maild",
+             *listenOnly(imaps="ssl:0:privateKey=key.pem")],
+            cwd=self.folder,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("listen.imaps", result.stdout + result.stderr)
+        self.assertIn("does TLS itself", result.stdout + result.stderr)

@@ -287,6 +287,36 @@ class CommandTests(IMAPTestCase):
         self.assertTrue(again.startswith(b"e BAD"))
 
     @defer.inlineCallbacks
+    def test_authenticateLogin(self):
+        """
+        AUTHENTICATE LOGIN, as Thunderbird falls back to it: two base64
+        prompts; with an initial response (RFC 4959) only the password.
+        """
+
+        def run(client):
+            client.send(b"a AUTHENTICATE LOGIN\r\n")
+            prompts = [client.readLine()]
+            client.send(base64.b64encode(b"alice@localhost") + b"\r\n")
+            prompts.append(client.readLine())
+            client.send(base64.b64encode(PASSWORD.encode()) + b"\r\n")
+            first = client.readUntilTagged(b"a")[1]
+            return prompts, first
+
+        prompts, first = yield self.session(run, login=False)
+        self.assertEqual(prompts, [b"+ VXNlcm5hbWU6", b"+ UGFzc3dvcmQ6"])
+        self.assertTrue(first.startswith(b"a OK"))
+
+        def initial(client):
+            client.send(b"b AUTHENTICATE LOGIN " + base64.b64encode(b"alice@localhost") + b"\r\n")
+            prompt = client.readLine()
+            client.send(base64.b64encode(PASSWORD.encode()) + b"\r\n")
+            return prompt, client.readUntilTagged(b"b")[1]
+
+        prompt, ok = yield self.session(initial, login=False)
+        self.assertEqual(prompt, b"+ UGFzc3dvcmQ6")
+        self.assertTrue(ok.startswith(b"b OK"))
+
+    @defer.inlineCallbacks
     def test_folderCommands(self):
         """
         CREATE (with parents), LIST with % and *, RENAME (children follow),

@@ -817,7 +817,7 @@ class AuthenticationTests(POP3TestCase):
     def test_capabilities(self):
         """
         CAPA before login lists TOP, UIDL, RESP-CODES, AUTH-RESP-CODE,
-        PIPELINING, USER, SASL PLAIN, STLS and IMPLEMENTATION; after login
+        PIPELINING, USER, SASL PLAIN LOGIN, STLS and IMPLEMENTATION; after login
         the ones that no longer apply (USER, SASL, STLS) are gone.
         """
 
@@ -842,7 +842,7 @@ class AuthenticationTests(POP3TestCase):
                 b"AUTH-RESP-CODE",
                 b"PIPELINING",
                 b"USER",
-                b"SASL PLAIN",
+                b"SASL PLAIN LOGIN",
                 b"STLS",
                 b"IMPLEMENTATION maild",
                 b".",
@@ -913,6 +913,28 @@ class AuthenticationTests(POP3TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_authLogin(self):
+        """
+        AUTH LOGIN asks for the user name and the password; with an initial
+        response (RFC 5034 section 4) that is the user name.
+        """
+
+        def attempt(*lines):
+            client = self.client()
+            client.readLine()
+            replies = [client.command(line) for line in lines]
+            client.close()
+            return replies
+
+        user, password = base64.b64encode(ALICE.encode()), base64.b64encode(PASSWORD.encode())
+
+        def run():
+            return attempt(b"AUTH LOGIN", user, password), attempt(b"AUTH LOGIN " + user, password)
+
+        prompted, initial = yield self.inThread(run)
+        self.assertEqual(prompted, [b"+ VXNlcm5hbWU6", b"+ UGFzc3dvcmQ6", b"+OK Logged in."])
+        self.assertEqual(initial, [b"+ UGFzc3dvcmQ6", b"+OK Logged in."])
+
     def test_tooManyFailures(self):
         """
         After the per-connection limit of failed logins the connection is
@@ -1056,7 +1078,7 @@ class TLSTests(POP3TestCase):
         before, after, challenge, loggedIn, stat, bodies, bye = yield self.inThread(run)
         self.assertIn(b"STLS\r\n", before)
         self.assertNotIn(b"STLS", after)
-        self.assertIn(b"SASL PLAIN\r\n", after)
+        self.assertIn(b"SASL PLAIN LOGIN\r\n", after)
         self.assertEqual((challenge, loggedIn), (b"+ ", b"+OK Logged in."))
         self.assertTrue(stat.startswith(b"+OK 2 "))
         self.assertIn(b"Subject: one", bodies[0])
@@ -1117,7 +1139,7 @@ class PlaintextRefusedTests(POP3TestCase):
         )
         self.assertEqual(replies, [refusal] * 3)
         self.assertEqual(mechanisms, b".\r\n")
-        self.assertIn(b"USER\r\nSASL PLAIN\r\n", afterTLS)
+        self.assertIn(b"USER\r\nSASL PLAIN LOGIN\r\n", afterTLS)
         self.assertEqual(loggedIn, b"+OK Logged in.")
         self.assertEqual(implicitReply, b"+OK Logged in.")
 

@@ -5,6 +5,7 @@ input, durability, and the clients people use.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import os
 import smtplib
@@ -13,11 +14,13 @@ import threading
 from io import BytesIO
 from pathlib import Path
 
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
 
-from maild.smtp import DataDecoder
+from maild.smtp import DataDecoder, SMTPServer
 from tests.support import RawClient, ServerTestCase, waitForEmptySpool, writeUsers
 
 
@@ -229,8 +232,9 @@ class SMTPCommandTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_mailParameters(self):
         """
-        MAIL FROM syntax errors, bad senders, SIZE over the limit, BODY and
-        unknown parameters get their own replies; the null sender is fine.
+        MAIL FROM syntax errors, bad senders (a NUL: the command line is
+        refused), SIZE over the limit, BODY and unknown parameters get their
+        own replies; the null sender is fine.
         """
         limit = self.config.limits.message_size
 
@@ -257,7 +261,7 @@ class SMTPCommandTests(ServerTestCase):
             [
                 (501, b"5.5.4"),
                 (501, b"5.1.7"),
-                (501, b"5.1.7"),
+                (500, b"5.5.2"),
                 (552, b"5.3.4"),
                 (501, b"5.5.4"),
                 (501, b"5.5.4"),
@@ -272,7 +276,8 @@ class SMTPCommandTests(ServerTestCase):
         """
         Local users and the role accounts are accepted; unknown users get
         550 5.1.1, other domains 554 5.7.1 (never a relay), and names that
-        could reach outside the data folder 501 5.1.3.
+        could reach outside the data folder 501 5.1.3 (500 5.5.2 for a NUL,
+        refused in any command line).
         """
 
         def run(client):
@@ -302,7 +307,9 @@ class SMTPCommandTests(ServerTestCase):
             [(code, lines[0][:5]) for code, lines in replies],
             [(250, b"2.1.5")] * 5
             + [(550, b"5.1.1"), (554, b"5.7.1"), (554, b"5.7.1")]
-            + [(501, b"5.1.3")] * 6,
+            + [(501, b"5.1.3")] * 3
+            + [(500, b"5.5.2")]
+            + [(501, b"5.1.3")] * 2,
         )
         self.assertEqual(os.listdir(self.dataDir / "mail"), sorted(os.listdir(self.dataDir / "mail")))
         self.assertEqual(sorted(os.listdir(self.dataDir / "mail")), ["example.org", "localhost"])
@@ -348,6 +355,79 @@ class SMTPCommandTests(ServerTestCase):
         self.assertEqual((long[0], long[1][0][:5]), (500, b"5.5.2"))
         self.assertEqual((huge[0], huge[1][0][:5]), (500, b"5.5.2"))
         self.assertEqual(after[0], 250)
+
+
+    @defer.inlineCallbacks
+    def test_eightBitAddresses(self):
+        """
+        Without SMTPUTF8, an 8-bit byte anywhere in MAIL or RCPT (a quoted
+        local part, a quoted-pair, the domain) gets 553 5.6.7 (RFC 6531
+        section 3.5), and a message with ASCII addresses then goes through
+        on the same session.
+        """
+
+        def run(client):
+            replies = [
+                client.command(b'MAIL FROM:<"\xe9"@example.com>'),
+                client.command(b"MAIL FROM:<a\\\xe9@example.com>"),
+                client.command(b"MAIL FROM:<a@\xe9xample.com>"),
+                client.command(b"MAIL FROM:<carol@remote.test>"),
+                client.command(b'RCPT TO:<"\xe9"@localhost>'),
+                client.command(b"RCPT TO:<alice@localhost>"),
+                client.command(b"DATA"),
+            ]
+            client.send(message() + b".\r\n")
+            replies.append(client.readReply())
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual(
+            [(code, lines[0][:5]) for code, lines in replies],
+            [(553, b"5.6.7")] * 3
+            + [(250, b"2.1.0"), (553, b"5.6.7"), (250, b"2.1.5"), (354, b"End d"), (250, b"2.0.0")],
+        )
+
+    @defer.inlineCallbacks
+    def test_startTLSWithParameters(self):
+        """
+        STARTTLS with a parameter gets 501 5.5.4 (RFC 3207 section 4) and the
+        session goes on in plaintext.
+        """
+
+        def run(client):
+            return client.command(b"STARTTLS x"), client.command(b"NOOP")
+
+        refused, after = yield self.inSession(run)
+        self.assertEqual((refused[0], refused[1][0][:5]), (501, b"5.5.4"))
+        self.assertEqual(after[0], 250)
+
+    @defer.inlineCallbacks
+    def test_controlCharactersInCommands(self):
+        """
+        A CR or NUL inside a command line is refused (500 5.5.2), so a CR
+        in an address never reaches the stored Return-Path: header.
+        """
+
+        def run(client):
+            replies = [
+                client.command(b'MAIL FROM:<"a\rX-Injected: yes"@example.com>'),
+                client.command(b"MAIL FROM:<carol\0@remote.test>"),
+                client.command(b"NO\rOP"),
+                client.command(b"MAIL FROM:<carol@remote.test>"),
+                client.command(b"RCPT TO:<alice@localhost>"),
+                client.command(b"DATA"),
+            ]
+            client.send(message() + b".\r\n")
+            replies.append(client.readReply())
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual(
+            [(code, lines[0][:5]) for code, lines in replies],
+            [(500, b"5.5.2")] * 3 + [(250, b"2.1.0"), (250, b"2.1.5"), (354, b"End d"), (250, b"2.0.0")],
+        )
+        [path] = self.messages("alice@localhost")
+        self.assertNotIn(b"X-Injected", path.read_bytes())
 
 
 class SMTPDeliveryTests(ServerTestCase):
@@ -819,3 +899,57 @@ class LimitTests(ServerTestCase):
 
 
 
+
+
+class DataRateTests(ServerTestCase):
+    """
+    The minimum DATA rate ([limits] min_data_rate, counted after
+    min_data_rate_after), driven by a Clock.
+    """
+
+    limits = {"min_data_rate": 100, "min_data_rate_after": 10.0}
+
+    def session(self):
+        clock = task.Clock()
+        factory = self.service.listeners["smtp"].factory
+        settings = dataclasses.replace(factory.settings, clock=clock)
+        session = SMTPServer(settings)
+        session.clientAddress = "127.0.0.1"
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        session.makeConnection(transport)
+        self.addCleanup(lambda: session.transport and session.connectionLost(None))
+        session.dataReceived(b"EHLO c\r\nMAIL FROM:<carol@remote.test>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\n")
+        self.assertIn(b"354 ", transport.value())
+        transport.clear()
+        return session, transport, clock
+
+    def test_trickleClosed(self):
+        """
+        A byte every 3 seconds averages far below the rate: once the window
+        has passed the session gets 421 4.4.2 and is closed, and nothing is
+        stored.
+        """
+        session, transport, clock = self.session()
+        for _ in range(3):
+            session.dataReceived(b"x")
+            clock.advance(3)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(1)
+        self.assertTrue(transport.value().startswith(b"421 4.4.2 "), transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.messages("alice@localhost"), [])
+
+    def test_steadySenderGoesOn(self):
+        """
+        A client sending above the rate is never cut off, however long DATA
+        takes; the check follows what it has sent.
+        """
+        session, transport, clock = self.session()
+        for _ in range(100):
+            session.dataReceived(b"y" * 150 + b"\r\n")
+            clock.advance(1)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        # Then it stops: below the average rate soon enough.
+        clock.advance(60)
+        self.assertTrue(transport.value().startswith(b"421 4.4.2 "))

@@ -10,10 +10,12 @@ import base64
 import smtplib
 import ssl
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from maild.submission import headerValues
+from maild.submission import headerAddresses, headerValues
 from maild.tls import fingerprint
 from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
 
@@ -40,6 +42,40 @@ class HeaderValuesTests(unittest.SynchronousTestCase):
             headerValues(headers, ("from", "sender")),
             [" Alice <alice@localhost>,\tbob@example.org", " =?utf-8?q?S=C3=A9?= <s@localhost>"],
         )
+
+
+class HeaderAddressesTests(unittest.SynchronousTestCase):
+    def test_addresses(self):
+        """
+        Angle addresses, bare addr-specs, groups and routes give their
+        addresses; display names and comments (nested, with quoted-pairs)
+        are left out.
+        """
+        self.assertEqual(
+            headerAddresses(' "Doe, J" <j@x> (a (nested \\) comment) <no@x>), k@y'),
+            ["j@x", "k@y"],
+        )
+        self.assertEqual(headerAddresses(" team: a@x, b@y;, <@relay:c@z>"), ["a@x", "b@y", "c@z"])
+        self.assertEqual(headerAddresses(" alice@localhost (Alice)"), ["alice@localhost"])
+        self.assertEqual(headerAddresses(" undisclosed-recipients:;"), [])
+
+    def test_deepNesting(self):
+        """
+        A value of thousands of "(", ":" or "<" is read in one pass: no
+        RecursionError (the email package's parser recursed).
+        """
+        for char in "(:<,\\\"":
+            self.assertIsInstance(headerAddresses(char * 100_000), list)
+
+    @given(st.text(alphabet='ab@.,:;<>()"\\ \t', max_size=200))
+    @settings(max_examples=500, deadline=None)
+    def test_anyValue(self, value):
+        """
+        Any header value gives a list of addresses without spaces.
+        """
+        for address in headerAddresses(value):
+            self.assertTrue(address)
+            self.assertFalse(any(c.isspace() for c in address))
 
 
 class SubmissionTests(ServerTestCase):
@@ -140,6 +176,38 @@ class SubmissionTests(ServerTestCase):
         self.assertEqual([c for c, _ in replies], [334, 501, 250])
 
     @defer.inlineCallbacks
+    def test_loginInitialResponse(self):
+        """
+        AUTH LOGIN with an initial response (RFC 4954 section 4) takes it as
+        the user name and asks only for the password; a wrong password gets
+        535 5.7.8 and the session goes on; smtplib's login, which sends
+        LOGIN this way, works.
+        """
+
+        def run(client):
+            user = base64.b64encode(b"alice@localhost")
+            first = client.command(b"AUTH LOGIN " + user)
+            wrong = client.command(base64.b64encode(b"wrong"))
+            noop = client.command(b"NOOP")
+            again = client.command(b"AUTH LOGIN " + user)
+            right = client.command(base64.b64encode(PASSWORD.encode()))
+            return first, wrong, noop, again, right
+
+        first, wrong, noop, again, right = yield self.inSession(run)
+        self.assertEqual((first[0], base64.b64decode(first[1][0])), (334, b"Password:"))
+        self.assertEqual((wrong[0], wrong[1][0][:5]), (535, b"5.7.8"))
+        self.assertEqual(noop[0], 250)
+        self.assertEqual((again[0], right[0]), (334, 235))
+
+        def smtplibLogin():
+            with smtplib.SMTP("127.0.0.1", self.port("submission")) as client:
+                client.starttls(context=clientContext(self.service))
+                client.ehlo()
+                client.esmtp_features["auth"] = "LOGIN"
+                return client.login("alice@localhost", PASSWORD)[0]
+
+        self.assertEqual((yield self.inThread(smtplibLogin)), 235)
+
     def test_senderMustBeTheUser(self):
         """
         The envelope sender and the From: header must be the user's own
@@ -181,6 +249,47 @@ class SubmissionTests(ServerTestCase):
         )
         [path] = self.messages("bob@example.org")
         self.assertIn(b"Subject: From the alias", path.read_bytes())
+
+    @defer.inlineCallbacks
+    def test_deeplyNestedHeader(self):
+        """
+        A Sender: header of 1,000 "(" (and a From: of 1,000 ":") is refused
+        or accepted like any other, without dropping the session.
+        """
+
+        def run(client):
+            client.command(b"AUTH PLAIN " + plain("alice@localhost"))
+            replies = []
+            for header in (b"Sender: " + b"(" * 1000, b"From: " + b":" * 1000):
+                for line in (b"MAIL FROM:<alice@localhost>", b"RCPT TO:<bob@example.org>", b"DATA"):
+                    client.command(line)
+                client.send(header + b"\r\nFrom: alice@localhost\r\n\r\nHi.\r\n.\r\n")
+                replies.append(client.readReply())
+            replies.append(client.command(b"NOOP"))
+            return replies
+
+        replies = yield self.inSession(run)
+        self.assertEqual([code for code, _ in replies], [250, 250, 250])
+
+    @defer.inlineCallbacks
+    def test_eightBitFromHeader(self):
+        """
+        A From: header address with 8-bit bytes is refused with an ASCII
+        553 5.7.1 (found by fuzzing: the reply and its log line raised
+        UnicodeDecodeError and dropped the session).
+        """
+
+        def run(client):
+            client.command(b"AUTH PLAIN " + plain("alice@localhost"))
+            for line in (b"MAIL FROM:<alice@localhost>", b"RCPT TO:<bob@example.org>", b"DATA"):
+                client.command(line)
+            client.send(b"From: \xef\xbf\xbd\xff@localhost\r\n\r\nHi.\r\n.\r\n")
+            return client.readReply(), client.command(b"NOOP")
+
+        refused, after = yield self.inSession(run)
+        self.assertEqual((refused[0], refused[1][0][:5]), (553, b"5.7.1"))
+        self.assertTrue(refused[1][0].isascii())
+        self.assertEqual(after[0], 250)
 
     @defer.inlineCallbacks
     def test_startTLSInjection(self):

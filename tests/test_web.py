@@ -330,8 +330,8 @@ class MetricsTests(ServerTestCase):
         self.assertEqual(code, 550)
         after = yield self.scrape()
         self.assertEqual(
-            metricValue(after, "maild_messages_total", result="refused", reason="5.6.0")
-            - metricValue(before, "maild_messages_total", result="refused", reason="5.6.0"),
+            metricValue(after, "maild_messages_total", listener="smtp", result="refused", reason="5.6.0")
+            - metricValue(before, "maild_messages_total", listener="smtp", result="refused", reason="5.6.0"),
             1,
         )
 

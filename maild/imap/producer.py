@@ -27,7 +27,8 @@ SEND_LIMIT = 1024 * 1024
 class ResponseProducer:
     """
     Writes the chunks of C{chunks} to C{transport}, then calls C{done}
-    (with the exception if producing them failed).
+    (with the exception if producing them failed).  The session, which is
+    its transport's producer, passes the transport's pause and resume on.
     """
 
     def __init__(self, transport, chunks: Iterator[bytes], done: Callable, clock) -> None:
@@ -41,8 +42,8 @@ class ResponseProducer:
         self._tuned = _tune(transport)
 
     def start(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._produce()
+        if not self.paused:
+            self._produce()
 
     def _produce(self) -> None:
         self._scheduled = None
@@ -69,7 +70,6 @@ class ResponseProducer:
         self.finished = True
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
-        self.transport.unregisterProducer()
         _untune(self.transport, self._tuned)
         self.done(error)
 

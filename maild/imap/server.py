@@ -13,6 +13,7 @@ C{unauth_X}/C{auth_X}/C{select_X} tables.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ from twisted.mail import imap4
 
 from maild import metrics
 from maild.auth import (
+    PASSWORD_MECHANISMS,
     Authenticator,
+    Cancelled,
     OtherIdentity,
-    PlainResponseError,
-    decodePlain,
+    PasswordExchange,
+    SASLError,
     plaintextLoginAllowed,
 )
 from maild.config import Limits
@@ -123,10 +126,19 @@ class IMAPServer(imap4.IMAP4Server):
         self._incoming = None
         self._producer: ResponseProducer | None = None
         self._paused = False
+        # A command is being answered (later ones wait), and the transport
+        # asked us to stop writing (the client does not read).
+        self._answering = False
+        self._outputPaused = False
 
     # Connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # A streaming producer for the whole session: when the client does
+        # not read and replies pile up in the transport, commands wait (and
+        # a FETCH being written pauses); once the framer holds its limit,
+        # reading stops too.
+        self.transport.registerProducer(self, True)
         self.canStartTLS = ITLSTransport(self.transport, None) is not None
         # No idle timer before login: the login deadline covers it.
         self.timeOut = None
@@ -169,9 +181,55 @@ class IMAPServer(imap4.IMAP4Server):
         if self.transport is None or self.transport.disconnecting:
             return
         self.closing = True
-        self._send(b"* BYE " + text)
-        self.transport.loseConnection()
         self.framer.held = True
+        if self._outputPaused:
+            # The client does not read: nothing more can reach it, and a
+            # close would wait for it forever.
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+            return
+        self._send(b"* BYE " + text)
+        self._close()
+
+    def _close(self) -> None:
+        # (A registered producer would hold the connection open.)
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # IPushProducer: the transport's flow control.
+
+    def pauseProducing(self) -> None:
+        self._outputPaused = True
+        self.framer.held = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._outputPaused = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+        self._takeCommands()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _takeCommands(self) -> None:
+        """
+        Go on with the commands received, unless one is being answered or
+        the client is not reading.
+        """
+        if self.closing or self.transport is None:
+            return
+        self.framer.held = self._answering or self._outputPaused
+        if self.framer.held:
+            return
+        self.framer.process()
+        # Read again only once what waits is under the limit: resuming
+        # first would let a client that reads little push a read's worth
+        # more each time a few replies drain.
+        if self._paused and len(self.framer.buffer) <= _HOLD_LIMIT and not self.closing:
+            self._paused = False
+            self.transport.resumeProducing()
 
     @property
     def secure(self) -> bool:
@@ -194,7 +252,10 @@ class IMAPServer(imap4.IMAP4Server):
         if self.state == _UNAUTH:
             if self.canStartTLS and self.ctx is not None and not self.secure:
                 caps.append(b"STARTTLS")
-            caps.append(b"AUTH=PLAIN" if self._plaintextAllowed() else b"LOGINDISABLED")
+            if self._plaintextAllowed():
+                caps += [b"AUTH=" + mechanism for mechanism in PASSWORD_MECHANISMS]
+            else:
+                caps.append(b"LOGINDISABLED")
         return caps
 
     def sendServerGreeting(self) -> None:
@@ -356,18 +417,16 @@ class IMAPServer(imap4.IMAP4Server):
             # Answered at once: go on with the next command in the loop
             # that is already running.
             return
+        self._answering = True
         self.framer.held = True
         self.setTimeout(None)
 
         def release(_):
+            self._answering = False
             if self.closing or self.transport is None:
                 return
-            self.framer.held = False
             self.setTimeout(self.timeOut)
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
-            self.framer.process()
+            self._takeCommands()
 
         d.addBoth(release)
 
@@ -415,7 +474,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._send(tag + b" OK Logout completed")
         self.closing = True
         self.framer.held = True
-        self.transport.loseConnection()
+        self._close()
 
     def do_ID(self, tag, args, uid):
         # RFC 2971: the client's list is only informative.
@@ -482,38 +541,41 @@ class IMAPServer(imap4.IMAP4Server):
         mechanism = args.atom("mechanism").upper()
         initial = args.next() if args.more() else None
         args.end()
-        if mechanism != b"PLAIN":
+        if mechanism not in PASSWORD_MECHANISMS:
             self._send(tag + b" NO Unsupported authentication mechanism")
             return None
         if not self._plaintextAllowed():
             self._send(tag + b" NO [PRIVACYREQUIRED] Plaintext authentication is disabled before STARTTLS")
             return None
-        if initial is not None:
-            # RFC 4959: "=" is an empty initial response.
-            return self._authPlain(tag, b"" if initial == b"=" else bytes(initial))
-        def response(line: bytes) -> None:
-            result = self._authPlain(tag, line)
-            if isinstance(result, defer.Deferred):
-                self._hold(result, tag, b"AUTHENTICATE")
+        # RFC 4959: an initial response, "=" for an empty one.
+        initial = None if initial is None else bytes(initial)
+        return self._saslStep(tag, PasswordExchange(mechanism), initial, first=True)
 
-        # RFC 3501 6.2.2: an empty challenge, then the client's response.
-        self._send(b"+ ")
-        self.framer.lineHandler = response
-        return None
-
-    def _authPlain(self, tag: bytes, response: bytes):
-        if response == b"*":
+    def _saslStep(self, tag: bytes, exchange: PasswordExchange, response, first=False):
+        try:
+            challenge = exchange.start(response) if first else exchange.respond(response)
+        except Cancelled:
             self._send(tag + b" BAD Authentication cancelled")
             return None
-        try:
-            authcid, password = decodePlain(response)
         except OtherIdentity:
             self._send(tag + b" NO [AUTHORIZATIONFAILED] Cannot act as another user")
             return None
-        except PlainResponseError:
-            self._send(tag + b" BAD Malformed PLAIN response")
+        except SASLError:
+            self._send(tag + b" BAD Malformed " + exchange.mechanism + b" response")
             return None
-        return self._login(tag, authcid, password, "PLAIN")
+        if challenge is None:
+            creds = exchange.credentials
+            return self._login(tag, creds.username, creds.password, exchange.mechanism.decode())
+
+        def response(line: bytes) -> None:
+            result = self._saslStep(tag, exchange, line.strip())
+            if isinstance(result, defer.Deferred):
+                self._hold(result, tag, b"AUTHENTICATE")
+
+        # RFC 3501 section 6.2.2: a challenge, then the client's response.
+        self._send(b"+ " + base64.b64encode(challenge))
+        self.framer.lineHandler = response
+        return None
 
     def _login(self, tag: bytes, user: bytes, password: bytes, method: str) -> defer.Deferred:
         creds = credentials.UsernamePassword(user, password)
@@ -882,6 +944,7 @@ class IMAPServer(imap4.IMAP4Server):
             d.callback(None)
 
         self._producer = ResponseProducer(self.transport, request.responses(), produced, self.settings.clock)
+        self._producer.paused = self._outputPaused
         self._producer.start()
         return d
 
