@@ -935,6 +935,7 @@ class AuthenticationTests(POP3TestCase):
         self.assertEqual(prompted, [b"+ VXNlcm5hbWU6", b"+ UGFzc3dvcmQ6", b"+OK Logged in."])
         self.assertEqual(initial, [b"+ UGFzc3dvcmQ6", b"+OK Logged in."])
 
+    @defer.inlineCallbacks
     def test_tooManyFailures(self):
         """
         After the per-connection limit of failed logins the connection is

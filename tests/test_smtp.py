@@ -848,8 +848,8 @@ class DeadlineTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_tricklingDataHitsDeadline(self):
         """
-        DATA sent a line every 20 s is cut off at the DATA deadline (600 s)
-        and nothing is stored.
+        DATA sent in pieces every 20 s, fast enough for the minimum data
+        rate, is cut off at the DATA deadline (600 s) and nothing is stored.
         """
 
         def start():
@@ -860,7 +860,9 @@ class DeadlineTests(ServerTestCase):
 
         client = yield self.inThread(start)
         self.addCleanup(client.close)
-        sent = yield self.trickle(client, [b"a line\r\n"] * 100, 20.0)
+        # 20 KB every 20 s: above the minimum data rate (500 octets/s).
+        line = b"x" * 998 + b"\r\n"
+        sent = yield self.trickle(client, [line * 20] * 100, 20.0)
         self.assertEqual(sent, 30)
         buffer, closed = yield self.inThread(client.rest)
         self.assertTrue(buffer.startswith(b"421 4.4.2 "), buffer)
