@@ -21,6 +21,7 @@ import argon2
 import bcrypt
 
 from maild.names import InvalidName, normalizeAddress, splitAddress
+from maild.store.files import replaceFile
 from maild.store.locking import locked
 
 ARGON2ID = "ARGON2ID"
@@ -209,19 +210,13 @@ class Accounts:
             self._write(entries.values())
 
     def _write(self, entries: Iterable[_Entry]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         lines = []
         for entry in entries:
             line = f"{entry.address}:{entry.passwordHash}"
             if entry.rest:
                 line += ":" + entry.rest
             lines.append(line + "\n")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replaceFile(self.path, "".join(lines).encode("utf-8"))
         self._stamp = None
         self._checked = float("-inf")
 

@@ -5,6 +5,8 @@ The C{maild} command: manage users, check the configuration, send mail.
     maild [--config maild.toml] [--data-dir DIR] check [--live]
     maild [--config maild.toml] [--data-dir DIR] cert [--renew] [--ca]
     maild [--config maild.toml] [--data-dir DIR] send ...
+    maild [--config maild.toml] [--data-dir DIR] queue list | show ID | flush [ID] | delete ID
+    maild [--config maild.toml] [--data-dir DIR] dns [DOMAIN]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from maild import client, livecheck
 from maild.accounts import AccountError, Accounts
 from maild.config import Config, ConfigError, configFromOptions
 from maild.names import InvalidName, normalizeAddress
+from maild.relay import commands as relaycommands
 from maild.store import MailStore
 from maild.tls import certificateFiles, fingerprint, localCA
 
@@ -67,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     send = commands.add_parser("send", help="send a message (interactive or scripted)")
     client.addArguments(send)
+    queue = commands.add_parser("queue", help="the outbound queue: list, show, flush, delete")
+    queueActions = queue.add_subparsers(dest="action", required=True)
+    queueActions.add_parser("list", help="list the queued messages and their recipients")
+    for action, text in (("show", "show a message's envelope and content"), ("delete", "delete a message")):
+        queueActions.add_parser(action, help=text).add_argument("id")
+    flush = queueActions.add_parser("flush", help="ask the running daemon to try now")
+    flush.add_argument("id", nargs="?", help="one message (default: all)")
+    dns = commands.add_parser("dns", help="print the DNS records to publish for a domain")
+    dns.add_argument("domain", nargs="?", help="a local domain (default: all)")
     return parser
 
 
@@ -194,6 +206,10 @@ def main(
             return _cert(args, config, stdout, stderr)
         if args.command == "send":
             return client.run(args, stdin, stdout, stderr)
+        if args.command == "queue":
+            return relaycommands.queueCommand(args, config, stdout, stderr)
+        if args.command == "dns":
+            return relaycommands.dnsCommand(args, config, stdout, stderr)
     except (AccountError, InvalidName) as e:
         stderr.write(f"error: {e}\n")
         return 1

@@ -108,6 +108,70 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class MXSettings:
+    """
+    The C{[mx]} table: the trust checks on mail arriving at the MX (SPF,
+    DKIM, DMARC; see L{maild.trust}).
+    """
+
+    # "enforce": DMARC p=reject failures are refused (550 5.7.1) and
+    # p=quarantine failures go to the recipient's Junk folder;
+    # "quarantine": both go to Junk; "report": results are only recorded.
+    dmarc: str = "enforce"
+    # Whether the checks run at all.
+    checks: bool = True
+    # Seconds to wait for one DNS answer, and for a whole SPF evaluation.
+    dns_timeout: float = 5.0
+    spf_timeout: float = 20.0
+
+
+DMARC_POLICIES = ("enforce", "quarantine", "report")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """
+    The C{[relay]} table: sending to other domains (maild.relay).  Times
+    are seconds.
+    """
+
+    # "host:port" that receives every outgoing message (STARTTLS required
+    # and the certificate verified; TLS from the first byte on port 465);
+    # empty: deliver to each domain's MX.
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password_file: Path | None = None
+    # A CA certificate (PEM) to trust for the smarthost instead of the
+    # system's.
+    smarthost_cafile: Path | None = None
+    # The port MX hosts are reached on (RFC 5321: 25).
+    mx_port: int = 25
+    # A message still undelivered after this long is bounced.
+    queue_lifetime: float = 5 * 86400.0
+    # Retries: first after retry_first, doubling up to retry_max.
+    retry_first: float = 300.0
+    retry_max: float = 3600.0
+    # After this long in the queue the sender is told once of the delay.
+    delay_warning: float = 4 * 3600.0
+    connections: int = 20
+    connections_per_destination: int = 4
+    # Timeouts for the remote server (RFC 5321 section 4.5.3.2 gives
+    # 5 minutes per command and 10 for the reply to the end of DATA).
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    # Abuse limits: recipients in other domains one user may give per
+    # hour (451 4.7.1 beyond), and messages the queue may hold (452 4.3.1).
+    recipients_per_hour: int = 500
+    queue_max_messages: int = 20000
+    # How often the daemon looks for `maild queue flush` requests and
+    # for messages due to be retried.
+    scan_interval: float = 1.0
+    # domain = "host:port" (like Postfix's transport map).
+    routes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class WebSettings:
     """
     The C{[web]} table: what the HTTP listeners serve to whom.
@@ -194,6 +258,8 @@ class Config:
     # hash; 0 turns it off.
     login_cache: float = 300.0
     dns: DNSSettings = field(default_factory=DNSSettings)
+    mx: MXSettings = field(default_factory=MXSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
     web: WebSettings = field(default_factory=WebSettings)
     dev: DevSettings = field(default_factory=DevSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
@@ -220,6 +286,8 @@ class Config:
 TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
+        "mx": "mx",
+        "relay": "relay",
         "web": "web",
         "dev": "dev",
         "cluster": "cluster",
@@ -544,6 +612,11 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
+    if tables["mx"].dmarc not in DMARC_POLICIES:
+        problems.append(
+            f"mx.dmarc: must be one of {', '.join(DMARC_POLICIES)}, got {tables['mx'].dmarc!r}"
+        )
+    problems += _relayProblems(tables["relay"])
     if tables["web"].metrics not in ("trusted", "anyone"):
         problems.append(f"web.metrics: must be 'trusted' or 'anyone', got {tables['web'].metrics!r}")
     if tables["dev"].enabled and not tables["dev"].public:
@@ -571,6 +644,22 @@ def loadConfig(
         catchall=MappingProxyType(values.pop("catchall", {})),
         **{k: (Path(v) if k == "data_dir" else v) for k, v in values.items()},
     )
+
+
+def _relayProblems(relay: RelaySettings) -> list[str]:
+    """
+    Mistakes in C{[relay]}: hosts must be "host:port" (or "host").
+    """
+    problems = []
+    hosts = [("relay.smarthost", relay.smarthost)] if relay.smarthost else []
+    hosts += [(f"relay.routes.{domain}", target) for domain, target in relay.routes.items()]
+    for key, target in hosts:
+        host, colon, port = target.rpartition(":") if not target.endswith("]") else (target, "", "")
+        if not target.strip() or (colon and not (port.isdigit() and 0 < int(port) < 65536)):
+            problems.append(f"{key}: expected \"host:port\", got {target!r}")
+    if relay.smarthost_user and relay.smarthost_password_file is None:
+        problems.append("relay.smarthost_user: give smarthost_password_file too")
+    return problems
 
 
 def _endpointInterface(description: str) -> str | None:

@@ -71,6 +71,12 @@ commitSyncSeconds = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )
+trustResults = Counter(
+    "maild_trust_results",
+    "Results of the MX's checks, per check (spf, dkim per signature, dmarc) and result.",
+    ["check", "result"],
+    registry=REGISTRY,
+)
 
 # The IMAP commands counted by name; any other is counted as "other", so a
 # client cannot create labels at will.

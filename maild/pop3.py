@@ -45,14 +45,11 @@ from maild.config import Limits
 from maild.connections import LimitedFactory
 from maild.lines import LineReader, Overlong
 from maild.store.folder import Folder, MessageGone
-from maild.store.locking import ExclusiveHold
 from maild.store.maildir import IN_NEW, INBOX, SEEN
 from maild.tls import isEncrypted
 
 log = Logger()
 
-# The maildrop lock (RFC 1939 section 8), in the user's Maildir root.
-LOCK_NAME = "maild-pop3.lock"
 # Messages are read and sent in pieces of this size: a small message goes
 # out in one write, a large one is never held whole.
 CHUNK = 256 * 1024
@@ -227,7 +224,7 @@ class Maildrop:
         self.deleted: set[int] = set()
         # Retrieved, not yet marked \Seen in the store.
         self._retrieved: set[int] = set()
-        self._hold: ExclusiveHold | None = None
+        self._hold = None
 
     def open(self) -> None:
         """
@@ -237,7 +234,7 @@ class Maildrop:
         @raise OSError: if the store cannot be read.
         """
         folder = self.mailbox.folder(INBOX)
-        hold = ExclusiveHold.tryAcquire(self.mailbox.root / LOCK_NAME)
+        hold = self.mailbox.lockMaildrop()
         if hold is None:
             raise MaildropInUse(self.mailbox.address)
         try:

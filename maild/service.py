@@ -24,6 +24,8 @@ from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.logs import useAsTwistdLog
 from maild.pop3 import Maildrop, POP3Factory, POP3Settings
+from maild.relay import Relay
+from maild.resolver import makeResolver
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
 from maild.submission import SubmissionDelivery, SubmissionServer
 from maild.store import Committer, MailStore
@@ -31,6 +33,7 @@ from maild.dev import AnyPasswordChecker, DevAddresses, devMailbox
 from maild.metrics import MeteredFactory
 from maild.proxyheader import ProxyHeaderFactory
 from maild.tls import RENEWAL_CHECK_INTERVAL, ServerTLS, certificateFiles, localCA
+from maild.trust.checker import TrustChecker
 from maild.web import WebFactory, makeRoot
 
 log = Logger()
@@ -153,9 +156,14 @@ class MailService(service.MultiService):
             checker = PasswordChecker(
                 self.accounts, config.domains[0], reactor, config.login_cache, self.clock
             )
+        # Mail for other domains: queued and sent by the relay (the
+        # developer mode relays nothing).
+        self.relay = None if config.dev.enabled else Relay(config, self.store, self.addresses, reactor)
+        if self.relay is not None:
+            self.relay.setServiceParent(self)
         self.realm = MailRealm(
             {
-                IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user),
+                IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user, self.relay),
                 pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user)),
                 IAccount: lambda user: Account(self.store, user),
             }
@@ -263,7 +271,23 @@ class MailService(service.MultiService):
         )
 
     def _mxFactory(self) -> SMTPFactory:
-        return self._smtpFactory(SMTPServer, delivery=InboundDelivery(self.addresses))
+        return self._smtpFactory(
+            SMTPServer, delivery=InboundDelivery(self.addresses, self._trustChecker())
+        )
+
+    def _trustChecker(self) -> TrustChecker | None:
+        mx = self.config.mx
+        if not mx.checks:
+            return None
+        return TrustChecker(
+            lambda: makeResolver(self.config.dns),
+            self.config.hostname,
+            mx.dmarc,
+            self.reactor,
+            dnsTimeout=mx.dns_timeout,
+            spfTimeout=mx.spf_timeout,
+            trustedNetworks=self.config.limits.trusted_networks,
+        )
 
     def _submissionFactory(self) -> SMTPFactory:
         return self._smtpFactory(

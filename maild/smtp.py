@@ -137,6 +137,8 @@ class Transaction:
     # The header section, collected for checkHeaders (submission).
     headers: bytearray = field(default_factory=bytearray)
     headersDone: bool = False
+    # The MX trust checks (maild.trust.checker.MessageChecks), or None.
+    checks: Any = None
     # When the end of DATA arrived (time.perf_counter), for the metrics.
     dataEnded: float = 0.0
 
@@ -145,10 +147,14 @@ class Transaction:
 class InboundDelivery:
     """
     The MX policy: mail from anyone, for local users only.  Never a relay.
+
+    @ivar trust: the SPF/DKIM/DMARC checks
+        (L{maild.trust.checker.TrustChecker}), or None.
     """
 
-    def __init__(self, addresses: LocalAddresses) -> None:
+    def __init__(self, addresses: LocalAddresses, trust=None) -> None:
         self.addresses = addresses
+        self.trust = trust
 
     def receivedHeader(self, helo, origin, recipients):
         # SMTPServer writes its own Received: header (with the queue id).
@@ -244,6 +250,7 @@ class SMTPServer(smtp.ESMTP):
         self._deadline = None
         self._errors = 0
         self._esmtp = False
+        self._lost = False
 
     # Connection ------------------------------------------------------------
 
@@ -269,6 +276,7 @@ class SMTPServer(smtp.ESMTP):
         pass
 
     def connectionLost(self, reason) -> None:
+        self._lost = True
         self._cancelDeadline()
         self._discardTransaction()
         smtp.ESMTP.connectionLost(self, reason)
@@ -408,7 +416,8 @@ class SMTPServer(smtp.ESMTP):
 
     def _release(self) -> None:
         self._held -= 1
-        if self._held:
+        if self._held or self._lost:
+            # A closed session must not set its idle timer again.
             return
         self.setTimeout(self.timeout)
         self._process()
@@ -570,7 +579,16 @@ class SMTPServer(smtp.ESMTP):
             self._error(e.code, _bytes(e.resp))
             return
         self.transaction = Transaction(sender)
+        self._startChecks(self.transaction)
         self.sendCode(250, b"2.1.0 Ok")
+
+    def _startChecks(self, transaction: Transaction) -> None:
+        # Mail of authenticated users and trusted networks is not checked.
+        trust = getattr(self.delivery, "trust", None)
+        if trust is None or self.user is not None or trust.exempt(self.clientAddress):
+            return
+        helo = ((self._helo and self._helo[0]) or b"").decode("ascii", "replace")
+        transaction.checks = trust.begin(self.clientAddress, helo, str(transaction.sender))
 
     def mayStartTransaction(self) -> bool:
         """
@@ -734,8 +752,8 @@ class SMTPServer(smtp.ESMTP):
             else:
                 if transaction.firstPiece and not _looksLikeHeader(content.split(b"\r\n", 1)[0]):
                     # No header section: keep the body out of our headers.
-                    transaction.message.write(b"\r\n")
-                transaction.message.write(content)
+                    self._store(transaction, b"\r\n")
+                self._store(transaction, content)
                 if self.checksHeaders and not transaction.headersDone:
                     self._collectHeaders(transaction, content)
             transaction.firstPiece = False
@@ -748,6 +766,13 @@ class SMTPServer(smtp.ESMTP):
         if done:
             self._endOfData()
         return True
+
+    @staticmethod
+    def _store(transaction: Transaction, content: bytes) -> None:
+        if transaction.checks is not None:
+            # Forged Authentication-Results fields stay out of the store.
+            content = transaction.checks.feed(content)
+        transaction.message.write(content)
 
     def _collectHeaders(self, transaction: Transaction, content: bytes) -> None:
         headers = transaction.headers
@@ -794,19 +819,75 @@ class SMTPServer(smtp.ESMTP):
             return
         self._hold()
         transaction.dataEnded = time.perf_counter()
-        d = self.settings.store.deliver(transaction.message, transaction.recipients)
-        d.addCallbacks(self._delivered, self._deliveryFailed, (transaction,), None, (transaction,))
+        if transaction.checks is None:
+            d = self._deliver(transaction)
+        else:
+            transaction.message.write(transaction.checks.finish())
+            d = transaction.checks.verdict()
+            d.addCallbacks(self._judged, self._judgingFailed, (transaction,), None, (transaction,))
         d.addBoth(lambda _: self._release())
 
-    def _delivered(self, paths, transaction: Transaction) -> None:
+    def _deliver(self, transaction: Transaction, folder: str = "INBOX", results: str = ""):
+        if folder == "INBOX":
+            d = self.deliverMessage(transaction)
+        else:
+            # Only MX mail is judged, and it is all local.
+            d = self.settings.store.deliver(transaction.message, transaction.recipients, folder)
+        return d.addCallbacks(
+            self._delivered, self._deliveryFailed, (transaction, folder, results), None, (transaction,)
+        )
+
+    def deliverMessage(self, transaction: Transaction):
+        """
+        Store the received message durably for its recipients.
+
+        @return: a Deferred firing when it is on disk.
+        """
+        return self.settings.store.deliver(transaction.message, transaction.recipients)
+
+    def _judged(self, verdict, transaction: Transaction):
+        """
+        Act on the trust checks' verdict (L{maild.trust.checker.Verdict}).
+        """
+        if verdict.reply is not None:
+            transaction.message.discard()
+            self._countMessage("refused", verdict.reply)
+            log.info(
+                "refused {queueId} rip={rip} from=<{sender}> {results}: {reason}",
+                queueId=transaction.queueId,
+                rip=self.clientAddress,
+                sender=str(transaction.sender),
+                results=verdict.summary,
+                reason=verdict.reply[1].decode("ascii", "replace"),
+            )
+            if not self.transport.disconnecting:
+                self.sendCode(*verdict.reply)
+            return None
+        # RFC 8601 section 5: our results go on top.
+        transaction.message.prepend(verdict.header)
+        folder = "Junk" if verdict.action == "junk" else "INBOX"
+        return self._deliver(transaction, folder, verdict.summary)
+
+    def _judgingFailed(self, reason, transaction: Transaction) -> None:
+        log.failure("trust checks failed for {queueId}", reason, queueId=transaction.queueId)
+        transaction.message.discard()
+        reply = (451, b"4.3.0 Error: local error in processing")
+        self._countMessage("refused", reply)
+        if not self.transport.disconnecting:
+            self.sendCode(*reply)
+
+    def _delivered(self, paths, transaction: Transaction, folder: str, results: str) -> None:
         log.info(
-            "accepted {queueId} rip={rip}{login} from=<{sender}> to={recipients} size={size}",
+            "accepted {queueId} rip={rip}{login} from=<{sender}> to={recipients} size={size}"
+            "{folder}{results}",
             queueId=transaction.queueId,
             rip=self.clientAddress,
             login=f" user=<{self.user}>" if self.user else "",
             sender=str(transaction.sender),
             recipients=",".join(f"<{r}>" for r in transaction.recipients),
             size=transaction.message.crlfSize,
+            folder="" if folder == "INBOX" else f" folder={folder}",
+            results=f" {results}" if results else "",
         )
         metrics.dataReplySeconds.observe(time.perf_counter() - transaction.dataEnded)
         self._countMessage("accepted", None)

@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from maild.accounts import LocalAddresses
 from maild.auth import PASSWORD_MECHANISMS, Cancelled, OtherIdentity, PasswordExchange, SASLError
+from maild.relay import RemoteRecipient
 from maild.smtp import AUTH, COMMAND, SMTPServer, localRecipient
 
 log = Logger()
@@ -24,6 +25,8 @@ NO_RELAY = SMTPServerError(
     550,
     "5.7.1 Relaying is not configured: this server delivers only to its own domains",
 )
+# Raised by localRecipient for another domain: the relay takes it from there.
+_NOT_LOCAL = SMTPServerError(550, "5.7.1 Not a local domain")
 
 
 @implementer(smtp.IMessageDelivery)
@@ -31,12 +34,13 @@ class SubmissionDelivery:
     """
     The policy for an authenticated user: the envelope sender and the From:
     header must be the user's own address or one of their aliases; mail
-    goes to local users only until an outbound queue exists.
+    for other domains goes to the relay's queue (when there is a relay).
     """
 
-    def __init__(self, addresses: LocalAddresses, user: str) -> None:
+    def __init__(self, addresses: LocalAddresses, user: str, relay=None) -> None:
         self.addresses = addresses
         self.user = user
+        self.relay = relay
 
     def receivedHeader(self, helo, origin, recipients):
         return None
@@ -49,7 +53,14 @@ class SubmissionDelivery:
         return origin
 
     def validateTo(self, user: smtp.User) -> str:
-        return localRecipient(self.addresses, user, NO_RELAY)
+        try:
+            return localRecipient(self.addresses, user, _NOT_LOCAL)
+        except SMTPServerError as e:
+            if e is not _NOT_LOCAL:
+                raise
+        if self.relay is None:
+            raise NO_RELAY
+        return self.relay.acceptRecipient(self.user, user.dest)
 
     def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:
         for value in headerValues(headers, ("from", "sender")):
@@ -176,6 +187,21 @@ class SubmissionServer(SMTPServer):
 
     def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:
         return self.delivery.checkHeaders(headers)
+
+    def deliverMessage(self, transaction):
+        relay = self.delivery.relay
+        remote = [r for r in transaction.recipients if isinstance(r, RemoteRecipient)]
+        if not remote:
+            return SMTPServer.deliverMessage(self, transaction)
+        local = [r for r in transaction.recipients if not isinstance(r, RemoteRecipient)]
+        return relay.enqueue(
+            transaction.message,
+            str(transaction.sender),
+            local,
+            remote,
+            self.user,
+            bytes(transaction.headers),
+        )
 
     def forgetSession(self) -> None:
         SMTPServer.forgetSession(self)

@@ -56,7 +56,9 @@ def writeUsers(dataDir: Path, users: dict[str, str]) -> None:
 def makeConfig(dataDir: Path, listeners=("smtp",), limits: dict | None = None, **values) -> Config:
     """
     A configuration with C{listeners} on loopback ports chosen by the system
-    and the others disabled.
+    and the others disabled.  The MX's trust checks are off unless C{mx}
+    turns them on: they would ask the system's DNS servers about test
+    domains (tests/test_trust.py gives them a DNS server of their own).
     """
     overrides: dict[str, Any] = {
         "data_dir": dataDir,
@@ -64,6 +66,7 @@ def makeConfig(dataDir: Path, listeners=("smtp",), limits: dict | None = None, *
         "domains": ["localhost", "example.org"],
         "listeners": {name: (LOOPBACK if name in listeners else "none") for name in PROTOCOLS},
         "limits": limits or {},
+        "mx": {"checks": False},
     }
     overrides.update(values)
     return loadConfig(None, overrides)

@@ -97,3 +97,16 @@ class ConfigTests(unittest.SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             loadConfig("/nonexistent/maild.toml")
         self.assertIn("cannot read the config file", caught.exception.problems[0])
+
+    def test_mxTable(self):
+        """
+        [mx]: the DMARC policy (enforce by default), whether checks run,
+        and their DNS timeouts; an unknown policy is reported.
+        """
+        self.assertEqual(loadConfig().mx.dmarc, "enforce")
+        self.assertTrue(loadConfig().mx.checks)
+        config = loadConfig(self.write('[mx]\ndmarc = "report"\nchecks = false\ndns_timeout = 2\n'))
+        self.assertEqual((config.mx.dmarc, config.mx.checks, config.mx.dns_timeout), ("report", False, 2))
+        problems = "\n".join(self.problems('[mx]\ndmarc = "reject"\nspf_timeout = 0\n'))
+        self.assertIn("mx.dmarc: must be one of enforce, quarantine, report, got 'reject'", problems)
+        self.assertIn("mx.spf_timeout: must be greater than 0", problems)

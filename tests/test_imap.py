@@ -147,15 +147,17 @@ class ThunderbirdTests(IMAPTestCase):
         self.assertEqual(tagged, b"15 OK MOVE completed")
         self.assertEqual(out["above"][0], [b"* 2 FETCH (UID 3 FLAGS (\\Recent))"])
         self.assertEqual(
-            out["archive"][0], [b'* STATUS "Archive" (MESSAGES 1 UIDNEXT 2 UNSEEN 1 RECENT 0)']
+            out["archive"][0], [b'* STATUS "Archive" (MESSAGES 1 UIDNEXT 2 UNSEEN 1 RECENT 1)']
         )
 
     @defer.inlineCallbacks
     def test_appendToSent(self):
         """
         FCC: `append "Sent" (\\Seen) {n+}` on a connection with nothing
-        selected stores the message with \\Seen, and APPENDUID gives its
-        UID; the synchronizing form {n} waits for the continuation.
+        selected stores the message with \\Seen (in new/, \\Recent as RFC
+        3501 section 6.3.11 says, its flags in its name), and APPENDUID
+        gives its UID; the synchronizing form {n} waits for the
+        continuation.
         """
         message = sampleMessage("sent")
 
@@ -172,8 +174,8 @@ class ThunderbirdTests(IMAPTestCase):
         self.assertTrue(re.match(rb"5 OK \[APPENDUID \d+ 1\] APPEND completed", first[1]), first)
         self.assertEqual(continuation, b"+ Ready for literal data")
         self.assertTrue(re.match(rb"6 OK \[APPENDUID \d+ 2\]", second[1]), second)
-        files = sorted(p.parent.name + "/" + p.name.rpartition(":2,")[2] for p in self.messages("alice@localhost", ".Sent"))
-        self.assertEqual(sorted(f.split("/")[0] for f in files), ["cur", "new"])
+        files = sorted((p.parent.name, p.name.partition(":2,")[2]) for p in self.messages("alice@localhost", ".Sent"))
+        self.assertEqual(files, [("new", ""), ("new", "S")])
         seen = [p for p in self.messages("alice@localhost", ".Sent") if p.name.endswith(":2,S")]
         self.assertEqual(len(seen), 1)
         self.assertEqual(seen[0].read_bytes(), message.replace(b"\r\n", b"\n"))
@@ -528,7 +530,7 @@ class CommandTests(IMAPTestCase):
     def test_copyKeepsBytesAndFlags(self):
         """
         COPY hard-links the messages byte-exact into the target with their
-        flags and keywords, reports COPYUID (source and target UIDs in
+        flags and keywords (and \\Recent there), reports COPYUID (source and target UIDs in
         order) and asks to TRYCREATE a missing folder.
         """
         yield self.deliver(sampleMessage("one"), sampleMessage("two", body="x" * 5000 + "\r\n"))
@@ -548,7 +550,7 @@ class CommandTests(IMAPTestCase):
         target = self.messages("alice@localhost", ".Archive")
         self.assertEqual([p.read_bytes() for p in target], source)
         self.assertEqual(os.stat(target[1]).st_ino, os.stat(self.messages("alice@localhost")[1]).st_ino)
-        self.assertIn(b"FLAGS (\\Flagged Important)", fetched[1])
+        self.assertIn(b"FLAGS (\\Flagged Important \\Recent)", fetched[1])
         self.assertTrue(fetched[1].endswith(b"x" * 5000 + b"\r\n)"))
 
     @defer.inlineCallbacks
@@ -588,7 +590,7 @@ class CommandTests(IMAPTestCase):
 
         self.assertEqual(
             r["fetch"],
-            [b"* 1 FETCH (UID %s FLAGS (\\Flagged \\Seen) INTERNALDATE %s RFC822.SIZE %d)" % (m.group(2), internalDate(stamp), len(message))],
+            [b"* 1 FETCH (UID %s FLAGS (\\Flagged \\Seen \\Recent) INTERNALDATE %s RFC822.SIZE %d)" % (m.group(2), internalDate(stamp), len(message))],
         )
         self.assertEqual(r["missing"], b"d NO [TRYCREATE] Mailbox does not exist")
         self.assertTrue(r["badDate"].startswith(b"e BAD"), r["badDate"])

@@ -24,7 +24,8 @@ from twisted.mail.pop3 import AdvancedPOP3Client
 from twisted.trial import unittest
 
 from maild.auth import plaintextLoginAllowed
-from maild.pop3 import LOCK_NAME, messageResponse
+from maild.pop3 import messageResponse
+from maild.store.mailstore import MAILDROP_LOCK
 from maild.store.folder import Folder
 from tests.support import PASSWORD, RawClient, ServerTestCase, waitUntil
 
@@ -549,7 +550,7 @@ class MaildropTests(POP3TestCase):
         The maildrop lock holds between processes: while another process
         holds it, login gets -ERR [IN-USE].
         """
-        lockPath = self.maildir(ALICE) / LOCK_NAME
+        lockPath = self.maildir(ALICE) / MAILDROP_LOCK
         holder = subprocess.Popen(
             [
                 sys.executable,

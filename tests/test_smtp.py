@@ -16,6 +16,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
@@ -639,6 +640,31 @@ class SMTPDeliveryTests(ServerTestCase):
         yield self.inThread(run)
         self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
         self.assertEqual(self.messages("alice@localhost"), [])
+
+    @defer.inlineCallbacks
+    def test_disconnectBeforeTheReply(self):
+        """
+        A client that sends a whole message and leaves before the 250: the
+        message is stored, and the closed session sets no idle timer when
+        the store answers (which would keep a dead session alive).
+        """
+
+        def run():
+            client = RawClient(self.port())
+            client.readReply()
+            for line in (b"EHLO c", b"MAIL FROM:<carol@remote.test>", b"RCPT TO:<alice@localhost>", b"DATA"):
+                client.command(line)
+            client.send(message() + b".\r\n")
+            client.close()
+
+        yield self.inThread(run)
+        deadline = time.monotonic() + 10
+        while not self.messages("alice@localhost") and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.02, lambda: None)
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(self.messages("alice@localhost")), 1)
+        timers = [c for c in reactor.getDelayedCalls() if "TimeoutMixin" in repr(c.func)]
+        self.assertEqual(timers, [])
 
     @defer.inlineCallbacks
     def test_concurrentDeliveries(self):

@@ -275,6 +275,27 @@ class FolderTests(unittest.SynchronousTestCase):
         self.assertEqual(self.folder.claimRecent(), [])
         self.assertEqual(os.listdir(self.path / "new"), [])
 
+    def test_recentWithFlags(self):
+        """
+        A file in new/ that carries flags in its name (a copy, or an APPEND
+        with flags) is \\Recent with those flags and keywords; claiming it
+        moves it to cur/ with them, and a listing afterwards agrees.
+        """
+        keywords = Keywords(self.path)
+        letter = keywords.letters(["$Work"])
+        put(self.path, f"new/1700000003.M1P1Q1.h,S=17,W=20:2,FS{letter}")
+        self.folder.refresh()
+        i = self.folder.position(3)
+        self.assertEqual(self.folder.flags[i] & ~maildir.HAS_KEYWORDS, maildir.IN_NEW | maildir.FLAGGED | maildir.SEEN)
+        self.assertEqual(self.folder.keywordNames(i), ["$Work"])
+        self.assertEqual(self.folder.read(i), b"Subject: x\n\nbody\n")
+        self.assertEqual(self.folder.claimRecent(), [2, 3])
+        self.assertEqual(sorted(os.listdir(self.path / "cur"))[-1], f"1700000003.M1P1Q1.h,S=17,W=20:2,FS{letter}")
+        reopened = Folder("INBOX", self.path)
+        reopened.refresh()
+        self.assertEqual(reopened.flags[2], maildir.FLAGGED | maildir.SEEN | maildir.HAS_KEYWORDS)
+        self.assertEqual(reopened.keywordNames(2), ["$Work"])
+
     def test_expunge(self):
         self.folder.refresh()
         self.assertEqual(self.folder.expunge([1, 7]), [1])
@@ -409,6 +430,133 @@ class MailboxTests(unittest.SynchronousTestCase):
         self.assertTrue(fresh.exists())
 
 
+class SmallFileTests(unittest.SynchronousTestCase):
+    """
+    The small files the store rewrites whole: one helper replaces each,
+    synced, under a lock.
+    """
+
+    def setUp(self):
+        self.store = MailStore(Path(self.mktemp()))
+        self.mailbox = self.store.mailbox("alice@example.org")
+        self.mailbox.ensureExists()
+
+    def test_concurrentSubscriptionsAllKept(self):
+        """
+        Sessions subscribing at the same moment (two threads here, as two
+        IMAP sessions of one daemon) each keep their names: the list is
+        read and rewritten under a lock.
+        """
+        import threading
+
+        def subscribe(prefix):
+            box = self.store.mailbox("alice@example.org")
+            for i in range(60):
+                box.subscribe(f"{prefix}{i}")
+
+        threads = [threading.Thread(target=subscribe, args=(p,)) for p in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        names = set(self.mailbox.subscriptions())
+        self.assertEqual({n for n in names if n[0] in "ab"}, {f"{p}{i}" for p in "ab" for i in range(60)})
+
+    def test_everyRewriteIsSynced(self):
+        """
+        The UID list, the keywords, the subscriptions and the users file
+        are each written to a temporary file that is synced before it is
+        renamed over the old one; nothing temporary is left behind.
+        """
+        from maild import accounts
+        from maild.store import files
+
+        synced = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            realFsync(fd)
+
+        self.patch(files.os, "fsync", fsync)
+        folder = self.mailbox.folder("INBOX")
+        folder.refresh()
+        folder.uidList._writeAll(folder.uidList.refresh())
+        folder.keywords.letters(["$Forwarded"])
+        self.mailbox.subscribe("Lists")
+        users = accounts.Accounts(self.store.root.parent / "users")
+        users.add("bob@example.org", "secret", scheme=accounts.BLF_CRYPT)
+        for name in ("dovecot-uidlist", "dovecot-keywords", "subscriptions", "users"):
+            self.assertIn(name + ".tmp", [Path(p).name for p in synced])
+        leftovers = [p for p in self.store.root.parent.rglob("*.tmp")]
+        self.assertEqual(leftovers, [])
+
+    def test_failedRewriteKeepsTheOldFile(self):
+        """
+        When the new content cannot be written (a full disk), the old file
+        stays as it was and the temporary file is removed.
+        """
+        from maild.store import files
+
+        self.mailbox.subscribe("Lists")
+
+        def full(fd):
+            raise OSError(28, "No space left on device")
+
+        self.patch(files.os, "fsync", full)
+        self.assertRaises(OSError, self.mailbox.subscribe, "More")
+        self.assertIn("Lists", self.mailbox.subscriptions())
+        self.assertNotIn("More", self.mailbox.subscriptions())
+        self.assertEqual(list(self.mailbox.root.glob("*.tmp")), [])
+
+
+class VanishingFolderTests(unittest.SynchronousTestCase):
+    """
+    Another process (a second worker, Dovecot) deletes a folder while this
+    one works on it: the store says the folder is missing, never a bare
+    file-not-found from deep inside.
+    """
+
+    def setUp(self):
+        self.store = MailStore(Path(self.mktemp()))
+        self.mailbox = self.store.mailbox("alice@example.org")
+        self.mailbox.ensureExists()
+        self.mailbox.create("Work")
+        self.folder = self.mailbox.folder("Work")
+        self.folder.refresh()
+
+    def vanish(self):
+        import shutil
+
+        shutil.rmtree(self.folder.path)
+
+    def test_newKeywordInVanishedFolder(self):
+        from maild.store.delivery import FolderMissing
+
+        self.vanish()
+        self.assertRaises(FolderMissing, self.folder.keywords.letters, ["$New"])
+        self.assertEqual(self.folder.keywords.allNames(), [])
+
+    def test_refreshOfVanishedFolder(self):
+        self.vanish()
+        self.assertTrue(self.folder.refresh().gone)
+        self.assertTrue(self.folder.missing)
+        self.assertEqual(self.folder.uidnext, 1)
+
+    def test_refreshOfReplacedFolder(self):
+        """
+        Deleted and made again between two looks: read afresh, under a
+        new UIDVALIDITY.
+        """
+        old = self.folder.uidvalidity
+        self.vanish()
+        self.mailbox.create("Work")
+        change = self.folder.refresh()
+        self.assertTrue(change.reset)
+        self.assertGreater(self.folder.uidvalidity, old)
+        self.assertFalse(self.folder.missing)
+
+
 class DeliveryTests(unittest.TestCase):
     syncMode = "fsync"
 
@@ -487,6 +635,52 @@ class DeliveryTests(unittest.TestCase):
             message.write(b"x" * (size - 2) + b"\r\n")
             yield self.assertFailure(self.store.deliver(message, ["alice@localhost"]), DeliveryFailed)
         self.assertEqual(os.listdir(self.box.root / "new"), [])
+
+    @defer.inlineCallbacks
+    def test_appendSetsTheDateBeforeTheFileIsVisible(self):
+        """
+        A message appended with a date is in its folder with that date as
+        its modification time from the moment it is there: the date is set
+        on the spool file before it is placed (the sync hook sees every
+        placed file before anyone is told of it).
+        """
+        seen = []
+        self.committer.syncHook = lambda paths: seen.extend(os.stat(p).st_mtime for p in paths)
+        folder = self.box.folder("Drafts")
+        message = self.store.incoming()
+        message.write(b"Subject: dated\r\n\r\nbody\r\n")
+        uidvalidity, uid = yield folder.append(message, maildir.SEEN, ["$label1"], 1_600_000_000)
+        self.assertEqual((uidvalidity, uid), (folder.uidvalidity, 1))
+        self.assertEqual(seen, [1_600_000_000])
+        self.assertEqual(folder.internalDate(folder.position(uid)), 1_600_000_000)
+        self.assertEqual(folder.keywordNames(folder.position(uid)), ["$label1"])
+
+    @defer.inlineCallbacks
+    def test_failedAppendStoresNothing(self):
+        """
+        An APPEND whose date the store cannot keep is refused before
+        anything is stored; one whose date cannot be set on the file fails
+        with DeliveryFailed, and neither leaves anything in the folder or
+        the spool.
+        """
+        folder = self.box.folder("Drafts")
+        message = self.store.incoming()
+        message.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.assertRaises(ValueError, folder.append, message, 0, (), 10.0**20)
+        self.assertRaises(ValueError, folder.append, message, 0, (), -(10.0**20))
+        message.discard()
+
+        from maild.store import delivery
+
+        def refuse(*args, **kwargs):
+            raise OSError(22, "Invalid argument")
+
+        self.patch(delivery.os, "utime", refuse)
+        message = self.store.incoming()
+        message.write(b"Subject: y\r\n\r\nbody\r\n")
+        yield self.assertFailure(folder.append(message, 0, (), 1_600_000_000), DeliveryFailed)
+        self.assertEqual([p for sub in ("new", "cur", "tmp") for p in (folder.path / sub).iterdir()], [])
+        self.assertEqual((yield waitForEmptySpool(self.data)), [])
 
     @defer.inlineCallbacks
     def test_bigMessageWrittenInPieces(self):

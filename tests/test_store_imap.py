@@ -40,8 +40,8 @@ class CopyTests(StoreTestCase):
     @defer.inlineCallbacks
     def test_copyKeepsFlagsAndKeywords(self):
         """
-        copy() hard-links the messages into the target's cur/ with their
-        flags, gives keywords the target's own letters, numbers them in
+        copy() hard-links the messages into the target's new/ (they are
+        \\Recent there) with their flags, gives keywords the target's own letters, numbers them in
         order, tells the target's listeners, and skips a message whose
         file vanished.
         """
@@ -61,7 +61,7 @@ class CopyTests(StoreTestCase):
         self.assertEqual(pairs, [(1, 1), (2, 2)])
         self.assertEqual([c.added for c in changes], [[1, 2]])
         self.assertEqual(changes[0].origin, "me")
-        names = sorted(p.name.rpartition(":2,")[2] for p in (target.path / "cur").iterdir())
+        names = sorted(p.name.rpartition(":2,")[2] for p in (target.path / "new").iterdir())
         self.assertEqual(names, ["Fb", "S"])
         self.assertEqual(target.keywordNames(1), ["Work"])
         self.assertEqual(os.stat(target.filePath(0)).st_ino, os.stat(source.filePath(0)).st_ino)

@@ -11,7 +11,7 @@ import re
 from twisted.mail.imap4 import IAccount, INamespacePresenter
 from zope.interface import implementer
 
-from maild.store import Folder, MailStore, UserMailbox
+from maild.store import Folder, MailStore, NoSuchFolder, UserMailbox
 from maild.store.maildir import IMAP_DELIMITER, IN_NEW, INBOX, SEEN
 
 
@@ -179,6 +179,8 @@ class Account:
         """
         folder = self.mailbox.folder(name)
         folder.refresh()
+        if folder.missing:
+            raise NoSuchFolder(name)  # deleted by another process meanwhile
         values = {
             b"MESSAGES": lambda: len(folder),
             b"RECENT": lambda: folder.countWith(IN_NEW),

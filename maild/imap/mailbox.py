@@ -52,7 +52,10 @@ class SelectedFolder:
         self._added = False
         self.synced = True
         self.reset = False
+        self.gone = False
         self._flagCache: dict = {}
+        # The keywords the client was last told of in FLAGS.
+        self._keywordsShown: list[str] | None = None
         folder.addListener(self)
 
     # IMailboxInfo -------------------------------------------------------------
@@ -60,6 +63,29 @@ class SelectedFolder:
     def getFlags(self) -> list[bytes]:
         names = [name for _, name in wire.SYSTEM_FLAGS]
         return names + [k.encode("utf-8") for k in self.folder.keywords.allNames()]
+
+    def flagsLines(self) -> list[bytes]:
+        """
+        The FLAGS and PERMANENTFLAGS responses (RFC 3501 section 7.2.6),
+        and the keywords they tell the client of are remembered.
+        """
+        self._keywordsShown = self.folder.keywords.allNames()
+        flags = b" ".join(self.getFlags())
+        permanent = flags + b" \\*" if self.writable else b""
+        return [
+            b"* FLAGS (" + flags + b")",
+            b"* OK [PERMANENTFLAGS (" + permanent + b")] Flags permitted",
+        ]
+
+    def newKeywordLines(self) -> list[bytes]:
+        """
+        FLAGS and PERMANENTFLAGS again when the folder has keywords the
+        client was not told of: to be sent before a FETCH response that
+        may show one (RFC 3501 section 7.2.6).
+        """
+        if self.folder.keywords.allNames() == self._keywordsShown:
+            return []
+        return self.flagsLines()
 
     def getHierarchicalDelimiter(self) -> bytes:
         return b"/"
@@ -150,6 +176,10 @@ class SelectedFolder:
     # Changes ------------------------------------------------------------------
 
     def folderChanged(self, folder: Folder, change: FolderChange) -> None:
+        if change.gone:
+            self.gone = True
+            self.notify()
+            return
         if change.reset:
             # The UIDs the client knows mean nothing any more: the session
             # must end (RFC 3501 2.3.1.1).
@@ -184,6 +214,7 @@ class SelectedFolder:
             lines += self._applyAdded()
         if self._flagged:
             folder = self.folder
+            lines += self.newKeywordLines()
             for uid in sorted(self._flagged):
                 seq = bisect.bisect_left(self.uids, uid)
                 if seq < len(self.uids) and self.uids[seq] == uid and uid not in self._expunged:

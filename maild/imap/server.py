@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -58,9 +57,10 @@ from maild.imap.parser import (
 from maild.imap.producer import ResponseProducer
 from maild.imap.search import CHARSETS, Search, parseKeys
 from maild.names import InvalidName
-from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder, Target
+from maild.store import DeliveryFailed, FolderError, FolderExists, NoSuchFolder
+from maild.store.delivery import FolderMissing
 from maild.store.keywords import TooManyKeywords
-from maild.store.maildir import SEEN, infoString
+from maild.store.maildir import SEEN
 from maild.tls import isEncrypted
 
 log = Logger()
@@ -388,6 +388,12 @@ class IMAPServer(imap4.IMAP4Server):
             self._discardIncoming()
             self._send(tag + b" BAD " + str(e).encode("ascii", "replace"))
             return
+        except FolderMissing:
+            # Another process deleted or renamed the folder while this
+            # command worked on it.
+            self._discardIncoming()
+            self._send(tag + b" NO [NONEXISTENT] Mailbox was deleted or renamed meanwhile")
+            return
         except Exception:
             log.failure("IMAP command {name} failed", name=name)
             self._discardIncoming()
@@ -450,6 +456,11 @@ class IMAPServer(imap4.IMAP4Server):
                 self.transport.write(b"\r\n".join(lines) + b"\r\n")
 
     def _viewChanged(self) -> None:
+        if self.view is not None and self.view.gone:
+            # What Dovecot says: the client's state for the folder is void,
+            # and it reconnects and lists the folders again.
+            self._bye(b"Mailbox was deleted, please relogin")
+            return
         if self.view is not None and self.view.reset:
             self._bye(b"Mailbox UIDVALIDITY changed, select it again")
             return
@@ -633,13 +644,14 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(tag + b" NO [NONEXISTENT] Mailbox does not exist")
             return
         view = SelectedFolder(folder, writable, self._viewChanged)
+        if folder.missing:
+            # Deleted by another process between the look-up and the read.
+            view.close()
+            self._send(tag + b" NO [NONEXISTENT] Mailbox does not exist")
+            return
         self.view = view
         self.state = _SELECTED
-        flags = b" ".join(view.getFlags())
-        permanent = flags + b" \\*" if writable else b""
-        lines = [
-            b"* FLAGS (" + flags + b")",
-            b"* OK [PERMANENTFLAGS (" + permanent + b")] Flags permitted",
+        lines = view.flagsLines() + [
             b"* %d EXISTS" % view.getMessageCount(),
             b"* %d RECENT" % view.getRecentCount(),
         ]
@@ -815,7 +827,7 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             folder = self.account.select(name)
             bits, keywords = _flagBits(flags)
-            letters = folder.keywords.letters(keywords) if keywords else ""
+            d = folder.append(message.message, bits, keywords, date, origin=self)
         except NoSuchFolder:
             message.message.discard()
             self._done(tag, b"NO [TRYCREATE] Mailbox does not exist")
@@ -824,20 +836,22 @@ class IMAPServer(imap4.IMAP4Server):
             message.message.discard()
             self._done(tag, b"NO [LIMIT] Too many keywords")
             return None
-        except BadCommand:
+        except ValueError:
+            message.message.discard()
+            raise BadCommand("Bad date-time")
+        except BaseException:
             message.message.discard()
             raise
-        info = infoString(bits, letters) if (bits or letters) else None
-        d = self.settings.store.place(message.message, [Target(folder.path, info)], origin=self)
 
-        def placed(paths):
-            if date is not None:
-                os.utime(paths[0], (date, date))
-            uids = folder.addPlaced(paths, origin=self)
-            self._done(tag, b"OK [APPENDUID %d %d] APPEND completed" % (folder.uidvalidity, uids[0]))
+        def placed(result):
+            uidvalidity, newUid = result
+            self._done(tag, b"OK [APPENDUID %d %d] APPEND completed" % (uidvalidity, newUid))
 
         def failed(reason):
             reason.trap(DeliveryFailed)
+            if reason.value.noFolder:
+                self._done(tag, b"NO [TRYCREATE] Mailbox does not exist")
+                return
             code = b"[OVERQUOTA] " if reason.value.noSpace else b""
             self._done(tag, b"NO " + code + b"Cannot store the message")
 
@@ -917,6 +931,9 @@ class IMAPServer(imap4.IMAP4Server):
         items = parseItems(args.next("fetch attributes"))
         args.end()
         request = FetchRequest(view, spans, items, uid)
+        announcement = view.newKeywordLines()
+        if announcement:
+            self.transport.write(b"\r\n".join(announcement) + b"\r\n")
         if view.writable and any(item.setsSeen for item in items):
             # RFC 3501 6.4.5: BODY[...] sets \Seen, and FETCH tells it.
             folder = view.folder
@@ -971,7 +988,6 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"NO [READ-ONLY] Mailbox is read-only", b"STORE", uid)
             return
         folder = view.folder
-        before = len(folder.keywords.allNames())
         try:
             letters = folder.keywords.letters(keywords) if keywords else ""
         except TooManyKeywords:
@@ -989,10 +1005,7 @@ class IMAPServer(imap4.IMAP4Server):
         def answer(_=None) -> None:
             if self.transport is None or self.transport.disconnecting:
                 return
-            lines = []
-            if len(folder.keywords.allNames()) != before:
-                flags = b" ".join(view.getFlags())
-                lines += [b"* FLAGS (" + flags + b")", b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted"]
+            lines = view.newKeywordLines()
             missing = 0
             for p in positions:
                 i = view.index(p)
@@ -1042,18 +1055,19 @@ class IMAPServer(imap4.IMAP4Server):
             self._done(tag, b"OK " + verb + b" completed (nothing to do)", verb, uid)
             return None
         try:
-            d = self.settings.store.copy(view.folder, indexes, destination, origin=self)
+            d = view.folder.copyTo(indexes, destination, origin=self)
         except TooManyKeywords:
             self._done(tag, b"NO [LIMIT] Too many keywords in the target mailbox", verb, uid)
             return None
 
-        def copied(pairs):
+        def copied(result):
             if self.transport is None or self.transport.disconnecting:
                 return
+            uidvalidity, pairs = result
             code = b""
             if pairs:
                 code = b"[COPYUID %d %s %s] " % (
-                    destination.uidvalidity,
+                    uidvalidity,
                     formatUidSet([s for s, _ in pairs]),
                     formatUidSet([d for _, d in pairs]),
                 )
@@ -1069,7 +1083,17 @@ class IMAPServer(imap4.IMAP4Server):
             self._sendUpdates(expunges=True)
             self._send(tag + b" OK MOVE completed")
 
-        return d.addCallback(copied)
+        def failed(reason):
+            reason.trap(DeliveryFailed)
+            if self.transport is None or self.transport.disconnecting:
+                return
+            if reason.value.noFolder:
+                self._done(tag, b"NO [TRYCREATE] Mailbox does not exist", verb, uid)
+                return
+            code = b"[OVERQUOTA] " if reason.value.noSpace else b""
+            self._done(tag, b"NO " + code + b"Cannot store the messages", verb, uid)
+
+        return d.addCallbacks(copied, failed)
 
     def do_MOVE(self, tag, args, uid):
         return self.do_COPY(tag, args, uid, move=True)
@@ -1081,14 +1105,14 @@ class IMAPServer(imap4.IMAP4Server):
         if self.view is not None:
             # Other programs' changes too must reach us at once.
             self._watching = self.view.folder
-            self.settings.store.watcher.watch(self._watching)
+            self._watching.watch()
         self._send(b"+ idling")
         self._sendUpdates(expunges=True)
         self.framer.lineHandler = self._idleLine
 
     def _stopWatching(self) -> None:
         if self._watching is not None:
-            self.settings.store.watcher.unwatch(self._watching)
+            self._watching.unwatch()
             self._watching = None
 
     def _idleLine(self, line: bytes) -> None:

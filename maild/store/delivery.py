@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from maild import metrics
+from maild.store.files import fsyncDirectory
 from maild.store.maildir import newBaseName
 
 log = Logger()
@@ -36,17 +38,25 @@ class DeliveryFailed(Exception):
     again later may work (disk full) or not.
     """
 
-    def __init__(self, reason: str, temporary: bool = True, noSpace: bool = False):
+    def __init__(self, reason: str, temporary: bool = True, noSpace: bool = False, noFolder: bool = False):
         super().__init__(reason)
         self.temporary = temporary
         self.noSpace = noSpace
+        self.noFolder = noFolder
 
 
-def _failure(e: OSError) -> DeliveryFailed:
-    import errno
-
+def storageFailure(e: OSError) -> DeliveryFailed:
+    if isinstance(e, FolderMissing):
+        return DeliveryFailed("the folder does not exist", temporary=False, noFolder=True)
     noSpace = e.errno in (errno.ENOSPC, errno.EDQUOT)
     return DeliveryFailed(f"storage error: {e.strerror}", noSpace=noSpace)
+
+
+class FolderMissing(FileNotFoundError):
+    """
+    A folder was deleted or renamed (by another session or process) while
+    it was being written: the operation cannot be done under that name.
+    """
 
 
 class Spool:
@@ -89,6 +99,9 @@ class IncomingMessage:
     @ivar size: octets on disk so far.
     @ivar crlfSize: octets the message has when served with CRLF endings.
     @ivar path: the spool file, once there is one.
+    @ivar internalDate: when the message is said to have arrived (seconds
+        since the epoch; None for now): the file's modification time,
+        set before the file is placed anywhere (IMAP APPEND's date).
     """
 
     SPILL = 128 * 1024
@@ -100,12 +113,15 @@ class IncomingMessage:
         self.size = 0
         self.crlfSize = 0
         self.error: DeliveryFailed | None = None
+        self.internalDate: float | None = None
         self._pendingCR = False
         self._pieces: list[bytes] = []
         self._buffered = 0
         # Spills run one after another, in this chain.
         self._spilled = defer.succeed(None)
         self._gone = False
+        # Whether any piece went (or is going) to the spool file.
+        self._spilling = False
         if head:
             self.write(head)
 
@@ -131,6 +147,7 @@ class IncomingMessage:
         self.crlfSize += len(stored) + stored.count(b"\n")
         if self._buffered >= self.SPILL:
             pieces, self._pieces, self._buffered = self._pieces, [], 0
+            self._spilling = True
             self._spilled.addCallback(lambda _: self.spool.inThread(self._writeOut, pieces))
 
     def _writeOut(self, pieces: list[bytes]) -> None:
@@ -145,10 +162,48 @@ class IncomingMessage:
                 self.path, self._file = self.spool.create()
             _writeAll(self._file, b"".join(pieces))
         except OSError as e:
-            self.error = _failure(e)
+            self.error = storageFailure(e)
         except Exception:
             log.failure("cannot write a spool file")
             self.error = DeliveryFailed("internal error while storing")
+
+    def prepend(self, data: bytes) -> None:
+        """
+        Put C{data} (CRLF line ends) before everything written so far: a
+        header field added once the whole message is known.  While the
+        message is in memory this costs nothing; once part of it is in the
+        spool file, a worker thread writes a new spool file.
+        """
+        if self.error is not None or self._gone or not data:
+            return
+        stored = data.replace(b"\r\n", b"\n")
+        self.size += len(stored)
+        self.crlfSize += len(stored) + stored.count(b"\n")
+        if not self._spilling:
+            self._pieces.insert(0, stored)
+            self._buffered += len(stored)
+            return
+        self._spilled.addCallback(lambda _: self.spool.inThread(self._rewriteWith, stored))
+
+    def _rewriteWith(self, first: bytes) -> None:
+        """
+        Replace the spool file by one holding C{first} and then its
+        content.  Runs in a worker thread; errors are kept for L{close}.
+        """
+        if self.error is not None or self._gone:
+            return
+        oldPath, old = self.path, self._file
+        try:
+            self.path, self._file = self.spool.create()
+            self._file.write(first)
+            with open(oldPath, "rb") as content:
+                while chunk := content.read(1024 * 1024):
+                    self._file.write(chunk)
+        except OSError as e:
+            self.error = _failure(e)
+        finally:
+            old.close()
+            _unlinkQuietly(oldPath)
 
     def close(self) -> defer.Deferred:
         """
@@ -185,6 +240,10 @@ class IncomingMessage:
         if self._file is None:
             self.path, self._file = self.spool.create()
         _writeAll(self._file, b"".join(pieces))
+        if self.internalDate is not None:
+            # After the last write (which sets the time) and before the file
+            # is synced and placed: no reader ever sees it without its date.
+            os.utime(self._file.fileno(), (self.internalDate, self.internalDate))
         if sync:
             os.fsync(self._file.fileno())
 
@@ -224,12 +283,19 @@ class IncomingMessage:
 @dataclass(frozen=True)
 class Target:
     """
-    Where to put a copy: C{folder}'s C{new/} when C{info} is None (the
-    message is new, \\Recent), else its C{cur/} with those flag letters.
+    Where to put a copy: C{folder}'s C{new/} when it is C{recent} (as
+    delivery, APPEND and COPY make it, RFC 3501 section 2.3.2), else its
+    C{cur/}; with the flag letters C{info}, if any.  Or, when C{name} is
+    given, C{folder/name} (the outbound queue names its files itself).
     """
 
     folder: Path
     info: str | None = None
+    recent: bool = True
+    # Made when missing (a user's INBOX); a folder deleted meanwhile is not
+    # brought back by an APPEND.
+    create: bool = True
+    name: str | None = None
 
 
 @dataclass
@@ -250,27 +316,6 @@ def _libcSyncfs() -> Callable[[int], None]:
             raise OSError(err, os.strerror(err))
 
     return syncfs
-
-
-def _writeAll(file, data: bytes) -> None:
-    """
-    Write all of C{data} to an unbuffered file.  write(2) may write only
-    part when the disk is nearly full and say so only by its count; the
-    next call then raises ENOSPC, which the caller turns into a refusal,
-    rather than a truncated message being acknowledged.
-    """
-    view = memoryview(data)
-    while view:
-        written = file.write(view)
-        view = view[written:]
-
-
-def fsyncDirectory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Committer:
@@ -411,7 +456,7 @@ class Committer:
             try:
                 job.message.writeRemaining()
             except OSError as e:
-                job.error = _failure(e)
+                job.error = storageFailure(e)
 
     @staticmethod
     def _link(group: list[_Job]) -> dict[Path, list[_Job]]:
@@ -419,7 +464,8 @@ class Committer:
         Put each synced message into its target folders, with unique names:
         the spool file is renamed into the first, and hard-linked from there
         into the others (a rename is one change of the file system where a
-        link and an unlink are two).
+        link and an unlink are two).  Where a folder lives on another file
+        system, the message is copied there instead (L{placeFile}).
 
         @return: the directories touched, and the jobs in each.
         """
@@ -429,30 +475,40 @@ class Committer:
                 continue
             message = job.message
             placed: list[Path] = []
+            spoolFileMoved = False
             try:
                 for target in job.targets:
                     base = newBaseName(message.size, message.crlfSize)
-                    if target.info is None:
-                        path = target.folder / "new" / base
+                    if target.name is not None:
+                        path = target.folder / target.name
                     else:
-                        path = target.folder / "cur" / (base + ":2," + target.info)
-                    place = os.link if placed else os.rename
+                        name = base if target.info is None else base + ":2," + target.info
+                        path = target.folder / ("new" if target.recent else "cur") / name
                     source = placed[0] if placed else message.path
                     try:
-                        place(source, path)
+                        moved = placeFile(source, path, move=not placed)
                     except FileNotFoundError:
-                        for sub in ("cur", "new", "tmp"):
-                            (target.folder / sub).mkdir(parents=True, exist_ok=True)
-                        place(source, path)
+                        if target.name is not None:
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                        elif not target.create:
+                            raise FolderMissing(str(target.folder))
+                        else:
+                            for sub in ("cur", "new", "tmp"):
+                                (target.folder / sub).mkdir(parents=True, exist_ok=True)
+                        moved = placeFile(source, path, move=not placed)
+                    spoolFileMoved = spoolFileMoved or moved
                     placed.append(path)
                     touched.setdefault(path.parent, []).append(job)
             except OSError as e:
-                job.error = _failure(e)
+                job.error = storageFailure(e)
                 for path in placed:
                     _unlinkQuietly(path)
                 continue
             job.placed = placed
             message.closeFile()
+            if not spoolFileMoved:
+                # Copied to another file system: the spool's copy goes.
+                _unlinkQuietly(message.path)
         return touched
 
     @staticmethod
@@ -461,7 +517,7 @@ class Committer:
             try:
                 fsyncDirectory(new)
             except OSError as e:
-                failure = _failure(e)
+                failure = storageFailure(e)
                 for job in jobs:
                     job.error = failure
 
@@ -474,12 +530,18 @@ class Committer:
             try:
                 job.message.writeRemaining(sync=False)
             except OSError as e:
-                job.error = _failure(e)
+                job.error = storageFailure(e)
         fd = os.open(self.dataDir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._syncfsGroup(fd, group)
-            self._link(group)
+            touched = self._link(group)
             self._syncfsGroup(fd, group)
+            # Folders on other file systems than the data folder's are not
+            # covered by its syncfs.
+            dataDevice = os.fstat(fd).st_dev
+            self._syncFolders(
+                [(d, jobs) for d, jobs in sorted(touched.items()) if os.stat(d).st_dev != dataDevice]
+            )
         finally:
             os.close(fd)
         _withdrawFailed(group)
@@ -490,9 +552,58 @@ class Committer:
         try:
             self._syncfs(fd)
         except OSError as e:
-            failure = _failure(e)
+            failure = storageFailure(e)
             for job in group:
                 job.error = job.error or failure
+
+
+def placeFile(source: Path | str, path: Path, move: bool) -> bool:
+    """
+    Make the message file C{source} appear as C{path}, in one step that
+    another reader never sees half done: a rename (when C{move}) or a hard
+    link where both are on one file system; elsewhere a copy written and
+    synced in the target folder's C{tmp/}, with the source's modification
+    time (the INTERNALDATE), then renamed into place.  The caller syncs
+    C{path}'s directory.
+
+    @return: whether C{source} was moved (it stays when it was copied, or
+        when not C{move}).
+    @raise OSError: if that fails (C{ENOSPC} when the target's disk is
+        full); nothing is left in the target folder then.
+    """
+    try:
+        if move:
+            os.rename(source, path)
+        else:
+            os.link(source, path)
+        return move
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = path.parent.parent / "tmp" / path.name.partition(":")[0]
+    with open(source, "rb", buffering=0) as src:
+        st = os.fstat(src.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            remaining = st.st_size
+            while remaining > 0:
+                sent = os.sendfile(fd, src.fileno(), None, min(remaining, 1 << 30))
+                if sent == 0:
+                    break
+                remaining -= sent
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlinkQuietly(tmp)
+            raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _unlinkQuietly(tmp)
+        raise
+    return False
 
 
 def _withdrawFailed(group: list[_Job]) -> None:
@@ -505,6 +616,18 @@ def _withdrawFailed(group: list[_Job]) -> None:
             for path in job.placed:
                 _unlinkQuietly(path)
             job.placed = None
+
+
+def _writeAll(file, data: bytes) -> None:
+    """
+    Write all of C{data} to an unbuffered file: a raw write may write only
+    part (a file system filling up does that before it fails with
+    ENOSPC), and the rest must not be silently lost.
+    """
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written:]
 
 
 def _unlinkQuietly(path: Path) -> None:

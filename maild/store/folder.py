@@ -23,15 +23,22 @@ from typing import IO, Iterable, Protocol, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from maild.store import maildir
+from maild.store.delivery import FolderMissing
+from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
-from maild.store.uidlist import UidList
+from maild.store.uidlist import UidList, UidValidities
 
 log = Logger()
 
 _READ_SIZE = 64 * 1024
+# Put before the info of a file listed in new/: a "/" is in no file name.
+_IN_NEW_MARK = "/"
+# The time of a directory that is not there.
+_MISSING = -2
 
 # Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
 SETTABLE = (
@@ -53,6 +60,8 @@ class FolderChange:
         can tell its client in its own way).
     @ivar reset: the UIDVALIDITY changed: every UID the listener knew is
         void.
+    @ivar gone: the folder was deleted or renamed: nothing of it is left
+        under its name.
     """
 
     added: list[int] = field(default_factory=list)
@@ -60,9 +69,10 @@ class FolderChange:
     flagged: list[int] = field(default_factory=list)
     origin: object | None = None
     reset: bool = False
+    gone: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.expunged or self.flagged or self.reset)
+        return bool(self.added or self.expunged or self.flagged or self.reset or self.gone)
 
 
 class FolderListener(Protocol):
@@ -75,19 +85,23 @@ class MessageGone(Exception):
     """
 
 
+@implementer(IFolder)
 class Folder:
     """
     The shared index of one folder.
 
     @ivar name: the IMAP name (C{INBOX}, C{Sent}, C{Lists/Python}).
     @ivar path: the folder's directory (holding C{cur new tmp}).
+    @ivar store: the L{maild.store.MailStore} that places messages here
+        and watches the folder (None for a folder only read and changed).
     """
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, store=None, uidValidities: UidValidities | None = None) -> None:
         self.name = name
         self.path = path
+        self.store = store
         self._dir = str(path) + os.sep
-        self.uidList = UidList(path)
+        self.uidList = UidList(path, uidValidities)
         self.keywords = Keywords(path)
         self.uids = array("I")
         self.flags = bytearray()
@@ -98,6 +112,8 @@ class Folder:
         self._listeners: list[FolderListener] = []
         self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
         self._loaded = False
+        # The last look found the folder deleted or renamed.
+        self.missing = False
         # Base names of expunged messages whose files a thread is removing.
         self._unlinking: set[str] = set()
 
@@ -108,7 +124,13 @@ class Folder:
 
     @property
     def uidnext(self) -> int:
-        return max(self.uidList.refresh().uidnext, (self.uids[-1] + 1) if self.uids else 1)
+        highest = (self.uids[-1] + 1) if self.uids else 1
+        try:
+            return max(self.uidList.refresh().uidnext, highest)
+        except FileNotFoundError:
+            if self.path.is_dir():
+                raise
+            return highest  # gone: the next refresh says so
 
     def position(self, uid: int) -> int | None:
         """
@@ -124,9 +146,13 @@ class Folder:
         The current file name (relative to the folder) of message C{i}.
         """
         bits = self.flags[i]
-        if bits & IN_NEW:
-            return "new/" + self.bases[i]
         letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+        if bits & IN_NEW:
+            # A message copied or appended with flags waits in new/ with
+            # them (it is \Recent all the same); one delivered has none.
+            if bits & SETTABLE or letters:
+                return "new/" + maildir.curFileName(self.bases[i], bits, letters)
+            return "new/" + self.bases[i]
         return "cur/" + maildir.curFileName(self.bases[i], bits, letters)
 
     def filePath(self, i: int) -> str:
@@ -291,7 +317,7 @@ class Folder:
             try:
                 mtimes[sub] = os.stat(self._dir + sub).st_mtime_ns
             except FileNotFoundError:
-                mtimes[sub] = -2
+                mtimes[sub] = _MISSING
         return mtimes
 
     def refresh(self) -> FolderChange:
@@ -299,11 +325,41 @@ class Folder:
         Bring the index up to date with the disk (cheap when nothing
         changed: two stats) and tell the listeners what changed.
         """
+        try:
+            return self._refresh()
+        except FileNotFoundError:
+            # Deleted or renamed by another process while we read it.
+            if not self.path.is_dir():
+                return self._gone()
+        # Deleted and made again meanwhile: look once more.
+        self._mtimes = {"new": -1, "cur": -1}
+        return self._refresh()
+
+    def _refresh(self) -> FolderChange:
         mtimes = self._dirMtimes()
         if self._loaded and mtimes == self._mtimes:
             return FolderChange()
+        if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
+            return self._gone()
         changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
         change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
+        self._announce(change)
+        return change
+
+    def _gone(self) -> FolderChange:
+        """
+        The folder was deleted or renamed (by anyone): forget its index,
+        so that a folder made later under this name is read afresh, and
+        tell the listeners.
+        """
+        self.uids, self.flags, self.bases = array("I"), bytearray(), []
+        self.keywordLetters = {}
+        self._sizes = {}
+        self._mtimes = {"new": -1, "cur": -1}
+        self._loaded = False
+        self.uidList.state = None
+        self.missing = True
+        change = FolderChange(gone=True)
         self._announce(change)
         return change
 
@@ -313,16 +369,17 @@ class Folder:
         except FileNotFoundError:
             return []
 
-    def _listing(self, subs: set[str]) -> dict[str, str | None]:
+    def _listing(self, subs: set[str]) -> dict[str, str]:
         """
-        The base name and info (None in C{new/}) of every file in the
-        directories C{subs}.
+        The base name and info of every file in the directories C{subs};
+        the info of a file in C{new/} starts with L{_IN_NEW_MARK}.
         """
-        listing: dict[str, str | None] = {}
+        listing: dict[str, str] = {}
         if "new" in subs:
             for name in self._listDir("new"):
                 if not name.startswith("."):
-                    listing[maildir.splitFileName(name)[0]] = None
+                    base, info = maildir.splitFileName(name)
+                    listing[base] = _IN_NEW_MARK + info
         if "cur" in subs:
             names = [n for n in self._listDir("cur") if not n.startswith(".")]
             # (base, ":2,", info) -> base: info, without a call per file.
@@ -338,6 +395,7 @@ class Folder:
         """
         # Record the times first: a change made while we list is seen next time.
         self._mtimes = mtimes
+        self.missing = False
         onDisk = self._listing(subs)
         state = self.uidList.refresh()
         change = FolderChange()
@@ -363,7 +421,7 @@ class Folder:
                 continue
             else:
                 info = onDisk.pop(base)
-                newBits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+                newBits, letters = infoBits(info)
                 if newBits != bits or letters != oldLetters:
                     change.flagged.append(uid)
             keptUids.append(uid)
@@ -404,10 +462,7 @@ class Folder:
                 newUids += self.uidList.assign(unnumbered, above=above)
             newBases = [base for _, base in numbered] + unnumbered
             infos = list(map(onDisk.__getitem__, newBases))
-            parsed = {
-                info: (IN_NEW, "") if info is None else maildir.flagBits(info)
-                for info in set(infos)
-            }
+            parsed = {info: infoBits(info) for info in set(infos)}
             bitsOf = {info: bits for info, (bits, _) in parsed.items()}
             keptUids.extend(newUids)
             keptFlags += bytes(map(bitsOf.__getitem__, infos))
@@ -509,8 +564,11 @@ class Folder:
         unchanged = self._ownChange(("new", "cur"))
         claimed = []
         for i in positions:
-            if self.flags[i] & IN_NEW and self._rename(i, self.flags[i] & ~IN_NEW, ""):
-                claimed.append(self.uids[i])
+            bits = self.flags[i]
+            if bits & IN_NEW:
+                letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+                if self._rename(i, bits & ~IN_NEW, letters):
+                    claimed.append(self.uids[i])
         self._ownChangeDone(unchanged)
         return claimed
 
@@ -603,10 +661,27 @@ class Folder:
         nobody waits for a listing of a big folder.
 
         @return: their UIDs.
+        @raise FolderMissing: if the folder was deleted or renamed (by
+            another session) since the files were placed: they went with it.
         """
-        if not self._loaded:
-            self.refresh()
+        try:
+            return self._addPlaced(paths, origin)
+        except FileNotFoundError:
+            if not self.path.is_dir():
+                self._gone()
+            elif any(os.path.exists(p) for p in paths):
+                raise
+            # Deleted (and perhaps made again) meanwhile: the files went
+            # with the folder that was.
+            raise FolderMissing(str(self.path)) from None
+
+    def _addPlaced(self, paths: Sequence[Path], origin: object | None) -> list[int]:
         state = self.uidList.refresh()
+        if not self._loaded or state.uidvalidity != self.uidvalidity:
+            # Not read yet, or made anew under this name since (deleted and
+            # created again): what we hold of it is void.
+            self.refresh()
+            state = self.uidList.refresh()
         result: dict[str, int] = {}
         fresh: list[tuple[str, str | None]] = []
         for path in paths:
@@ -616,12 +691,12 @@ class Folder:
             if i is not None and self.bases[i] == base:
                 result[base] = uid  # a listing found it first
             else:
-                fresh.append((base, None if path.parent.name == "new" else info))
+                fresh.append((base, _IN_NEW_MARK + info if path.parent.name == "new" else info))
         above = self.uids[-1] + 1 if self.uids else 1
         uids = self.uidList.assign([base for base, _ in fresh], above=above)
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
-            bits, letters = (IN_NEW, "") if info is None else maildir.flagBits(info)
+            bits, letters = infoBits(info)
             self.uids.append(uid)
             self.flags.append(bits)
             self.bases.append(base)
@@ -631,6 +706,93 @@ class Folder:
             change.added.append(uid)
         self._announce(change)
         return [result[maildir.splitFileName(p.name)[0]] for p in paths]
+
+
+    # Adding messages and watching: through the store --------------------
+
+    def append(
+        self,
+        message,
+        bits: int = 0,
+        keywords: Sequence[str] = (),
+        internalDate: float | None = None,
+        origin: object | None = None,
+    ):
+        """
+        Store C{message} (a L{maild.store.IncomingMessage}) here durably,
+        with flags and keywords, and its INTERNALDATE set before the file is
+        visible to anyone.
+
+        @return: a Deferred firing with C{(UIDVALIDITY, UID)} of the new
+            message, or failing with L{maild.store.DeliveryFailed} (then
+            nothing is stored; C{noFolder} when the folder was deleted
+            meanwhile).
+        @raise maild.store.keywords.TooManyKeywords: if no letter is left
+            for a keyword (nothing is stored).
+        @raise ValueError: for a date the store cannot keep.
+        """
+        from maild.store.delivery import Target, storageFailure
+
+        if internalDate is not None and not MIN_INTERNALDATE <= internalDate <= MAX_INTERNALDATE:
+            raise ValueError(f"INTERNALDATE out of range: {internalDate!r}")
+        try:
+            letters = self.keywords.letters(list(keywords)) if keywords else ""
+        except FileNotFoundError:
+            # Deleted since it was looked up: nothing to name keywords in.
+            return defer.fail(storageFailure(FolderMissing(str(self.path))))
+        bits &= SETTABLE
+        info = maildir.infoString(bits, letters) if (bits or letters) else None
+        message.internalDate = internalDate
+        target = Target(self.path, info, create=self.name == maildir.INBOX)
+        d = self.store.place(message, [target], origin=origin)
+
+        def placed(paths):
+            try:
+                uids = self.addPlaced(paths, origin=origin)
+            except FolderMissing as e:
+                raise storageFailure(e)
+            return self.uidvalidity, uids[0]
+
+        return d.addCallback(placed)
+
+    def copyTo(self, indexes: Sequence[int], destination: "Folder", origin: object | None = None):
+        """
+        Copy messages (by index) into C{destination}, with their flags,
+        keywords and INTERNALDATE.
+
+        @return: a Deferred firing with C{(UIDVALIDITY of the destination,
+            [(source UID, destination UID), ...])}.
+        """
+        d = self.store.copy(self, indexes, destination, origin=origin)
+        return d.addCallback(lambda pairs: (destination.uidvalidity, pairs))
+
+    def watch(self) -> None:
+        """
+        Notice other programs' changes at once (while a session waits in
+        IDLE), until L{unwatch}.
+        """
+        self.store.watcher.watch(self)
+
+    def unwatch(self) -> None:
+        self.store.watcher.unwatch(self)
+
+
+# IMAP's date-time has four digits of year: from year 1 to the last second
+# of 9999.  (A file system may keep less: ext4 clamps to 1901-2446.)
+MIN_INTERNALDATE = -62135596800
+MAX_INTERNALDATE = 253402300799
+
+
+@functools.lru_cache(maxsize=4096)
+def infoBits(info: str) -> tuple[int, str]:
+    """
+    The flag byte and keyword letters of a listed file's info (marked
+    with L{_IN_NEW_MARK} when the file is in C{new/}: then \\Recent).
+    """
+    bits, letters = maildir.flagBits(info)
+    if info.startswith(_IN_NEW_MARK):
+        bits |= IN_NEW
+    return bits, letters
 
 
 @functools.lru_cache(maxsize=16)

@@ -10,9 +10,11 @@ import os
 import string
 from pathlib import Path
 
+from maild.store.files import folderMustExist, replaceFile
 from maild.store.locking import locked
 
 FILE_NAME = "dovecot-keywords"
+LOCK_NAME = "maild-keywords.lock"
 MAX_KEYWORDS = 26
 
 
@@ -23,7 +25,7 @@ class TooManyKeywords(Exception):
 class Keywords:
     def __init__(self, folderPath: Path) -> None:
         self.path = folderPath / FILE_NAME
-        self.lockPath = folderPath / "maild-keywords.lock"
+        self.lockPath = folderPath / LOCK_NAME
         self._byLetter: dict[str, str] = {}
         self._mtime = -1
 
@@ -36,11 +38,16 @@ class Keywords:
         if st.st_mtime_ns == self._mtime:
             return
         byLetter = {}
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                index, _, name = line.strip().partition(" ")
-                if index.isdigit() and int(index) < MAX_KEYWORDS and name:
-                    byLetter[string.ascii_lowercase[int(index)]] = name
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    index, _, name = line.strip().partition(" ")
+                    if index.isdigit() and int(index) < MAX_KEYWORDS and name:
+                        byLetter[string.ascii_lowercase[int(index)]] = name
+        except FileNotFoundError:
+            # Its folder was deleted or renamed meanwhile.
+            self._byLetter, self._mtime = {}, -1
+            return
         self._byLetter, self._mtime = byLetter, st.st_mtime_ns
 
     def names(self, letters: str) -> list[str]:
@@ -66,7 +73,7 @@ class Keywords:
         found = {name.lower(): c for c, name in self._byLetter.items()}
         missing = [n for k, n in wanted.items() if k not in found]
         if missing and create:
-            with locked(self.lockPath):
+            with folderMustExist(self.path.parent), locked(self.lockPath):
                 self._mtime = -1
                 self._refresh()
                 found = {name.lower(): c for c, name in self._byLetter.items()}
@@ -83,9 +90,7 @@ class Keywords:
         return "".join(sorted(found[k] for k in wanted if k in found))
 
     def _write(self) -> None:
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for letter in sorted(self._byLetter):
-                f.write(f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n")
-        os.replace(tmp, self.path)
-        self._mtime = os.stat(self.path).st_mtime_ns
+        text = "".join(
+            f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n" for letter in sorted(self._byLetter)
+        )
+        self._mtime = replaceFile(self.path, text.encode("utf-8")).st_mtime_ns

@@ -7,6 +7,7 @@ open folder.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import shutil
 import time
@@ -20,9 +21,21 @@ from zope.interface import implementer
 
 from maild.names import splitAddress
 from maild.store import maildir
-from maild.store.delivery import Committer, IncomingMessage, Spool, Target, fsyncDirectory
+from maild.store.delivery import (
+    Committer,
+    FolderMissing,
+    IncomingMessage,
+    Spool,
+    Target,
+    placeFile,
+    storageFailure,
+)
+from maild.store.files import folderMustExist, fsyncDirectory, replaceFile
+from maild.store.locking import ExclusiveHold, locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
+from maild.store.keywords import FILE_NAME as KEYWORDS_FILE, LOCK_NAME as KEYWORDS_LOCK
+from maild.store.uidlist import UidList, UidValidities
 from maild.store.watch import FolderWatcher
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
 
@@ -38,6 +51,8 @@ SPECIAL_FOLDERS = {
 }
 
 SUBSCRIPTIONS = "subscriptions"
+SUBSCRIPTIONS_LOCK = "maild-subscriptions.lock"
+MAILDROP_LOCK = "maild-pop3.lock"
 
 
 class NoSuchFolder(Exception):
@@ -94,10 +109,14 @@ class MailStore:
         localPart, domain = splitAddress(address)
         return self.root / domain / localPart
 
+    @staticmethod
+    def _folderPath(root: Path, folder: str) -> Path:
+        return root if folder == INBOX else root / folderDirName(folder)
+
     def mailbox(self, address: str) -> "UserMailbox":
         return UserMailbox(self, address, self.userRoot(address))
 
-    def folderAt(self, name: str, path: Path) -> Folder:
+    def folderAt(self, name: str, path: Path, uidValidities: UidValidities | None = None) -> Folder:
         """
         The shared index of the folder in C{path}, loaded on first use and
         kept while anybody holds it, and for a while after: the folders used
@@ -107,7 +126,7 @@ class MailStore:
         """
         folder = self._folders.get(path)
         if folder is None:
-            folder = Folder(name, path)
+            folder = Folder(name, path, self, uidValidities)
             self._folders[path] = folder
         self._recent[path] = folder
         self._recent.move_to_end(path)
@@ -120,6 +139,16 @@ class MailStore:
     def loadedFolder(self, path: Path) -> Folder | None:
         return self._folders.get(path)
 
+    def folderMoved(self, path: Path) -> None:
+        """
+        The folder in C{path} was deleted or renamed: its sessions (in
+        IDLE too, where no file event may come) learn it at the reactor's
+        next turn, after the command that did it has answered.
+        """
+        folder = self._folders.get(path)
+        if folder is not None and self.committer is not None:
+            self.committer.reactor.callLater(0, folder.refresh)
+
     def incoming(self, head: bytes = b"") -> IncomingMessage:
         """
         Start receiving a message (CRLF line endings in, LF on disk).
@@ -127,17 +156,17 @@ class MailStore:
         return IncomingMessage(self._spool, head)
 
     def deliver(
-        self, message: IncomingMessage, recipients: Sequence[str]
+        self, message: IncomingMessage, recipients: Sequence[str], folder: str = INBOX
     ) -> defer.Deferred:
         """
-        Store C{message} once in the INBOX of each recipient (hard links),
-        durably.
+        Store C{message} once in C{folder} (the INBOX, or a special folder
+        such as C{Junk}) of each recipient (hard links), durably.
 
         @return: a Deferred firing with the paths of the copies when they
             are all on disk, or failing with
             L{maild.store.delivery.DeliveryFailed}.
         """
-        targets = [Target(self.userRoot(r)) for r in recipients]
+        targets = [Target(self._folderPath(self.userRoot(r), folder)) for r in recipients]
         return self.place(message, targets)
 
     def place(
@@ -152,7 +181,10 @@ class MailStore:
             for path in paths:
                 folder = self._folders.get(path.parent.parent)
                 if folder is not None:
-                    folder.addPlaced([path], origin=origin)
+                    try:
+                        folder.addPlaced([path], origin=origin)
+                    except FolderMissing:
+                        pass  # deleted meanwhile: whoever placed it is told
             return paths
 
         return d.addCallback(announce)
@@ -163,8 +195,9 @@ class MailStore:
         """
         Copy messages (by index in C{source}) into C{destination} as hard
         links, keeping their flags and keywords, durably (the destination's
-        C{cur/} is synced once, in a worker thread), and number them there
-        in this order.
+        C{new/} is synced once, in a worker thread), and number them there
+        in this order.  They are \\Recent there (RFC 3501 section 6.4.7):
+        in C{new/}, with their flags in their names.
 
         @return: a Deferred firing with C{(source UID, destination UID)}
             pairs for the messages copied; those expunged meanwhile by
@@ -175,17 +208,25 @@ class MailStore:
         plan = []
         for i in indexes:
             names = source.keywordNames(i)
-            letters = destination.keywords.letters(names) if names else ""
+            try:
+                letters = destination.keywords.letters(names) if names else ""
+            except FileNotFoundError:
+                # Deleted since it was looked up.
+                return defer.fail(storageFailure(FolderMissing(str(destination.path))))
             size, crlfSize = source.sizes(i)
             base = maildir.newBaseName(size, crlfSize)
-            name = maildir.curFileName(base, source.flags[i] & SETTABLE, letters)
+            bits = source.flags[i] & SETTABLE
+            name = maildir.curFileName(base, bits, letters) if bits or letters else base
             plan.append(
-                (source.uids[i], source.filePath(i), destination.path / "cur" / name)
+                (source.uids[i], source.filePath(i), destination.path / "new" / name)
             )
-        d = self.committer.callInPool(_linkAll, plan, destination.path / "cur")
+        d = self.committer.callInPool(_linkAll, plan, destination.path / "new")
 
         def linked(done: list[tuple[int, Path]]) -> list[tuple[int, int]]:
-            uids = destination.addPlaced([path for _, path in done], origin=origin)
+            try:
+                uids = destination.addPlaced([path for _, path in done], origin=origin)
+            except FolderMissing as e:
+                raise storageFailure(e)
             return [(uid, new) for (uid, _), new in zip(done, uids)]
 
         return d.addCallback(linked)
@@ -224,15 +265,32 @@ class MailStore:
 
 
 def _linkAll(plan: list[tuple[int, Path, Path]], directory: Path) -> list[tuple[int, Path]]:
+    """
+    Place the copies of a COPY and sync their folder; those whose source
+    is gone (expunged meanwhile) are left out.
+
+    @raise DeliveryFailed: if any cannot be placed (a full disk, the folder
+        deleted meanwhile): then none of them stays.
+    """
     done = []
-    for uid, source, target in plan:
-        try:
-            os.link(source, target)
-        except FileNotFoundError:
-            continue
-        done.append((uid, target))
-    if done:
-        fsyncDirectory(directory)
+    try:
+        for uid, source, target in plan:
+            try:
+                placeFile(source, target, move=False)
+            except FileNotFoundError:
+                if not target.parent.is_dir():
+                    raise FolderMissing(str(target.parent)) from None
+                continue  # expunged meanwhile
+            done.append((uid, target))
+        if done:
+            fsyncDirectory(directory)
+    except OSError as e:
+        for _, target in done:
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
+        raise storageFailure(e) from e
     return done
 
 
@@ -246,6 +304,7 @@ class UserMailbox:
         self.store = store
         self.address = address
         self.root = root
+        self.uidValidities = UidValidities(root)
 
     def ensureExists(self) -> None:
         """
@@ -261,7 +320,7 @@ class UserMailbox:
                 (path / "maildirfolder").touch()
                 missing.append(name)
         if missing and not subscribed.issuperset(missing):
-            self._writeSubscriptions(sorted(subscribed | set(missing)))
+            self._editSubscriptions(lambda names: names + sorted(set(missing) - set(names)))
 
     def folderPath(self, name: str) -> Path:
         return self.root / folderDirName(name)
@@ -296,10 +355,18 @@ class UserMailbox:
             makeMaildir(path)
         elif not (path / "cur").is_dir():
             raise NoSuchFolder(name)
-        return self.store.folderAt(name, path)
+        return self.store.folderAt(name, path, self.uidValidities)
 
     def specialUse(self, name: str) -> str | None:
         return SPECIAL_FOLDERS.get(name)
+
+    def lockMaildrop(self) -> ExclusiveHold | None:
+        """
+        Take the POP3 maildrop lock (RFC 1939 section 8: one session at a
+        time), or return None when another session or process holds it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        return ExclusiveHold.tryAcquire(self.root / MAILDROP_LOCK)
 
     def create(self, name: str) -> None:
         """
@@ -309,8 +376,9 @@ class UserMailbox:
         path = self.folderPath(name)
         if name == INBOX or (path / "cur").is_dir():
             raise FolderExists(name)
-        makeMaildir(path)
-        (path / "maildirfolder").touch()
+        with folderMustExist(path):
+            makeMaildir(path)
+            (path / "maildirfolder").touch()
 
     def delete(self, name: str) -> None:
         """
@@ -324,9 +392,13 @@ class UserMailbox:
             raise NoSuchFolder(name)
         # Rename first so that the folder vanishes at once, then remove it.
         doomed = self.root / f"..deleted-{time.time_ns()}"
-        os.rename(path, doomed)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            raise NoSuchFolder(name) from None  # another process was first
+        self.store.folderMoved(path)
         shutil.rmtree(doomed, ignore_errors=True)
-        self._writeSubscriptions([s for s in self.subscriptions() if s != name])
+        self._editSubscriptions(lambda names: [s for s in names if s != name])
 
     def rename(self, old: str, new: str) -> None:
         """
@@ -339,7 +411,8 @@ class UserMailbox:
         if new == INBOX:
             raise FolderExists(new)
         if old == INBOX:
-            self._renameInbox(new)
+            with folderMustExist(self.folderPath(new)):
+                self._renameInbox(new)
             return
         if not self.exists(old):
             raise NoSuchFolder(old)
@@ -355,9 +428,26 @@ class UserMailbox:
             if self.exists(target):
                 raise FolderExists(target)
         for source, target in moves:
-            os.rename(self.folderPath(source), self.folderPath(target))
+            try:
+                os.rename(self.folderPath(source), self.folderPath(target))
+            except FileNotFoundError:
+                # Deleted or renamed by another process meanwhile.
+                if source == old:
+                    raise NoSuchFolder(old) from None
+                continue
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise FolderExists(target) from None  # made by another process meanwhile
+            self.store.folderMoved(self.folderPath(source))
+            # The name may have had any UIDVALIDITY before (RFC 3501
+            # section 2.3.1.1): clients must not take these UIDs for those.
+            try:
+                UidList(self.folderPath(target), self.uidValidities).renew()
+            except FileNotFoundError:
+                pass  # moved on again by another process
         renamed = dict(moves)
-        self._writeSubscriptions([renamed.get(s, s) for s in self.subscriptions()])
+        self._editSubscriptions(lambda names: [renamed.get(s, s) for s in names])
 
     def _renameInbox(self, new: str) -> None:
         if self.exists(new):
@@ -365,9 +455,21 @@ class UserMailbox:
         target = self.folderPath(new)
         makeMaildir(target)
         (target / "maildirfolder").touch()
+        # The messages' keyword letters mean what INBOX's keyword file says:
+        # the new folder takes the file with them.
+        try:
+            keywords = (self.root / KEYWORDS_FILE).read_bytes()
+        except FileNotFoundError:
+            pass
+        else:
+            with locked(target / KEYWORDS_LOCK):
+                replaceFile(target / KEYWORDS_FILE, keywords)
         for sub in ("new", "cur"):
             for name in os.listdir(self.root / sub):
-                os.rename(self.root / sub / name, target / sub / name)
+                try:
+                    os.rename(self.root / sub / name, target / sub / name)
+                except FileNotFoundError:
+                    pass  # expunged meanwhile, or moved by another process
 
     # Subscriptions: the file Dovecot keeps, one name per line.
 
@@ -393,16 +495,21 @@ class UserMailbox:
 
     def subscribe(self, name: str) -> None:
         name = maildir.validateFolderName(name)
-        current = self.subscriptions()
-        if name not in current:
-            self._writeSubscriptions(current + [name])
+        self._editSubscriptions(lambda names: names if name in names else names + [name])
 
     def unsubscribe(self, name: str) -> None:
         name = maildir.validateFolderName(name)
-        self._writeSubscriptions([s for s in self.subscriptions() if s != name])
+        self._editSubscriptions(lambda names: [s for s in names if s != name])
 
-    def _writeSubscriptions(self, names: list[str]) -> None:
+    def _editSubscriptions(self, change) -> None:
+        """
+        Rewrite the subscriptions as C{change} (a function of the current
+        list) makes them, under a lock: two sessions subscribing at once
+        must not lose one of the names.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / (SUBSCRIPTIONS + ".tmp")
-        tmp.write_text("".join(n + "\n" for n in names), "utf-8")
-        os.replace(tmp, self.root / SUBSCRIPTIONS)
+        with locked(self.root / SUBSCRIPTIONS_LOCK):
+            current = self.subscriptions()
+            names = change(current)
+            if names != current:
+                replaceFile(self.root / SUBSCRIPTIONS, "".join(n + "\n" for n in names).encode("utf-8"))

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maild.store.files import replaceFile
 from maild.store.locking import locked
 
 FILE_NAME = "dovecot-uidlist"
@@ -30,6 +31,37 @@ LOCK_NAME = "maild-uidlist.lock"
 
 class CorruptUidList(Exception):
     pass
+
+
+class UidValidities:
+    """
+    Where the UIDVALIDITY of every folder of one user comes from: a
+    counter in the user's root, raised under a lock, so that a folder that
+    appears under a name (created after a delete, renamed onto a deleted
+    name, made in the same second as another) never gets a value that name
+    had: the value is at least the time and more than any given before
+    (RFC 3501 section 2.3.1.1).
+    """
+
+    FILE_NAME = "maild-uidvalidity"
+    LOCK_NAME = "maild-uidvalidity.lock"
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / self.FILE_NAME
+        self.lockPath = root / self.LOCK_NAME
+
+    def allocate(self, above: int = 0) -> int:
+        """
+        A new UIDVALIDITY, greater than any given before and than C{above}.
+        """
+        with locked(self.lockPath):
+            try:
+                last = int(self.path.read_text("ascii").strip() or 0)
+            except (FileNotFoundError, ValueError):
+                last = 0
+            value = max(int(time.time()), last + 1, above + 1)
+            replaceFile(self.path, b"%d\n" % value)
+        return value
 
 
 @dataclass
@@ -105,9 +137,10 @@ class UidList:
     of it.
     """
 
-    def __init__(self, folderPath: Path) -> None:
+    def __init__(self, folderPath: Path, uidValidities: UidValidities | None = None) -> None:
         self.path = folderPath / FILE_NAME
         self.lockPath = folderPath / LOCK_NAME
+        self.uidValidities = uidValidities
         self.state: UidListState | None = None
 
     @property
@@ -161,12 +194,37 @@ class UidList:
                 self.state = None
                 return self._readLocked()
             state = UidListState(
-                uidvalidity=int(time.time()), uidnext=1, guid=uuid.uuid4().hex
+                uidvalidity=self._newUidValidity(), uidnext=1, guid=uuid.uuid4().hex
             )
-            if self.state is not None and self.state.uidvalidity >= state.uidvalidity:
-                state.uidvalidity = self.state.uidvalidity + 1
             self._writeAll(state)
             return state
+
+    def _newUidValidity(self, known: int = 0) -> int:
+        """
+        A UIDVALIDITY greater than this list ever had (as far as this
+        process knows, and as far as the user's counter knows).
+        """
+        if self.state is not None:
+            known = max(known, self.state.uidvalidity)
+        if self.uidValidities is not None:
+            return self.uidValidities.allocate(above=known)
+        return max(int(time.time()), known + 1)
+
+    def renew(self) -> None:
+        """
+        Give the folder a new UIDVALIDITY, keeping its UIDs: it now lives
+        under a name that may have had any value before (RENAME).
+        """
+        with locked(self.lockPath):
+            try:
+                state = self._readLocked()
+            except FileNotFoundError:
+                return  # made with a fresh value when first opened
+            except (CorruptUidList, ValueError):
+                state = UidListState(uidvalidity=0, uidnext=1, guid=uuid.uuid4().hex)
+            state.uidvalidity = self._newUidValidity(state.uidvalidity)
+            self._writeAll(state)
+            self.state = state
 
     def _readLocked(self) -> UidListState:
         with open(self.path, "rb") as f:
@@ -189,6 +247,8 @@ class UidList:
 
         @return: the UID of each base.
         """
+        if not bases:
+            return []
         with locked(self.lockPath):
             state = self.refresh()
             lines = []
@@ -233,17 +293,11 @@ class UidList:
         """
         Replace the file with C{state}.  The caller holds the lock.
         """
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
         lines = [f"3 V{state.uidvalidity} N{state.uidnext} G{state.guid}\n"]
         lines.extend(
             f"{uid} :{base}\n"
             for base, uid in sorted(state.uids.items(), key=lambda item: item[1])
         )
         data = "".join(lines).encode("utf-8")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        state.inode = os.stat(self.path).st_ino
+        state.inode = replaceFile(self.path, data).st_ino
         state.offset = len(data)

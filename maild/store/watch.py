@@ -94,7 +94,10 @@ class FolderWatcher:
             pending.cancel()
         if self._notifier is not None:
             for sub in ("new", "cur"):
-                self._notifier.ignore(FilePath(str(folder.path / sub)))
+                try:
+                    self._notifier.ignore(FilePath(str(folder.path / sub)))
+                except KeyError:
+                    pass  # never watched (the folder was gone already)
 
     def _changed(self, folder: Folder) -> None:
         if folder in self._watched and folder not in self._pending:

@@ -9,8 +9,8 @@ suites that send mail and then look at it:
 - C{DELETE /api/messages} (all) and C{DELETE /api/messages/<id>}.
 
 A message's id is its IMAP UID, so it names the same message in
-Thunderbird.  Messages are read in a thread; the folder index is only
-touched in the reactor's.
+Thunderbird.  Messages are opened through the store in the reactor's
+thread (where the folder index lives) and read in another.
 """
 
 from __future__ import annotations
@@ -24,19 +24,29 @@ from email.utils import getaddresses
 from twisted.internet import threads
 from twisted.web import http, resource
 
+from maild.store import MessageGone
 from maild.web.later import respondLater
 
 # Bodies of text parts are returned whole up to this size.
 MAX_TEXT = 1024 * 1024
 
 
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        # Renamed (flags) or expunged meanwhile.
+def _opened(folder, uid: int):
+    """
+    Message C{uid} of C{folder}, open for reading; None if it is gone.
+    """
+    i = folder.position(uid)
+    if i is None:
         return None
+    try:
+        return folder.open(i)
+    except MessageGone:
+        return None
+
+
+def _readAll(f) -> bytes:
+    with f:
+        return f.read()
 
 
 def _addresses(message, name: str) -> list[str]:
@@ -116,7 +126,7 @@ class MessagesAPI(resource.Resource):
 
     def render_GET(self, request):
         folder = self._inbox()
-        paths = [(folder.uids[i], folder.filePath(i)) for i in reversed(range(len(folder)))]
+        opened = [(uid, _opened(folder, uid)) for uid in reversed(folder.uids)]
         filters = {
             key: request.args[key.encode()][0].decode("utf-8", "replace")
             for key in ("to", "from", "subject")
@@ -125,10 +135,9 @@ class MessagesAPI(resource.Resource):
 
         def summarize():
             found = []
-            for uid, path in paths:
-                raw = _read(path)
-                if raw is not None:
-                    summary = _summary(uid, raw)
+            for uid, f in opened:
+                if f is not None:
+                    summary = _summary(uid, _readAll(f))
                     if _matches(summary, filters):
                         found.append(summary)
             return found
@@ -152,21 +161,14 @@ class OneMessage(resource.Resource):
             return RawMessage(self)
         return _Error(http.NOT_FOUND, "not found")
 
-    def path(self) -> str | None:
-        folder = self.api._inbox()
-        i = folder.position(self.uid)
-        return None if i is None else folder.filePath(i)
+    def opened(self):
+        return _opened(self.api._inbox(), self.uid)
 
     def render_GET(self, request):
-        path = self.path()
-        if path is None:
+        f = self.opened()
+        if f is None:
             return _json(request, {"error": "no such message"}, http.NOT_FOUND)
-
-        def detail():
-            raw = _read(path)
-            return None if raw is None else _details(self.uid, raw)
-
-        return _deferred(request, threads.deferToThread(detail))
+        return _deferred(request, threads.deferToThread(lambda: _details(self.uid, _readAll(f))))
 
     def render_DELETE(self, request):
         deleted = self.api._inbox().expunge([self.uid])
@@ -183,12 +185,15 @@ class RawMessage(resource.Resource):
         self.message = message
 
     def render_GET(self, request):
-        path = self.message.path()
-        raw = None if path is None else _read(path)
-        if raw is None:
+        f = self.message.opened()
+        if f is None:
             return _json(request, {"error": "no such message"}, http.NOT_FOUND)
-        request.setHeader(b"content-type", b"message/rfc822")
-        return raw
+
+        def render(raw: bytes) -> bytes:
+            request.setHeader(b"content-type", b"message/rfc822")
+            return raw
+
+        return respondLater(request, threads.deferToThread(_readAll, f), render)
 
 
 class _Error(resource.Resource):

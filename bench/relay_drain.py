@@ -1,0 +1,200 @@
+"""
+How fast maild drains its outbound queue: daemon A (a.test) holds N queued
+10 KiB messages for b.test, daemon B (b.test) comes up, A is told to flush,
+and the run measures how long until A's queue is empty, and A's memory
+meanwhile.  Then, for comparison, the same N messages are sent straight to
+B with smtp_load.py over as many connections as A uses: B's own durable
+receive rate (over STARTTLS, as A sends), the ceiling A's drain can reach.
+
+    python bench/relay_drain.py [--messages 10000] [--size 10240] [--connections 4]
+
+Both daemons run from this checkout (twistd maild), data in a temporary
+folder under --dir (/tmp by default), loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from maild.config import PROTOCOLS  # noqa: E402  (every listener, to turn off the unused)
+
+PASSWORD = "bench password"
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitForPort(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    User and system CPU time a process has used.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss(pid: int) -> int:
+    """
+    Resident memory of a process, in KiB.
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Daemon:
+    def __init__(
+        self, folder: Path, domain: str, user: str, listeners: dict[str, int], relay: str = "", twistd: tuple = ()
+    ) -> None:
+        self.folder = folder
+        self.data = folder / "data"
+        folder.mkdir(parents=True)
+        listen = "\n".join(
+            f'{p} = "tcp:{listeners[p]}:interface=127.0.0.1"' if p in listeners else f'{p} = "none"'
+            for p in PROTOCOLS
+        )
+        self.config = folder / "maild.toml"
+        self.config.write_text(
+            f'data_dir = "{self.data}"\nhostname = "mx.{domain}"\ndomains = ["{domain}"]\n'
+            f"[listen]\n{listen}\n[auth]\nsubmission_plaintext = true\n"
+            f"[limits]\nconnections_per_ip = 100\n{relay}"
+        )
+        subprocess.run(
+            [sys.executable, "-m", "maild.cli", "--config", str(self.config), "user", "add", user, "--password-stdin"],
+            input=PASSWORD + "\n", text=True, check=True, capture_output=True, cwd=ROOT,
+        )
+        self.log = open(folder / "twistd.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", *twistd, "maild", "--config", str(self.config)],
+            cwd=folder, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+        self.log.close()
+
+    def logText(self) -> str:
+        return (self.folder / "twistd.log").read_text(errors="replace")
+
+
+def load(
+    port: int, messages: int, size: int, concurrency: int, sender: str, to: str, user: str | None, starttls: bool = False
+) -> dict:
+    command = [
+        sys.executable, str(ROOT / "bench" / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
+        "--messages", str(messages), "--size", str(size), "--concurrency", str(concurrency),
+        "--from", sender, "--to", to, "--json",
+    ]
+    if user:
+        command += ["--user", user, "--password", PASSWORD]
+    if starttls:
+        command += ["--starttls", "--insecure"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--size", type=int, default=10_240)
+    parser.add_argument("--connections", type=int, default=4, help="A's connections to B (default 4)")
+    parser.add_argument("--keep", action="store_true", help="keep the data folders")
+    parser.add_argument("--profile", help="save a cProfile of A's whole run in this file")
+    parser.add_argument("--dir", default="/tmp", help="where the data folders go (default %(default)s; /dev/shm: no disk cost)")
+    options = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="maild-drain-", dir=options.dir))
+    bPort, aPort = freePort(), freePort()
+    a = Daemon(
+        root / "a", "a.test", "alice@a.test", {"submission": aPort},
+        relay=(
+            f"[relay]\nretry_first = 3600.0\nconnections_per_destination = {options.connections}\n"
+            f'queue_max_messages = {options.messages + 1000}\nrecipients_per_hour = {options.messages + 1000}\n'
+            f'[relay.routes]\n"b.test" = "127.0.0.1:{bPort}"\n'
+        ),
+        twistd=("--profiler=cprofile", "--savestats", f"--profile={options.profile}") if options.profile else (),
+    )
+    b = None
+    try:
+        waitForPort(aPort)
+        queue = a.data / "queue"
+        # B is down: every message is queued (and deferred once).
+        loaded = load(aPort, options.messages, options.size, 8, "alice@a.test", "bob@b.test", "alice@a.test")
+        while a.logText().count("status=deferred") < options.messages:
+            time.sleep(0.2)
+        queued = len(list(queue.glob("*.env")))
+        b = Daemon(root / "b", "b.test", "bob@b.test", {"smtp": bPort})
+        waitForPort(bPort)
+        time.sleep(2)
+        memory = [rss(a.process.pid)]
+        (queue / "flush").mkdir(exist_ok=True)
+        cpuBefore = cpuSeconds(a.process.pid)
+        start = time.monotonic()
+        (queue / "flush" / "ALL").touch()
+        while any(True for _ in queue.glob("*.env")):
+            time.sleep(0.25)
+            memory.append(rss(a.process.pid))
+        drained = time.monotonic() - start
+        cpu = cpuSeconds(a.process.pid) - cpuBefore
+        inbox = b.data / "mail" / "b.test" / "bob"
+        delivered = sum(1 for sub in ("new", "cur") for _ in (inbox / sub).iterdir())
+        # The ceiling: the same messages straight into B, over as many
+        # connections, with STARTTLS as A uses.
+        direct = load(
+            bPort, options.messages, options.size, options.connections, "carol@c.test", "bob@b.test", None, True
+        )
+        summary = {
+            "messages": options.messages,
+            "queued": queued,
+            "delivered": delivered,
+            "load_messages_per_s": round(loaded["messages_per_second"], 1),
+            "load_accepted": loaded["accepted"],
+            "drain_seconds": round(drained, 2),
+            "drain_messages_per_s": round(delivered / drained, 1),
+            "direct_to_b_messages_per_s": round(direct["messages_per_second"], 1),
+            "a_cpu_ms_per_message": round(cpu * 1000 / max(delivered, 1), 2),
+            "a_rss_kib_before_after_peak": [memory[0], memory[-1], max(memory)],
+            "tracebacks": a.logText().count("Traceback") + b.logText().count("Traceback"),
+        }
+        print(json.dumps(summary, indent=1))
+        return 0
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+        if not options.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,389 @@
+"""
+The durable outbound queue in C{<data>/queue/}.
+
+Each message is two files side by side: C{<id>.msg}, the message as the
+store keeps it (LF line ends, the trace headers first), and C{<id>.env},
+its envelope in JSON (sender, each recipient with its own state, attempts,
+next try, arrival time).  The envelope is written and synced first, then
+the message joins the store's group commit, which syncs the queue folder
+with the users' folders: when submission answers 250, both are on disk.
+An envelope without its message was never acknowledged (or was being
+deleted) and is removed; anything unreadable is moved into C{corrupt/}.
+
+Per-recipient state is rewritten (atomically, synced) after each remote
+reply, so a recipient the remote server acknowledged is not sent again
+after a crash; rewrites and removals are grouped, one folder sync each.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from maild.store.delivery import (
+    Committer,
+    DeliveryFailed,
+    IncomingMessage,
+    Target,
+    fsyncDirectory,
+)
+
+log = Logger()
+
+QUEUED, SENT, BOUNCED = "queued", "sent", "bounced"
+
+_sequence = itertools.count()
+
+
+def newQueueId() -> str:
+    """
+    An id no other process sharing the queue chooses: seconds, a
+    per-process sequence number and the process id, in hex.
+    """
+    return f"{int(time.time()):08X}{next(_sequence) & 0xFFFFF:05X}{os.getpid() & 0xFFFF:04X}"
+
+
+def validQueueId(text: str) -> bool:
+    return 0 < len(text) <= 32 and all(c in "0123456789ABCDEF" for c in text)
+
+
+@dataclass
+class Recipient:
+    """
+    One recipient of a queued message and where its delivery stands.
+    """
+
+    address: str
+    state: str = QUEUED
+    attempts: int = 0
+    # The last reply or error, as logged.
+    reply: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass
+class QueueEntry:
+    """
+    A queued message's envelope.
+
+    @ivar sender: the envelope sender ("" for the null sender of a DSN,
+        which is never bounced: RFC 5321 section 4.5.5).
+    @ivar headers: header lines to put first when sending (the Date: and
+        Message-ID: submission adds when the client left them out).
+    @ivar warned: whether the sender was told of the delay.
+    @ivar signatures: the DKIM-Signature fields (CRLF line ends), made
+        once when the message is accepted; empty until then.
+    """
+
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float
+    nextTry: float
+    user: str = ""
+    headers: list[str] = field(default_factory=list)
+    warned: bool = False
+    signatures: str = ""
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == QUEUED]
+
+    def toJSON(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def fromJSON(cls, data: bytes) -> "QueueEntry":
+        """
+        @raise ValueError: if C{data} is not a valid envelope.
+        """
+        try:
+            raw = json.loads(data)
+        except RecursionError:
+            raise ValueError("nested too deeply")
+        if not isinstance(raw, dict) or not validQueueId(str(raw.get("id"))):
+            raise ValueError("not an envelope")
+        try:
+            recipients = [Recipient(**r) for r in raw.pop("recipients")]
+            entry = cls(recipients=recipients, **raw)
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"bad envelope: {e}")
+        number = (int, float)
+        valid = (
+            all(
+                isinstance(r.address, str) and r.state in (QUEUED, SENT, BOUNCED)
+                and isinstance(r.attempts, int) and isinstance(r.reply, str)
+                for r in recipients
+            )
+            and isinstance(entry.sender, str) and isinstance(entry.user, str)
+            and isinstance(entry.arrival, number) and isinstance(entry.nextTry, number)
+            and isinstance(entry.headers, list) and all(isinstance(h, str) for h in entry.headers)
+            and isinstance(entry.warned, bool) and isinstance(entry.signatures, str)
+        )
+        if not valid:
+            raise ValueError("bad envelope fields")
+        return entry
+
+
+class OutboundQueue:
+    """
+    The queue's files.  Blocking work runs in the committer's threads.
+    """
+
+    def __init__(self, path: Path, committer: Committer | None) -> None:
+        self.path = path
+        self.committer = committer
+        self._batch: list[tuple[Callable[[], None], defer.Deferred]] = []
+        self._writing = False
+        self._settled: list[defer.Deferred] = []
+
+    def messagePath(self, queueId: str) -> Path:
+        return self.path / f"{queueId}.msg"
+
+    def envelopePath(self, queueId: str) -> Path:
+        return self.path / f"{queueId}.env"
+
+    @property
+    def corruptPath(self) -> Path:
+        return self.path / "corrupt"
+
+    def enqueue(
+        self, message: IncomingMessage, entry: QueueEntry, localTargets: Sequence[Target]
+    ) -> defer.Deferred:
+        """
+        Store C{message} durably: its envelope, then the message in the
+        same group commit as its local copies (C{localTargets}).
+
+        @return: a Deferred firing when all of it is on disk, or failing
+            with L{maild.store.DeliveryFailed} (nothing then stays queued).
+        """
+        d = self.committer.callInPool(self._writeEnvelope, entry, False)
+
+        def commit(_):
+            targets = list(localTargets) + [Target(self.path, name=f"{entry.id}.msg")]
+            return self.committer.commit(message, targets)
+
+        def envelopeFailed(reason):
+            message.discard()
+            reason.trap(OSError)
+            raise DeliveryFailed(f"cannot queue: {reason.value.strerror}")
+
+        def withdraw(reason):
+            d = self.committer.callInPool(_unlinkQuietly, self.envelopePath(entry.id))
+            return d.addCallback(lambda _: reason)
+
+        d.addCallbacks(commit, envelopeFailed)
+        d.addErrback(withdraw)
+        return d
+
+    def _writeEnvelope(self, entry: QueueEntry, replace: bool) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.envelopePath(entry.id)
+        if replace and not self.messagePath(entry.id).exists():
+            # Deleted meanwhile (`maild queue delete`): do not bring it back.
+            _unlinkQuietly(target)
+            return
+        temporary = target.with_suffix(".tmp")
+        with open(temporary, "wb") as f:
+            f.write(entry.toJSON())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+
+    def save(self, entry: QueueEntry) -> defer.Deferred:
+        """
+        Rewrite C{entry}'s envelope, durably (grouped with other changes).
+        """
+        return self._grouped(lambda: self._writeEnvelope(entry, True))
+
+    def remove(self, queueId: str) -> defer.Deferred:
+        """
+        Remove a message that is done with, durably (grouped).
+        """
+
+        def unlink():
+            _unlinkQuietly(self.messagePath(queueId))
+            _unlinkQuietly(self.envelopePath(queueId))
+            _unlinkQuietly(self.path / "flush" / queueId)
+
+        return self._grouped(unlink)
+
+    def settled(self) -> defer.Deferred:
+        """
+        A Deferred firing once every change asked for is on disk.
+        """
+        if not self._writing and not self._batch:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._settled.append(d)
+        return d
+
+    def _batchDone(self) -> None:
+        self._writing = False
+        if self._batch:
+            self._writeBatch()
+            return
+        settled, self._settled = self._settled, []
+        for d in settled:
+            d.callback(None)
+
+    def claim(self, entry: QueueEntry) -> int | None:
+        """
+        Take C{entry} for one attempt, against other processes sharing the
+        queue (C{--workers}, nodes on shared storage): an exclusive C{flock}
+        on its message file (which, unlike the envelope, keeps its inode for
+        its whole life; the kernel drops the lock if the process dies), then
+        its recipients' state as the last attempt left it on disk.
+
+        @return: the lock's file descriptor (to close when the attempt is
+            over), or None if another process holds it.
+        @raise FileNotFoundError: if the message is gone (delivered by
+            another process, or deleted).
+        """
+        fd = os.open(self.messagePath(entry.id), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
+        except FileNotFoundError:
+            os.close(fd)
+            raise
+        except ValueError:
+            return fd
+        entry.recipients = stored.recipients
+        entry.warned = stored.warned
+        entry.signatures = entry.signatures or stored.signatures
+        return fd
+
+    def _grouped(self, change: Callable[[], None]) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._batch.append((change, d))
+        if not self._writing:
+            self._writeBatch()
+        return d
+
+    def _writeBatch(self) -> None:
+        batch, self._batch = self._batch, []
+        self._writing = True
+
+        def run():
+            for change, _ in batch:
+                change()
+            fsyncDirectory(self.path)
+
+        def done(_):
+            for _, d in batch:
+                d.callback(None)
+            self._batchDone()
+
+        def failed(reason):
+            log.failure("cannot update the queue", reason)
+            for _, d in batch:
+                d.errback(reason)
+            self._batchDone()
+
+        self.committer.callInPool(run).addCallbacks(done, failed)
+
+    def readMessage(self, queueId: str) -> defer.Deferred:
+        """
+        The message's bytes as stored (LF line ends); fails with
+        C{FileNotFoundError} if it was deleted.
+        """
+        return self.committer.callInPool(self.messagePath(queueId).read_bytes)
+
+    def entries(self) -> list[QueueEntry]:
+        """
+        The readable envelopes, changing nothing (the command line lists
+        a queue a daemon is working on).
+        """
+        found = []
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if name.endswith(".env"):
+                try:
+                    found.append(QueueEntry.fromJSON((self.path / name).read_bytes()))
+                except (ValueError, OSError):
+                    continue
+        return found
+
+    def load(self) -> list[QueueEntry]:
+        """
+        Every queued message, from disk (blocking: at start, or for the
+        command line).  Unreadable envelopes, and messages without one,
+        are moved into C{corrupt/}; envelopes without a message (never
+        acknowledged, or being deleted) are removed.
+        """
+        entries = []
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        present = set(names)
+        for name in names:
+            stem, _, suffix = name.rpartition(".")
+            if suffix == "tmp":
+                _unlinkQuietly(self.path / name)
+            elif suffix == "env":
+                if f"{stem}.msg" not in present:
+                    log.info("queue: removing {id}, never accepted", id=stem)
+                    _unlinkQuietly(self.path / name)
+                    continue
+                try:
+                    entry = QueueEntry.fromJSON((self.path / name).read_bytes())
+                    if entry.id != stem:
+                        raise ValueError("id differs from the file name")
+                except (ValueError, OSError) as e:
+                    log.error("queue: {id} cannot be read ({error}), moved to corrupt/", id=stem, error=str(e))
+                    self._moveAside(stem)
+                    continue
+                entries.append(entry)
+            elif suffix == "msg" and f"{stem}.env" not in present:
+                log.error("queue: {id} has no envelope, moved to corrupt/", id=stem)
+                self._moveAside(stem)
+        return entries
+
+    def _moveAside(self, stem: str) -> None:
+        self.corruptPath.mkdir(parents=True, exist_ok=True)
+        for suffix in ("env", "msg"):
+            source = self.path / f"{stem}.{suffix}"
+            if source.exists():
+                os.replace(source, self.corruptPath / source.name)
+
+    def corrupt(self) -> list[str]:
+        """
+        The names of the files moved aside as unreadable.
+        """
+        try:
+            return sorted(os.listdir(self.corruptPath))
+        except FileNotFoundError:
+            return []
+
+    def count(self) -> int:
+        try:
+            return sum(1 for name in os.listdir(self.path) if name.endswith(".env"))
+        except FileNotFoundError:
+            return 0
+
+
+def _unlinkQuietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,682 @@
+"""
+The relay: takes remote recipients from submission into the durable
+queue, and delivers the queue in the reactor.
+
+Work is grouped by destination domain: each queued message gives one
+unit per domain it has recipients in, and a domain's units wait in one
+line that up to C{connections_per_destination} connections take from, so
+one connection carries several messages (up to C{connections} in all).
+After each transaction the recipients' new state is written to the
+queue; when a message has no recipient left to try it is removed, after
+the sender got a DSN for any that failed for good.
+
+C{maild queue flush} reaches a running daemon through a request file in
+C{<data>/queue/flush/} (a queue id, or C{ALL}) whose time it checks every
+C{scan_interval} seconds: no pid file or signal is needed, and every
+process sharing the data folder acts on it.  Such processes (C{--workers},
+nodes on shared storage) each know the whole queue; an attempt first
+claims the message (L{OutboundQueue.claim}), so no two send it at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol, ssl, task, threads
+from twisted.logger import Logger
+from twisted.mail.smtp import SMTPServerError
+
+from maild.names import InvalidName, normalizeDomain
+from maild.relay import dkim, dsn
+from maild.relay.client import OutboundSession, Reply, SessionError, SessionSettings, SMTPClient
+from maild.relay.destinations import DestinationError, Destinations, NextHop
+from maild.relay.queue import BOUNCED, QUEUED, SENT, OutboundQueue, QueueEntry, Recipient, newQueueId
+from maild.resolver import makeResolver
+from maild.store import Target
+
+log = Logger()
+
+FLUSH_ALL = "ALL"
+# Messages tried at once: each holds a lock, so a file descriptor, while
+# its recipients wait in their domains' lines (20 connections take them
+# far faster than this many can be sent).
+MAX_ATTEMPTS = 500
+_RETURN_PATH = re.compile(rb"\AReturn-Path:[^\n]*\n(?:[ \t][^\n]*\n)*", re.I)
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
+
+
+class RemoteRecipient(str):
+    """
+    A recipient in another domain, accepted for the queue.
+    """
+
+
+@dataclass
+class _Unit:
+    """
+    The recipients of one queued message in one domain: what one
+    transaction carries.
+    """
+
+    entry: QueueEntry
+    domain: str
+    recipients: list[Recipient]
+
+
+class Relay(service.Service):
+    """
+    @param resolver: the DNS resolver (default: the configured one).
+    """
+
+    name = "relay"
+
+    def __init__(self, config, store, addresses, reactor, resolver=None) -> None:
+        self.config = config
+        self.settings = config.relay
+        self.store = store
+        self.addresses = addresses
+        self.clock = reactor
+        self.queue = OutboundQueue(config.data_dir / "queue", store.committer)
+        self.keys = dkim.DKIMKeys(config.data_dir / "dkim")
+        self.destinations = Destinations(
+            self.settings, (lambda: resolver) if resolver else (lambda: makeResolver(config.dns))
+        )
+        self.entries: dict[str, QueueEntry] = {}
+        # Entries being tried: how many of their units are not done yet,
+        # and the recipients refused for good meanwhile.
+        self._outstanding: dict[str, int] = {}
+        self._failed: dict[str, list[dsn.RecipientStatus]] = {}
+        self._lines: dict[str, deque[_Unit]] = {}
+        self._connections: dict[str, int] = {}
+        self._sessions: set[OutboundSession] = set()
+        # Work under way (connections, the end of attempts), which stopping
+        # waits for, so that no queue write comes after the store stopped.
+        self._busy: set[defer.Deferred] = set()
+        # Messages just accepted, being signed: not to be tried before.
+        self._signing: set[str] = set()
+        # The locks held on the messages being tried (queue.claim).
+        self._claims: dict[str, int] = {}
+        # Messages due, waiting for a place among the attempts.
+        self._due: deque[str] = deque()
+        # When each flush request file was last acted on.
+        self._flushSeen: dict[str, float] = {}
+        self._total = 0
+        self._sent: dict[str, deque[float]] = {}
+        self._scanner = task.LoopingCall(self._scan)
+        self._scanner.clock = reactor
+
+    # Service -----------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._started = time.time()
+        self.keys.ensure(self.config.domains)
+        for entry in self.queue.load():
+            self.entries[entry.id] = entry
+        if self.entries:
+            log.info("queue: {count} messages to deliver", count=len(self.entries))
+        self._scanner.start(self.settings.scan_interval, now=True)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._scanner.running:
+            self._scanner.stop()
+        for session in list(self._sessions):
+            session.client.transport.abortConnection()
+        return self._settle()
+
+    @defer.inlineCallbacks
+    def _settle(self):
+        # Work that ends may start more (an attempt's end writes the queue).
+        while self._busy:
+            yield defer.DeferredList(list(self._busy))
+        yield self.queue.settled()
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        self._busy.add(d)
+
+        def done(result):
+            self._busy.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    # Taking mail -------------------------------------------------------
+
+    def acceptRecipient(self, user: str, dest) -> RemoteRecipient:
+        """
+        Check that C{user} may send to C{dest} (an address in another
+        domain) now.
+
+        @raise SMTPServerError: with the refusal.
+        """
+        try:
+            local = dest.local.decode("ascii")
+            domain = normalizeDomain(dest.domain.decode("ascii"))
+        except (UnicodeDecodeError, InvalidName):
+            raise SMTPServerError(553, "5.1.3 Bad recipient address syntax")
+        if not local or any(c in local for c in " <>\\\0\r\n"):
+            raise SMTPServerError(553, "5.1.3 Bad recipient address syntax")
+        if len(self.entries) >= self.settings.queue_max_messages:
+            raise SMTPServerError(452, "4.3.1 Error: outbound queue full, try again later")
+        now = self.clock.seconds()
+        sent = self._sent.setdefault(user, deque())
+        while sent and sent[0] <= now - 3600:
+            sent.popleft()
+        if len(sent) >= self.settings.recipients_per_hour:
+            raise SMTPServerError(
+                451,
+                f"4.7.1 Error: {user} reached {self.settings.recipients_per_hour} "
+                "recipients in other domains per hour, try again later",
+            )
+        sent.append(now)
+        return RemoteRecipient(f"{local}@{domain}")
+
+    def enqueue(self, message, sender: str, local: list[str], remote: list[str], user: str, headers: bytes):
+        """
+        Store C{message} for its C{local} recipients and queue it for the
+        C{remote} ones, durably, in one group commit.
+
+        @param headers: the message's header section, to see whether
+            Date: and Message-ID: are there (RFC 6409 section 8).
+        @return: a Deferred firing once all of it is on disk.
+        """
+        now = time.time()
+        entry = QueueEntry(
+            id=newQueueId(),
+            sender=sender,
+            recipients=[Recipient(str(address)) for address in remote],
+            arrival=now,
+            nextTry=now,
+            user=user,
+            headers=missingHeaders(headers, sender.rpartition("@")[2] or self.config.hostname),
+        )
+        targets = [Target(self.store.userRoot(r)) for r in local]
+        d = self.queue.enqueue(message, entry, targets)
+
+        def queued(result):
+            self.entries[entry.id] = entry
+            log.info(
+                "queued id={id} from=<{sender}> to={recipients}",
+                id=entry.id,
+                sender=sender,
+                recipients=",".join(f"<{r}>" for r in remote),
+            )
+            if self.running:
+                self._signThenStart(entry)
+            return result
+
+        return d.addCallback(queued)
+
+    # Scheduling --------------------------------------------------------
+
+    def _scan(self) -> None:
+        self._takeFlushRequests()
+        now = time.time()
+        self._due = deque(
+            entry.id
+            for entry in self.entries.values()
+            if entry.id not in self._outstanding and entry.id not in self._signing and entry.nextTry <= now
+        )
+        self._fill()
+
+    def _fill(self) -> None:
+        """
+        Start due messages, up to L{MAX_ATTEMPTS} at once.
+        """
+        while self._due and len(self._outstanding) < MAX_ATTEMPTS and self.running:
+            entry = self.entries.get(self._due.popleft())
+            if entry is not None and entry.id not in self._outstanding:
+                self._start(entry)
+        self._startConnections()
+
+    def flush(self, queueId: str = FLUSH_ALL) -> None:
+        """
+        Try C{queueId} (or every message) now.
+        """
+        for entry in self.entries.values():
+            if queueId in (FLUSH_ALL, entry.id):
+                entry.nextTry = 0.0
+
+    def _takeFlushRequests(self) -> None:
+        # A request is a file whose time is newer than the last this
+        # process acted on: every process sharing the queue sees it (each
+        # knows the messages it accepted since it started).  The file of
+        # one message goes with the message.
+        requests = self.queue.path / "flush"
+        try:
+            entries = list(os.scandir(requests))
+        except OSError:
+            return
+        for request in entries:
+            try:
+                mtime = request.stat().st_mtime
+            except OSError:
+                continue
+            if mtime > self._flushSeen.get(request.name, self._started):
+                self._flushSeen[request.name] = mtime
+                log.info("queue: flush {id} requested", id=request.name)
+                self.flush(request.name)
+
+    def _start(self, entry: QueueEntry) -> None:
+        """
+        Put the pending recipients of C{entry} in their domains' lines.
+        """
+        try:
+            claim = self.queue.claim(entry)
+        except FileNotFoundError:
+            # Delivered by another process sharing the queue, or taken by
+            # `maild queue delete`.
+            log.info("queue: {id} is gone", id=entry.id)
+            self.entries.pop(entry.id, None)
+            self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
+            return
+        if claim is None:
+            # Another process is trying it now.
+            return
+        self._claims[entry.id] = claim
+        byDomain: dict[str, list[Recipient]] = {}
+        for recipient in entry.pending():
+            byDomain.setdefault(recipient.domain, []).append(recipient)
+        if not byDomain:
+            self._outstanding[entry.id] = 1
+            self._unitDone(entry)
+            return
+        self._outstanding[entry.id] = len(byDomain)
+        for domain, recipients in byDomain.items():
+            self._lines.setdefault(domain, deque()).append(_Unit(entry, domain, recipients))
+
+    def _startConnections(self) -> None:
+        for domain, line in list(self._lines.items()):
+            if not line and not self._connections.get(domain):
+                del self._lines[domain]
+                continue
+            while (
+                line
+                and self._total < self.settings.connections
+                and self._connections.get(domain, 0) < self.settings.connections_per_destination
+                and self._connections.get(domain, 0) < len(line)
+            ):
+                self._connections[domain] = self._connections.get(domain, 0) + 1
+                self._total += 1
+                d = self._track(self._serve(domain, line))
+                d.addErrback(lambda reason: log.failure("relay: delivery failed", reason))
+                d.addBoth(self._connectionDone, domain)
+
+    def _connectionDone(self, _, domain: str) -> None:
+        self._connections[domain] -= 1
+        self._total -= 1
+        if not self._connections[domain]:
+            del self._connections[domain]
+        self._startConnections()
+
+    # Delivery ----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _serve(self, domain: str, line: deque):
+        """
+        One connection for C{domain}: take units from its line until
+        there are none left or the connection fails.
+        """
+        try:
+            hops = yield self.destinations.nextHops(domain)
+            session, relay = yield self._connect(domain, hops)
+        except (DestinationError, SessionError) as e:
+            relay = getattr(e, "relay", "none")
+            while line:
+                self._record(line.popleft(), {}, relay, e)
+            return
+        self._sessions.add(session)
+
+        def take():
+            # The next message is read from disk while this one is sent.
+            if not line or not self.running:
+                return None
+            unit = line.popleft()
+            return unit, self._prepare(unit.entry)
+
+        following = take()
+        try:
+            while following is not None:
+                unit, prepared = following
+                following = None
+                try:
+                    message = yield prepared
+                except FileNotFoundError:
+                    self._forget(unit.entry)
+                    following = take()
+                    continue
+                except Exception:
+                    log.failure("queue: cannot prepare {id}", id=unit.entry.id)
+                    self._record(unit, {}, relay, SessionError("local error while preparing the message"))
+                    following = take()
+                    continue
+                following = take()
+                try:
+                    outcomes = yield session.transfer(
+                        unit.entry.sender, [r.address for r in unit.recipients], message
+                    )
+                except SessionError as e:
+                    self._record(unit, {}, relay, e)
+                    return
+                self._record(unit, outcomes, relay)
+            yield session.close()
+        finally:
+            self._sessions.discard(session)
+            if following is not None:
+                # Read ahead but not sent: back to the front of its line.
+                unit, prepared = following
+                prepared.addErrback(lambda _: None)
+                line.appendleft(unit)
+
+    @defer.inlineCallbacks
+    def _connect(self, domain: str, hops: list[NextHop]):
+        """
+        A session opened with the first of C{hops} (and of its addresses)
+        that answers.
+
+        @return: the session and its name for the log, C{host[ip]:port}.
+        @raise SessionError: the last problem, if none does.
+        """
+        smarthost = self.destinations.isSmarthost(domain)
+        settings = self._sessionSettings(smarthost)
+        problem: Exception = SessionError("no server to try")
+        relay = "none"
+        for hop in hops:
+            try:
+                addresses = yield self.destinations.addresses(hop.host)
+            except DestinationError as e:
+                problem = e
+                continue
+            for address in addresses:
+                relay = f"{hop.host}[{address}]:{hop.port}"
+                implicitTLS = smarthost and hop.port == 465
+                endpoint = _endpoint(self.clock, address, hop.port, self.settings.connect_timeout)
+                if implicitTLS:
+                    endpoint = endpoints.wrapClientTLS(settings.tlsOptions(hop.host), endpoint)
+                try:
+                    client = yield endpoint.connect(_ClientFactory(self.clock))
+                except Exception as e:
+                    problem = SessionError(f"connect to {relay} failed: {e.__class__.__name__}")
+                    continue
+                session = OutboundSession(client, settings, hop.host)
+                try:
+                    yield session.open(implicitTLS)
+                except SessionError as e:
+                    client.transport.abortConnection()
+                    problem = e
+                    continue
+                return session, relay
+        problem.relay = relay
+        raise problem
+
+    def _sessionSettings(self, smarthost: bool) -> SessionSettings:
+        if smarthost:
+            return SessionSettings(
+                hostname=self.config.hostname,
+                commandTimeout=self.settings.command_timeout,
+                dataTimeout=self.settings.data_timeout,
+                tlsOptions=self._verifiedTLS,
+                requireTLS=True,
+                credentials=self._smarthostCredentials(),
+            )
+        # Opportunistic TLS: as every MTA does today, the certificate is
+        # not checked (most MX certificates would fail; RFC 7435).
+        return SessionSettings(
+            hostname=self.config.hostname,
+            commandTimeout=self.settings.command_timeout,
+            dataTimeout=self.settings.data_timeout,
+            tlsOptions=lambda host: ssl.CertificateOptions(),
+        )
+
+    def _verifiedTLS(self, host: str):
+        trustRoot = None
+        if self.settings.smarthost_cafile is not None:
+            pem = self.settings.smarthost_cafile.read_bytes()
+            trustRoot = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem)])
+        return ssl.optionsForClientTLS(host, trustRoot=trustRoot)
+
+    def _smarthostCredentials(self) -> tuple[str, str] | None:
+        if not self.settings.smarthost_user:
+            return None
+        password = ""
+        if self.settings.smarthost_password_file is not None:
+            text = self.settings.smarthost_password_file.read_text("utf-8")
+            password = text.splitlines()[0] if text else ""
+        return self.settings.smarthost_user, password
+
+    def _signThenStart(self, entry: QueueEntry) -> None:
+        """
+        Sign a message just accepted, once (retries reuse the signatures,
+        saved with the envelope), then send it.
+        """
+        self._signing.add(entry.id)
+        d = self._prepare(entry)
+        d.addCallback(lambda _: self.queue.save(entry) if entry.signatures else None)
+        d.addErrback(lambda reason: log.failure("queue: cannot sign {id}", reason, id=entry.id))
+
+        def start(_):
+            self._signing.discard(entry.id)
+            if entry.id in self.entries:
+                self._due.append(entry.id)
+                self._fill()
+
+        d.addCallback(start)
+        self._track(d)
+
+    @defer.inlineCallbacks
+    def _prepare(self, entry: QueueEntry):
+        """
+        The message as it leaves: the headers submission adds, the stored
+        message without its Return-Path:, CRLF line ends, DKIM-signed.
+        """
+        stored = yield self.queue.readMessage(entry.id)
+        stored = _RETURN_PATH.sub(b"", stored, count=1)
+        added = "".join(h + "\n" for h in entry.headers).encode("utf-8")
+        message = (added + stored).replace(b"\n", b"\r\n")
+        if not entry.signatures:
+            domain, keys = self._signingKeys(entry, message)
+            if not keys:
+                log.info("queue: {id} leaves unsigned: no DKIM key for {domain}", id=entry.id, domain=domain)
+                return message
+            # Off the reactor thread: dkimpy canonicalizes in Python (some
+            # milliseconds for a 10 KiB message).
+            signatures = yield threads.deferToThreadPool(
+                self.clock, self.clock.getThreadPool(), dkim.sign, message, domain, keys
+            )
+            entry.signatures = signatures.decode("ascii")
+        return entry.signatures.encode("ascii") + message
+
+    def _signingKeys(self, entry: QueueEntry, message: bytes):
+        fromDomain = _fromDomain(message)
+        senderDomain = entry.sender.rpartition("@")[2].lower()
+        for domain in (fromDomain, senderDomain):
+            if domain and self.addresses.isLocalDomain(domain):
+                keys = self.keys.keysFor(domain)
+                if keys:
+                    return domain, keys
+        return fromDomain or senderDomain or "(none)", []
+
+    def _record(self, unit: _Unit, outcomes: dict[str, Reply], relay: str, problem=None) -> None:
+        """
+        Note each recipient's outcome, log it, and move the entry on.
+        """
+        entry = unit.entry
+        delay = time.time() - entry.arrival
+        for recipient in unit.recipients:
+            recipient.attempts += 1
+            reply = outcomes.get(recipient.address)
+            if reply is not None:
+                status, text = reply.status, str(reply)
+                state = SENT if reply.code < 300 else BOUNCED if reply.permanent else QUEUED
+            else:
+                problem = problem or SessionError("no reply")
+                status = problem.status
+                text = str(problem)
+                state = BOUNCED if getattr(problem, "permanent", False) else QUEUED
+            recipient.reply = text
+            recipient.state = state
+            if state == BOUNCED:
+                self._failed.setdefault(entry.id, []).append(
+                    dsn.RecipientStatus(recipient.address, "failed", status, relay.partition("[")[0], text)
+                )
+            log.info(
+                'delivery id={id} to=<{to}> relay={relay} status={status} dsn={dsn} delay={delay:.1f}s reply="{reply}"',
+                id=entry.id,
+                to=recipient.address,
+                relay=relay,
+                status={SENT: "sent", BOUNCED: "bounced", QUEUED: "deferred"}[state],
+                dsn=status,
+                delay=delay,
+                reply=text.replace('"', "'"),
+            )
+        self._unitDone(entry)
+
+    def _unitDone(self, entry: QueueEntry) -> None:
+        self._outstanding[entry.id] -= 1
+        if self._outstanding[entry.id]:
+            # Another domain's unit is still under way: save this one's news.
+            self.queue.save(entry).addErrback(lambda _: None)  # logged by the queue
+            return
+        d = self._track(self._attemptDone(entry))
+        d.addErrback(lambda reason: log.failure("queue: cannot update {id}", reason, id=entry.id))
+        d.addBoth(lambda _: self._release(entry.id))
+
+    def _release(self, queueId: str) -> None:
+        self._outstanding.pop(queueId, None)
+        claim = self._claims.pop(queueId, None)
+        if claim is not None:
+            os.close(claim)
+        if self._due:
+            self._fill()
+
+    @defer.inlineCallbacks
+    def _attemptDone(self, entry: QueueEntry):
+        now = time.time()
+        failed = self._failed.pop(entry.id, [])
+        pending = entry.pending()
+        if pending and now - entry.arrival >= self.settings.queue_lifetime:
+            for recipient in pending:
+                recipient.state = BOUNCED
+                failed.append(
+                    dsn.RecipientStatus(
+                        recipient.address, "failed", "4.4.7",
+                        diagnostic=f"delivery time expired; last problem: {recipient.reply}",
+                    )
+                )
+                log.info(
+                    'delivery id={id} to=<{to}> relay=none status=bounced dsn=4.4.7 delay={delay:.1f}s reply="queue lifetime expired"',
+                    id=entry.id, to=recipient.address, delay=now - entry.arrival,
+                )
+            pending = []
+        if failed:
+            yield self._notify(entry, failed)
+        if not pending:
+            yield self.queue.remove(entry.id)
+            self.entries.pop(entry.id, None)
+            return
+        if not entry.warned and now - entry.arrival >= self.settings.delay_warning:
+            entry.warned = True
+            yield self._notify(
+                entry,
+                [dsn.RecipientStatus(r.address, "delayed", "4.0.0", diagnostic=r.reply) for r in pending],
+            )
+        attempts = max(r.attempts for r in pending)
+        wait = min(self.settings.retry_first * 2 ** max(attempts - 1, 0), self.settings.retry_max)
+        entry.nextTry = now + wait
+        yield self.queue.save(entry)
+
+    @defer.inlineCallbacks
+    def _notify(self, entry: QueueEntry, statuses: list[dsn.RecipientStatus]):
+        """
+        Send the sender a DSN; never for the null sender (no bounce loops).
+        """
+        if not entry.sender:
+            log.info("queue: {id} not returned: its sender is null", id=entry.id)
+            return
+        try:
+            original = yield self.queue.readMessage(entry.id)
+        except FileNotFoundError:
+            return
+        report = dsn.buildReport(
+            self.config.hostname,
+            entry.id,
+            entry.sender,
+            entry.arrival,
+            statuses,
+            _RETURN_PATH.sub(b"", original, count=1),
+            entry.arrival + self.settings.queue_lifetime,
+        )
+        message = self.store.incoming(b"Return-Path: <>\r\n")
+        message.write(report)
+        mailbox = self.addresses.resolve(entry.sender)
+        if mailbox is not None:
+            yield self.store.deliver(message, [mailbox])
+            where = f"to the INBOX of {mailbox}"
+        else:
+            yield self.enqueue(message, "", [], [entry.sender], "", report)
+            where = "queued"
+        log.info(
+            "queue: {id} {kind} notice for <{sender}> {where}",
+            id=entry.id,
+            kind="delay" if statuses[0].action == "delayed" else "bounce",
+            sender=entry.sender,
+            where=where,
+        )
+
+    def _forget(self, entry: QueueEntry) -> None:
+        """
+        C{maild queue delete} removed the message: drop what is left.
+        """
+        if self.entries.pop(entry.id, None) is not None:
+            log.info("queue: {id} was deleted", id=entry.id)
+            self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
+        self._outstanding[entry.id] -= 1
+        if not self._outstanding[entry.id]:
+            self._release(entry.id)
+            self._failed.pop(entry.id, None)
+
+
+class _ClientFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr) -> SMTPClient:
+        return SMTPClient(self.clock)
+
+
+def _endpoint(reactor, address: str, port: int, timeout: float):
+    if ":" in address:
+        return endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+    return endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+
+
+def missingHeaders(headerSection: bytes, domain: str) -> list[str]:
+    """
+    The Date: and Message-ID: fields a message lacks (RFC 6409 section 8:
+    submission may add them), ready to put first.
+    """
+    present = {m.group(1).lower() for m in _FIELD.finditer(headerSection)}
+    added = []
+    if b"date" not in present:
+        added.append(f"Date: {formatdate(localtime=True)}")
+    if b"message-id" not in present:
+        added.append(f"Message-ID: <{uuid.uuid4().hex}@{domain}>")
+    return added
+
+
+def _fromDomain(message: bytes) -> str:
+    end = message.find(b"\r\n\r\n")
+    headers = message[: end if end >= 0 else len(message)]
+    match = re.search(rb"^From:[^\r\n]*?@([A-Za-z0-9.-]+)", headers, re.M | re.I)
+    return match.group(1).decode("ascii").lower() if match else ""

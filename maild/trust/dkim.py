@@ -1,0 +1,243 @@
+"""
+DKIM verification (RFC 6376) of every signature of a message, with
+dkimpy: the key records are fetched asynchronously first, then the
+signatures are verified in a worker thread (hashing a big message takes
+time) with those answers, so dkimpy never asks DNS itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import dkim as dkimpy
+from dkim.util import InvalidTagValueList, parse_tag_value
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from maild.trust.lookup import Lookup, TemporaryDNSError
+
+# Signatures verified per message at most; more are reported as
+# "policy" (RFC 8601 section 2.7.1) without a key lookup.
+MAX_SIGNATURES = 8
+
+
+@dataclass(frozen=True)
+class DKIMResult:
+    """
+    @ivar result: C{pass fail neutral policy temperror permerror}.
+    @ivar domain: the signature's C{d=} (lower case), "" if unreadable.
+    @ivar selector: its C{s=}.
+    @ivar signature: the start of its C{b=} (RFC 6008 C{header.b}).
+    @ivar reason: why, for a result other than pass.
+    """
+
+    result: str
+    domain: str = ""
+    selector: str = ""
+    signature: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """
+    What a DKIM-Signature field names (read in the reactor thread, so the
+    key can be asked for at once).
+    """
+
+    domain: str
+    selector: str
+    signature: str
+    keyName: str | None
+
+
+def readSignatures(fields: list[tuple[str, str]]) -> list[Signature | str]:
+    """
+    The DKIM-Signature fields, in order: what they name, or why they
+    cannot be read.
+    """
+    found: list[Signature | str] = []
+    for name, value in fields:
+        if name != "dkim-signature":
+            continue
+        try:
+            tags = parse_tag_value(value.encode("utf-8"))
+        except InvalidTagValueList as e:
+            found.append(f"bad tag list: {type(e).__name__}")
+            continue
+        domain = tags.get(b"d", b"").decode("utf-8", "replace").lower()
+        selector = tags.get(b"s", b"").decode("utf-8", "replace").lower()
+        signature = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
+        keyName = f"{selector}._domainkey.{domain}" if domain and selector else None
+        found.append(Signature(domain, selector, signature, keyName))
+    return found
+
+
+def keyNames(signatures: list[Signature | str]) -> list[str]:
+    """
+    The DNS names of the keys the signatures need.
+    """
+    return sorted(
+        {
+            s.keyName
+            for s in signatures[:MAX_SIGNATURES]
+            if isinstance(s, Signature) and s.keyName
+        }
+    )
+
+
+class BatchVerifier:
+    """
+    Verifies messages in a worker thread, in batches: the messages that
+    arrive while a batch is being verified go together in the next trip,
+    so that under load one trip to the thread (and one wake-up of the
+    reactor on the way back) serves many messages.
+
+    @param inThread: runs a blocking callable off the reactor thread and
+        returns a Deferred of its result (C{deferToThread}).
+    """
+
+    def __init__(self, inThread) -> None:
+        self.inThread = inThread
+        self._waiting: list[tuple[bytes, list, dict, defer.Deferred]] = []
+        self._busy = False
+
+    def verify(self, message: bytes, signatures: list, keys: dict) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((message, signatures, keys, d))
+        if not self._busy:
+            self._runBatch()
+        return d
+
+    def _runBatch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        work = [(message, signatures, keys) for message, signatures, keys, _ in batch]
+        d = self.inThread(lambda: [_verifySafely(*item) for item in work])
+        d.addBoth(self._batchDone, [item[3] for item in batch])
+
+    def _batchDone(self, results, waiting: list[defer.Deferred]) -> None:
+        self._busy = False
+        if isinstance(results, Failure):
+            for d in waiting:
+                d.errback(results)
+        else:
+            for d, result in zip(waiting, results):
+                d.callback(result)
+        if self._waiting and not self._busy:
+            self._runBatch()
+
+
+async def verifyDKIM(
+    lookup: Lookup, signatures: list[Signature | str], message: bytes, verifier: BatchVerifier
+) -> list[DKIMResult]:
+    """
+    Verify every DKIM signature of C{message} (CRLF line ends;
+    C{signatures} read from its header by L{readSignatures}).
+
+    @return: one result per signature (none for an unsigned message).
+    """
+    keys: dict[str, bytes | None | TemporaryDNSError] = {}
+
+    async def fetch(name: str) -> None:
+        try:
+            records = await lookup(name, "TXT")
+        except TemporaryDNSError as e:
+            keys[name] = e
+            return
+        # RFC 6376 section 3.6.2.2: the strings of one record are joined;
+        # several records make the key unusable.
+        keys[name] = b"".join(records[0]) if len(records) == 1 else None
+
+    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in keyNames(signatures)])
+    return await verifier.verify(message, signatures, keys)
+
+
+def _verifySafely(message: bytes, signatures, keys) -> list[DKIMResult]:
+    # One message's surprise must not fail the others of its batch.
+    try:
+        return _verifyAll(message, signatures, keys)
+    except Exception as e:
+        return [DKIMResult("permerror", reason=f"cannot verify: {type(e).__name__}")] * len(
+            signatures
+        )
+
+
+def _verifyAll(message: bytes, signatures, keys) -> list[DKIMResult]:
+    results = []
+    verifier = None
+    for index, signature in enumerate(signatures):
+        if isinstance(signature, str):
+            results.append(DKIMResult("permerror", reason=signature))
+            continue
+        if index >= MAX_SIGNATURES:
+            results.append(
+                DKIMResult("policy", signature.domain, signature.selector, signature.signature,
+                           "too many signatures")
+            )
+            continue
+        if verifier is None:
+            try:
+                verifier = dkimpy.DKIM(message)
+            except dkimpy.DKIMException as e:
+                reason = f"unreadable message: {_short(e)}"
+                return results + [DKIMResult("permerror", reason=reason)] * (
+                    len(signatures) - index
+                )
+        results.append(_verifyOne(verifier, index, signature, keys))
+    return results
+
+
+def _verifyOne(verifier, index: int, signature: Signature, keys) -> DKIMResult:
+    def result(kind: str, reason: str = "") -> DKIMResult:
+        return DKIMResult(kind, signature.domain, signature.selector, signature.signature, reason)
+
+    try:
+        prepared = verifier.verify_headerprep(index)
+    except dkimpy.DKIMException as e:
+        # RFC 6376 section 6.1.1: a signature that cannot be read.
+        return result("permerror", f"bad signature: {_short(e)}")
+    if not prepared:
+        return result("permerror", "signature not found")
+    tags, included, sigHeaders = prepared
+    key = keys.get(signature.keyName)
+    if isinstance(key, TemporaryDNSError):
+        return result("temperror", "key lookup failed")
+    if key is None:
+        return result("permerror", "no key")
+    problem = _keyProblem(key)
+    if problem is not None:
+        return result("permerror", problem)
+    try:
+        ok = verifier.verify_sig(tags, included, sigHeaders[index], lambda name, timeout=5: key)
+    except dkimpy.ValidationError as e:
+        # The body hash differs: the message was changed.
+        return result("fail", _short(e))
+    except dkimpy.DKIMException as e:
+        return result("permerror", _short(e))
+    except Exception as e:
+        return result("permerror", f"cannot verify: {type(e).__name__}")
+    return result("pass") if ok else result("fail", "signature did not verify")
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyProblem(record: bytes) -> str | None:
+    """
+    Why a key record cannot be used, or None.  Kept per record: parsing a
+    key costs as much as the rest of a verification, and a domain signs
+    much mail with one key.
+    """
+    try:
+        dkimpy.evaluate_pk(b"key", record)
+    except dkimpy.DKIMException as e:
+        return f"bad key: {_short(e)}"
+    except Exception as e:
+        # dkimpy's key parsers raise more than their own exceptions.
+        return f"bad key: {type(e).__name__}"
+    return None
+
+
+def _short(e: Exception) -> str:
+    return str(e).split(" (")[0][:80]
