@@ -16,13 +16,12 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.mail import smtp as twistedSMTP
 from twisted.trial import unittest
 
 from maild.smtp import DataDecoder, SMTPServer
-from tests.support import RawClient, ServerTestCase, waitForEmptySpool, writeUsers
+from tests.support import RawClient, ServerTestCase, waitForEmptySpool, waitUntil, writeUsers
 
 
 def message(subject: str = "Hello", body: str = "Hi there.\r\n", extra: str = "") -> bytes:
@@ -658,13 +657,14 @@ class SMTPDeliveryTests(ServerTestCase):
             client.close()
 
         yield self.inThread(run)
-        deadline = time.monotonic() + 10
-        while not self.messages("alice@localhost") and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.02, lambda: None)
-        yield deferLater(reactor, 0.1, lambda: None)
+        yield waitUntil(lambda: self.messages("alice@localhost"))
         self.assertEqual(len(self.messages("alice@localhost")), 1)
-        timers = [c for c in reactor.getDelayedCalls() if "TimeoutMixin" in repr(c.func)]
-        self.assertEqual(timers, [])
+
+        def timers():
+            return [c for c in reactor.getDelayedCalls() if "TimeoutMixin" in repr(c.func)]
+
+        # A leaked session timer would stay (for minutes): this fails then.
+        yield waitUntil(lambda: not timers())
 
     @defer.inlineCallbacks
     def test_concurrentDeliveries(self):
