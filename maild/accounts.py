@@ -182,6 +182,14 @@ class Accounts:
             entries[address] = _Entry(address, password, extra)
         return entries, order
 
+    def version(self) -> object:
+        """
+        Something that changes whenever the file does (what a cache of
+        anything read from it is checked against).
+        """
+        self._refresh()
+        return self._stamp
+
     def users(self) -> list[str]:
         self._refresh()
         return list(self._order)

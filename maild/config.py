@@ -234,6 +234,21 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    """
+    The C{[log]} table: where the daemon logs and how much it keeps.
+    """
+
+    # The log file; unset, the one twistd was told (--logfile, or
+    # twistd.log when it daemonizes), or standard output under -n.
+    file: Path | None = None
+    # A file reaching this size (octets) is rotated...
+    rotate_size: int = 10 * 1024 * 1024
+    # ...and at most this many rotated files are kept.
+    max_files: int = 10
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -272,6 +287,10 @@ class Config:
     # [auth] rehash: replace a password hash that is not Argon2id (one
     # brought from Dovecot, say) at the user's next successful login.
     rehash_passwords: bool = False
+    # Seconds a successful login is remembered (as a keyed hash, never the
+    # password), sparing clients that open many connections the password
+    # hash; 0 turns it off.
+    login_cache: float = 300.0
     dns: DNSSettings = field(default_factory=DNSSettings)
     mx: MXSettings = field(default_factory=MXSettings)
     pop3: POP3Options = field(default_factory=POP3Options)
@@ -279,6 +298,7 @@ class Config:
     web: WebSettings = field(default_factory=WebSettings)
     dev: DevSettings = field(default_factory=DevSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def usersFile(self) -> Path:
@@ -307,6 +327,7 @@ TABLES: Mapping[str, str] = MappingProxyType(
         "web": "web",
         "dev": "dev",
         "cluster": "cluster",
+        "log": "log",
     }
 )
 
@@ -494,9 +515,17 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 values["submission_plaintext_auth"] = value
             elif name == "rehash" and _checkType(problems, "auth.rehash", value, (bool,)):
                 values["rehash_passwords"] = value
-            elif name not in ("plaintext", "submission_plaintext", "rehash"):
+            elif name == "login_cache" and _checkType(
+                problems, "auth.login_cache", value, (int, float)
+            ):
+                if value < 0:
+                    problems.append(f"auth.login_cache: must be 0 or more, got {value}")
+                else:
+                    values["login_cache"] = float(value)
+            elif name not in ("plaintext", "submission_plaintext", "rehash", "login_cache"):
                 problems.append(
-                    f"auth.{name}: unknown key (known: plaintext, submission_plaintext, rehash)"
+                    "auth.{}: unknown key (known: plaintext, submission_plaintext, "
+                    "rehash, login_cache)".format(name)
                 )
     return values
 

@@ -485,7 +485,7 @@ class POP3Server(pop3.POP3):
         self.host = settings.hostname.encode("idna")
         self.timeOut = self.limits.pop3_idle_timeout
         self.callLater = settings.clock.callLater
-        self.clientAddress = "?"
+        self.peerAddress = self.clientAddress = "?"
         self.mbox: Maildrop | None = None
         self.reader = LineReader(self.limits.line_length)
         self._readingPaused = False
@@ -1071,7 +1071,9 @@ class POP3Factory(LimitedFactory):
     protocol = POP3Server
 
     def __init__(self, settings: POP3Settings) -> None:
-        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        LimitedFactory.__init__(
+            self, settings.limits.connections_per_ip, settings.limits.trusted_networks
+        )
         self.settings = settings
 
     def buildSession(self, addr) -> POP3Server:

@@ -14,7 +14,7 @@ import time
 
 from twisted.internet import defer
 
-from tests.support import PASSWORD, IMAPTestCase, sampleMessage
+from tests.support import PASSWORD, IMAPTestCase, sampleMessage, waitUntil
 
 
 def plain(user: str = "alice@localhost", password: str = PASSWORD) -> bytes:
@@ -195,19 +195,9 @@ class ThunderbirdTests(IMAPTestCase):
         continuation = yield self.session(run, select=b'"INBOX"')
         self.assertEqual(continuation, b"+ idling")
         factory = self.service.listeners["imap"].factory
-        for _ in range(100):
-            if not factory.sessions:
-                break
-            yield deferLater(0.02)
-        self.assertEqual(factory.sessions, set())
+        yield waitUntil(lambda: not factory.sessions)
         folder = self.service.store.loadedFolder(self.maildir("alice@localhost"))
         self.assertTrue(folder is None or not folder.listeners)
-
-
-def deferLater(seconds: float) -> defer.Deferred:
-    from twisted.internet import reactor, task
-
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class CommandTests(IMAPTestCase):

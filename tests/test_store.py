@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -289,8 +288,11 @@ class FolderTests(unittest.SynchronousTestCase):
         Files added, renamed (flags) and removed by another program are
         found by refresh and announced.
         """
+        # Folder times from the past: the changes below must move them,
+        # however coarse the file system's clock.
+        for sub in ("new", "cur"):
+            os.utime(self.path / sub, (1_000_000_000, 1_000_000_000))
         self.folder.refresh()
-        time.sleep(0.01)
         os.rename(self.path / "new/1700000002.M1P1Q1.h,S=17,W=20", self.path / "cur/1700000002.M1P1Q1.h,S=17,W=20:2,FS")
         os.unlink(self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S")
         put(self.path, "new/1700000003.M1P1Q1.h")
