@@ -4,13 +4,21 @@ Users and addresses.
 The users file is a Dovecot passwd-file: one C{user@domain:{SCHEME}hash}
 line per user (further colon-separated fields are kept and ignored), so a
 Dovecot installation can authenticate against the same file.  New hashes
-are Argon2id (C{{ARGON2ID}}, via argon2-cffi); bcrypt (C{{BLF-CRYPT}}) is
-verified too.  Both libraries compare in constant time.
+are Argon2id (C{{ARGON2ID}}, via argon2-cffi).  Verified too, so that a
+Dovecot site's users log in after a move: bcrypt (C{{BLF-CRYPT}}), the
+crypt family Dovecot's C{doveadm pw} long wrote by default
+(C{{SHA512-CRYPT}}, C{{SHA256-CRYPT}}, C{{MD5-CRYPT}}, C{{CRYPT}}, through
+libpass, the maintained fork of passlib: Python's C{crypt} module is gone
+in 3.13) and C{{PLAIN}}.  Every comparison takes constant time.  With
+C{[auth] rehash = true}, a user whose hash is not Argon2id gets one at the
+next successful login.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,16 +27,39 @@ from typing import Iterable, Iterator, Mapping
 
 import argon2
 import bcrypt
+from passlib import hash as passlibHash
+from passlib.context import CryptContext
+from twisted.logger import Logger
 
 from maild.names import InvalidName, normalizeAddress, splitAddress
 from maild.store.files import replaceFile
 from maild.store.locking import locked
+
+log = Logger()
 
 ARGON2ID = "ARGON2ID"
 BLF_CRYPT = "BLF-CRYPT"
 DEFAULT_SCHEME = ARGON2ID
 
 _argon2 = argon2.PasswordHasher()
+
+# crypt(3) formats, by Dovecot scheme name; {CRYPT} is whatever the system's
+# crypt() understood (Dovecot calls it), so it accepts them all.
+_CRYPT_SCHEMES = {
+    "SHA512-CRYPT": CryptContext(schemes=[passlibHash.sha512_crypt]),
+    "SHA256-CRYPT": CryptContext(schemes=[passlibHash.sha256_crypt]),
+    "MD5-CRYPT": CryptContext(schemes=[passlibHash.md5_crypt]),
+    "CRYPT": CryptContext(
+        schemes=[
+            passlibHash.sha512_crypt,
+            passlibHash.sha256_crypt,
+            passlibHash.md5_crypt,
+            passlibHash.bcrypt,
+            passlibHash.des_crypt,
+        ]
+    ),
+}
+_PLAIN_SCHEMES = ("PLAIN", "CLEARTEXT")
 
 # Verified when the user does not exist, so that an unknown name costs as
 # much time as a wrong password.
@@ -66,11 +97,31 @@ def verifyPassword(stored: str, password: str) -> bool:
             # Dovecot writes $2y$, which bcrypt reads as $2b$.
             candidate = hashed.replace("$2y$", "$2b$", 1).encode("ascii")
             return bcrypt.checkpw(password.encode("utf-8"), candidate)
+        if scheme in _CRYPT_SCHEMES:
+            if scheme == "CRYPT" and hashed.startswith("$2y$"):
+                hashed = hashed.replace("$2y$", "$2b$", 1)
+            return _CRYPT_SCHEMES[scheme].verify(password, hashed)
+        if scheme in _PLAIN_SCHEMES:
+            return hmac.compare_digest(password.encode("utf-8"), hashed.encode("utf-8"))
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
-    except ValueError:
+    except (ValueError, TypeError):
+        # A malformed hash, or one no scheme of the context knows.
         return False
     return False
+
+
+def needsRehash(stored: str) -> bool:
+    """
+    Whether a stored hash should be replaced by an Argon2id one with our
+    parameters.
+    """
+    if not stored.upper().startswith("{ARGON2ID}"):
+        return True
+    try:
+        return _argon2.check_needs_rehash(stored[len("{ARGON2ID}") :])
+    except (argon2.exceptions.InvalidHashError, ValueError):
+        return True
 
 
 @dataclass(frozen=True)
@@ -89,8 +140,9 @@ class Accounts:
     # Look at the file at most this often (seconds): every RCPT asks.
     RECHECK = 1.0
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rehash: bool = False) -> None:
         self.path = path
+        self.rehash = rehash
         self._entries: dict[str, _Entry] = {}
         self._order: list[str] = []
         self._stamp: tuple[int, int, int] | None = None
@@ -130,6 +182,14 @@ class Accounts:
             entries[address] = _Entry(address, password, extra)
         return entries, order
 
+    def version(self) -> object:
+        """
+        Something that changes whenever the file does (what a cache of
+        anything read from it is checked against).
+        """
+        self._refresh()
+        return self._stamp
+
     def users(self) -> list[str]:
         self._refresh()
         return list(self._order)
@@ -152,7 +212,29 @@ class Accounts:
         if stored is None:
             verifyPassword(_DUMMY_HASH, password)
             return False
-        return verifyPassword(stored, password)
+        if not verifyPassword(stored, password):
+            return False
+        if self.rehash and needsRehash(stored):
+            self._rehash(address, stored, password)
+        return True
+
+    def _rehash(self, address: str, verified: str, password: str) -> None:
+        """
+        Replace the hash just verified with an Argon2id one, unless it
+        changed meanwhile (C{maild user passwd} ran, say).  A failure to
+        write leaves the old hash, which still works.
+        """
+        hashed = hashPassword(password)
+        try:
+            with self._editing() as entries:
+                entry = entries.get(address)
+                if entry is None or entry.passwordHash != verified:
+                    return
+                entries[address] = _Entry(address, hashed, entry.rest)
+        except OSError as e:
+            log.warn("could not re-hash the password of {address}: {error}", address=address, error=e)
+            return
+        log.info("re-hashed the password of {address} with Argon2id", address=address)
 
     # Changes (from the CLI): under a lock, replacing the file atomically.
 
@@ -192,7 +274,11 @@ class Accounts:
         without an error.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.path.with_name(self.path.name + ".lock")):
+        lockPath = self.path.with_name(self.path.name + ".lock")
+        with locked(lockPath):
+            # Run as root, a lock file made now must stay usable by the
+            # daemon's own user, who may rewrite the file too.
+            keepOwner(lockPath, self._owner())
             try:
                 text = self.path.read_text("utf-8")
             except FileNotFoundError:
@@ -201,6 +287,18 @@ class Accounts:
             yield entries
             self._write(entries.values())
 
+    def _owner(self) -> tuple[int, int, int]:
+        """
+        The owner, group and mode the users file must keep: those it has,
+        or for a new file the data folder's owner and group, mode 0600.
+        """
+        try:
+            st = os.stat(self.path)
+            return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+        except FileNotFoundError:
+            st = os.stat(self.path.parent)
+            return st.st_uid, st.st_gid, 0o600
+
     def _write(self, entries: Iterable[_Entry]) -> None:
         lines = []
         for entry in entries:
@@ -208,9 +306,28 @@ class Accounts:
             if entry.rest:
                 line += ":" + entry.rest
             lines.append(line + "\n")
-        replaceFile(self.path, "".join(lines).encode("utf-8"))
+        uid, gid, mode = self._owner()
+        # The replacement keeps the file's owner and mode (a daemon running
+        # as its own user, or Dovecot's auth process, must still read it
+        # after root ran "maild user add").
+        replaceFile(self.path, "".join(lines).encode("utf-8"), mode=mode, owner=(uid, gid))
         self._stamp = None
         self._checked = float("-inf")
+
+
+def keepOwner(path: Path, owner: tuple[int, ...]) -> None:
+    """
+    Give C{path} the owner and group C{owner} starts with, when running
+    as root and C{path} is root's (just made by us).
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid == 0 and (st.st_uid, st.st_gid) != tuple(owner[:2]):
+        os.lchown(path, owner[0], owner[1])
 
 
 class LocalAddresses:

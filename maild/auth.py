@@ -13,17 +13,19 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from maild import metrics
 from maild.accounts import Accounts, loginName
+from maild.connections import TrustedNetworks
 from maild.names import InvalidName
 
 log = Logger()
@@ -59,10 +61,19 @@ class PasswordChecker:
     """
     Checks user names and passwords against the users file.
 
-    Hash verification is slow by design, so it runs in a thread; a small
-    cache of recent successes (keyed by an HMAC of the password under a
-    per-process key, and dropped when the stored hash changes) spares
-    the clients that open many connections, as Thunderbird does.
+    Hash verification is slow by design (Argon2id: tens of milliseconds of
+    CPU and 64 MiB), so it runs in a thread, and recent successes are
+    remembered for C{cacheLifetime} seconds: Thunderbird opens up to five
+    connections per account, and a webmail logs in for every request.
+    The cache holds, per user, an HMAC of the user name and password
+    under a random key made at start and never written anywhere: neither
+    a password nor anything a password could be tested against offline.
+    Only a correct password finds its entry; any other pays the full
+    hash.  The cache is dropped whenever the users file changes.
+
+    Concurrent logins with the same credentials (a client opening its
+    connections at once) share one verification rather than each paying
+    for the hash while the first has not yet filled the cache.
 
     @ivar defaultDomain: the domain of a login name given without one.
     """
@@ -70,17 +81,54 @@ class PasswordChecker:
     credentialInterfaces = (credentials.IUsernamePassword,)
     CACHE_SIZE = 10_000
 
-    def __init__(self, accounts: Accounts, defaultDomain: str, reactor=None) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        defaultDomain: str,
+        reactor=None,
+        cacheLifetime: float = 300.0,
+        clock=None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
         self.accounts = accounts
         self.defaultDomain = defaultDomain
         self.reactor = reactor
+        self.clock = clock or reactor
+        self.cacheLifetime = cacheLifetime
         self._key = os.urandom(32)
-        self._cache: collections.OrderedDict[str, tuple[str, bytes]] = (
-            collections.OrderedDict()
-        )
+        # address -> (HMAC of address and password, expiry time)
+        self._cache: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+        self._usersVersion: object = None
+        # address -> (HMAC, Deferreds waiting for that verification)
+        self._verifying: dict[str, tuple[bytes, list[defer.Deferred]]] = {}
 
-    def _digest(self, password: str) -> bytes:
-        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
+    def _digest(self, address: str, password: str) -> bytes:
+        message = address.encode("utf-8") + b"\0" + password.encode("utf-8")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def _cached(self, address: str, digest: bytes) -> bool:
+        version = self.accounts.version()
+        if version != self._usersVersion:
+            # Users added, removed or given new passwords: forget them all.
+            self._cache.clear()
+            self._usersVersion = version
+        entry = self._cache.get(address)
+        if entry is None:
+            return False
+        remembered, expires = entry
+        if self.clock.seconds() >= expires:
+            del self._cache[address]
+            return False
+        return hmac.compare_digest(remembered, digest)
+
+    def _remember(self, address: str, digest: bytes, version: object) -> None:
+        if self.cacheLifetime <= 0 or version != self._usersVersion:
+            return
+        self._cache[address] = (digest, self.clock.seconds() + self.cacheLifetime)
+        self._cache.move_to_end(address)
+        while len(self._cache) > self.CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     def requestAvatarId(self, creds) -> defer.Deferred:
         username = creds.username
@@ -93,32 +141,38 @@ class PasswordChecker:
             address = loginName(username, self.defaultDomain)
         except InvalidName:
             return defer.fail(error.UnauthorizedLogin("invalid user name"))
-        stored = self.accounts.passwordHash(address)
-        digest = self._digest(password)
-        cached = self._cache.get(address)
-        if (
-            cached is not None
-            and stored is not None
-            and cached[0] == stored
-            and hmac.compare_digest(cached[1], digest)
-        ):
-            self._cache.move_to_end(address)
+        digest = self._digest(address, password)
+        if self._cached(address, digest):
             return defer.succeed(address)
+        pending = self._verifying.get(address)
+        if pending is not None and hmac.compare_digest(pending[0], digest):
+            waiter: defer.Deferred = defer.Deferred()
+            pending[1].append(waiter)
+            return waiter
+        return self._verify(address, password, digest)
+
+    def _verify(self, address: str, password: str, digest: bytes) -> defer.Deferred:
+        version = self._usersVersion
+        waiters: list[defer.Deferred] = []
+        if address not in self._verifying:
+            self._verifying[address] = (digest, waiters)
 
         def verified(ok: bool) -> str:
             if not ok:
                 raise error.UnauthorizedLogin("bad credentials")
-            if stored is not None:
-                self._cache[address] = (stored, digest)
-                self._cache.move_to_end(address)
-                while len(self._cache) > self.CACHE_SIZE:
-                    self._cache.popitem(last=False)
+            self._remember(address, digest, version)
             return address
 
-        if self.reactor is None:
-            from twisted.internet import reactor as defaultReactor
+        def done(result):
+            if self._verifying.get(address, (None, None))[1] is waiters:
+                del self._verifying[address]
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
 
-            self.reactor = defaultReactor
         d = threads.deferToThreadPool(
             self.reactor,
             self.reactor.getThreadPool(),
@@ -126,16 +180,17 @@ class PasswordChecker:
             address,
             password,
         )
-        return d.addCallback(verified)
+        return d.addCallback(verified).addBoth(done)
 
 
 class LoginThrottle:
     """
-    Slows down password guessing per client address: each failure is
+    Slows down password guessing per client address (or per user name,
+    for clients in trusted networks: see L{Authenticator}): each failure is
     answered after a delay that starts at C{base} seconds and doubles with
-    every further failure from that address, up to C{maximum} (Dovecot's
-    schedule).  An address that stays quiet for C{forget} seconds, or logs
-    in successfully, starts again from C{base}.
+    every further failure for that key, up to C{maximum} (Dovecot's
+    schedule).  A key that stays quiet for C{forget} seconds, or logs in
+    successfully, starts again from C{base}.
     """
 
     def __init__(
@@ -181,9 +236,21 @@ class Authenticator:
         login failed: service=imap user=<alice@example.org> method=PLAIN rip=192.0.2.7
     """
 
-    def __init__(self, portal: Portal, throttle: LoginThrottle) -> None:
+    def __init__(self, portal: Portal, throttle: LoginThrottle, trusted: Iterable[str] = ()) -> None:
         self.portal = portal
         self.throttle = throttle
+        self.trusted = TrustedNetworks(trusted)
+
+    def _throttleKey(self, clientAddress: str, username: str) -> str:
+        """
+        What failed logins are counted by: the client's address, or, for a
+        client in a trusted network (a webmail logging in all its users
+        from one address), the user name, so that one user's mistakes do
+        not delay everyone else's logins.
+        """
+        if clientAddress in self.trusted:
+            return "user " + username.lower()
+        return clientAddress
 
     def login(
         self,
@@ -203,10 +270,11 @@ class Authenticator:
             username = username.decode("utf-8", "replace")
         # Printable, bounded, without spaces: safe to put in a log line.
         shown = "".join(c if c.isprintable() and c != " " else "?" for c in username[:128])
+        throttleKey = self._throttleKey(clientAddress, username)
 
         def succeeded(result):
             metrics.logins.labels(service, method, "ok").inc()
-            self.throttle.succeeded(clientAddress)
+            self.throttle.succeeded(throttleKey)
             log.info(
                 "login: service={service} user=<{user}> method={method} rip={rip}",
                 service=service,
@@ -227,7 +295,7 @@ class Authenticator:
                 method=method,
                 rip=clientAddress,
             )
-            delay = self.throttle.failed(clientAddress)
+            delay = self.throttle.failed(throttleKey)
             d = defer.Deferred()
             self.throttle.clock.callLater(
                 delay, d.errback, error.UnauthorizedLogin("authentication failed")
@@ -357,14 +425,11 @@ def isLoopback(host: str) -> bool:
 
 def isTrusted(host: str, networks) -> bool:
     """
-    Whether C{host} (an IP address) is in one of C{networks}
-    (C{limits.trusted_networks}: addresses or CIDR networks).
+    Whether C{host} (a peer's address) is in one of C{networks}
+    (addresses or CIDR networks, as C{limits.trusted_networks}); see
+    L{TrustedNetworks}.
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
+    return host in TrustedNetworks(networks)
 
 
 def plaintextLoginAllowed(policy: str, clientHost: str, secure: bool) -> bool:

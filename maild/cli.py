@@ -3,7 +3,7 @@ The C{maild} command: manage users, check the configuration, send mail.
 
     maild [--config maild.toml] [--data-dir DIR] user add|del|passwd|list [NAME] [--password-stdin]
     maild [--config maild.toml] [--data-dir DIR] check [--live]
-    maild [--config maild.toml] [--data-dir DIR] cert [--renew]
+    maild [--config maild.toml] [--data-dir DIR] cert [--renew] [--ca]
     maild [--config maild.toml] [--data-dir DIR] send ...
     maild [--config maild.toml] [--data-dir DIR] queue list | show ID | flush [ID] | delete ID
     maild [--config maild.toml] [--data-dir DIR] dns [DOMAIN]
@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
+from pathlib import Path
 from typing import IO
 
 from maild import client, livecheck
-from maild.accounts import AccountError, Accounts
+from maild.accounts import AccountError, Accounts, keepOwner
 from maild.config import Config, ConfigError, configFromOptions
 from maild.names import InvalidName, normalizeAddress
 from maild.relay import commands as relaycommands
 from maild.store import MailStore
-from maild.tls import certificateFiles, fingerprint
+from maild.tls import certificateFiles, fingerprint, localCA
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,10 +57,18 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for each listener (--live)"
     )
     cert = commands.add_parser(
-        "cert", help="make the self-signed TLS certificate (if none is configured) and show it"
+        "cert",
+        help="show the TLS certificate (made by maild's local CA when none is configured)",
     )
     cert.add_argument(
-        "--renew", action="store_true", help="replace the self-signed certificate with a new one"
+        "--renew",
+        action="store_true",
+        help="replace the server certificate the local CA made with a new one (the CA stays)",
+    )
+    cert.add_argument(
+        "--ca",
+        action="store_true",
+        help="print the local CA's certificate (PEM), to import once on each device as trusted",
     )
     send = commands.add_parser("send", help="send a message (interactive or scripted)")
     client.addArguments(send)
@@ -98,6 +108,25 @@ def _account(name: str, config: Config) -> str:
     return address
 
 
+def _ownLikeDataFolder(dataDir: Path, userRoot: Path) -> None:
+    """
+    Run as root, give what C{maild user add} just made (the user's Maildir
+    and the directories above it) to the data folder's owner: the daemon
+    runs as that user (C{twistd -u}, systemd C{User=}), and so does
+    Dovecot's mail process, and they must write there.
+    """
+    if os.geteuid() != 0:
+        return
+    st = os.stat(dataDir)
+    owner = (st.st_uid, st.st_gid)
+    made = [dataDir / "mail", userRoot.parent]
+    for top, dirs, files in os.walk(userRoot):
+        made.append(Path(top))
+        made.extend(Path(top) / name for name in files)
+    for path in made:
+        keepOwner(path, owner)
+
+
 def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
     accounts = Accounts(config.usersFile)
     if args.action == "list":
@@ -107,7 +136,9 @@ def _user(args, config: Config, stdin: IO[str], stdout: IO[str]) -> int:
     address = _account(args.name, config)
     if args.action == "add":
         accounts.add(address, _password(args, stdin))
-        MailStore(config.data_dir).mailbox(address).ensureExists()
+        mailbox = MailStore(config.data_dir).mailbox(address)
+        mailbox.ensureExists()
+        _ownLikeDataFolder(config.data_dir, mailbox.root)
         stdout.write(f"added {address}\n")
     elif args.action == "passwd":
         accounts.setPassword(address, _password(args, stdin))
@@ -150,15 +181,26 @@ def _check(args, config: Config, stdout: IO[str], stderr: IO[str]) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
-def _cert(args, config: Config, stdout: IO[str]) -> int:
-    if args.renew and config.tls.cert is None:
-        for path in (config.data_dir / "tls" / "cert.pem", config.data_dir / "tls" / "key.pem"):
-            path.unlink(missing_ok=True)
+def _cert(args, config: Config, stdout: IO[str], stderr: IO[str]) -> int:
+    authority = localCA(config)
+    if authority is None and (args.renew or args.ca):
+        stderr.write(
+            f"error: the certificate is configured ({config.tls.cert}): maild has no local CA "
+            "and does not change configured files\n"
+        )
+        return 1
+    if args.renew:
+        authority.renew()
     certPath, keyPath = certificateFiles(config)
-    stdout.write(
-        f"certificate {certPath}\nkey         {keyPath}\nSHA-256     {fingerprint(certPath)}\n"
-        "(send SIGHUP to a running daemon to use a new certificate)\n"
-    )
+    if args.ca:
+        stdout.write(authority.certPath.read_text("ascii"))
+        return 0
+    stdout.write(f"certificate {certPath}\nkey         {keyPath}\nSHA-256     {fingerprint(certPath)}\n")
+    if authority is not None:
+        stdout.write(
+            f"signed by   {authority.certPath} (export it with `maild cert --ca > maild-ca.pem`)\n"
+        )
+    stdout.write("(a running daemon renews its certificate itself; SIGHUP makes it load new files)\n")
     return 0
 
 
@@ -184,7 +226,7 @@ def main(
         if args.command == "check":
             return _check(args, config, stdout, stderr)
         if args.command == "cert":
-            return _cert(args, config, stdout)
+            return _cert(args, config, stdout, stderr)
         if args.command == "send":
             return client.run(args, stdin, stdout, stderr)
         if args.command == "queue":
@@ -193,6 +235,10 @@ def main(
             return relaycommands.dnsCommand(args, config, stdout, stderr)
     except (AccountError, InvalidName) as e:
         stderr.write(f"error: {e}\n")
+        return 1
+    except OSError as e:
+        # A data folder that cannot be written (the daemon's user owns it).
+        stderr.write(f"error: {e.filename or ''}: {e.strerror}\n")
         return 1
     return 2
 

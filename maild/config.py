@@ -137,6 +137,22 @@ DMARC_POLICIES = ("enforce", "quarantine", "report")
 
 
 @dataclass(frozen=True)
+class POP3Options:
+    """
+    The C{[pop3]} table.
+
+    @ivar uidl_format: how a message's unique id (UIDL) is made, in the
+        syntax of Dovecot's C{pop3_uidl_format}: C{%u} the UID, C{%v} the
+        UIDVALIDITY, C{%f} the Maildir base name, C{%08X} a zero-padded
+        hexadecimal width.  A site moving from a Dovecot whose format was
+        changed sets the same one here, so clients that leave mail on the
+        server download nothing again.
+    """
+
+    uidl_format: str = "%08Xu%08Xv"
+
+
+@dataclass(frozen=True)
 class RelaySettings:
     """
     The C{[relay]} table: sending to other domains (maild.relay).  Times
@@ -218,6 +234,21 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    """
+    The C{[log]} table: where the daemon logs and how much it keeps.
+    """
+
+    # The log file; unset, the one twistd was told (--logfile, or
+    # twistd.log when it daemonizes), or standard output under -n.
+    file: Path | None = None
+    # A file reaching this size (octets) is rotated...
+    rotate_size: int = 10 * 1024 * 1024
+    # ...and at most this many rotated files are kept.
+    max_files: int = 10
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
@@ -253,12 +284,21 @@ class Config:
     # Whether submission offers AUTH before TLS (by default it never does,
     # whatever the client's address, as Postfix's smtpd_tls_auth_only).
     submission_plaintext_auth: bool = False
+    # [auth] rehash: replace a password hash that is not Argon2id (one
+    # brought from Dovecot, say) at the user's next successful login.
+    rehash_passwords: bool = False
+    # Seconds a successful login is remembered (as a keyed hash, never the
+    # password), sparing clients that open many connections the password
+    # hash; 0 turns it off.
+    login_cache: float = 300.0
     dns: DNSSettings = field(default_factory=DNSSettings)
     mx: MXSettings = field(default_factory=MXSettings)
+    pop3: POP3Options = field(default_factory=POP3Options)
     relay: RelaySettings = field(default_factory=RelaySettings)
     web: WebSettings = field(default_factory=WebSettings)
     dev: DevSettings = field(default_factory=DevSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def usersFile(self) -> Path:
@@ -282,10 +322,12 @@ TABLES: Mapping[str, str] = MappingProxyType(
     {
         "dns": "dns",
         "mx": "mx",
+        "pop3": "pop3",
         "relay": "relay",
         "web": "web",
         "dev": "dev",
         "cluster": "cluster",
+        "log": "log",
     }
 )
 
@@ -471,9 +513,19 @@ def _parseFile(path: Path, problems: list[str]) -> dict[str, Any]:
                 problems, "auth.submission_plaintext", value, (bool,)
             ):
                 values["submission_plaintext_auth"] = value
-            elif name not in ("plaintext", "submission_plaintext"):
+            elif name == "rehash" and _checkType(problems, "auth.rehash", value, (bool,)):
+                values["rehash_passwords"] = value
+            elif name == "login_cache" and _checkType(
+                problems, "auth.login_cache", value, (int, float)
+            ):
+                if value < 0:
+                    problems.append(f"auth.login_cache: must be 0 or more, got {value}")
+                else:
+                    values["login_cache"] = float(value)
+            elif name not in ("plaintext", "submission_plaintext", "rehash", "login_cache"):
                 problems.append(
-                    f"auth.{name}: unknown key (known: plaintext, submission_plaintext)"
+                    "auth.{}: unknown key (known: plaintext, submission_plaintext, "
+                    "rehash, login_cache)".format(name)
                 )
     return values
 
@@ -604,6 +656,12 @@ def loadConfig(
         problems.append(
             f"mx.dmarc: must be one of {', '.join(DMARC_POLICIES)}, got {tables['mx'].dmarc!r}"
         )
+    from maild.pop3 import BadUidlFormat, uidlFormatter
+
+    try:
+        uidlFormatter(tables["pop3"].uidl_format)
+    except BadUidlFormat as e:
+        problems.append(str(e))
     problems += _relayProblems(tables["relay"])
     if values.get("watch", defaults.watch) not in ("inotify", "poll", "redis"):
         problems.append(

@@ -1,10 +1,13 @@
 """
-Per-client-address connection limits, shared by every listener's factory.
+Per-client-address connection limits, shared by every listener's factory,
+and the trusted networks exempt from them.
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
+from typing import Iterable
 
 from twisted.internet import defer, protocol
 
@@ -16,6 +19,27 @@ def clientHost(address) -> str:
     """
     host = getattr(address, "host", None)
     return host if isinstance(host, str) else str(address)
+
+
+class TrustedNetworks:
+    """
+    The C{[limits] trusted_networks}: the host's own applications and a
+    webmail in front of maild, which speak for many users from one
+    address.  Transports without an IP address (UNIX sockets) are local,
+    and trusted.
+    """
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def __contains__(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return not host[:1].isdigit() and ":" not in host
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
 
 
 class _Refusal(protocol.Protocol):
@@ -34,9 +58,13 @@ class _Refusal(protocol.Protocol):
 class LimitedFactory(protocol.ServerFactory):
     """
     A server factory that admits at most C{limit} connections per client
-    address; the others get C{refusal} and are closed, while every other
-    address goes on being served.  Protocols built here must call
-    L{connectionClosed} from their C{connectionLost}.
+    address, outside C{trusted} networks; the others get C{refusal} and are
+    closed, while every other address goes on being served.  Protocols
+    built here must call L{connectionClosed} from their C{connectionLost}.
+
+    Each session gets C{peerAddress}, the address it connects from, and
+    C{clientAddress}, the one its logs and login throttling name (the same,
+    unless a trusted peer says whom it speaks for), and C{peerTrusted}.
 
     @cvar refusal: the protocol's own way of saying "too many connections".
     """
@@ -48,19 +76,22 @@ class LimitedFactory(protocol.ServerFactory):
     # would only add noise.
     noisy = False
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, trusted: Iterable[str] = ()) -> None:
         self.limit = limit
+        self.trusted = TrustedNetworks(trusted)
         self.connections: collections.Counter[str] = collections.Counter()
         self.sessions: set = set()
 
     def buildProtocol(self, addr):
         host = clientHost(addr)
-        if self.connections[host] >= self.limit:
+        trusted = host in self.trusted
+        if self.connections[host] >= self.limit and not trusted:
             return _Refusal(self.refusal)
         self.connections[host] += 1
         session = self.buildSession(addr)
         session.factory = self
-        session.clientAddress = host
+        session.peerAddress = session.clientAddress = host
+        session.peerTrusted = trusted
         self.sessions.add(session)
         return session
 
@@ -99,7 +130,7 @@ class LimitedFactory(protocol.ServerFactory):
         if not self.sessions and getattr(self, "_allClosed", None) is not None:
             allClosed, self._allClosed = self._allClosed, None
             allClosed.callback(None)
-        host = session.clientAddress
+        host = session.peerAddress
         self.connections[host] -= 1
         if self.connections[host] <= 0:
             del self.connections[host]

@@ -198,6 +198,75 @@ def messageResponse(
 # The maildrop ----------------------------------------------------------------
 
 
+# Dovecot's default pop3_uidl_format.
+DEFAULT_UIDL_FORMAT = "%08Xu%08Xv"
+
+# The variables of pop3_uidl_format maild can fill, by short and long name:
+# the UID, the UIDVALIDITY, and the Maildir base name (which Dovecot's
+# Maildir storage gives as both the file name and the GUID).
+_UIDL_VARIABLES = {
+    "u": "uid",
+    "uid": "uid",
+    "v": "uidvalidity",
+    "uidvalidity": "uidvalidity",
+    "f": "base",
+    "filename": "base",
+    "g": "base",
+    "guid": "base",
+}
+# Dovecot's %-expansion: "%%", or "%" then an optional zero-padded width,
+# an optional X (hexadecimal, lower case as Dovecot writes it), and a
+# one-letter variable or a {long name}.
+_UIDL_TOKEN = re.compile(r"%(?:(%)|(0?)(\d*)(X?)(?:\{(\w+)\}|(\w)))")
+
+
+class BadUidlFormat(ValueError):
+    pass
+
+
+def uidlFormatter(template: str) -> Callable[[int, int, str], bytes]:
+    """
+    A function making a POP3 unique id from C{(uid, uidvalidity, base)}
+    as Dovecot's C{pop3_uidl_format} C{template} does: C{%08Xu%08Xv}
+    gives C{000000016b0e1105}.
+
+    @raise BadUidlFormat: for a variable maild cannot fill (C{%m}, the
+        MD5 of the headers, would mean reading every message at login),
+        or an id that would not be unique (no UID or base name in it).
+    """
+    pieces: list[str] = []
+    fields: list[str] = []
+    position = 0
+    for match in _UIDL_TOKEN.finditer(template):
+        pieces.append(template[position : match.start()].replace("{", "{{").replace("}", "}}"))
+        position = match.end()
+        percent, zero, width, hexadecimal, longName, shortName = match.groups()
+        if percent:
+            pieces.append("%")
+            continue
+        variable = _UIDL_VARIABLES.get(longName or shortName)
+        if variable is None:
+            raise BadUidlFormat(f"pop3 uidl_format: unsupported variable in {match.group()!r}")
+        if variable == "base":
+            pieces.append("{base}")
+        else:
+            pieces.append("{%s:%s%s%s}" % (variable, zero, width, "x" if hexadecimal else "d"))
+        fields.append(variable)
+    rest = template[position:]
+    if "%" in rest:
+        raise BadUidlFormat(f"pop3 uidl_format: cannot read {rest!r}")
+    pieces.append(rest.replace("{", "{{").replace("}", "}}"))
+    if "uid" not in fields and "base" not in fields:
+        raise BadUidlFormat("pop3 uidl_format: needs %u or %f to tell messages apart")
+    format = "".join(pieces).format
+
+    def uidl(uid: int, uidvalidity: int, base: str) -> bytes:
+        # RFC 1939 section 7: 1 to 70 characters from 0x21 to 0x7E.
+        return format(uid=uid, uidvalidity=uidvalidity, base=base).encode("ascii", "replace")
+
+    return uidl
+
+
 @implementer(pop3.IMailbox)
 class Maildrop:
     """
@@ -206,16 +275,21 @@ class Maildrop:
     here) stay the same for the whole session; L{deleteMessage} only marks,
     and L{sync} removes the marked messages from the store.
 
-    A message's unique id (UIDL) is its IMAP UID and the folder's
-    UIDVALIDITY, in Dovecot's default C{pop3_uidl_format} (C{%08Xu%08Xv}):
-    the same message has the same identity in IMAP, across restarts, and
-    after a move of the Maildir between maild and Dovecot.
+    A message's unique id (UIDL) is made of its IMAP UID and the folder's
+    UIDVALIDITY as Dovecot's C{pop3_uidl_format} makes it (by default
+    C{%08Xu%08Xv}): the same message has the same identity in IMAP,
+    across restarts, and after a move of the Maildir between maild and
+    Dovecot, so a client that leaves mail on the server downloads nothing
+    twice.
 
     @param mailbox: the user's L{maild.store.UserMailbox}.
+    @param uidl: makes a unique id from C{(uid, uidvalidity, base name)}
+        (L{uidlFormatter}).
     """
 
-    def __init__(self, mailbox) -> None:
+    def __init__(self, mailbox, uidl: Callable[[int, int, str], bytes] | None = None) -> None:
         self.mailbox = mailbox
+        self._uidl = uidl or uidlFormatter(DEFAULT_UIDL_FORMAT)
         self.folder: Folder | None = None
         self.uidvalidity = 0
         self.uids = array("I")
@@ -303,7 +377,7 @@ class Maildrop:
 
     def getUidl(self, i: int) -> bytes:
         self._check(i)
-        return b"%08X%08X" % (self.uids[i], self.uidvalidity)
+        return self._uidl(self.uids[i], self.uidvalidity, self.bases[i])
 
     def deleteMessage(self, i: int) -> None:
         self._check(i)
@@ -411,7 +485,7 @@ class POP3Server(pop3.POP3):
         self.host = settings.hostname.encode("idna")
         self.timeOut = self.limits.pop3_idle_timeout
         self.callLater = settings.clock.callLater
-        self.clientAddress = "?"
+        self.peerAddress = self.clientAddress = "?"
         self.mbox: Maildrop | None = None
         self.reader = LineReader(self.limits.line_length)
         self._readingPaused = False
@@ -997,7 +1071,9 @@ class POP3Factory(LimitedFactory):
     protocol = POP3Server
 
     def __init__(self, settings: POP3Settings) -> None:
-        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        LimitedFactory.__init__(
+            self, settings.limits.connections_per_ip, settings.limits.trusted_networks
+        )
         self.settings = settings
 
     def buildSession(self, addr) -> POP3Server:

@@ -23,7 +23,8 @@ from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.cluster import RedisLink
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
-from maild.pop3 import Maildrop, POP3Factory, POP3Settings
+from maild.logs import useAsTwistdLog
+from maild.pop3 import Maildrop, POP3Factory, POP3Settings, uidlFormatter
 from maild.relay import Relay
 from maild.resolver import makeResolver
 from maild.smtp import InboundDelivery, SMTPFactory, SMTPServer, SMTPSettings
@@ -32,7 +33,7 @@ from maild.store import Committer, MailStore
 from maild.dev import AnyPasswordChecker, DevAddresses, devMailbox
 from maild.metrics import MeteredFactory
 from maild.proxyheader import ProxyHeaderFactory
-from maild.tls import ServerTLS, certificateFiles
+from maild.tls import RENEWAL_CHECK_INTERVAL, ServerTLS, certificateFiles, localCA
 from maild.trust.checker import TrustChecker
 from maild.web import WebFactory, makeRoot
 
@@ -119,13 +120,24 @@ class MailService(service.MultiService):
     L{Listener} per configured protocol.
     """
 
-    def __init__(self, config: Config, reactor=None, syncHook=None) -> None:
+    def __init__(self, config: Config, reactor=None, syncHook=None, clock=None) -> None:
+        """
+        @param clock: what sessions' deadlines, login delays, the login
+            cache, the shutdown grace and the daily certificate check are
+            timed by: the reactor, or a L{twisted.internet.task.Clock} that
+            tests advance.
+        """
         service.MultiService.__init__(self)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
+        self.clock = clock or reactor
+        # Where twistd's log goes once this service joins its application
+        # (see setServiceParent and maild.tap); None leaves twistd's own
+        # choice.
+        self.logDestination = config.log.file
         self.committer = Committer(reactor, config.data_dir, config.sync, syncHook=syncHook)
         self.redis = RedisLink(config.cluster.redis, reactor) if config.cluster.redis else None
         if self.redis is not None:
@@ -136,7 +148,7 @@ class MailService(service.MultiService):
             watch=config.watch,
             events=self.redis if config.watch == "redis" else None,
         )
-        self.accounts = Accounts(config.usersFile)
+        self.accounts = Accounts(config.usersFile, rehash=config.rehash_passwords)
         if config.dev.enabled:
             self.devMailbox = devMailbox(config.domains)
             self.store.mailbox(self.devMailbox).ensureExists()
@@ -150,16 +162,19 @@ class MailService(service.MultiService):
                 aliases=config.aliases,
                 catchall=config.catchall,
             )
-            checker = PasswordChecker(self.accounts, config.domains[0], reactor)
+            checker = PasswordChecker(
+                self.accounts, config.domains[0], reactor, config.login_cache, self.clock
+            )
         # Mail for other domains: queued and sent by the relay (the
         # developer mode relays nothing).
         self.relay = None if config.dev.enabled else Relay(config, self.store, self.addresses, reactor)
         if self.relay is not None:
             self.relay.setServiceParent(self)
+        uidl = uidlFormatter(config.pop3.uidl_format)
         self.realm = MailRealm(
             {
                 IMessageDelivery: lambda user: SubmissionDelivery(self.addresses, user, self.relay),
-                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user)),
+                pop3.IMailbox: lambda user: Maildrop(self.store.mailbox(user), uidl),
                 IAccount: lambda user: Account(self.store, user),
             }
         )
@@ -167,11 +182,17 @@ class MailService(service.MultiService):
         limits = config.limits
         self.authenticator = Authenticator(
             self.portal,
-            LoginThrottle(reactor, limits.auth_failure_delay, limits.auth_failure_delay_max),
+            LoginThrottle(self.clock, limits.auth_failure_delay, limits.auth_failure_delay_max),
+            limits.trusted_networks,
         )
         # STARTTLS is offered wherever it applies, so TLS is always set up
-        # (with a self-signed certificate when none is configured).
+        # (with one signed by the local CA when none is configured).
+        self.localCA = localCA(config)
         self.tls = ServerTLS(*certificateFiles(config))
+        if self.localCA is not None:
+            renewal = internet.TimerService(RENEWAL_CHECK_INTERVAL, self.renewCertificate)
+            renewal.clock = self.clock
+            renewal.setServiceParent(self)
         self.listeners: dict[str, Listener] = {}
         builders: dict[str, Callable[[], Any]] = {
             "smtp": self._mxFactory,
@@ -203,7 +224,7 @@ class MailService(service.MultiService):
             if proxied:
                 # The PROXY header comes first, before any TLS.
                 wrapped = ProxyHeaderFactory(wrapped, config.cluster.trusted_proxies, reactor)
-            listener = Listener(name, description, endpoint, factory, reactor, wrapped)
+            listener = Listener(name, description, endpoint, factory, self.clock, wrapped)
             listener.setServiceParent(self)
             self.listeners[name] = listener
         cleanup = internet.TimerService(
@@ -214,6 +235,17 @@ class MailService(service.MultiService):
         )
         cleanup.clock = reactor
         cleanup.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        service.MultiService.setServiceParent(self, parent)
+        useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
+
+    def renewCertificate(self) -> bool:
+        """
+        Renew the local CA's server certificate if it is due (daily); new
+        connections get the new one, open ones keep theirs.
+        """
+        return self.tls.renewIfDue(self.localCA)
 
     def _webFactory(self) -> WebFactory:
         limits = self.config.limits
@@ -241,7 +273,7 @@ class MailService(service.MultiService):
                 limits=self.config.limits,
                 store=self.store,
                 addresses=self.addresses,
-                clock=self.reactor,
+                clock=self.clock,
                 tlsContext=self.tls,
                 **settings,
             ),
@@ -284,7 +316,7 @@ class MailService(service.MultiService):
                 hostname=self.config.hostname,
                 limits=self.config.limits,
                 authenticator=self.authenticator,
-                clock=self.reactor,
+                clock=self.clock,
                 plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
             )
@@ -297,7 +329,7 @@ class MailService(service.MultiService):
                 limits=self.config.limits,
                 store=self.store,
                 authenticator=self.authenticator,
-                clock=self.reactor,
+                clock=self.clock,
                 plaintextAuth=self.config.plaintext_auth,
                 tlsContext=self.tls,
             )
@@ -309,6 +341,11 @@ class MailService(service.MultiService):
             "maild starting: data in {data}, domains {domains}",
             data=str(self.config.data_dir.resolve()),
             domains=", ".join(self.config.domains),
+        )
+        log.info(
+            "TLS certificate {path}, SHA-256 fingerprint {fingerprint}",
+            path=str(self.tls.certPath),
+            fingerprint=self.tls.fingerprint,
         )
         if self.config.dev.enabled:
             log.warn(

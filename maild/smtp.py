@@ -237,7 +237,7 @@ class SMTPServer(smtp.ESMTP):
         self.delivery = settings.delivery
         self.transaction: Transaction | None = None
         self.user: str | None = None
-        self.clientAddress = "?"
+        self.peerAddress = self.clientAddress = "?"
         self.reader = LineReader(self.limits.line_length)
         # Replies gathered while input is handled (None: write at once).
         self._replies: list[bytes] | None = None
@@ -936,7 +936,9 @@ class SMTPFactory(LimitedFactory):
     goodbye = b"421 4.3.2 Service shutting down"
 
     def __init__(self, settings: SMTPSettings, protocol: type[SMTPServer] = SMTPServer) -> None:
-        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        LimitedFactory.__init__(
+            self, settings.limits.connections_per_ip, settings.limits.trusted_networks
+        )
         self.settings = settings
         self.protocol = protocol
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
+from maild.logs import twistdDestination
 from maild.service import MailService
 from maild.workers import WorkerSupervisor
 
@@ -54,8 +55,17 @@ class Options(usage.Options):
 
 def makeService(options: Options):
     if options.config.cluster.workers > 1:
-        return WorkerSupervisor(options.config, options)
-    return MailService(options.config)
+        top = WorkerSupervisor(options.config, options)
+    else:
+        top = MailService(options.config)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and twistd.get("logger"):
+        # A log observer given to twistd (a worker's, say) is used as is.
+        top.logDestination = None
+    elif top.logDestination is None:
+        # twistd's own options (--logfile, -n, --syslog) say where to log.
+        top.logDestination = twistdDestination(twistd)
+    return top
 
 
 __all__ = ["Options", "makeService"]

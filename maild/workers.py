@@ -29,7 +29,7 @@ from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.logger import Logger
 
 from maild.config import PROTOCOLS, Config
-from maild.logs import WorkerLogReader
+from maild.logs import WorkerLogReader, useAsTwistdLog
 from maild.tls import certificateFiles
 
 log = Logger()
@@ -130,6 +130,13 @@ class WorkerSupervisor(service.Service):
         self.processes: dict[int, _WorkerProcess] = {}
         self._crashes: dict[int, int] = {}
         self._stopping = False
+        # Where the parent logs (what its workers send it too); see
+        # maild.tap.
+        self.logDestination = config.log.file
+
+    def setServiceParent(self, parent) -> None:
+        service.Service.setServiceParent(self, parent)
+        useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
 
     @defer.inlineCallbacks
     def privilegedStartService(self):

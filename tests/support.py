@@ -5,17 +5,19 @@ services started on loopback ports chosen by the system.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import re
-import select
 import socket
 import ssl
+import struct
+import termios
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import bcrypt
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from maild.config import PROTOCOLS, Config, loadConfig
@@ -81,8 +83,15 @@ class ServerTestCase(unittest.TestCase):
     limits: dict[str, Any] = {}
     configValues: dict[str, Any] = {}
 
+    # Whether sessions' deadlines, login delays and the shutdown grace run
+    # on C{self.clock}, a task.Clock the test advances, instead of the
+    # reactor's time.
+    useClock = False
+    clock: task.Clock | None = None
+
     def setUp(self):
         self.dataDir = Path(self.mktemp()).resolve()
+        self.clock = task.Clock() if self.useClock else None
         writeUsers(self.dataDir, self.users)
         return self.startServer()
 
@@ -94,7 +103,7 @@ class ServerTestCase(unittest.TestCase):
         """
         settings = {"limits": self.limits, **self.configValues, **values}
         self.config = makeConfig(self.dataDir, self.listeners, **settings)
-        self.service = MailService(self.config, reactor, syncHook=syncHook)
+        self.service = MailService(self.config, reactor, syncHook=syncHook, clock=self.clock)
         self.service.startService()
         self.addCleanup(self.stopServer)
         yield defer.gatherResults([lst.ready for lst in self.service.listeners.values()])
@@ -107,6 +116,72 @@ class ServerTestCase(unittest.TestCase):
 
     def port(self, name: str = "smtp") -> int:
         return self.service.port(name)
+
+    def sessions(self, name: str = "smtp") -> list:
+        """
+        The open sessions of listener C{name}.
+        """
+        factory = self.service.listeners[name].factory
+        return list(getattr(factory, "wrappedFactory", factory).sessions)
+
+    def sendAndWait(self, client: "RawClient", data: bytes, name: str = "smtp") -> defer.Deferred:
+        """
+        Send C{data} and wait until the server has read it (its sockets
+        hold nothing unread): then advancing C{self.clock} happens after
+        the server saw the data, as with a real client.
+        """
+
+        def unread() -> int:
+            total = 0
+            for session in self.sessions(name):
+                handle = session.transport.getHandle()
+                total += struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            return total
+
+        d = self.inThread(client.send, data)
+        d.addCallback(lambda _: waitUntil(lambda: unread() == 0))
+        return d
+
+    @defer.inlineCallbacks
+    def trickle(self, client: "RawClient", pieces: list[bytes], step: float, name: str = "smtp"):
+        """
+        Send C{pieces} one by one, C{step} seconds of C{self.clock} apart,
+        while the server keeps the session open.
+
+        @return: (a Deferred firing with) how many pieces were sent.
+        """
+        sent = 0
+        for piece in pieces:
+            [session] = self.sessions(name)
+            if session.transport.disconnecting:
+                break
+            yield self.sendAndWait(client, piece, name)
+            self.clock.advance(step)
+            sent += 1
+        return sent
+
+    @defer.inlineCallbacks
+    def delayedReply(self, send: Callable[[], Any]):
+        """
+        Run C{send} (a client call that waits for a reply) in a thread, and
+        check that the server answers only after a delay on C{self.clock}
+        (the login throttle's).
+
+        @return: (a Deferred firing with) the reply and the delay.
+        """
+        before = set(self.clock.getDelayedCalls())
+        replied = self.inThread(send)
+
+        def added():
+            return [call for call in self.clock.getDelayedCalls() if call not in before and call.active()]
+
+        yield waitUntil(lambda: replied.called or any(added()))
+        self.assertFalse(replied.called, "answered without a delay")
+        [call] = added()
+        delay = call.getTime() - self.clock.seconds()
+        self.clock.advance(delay)
+        reply = yield replied
+        return reply, delay
 
     def inThread(self, f, *args, **kwargs) -> defer.Deferred:
         """
@@ -152,9 +227,10 @@ def deliveryOrder(path: Path) -> tuple[int, int, int]:
 
 def clientContext(service: MailService, minimum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
     """
-    A client TLS context that trusts the daemon's (self-signed) certificate.
+    A client TLS context that trusts only the local CA of the daemon (the
+    one that signed its certificate), verifying the host name.
     """
-    context = ssl.create_default_context(cafile=str(service.tls.certPath))
+    context = ssl.create_default_context(cafile=str(service.localCA.certPath))
     if minimum is not None:
         context.minimum_version = minimum
     return context
@@ -201,22 +277,6 @@ class RawClient:
     def startTLS(self, context: ssl.SSLContext, hostname: str = "mx.test") -> None:
         self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
 
-    def trickle(self, pieces, interval: float) -> None:
-        """
-        Send C{pieces} one by one, C{interval} seconds apart, until the
-        server says something or closes (kept in the buffer).
-        """
-        for piece in pieces:
-            try:
-                self.sock.sendall(piece)
-            except OSError:
-                return
-            readable, _, _ = select.select([self.sock], [], [], interval)
-            if readable:
-                chunk = self.sock.recv(65536)
-                self.buffer += chunk
-                return
-
     def closed(self, wait: float = 5.0) -> bool:
         """
         Whether the server closes the connection within C{wait} seconds
@@ -236,6 +296,14 @@ class RawClient:
             return False
         return False
 
+    def rest(self, wait: float = 5.0) -> tuple[bytes, bool]:
+        """
+        All the server still sends, and whether it then closes the
+        connection (within C{wait} seconds).
+        """
+        closed = self.closed(wait)
+        return self.buffer, closed
+
     def close(self) -> None:
         self.sock.close()
 
@@ -250,13 +318,25 @@ def spoolMessages(dataDir: Path) -> list[str]:
 
 
 @defer.inlineCallbacks
+def waitUntil(condition: Callable[[], bool], timeout: float = 10.0):
+    """
+    Let the reactor run until C{condition()} holds (a reply written, a
+    timer set: what the server does in its own time); fail after
+    C{timeout} seconds.  Never a measure of time.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout} s: {condition}")
+        yield task.deferLater(reactor, 0.005, lambda: None)
+
+
+@defer.inlineCallbacks
 def waitForEmptySpool(dataDir: Path, timeout: float = 5.0):
     """
     Wait (spool files are removed by a worker thread) until no message is
     left in the spool, or the timeout passes; return what is left.
     """
-    from twisted.internet import task
-
     deadline = time.monotonic() + timeout
     while spoolMessages(dataDir) and time.monotonic() < deadline:
         yield task.deferLater(reactor, 0.02, lambda: None)

@@ -52,6 +52,47 @@ class UserCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(self.maild("user", "del", "alice@localhost")[0], 0)
         self.assertEqual(self.maild("user", "list")[1], "")
 
+    def test_addAsRootKeepsOwnership(self):
+        """
+        Run as root on a data folder another user owns (the daemon's user,
+        which Dovecot's processes run as too), user add keeps the users
+        file's owner and mode (its lock file takes the same owner), and the
+        new Maildir, the folders above it and its files belong to the data
+        folder's owner.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("changing owners needs root")
+        self.data.mkdir(parents=True)
+        os.chown(self.data, 8, 8)
+        users = self.data / "users"
+        users.write_text("")
+        os.chown(users, 8, 12)
+        os.chmod(users, 0o640)
+        self.assertEqual(self.maild("user", "add", "alice", "--password-stdin", stdin="pw\n")[0], 0)
+        self.assertEqual(self.maild("user", "passwd", "alice", "--password-stdin", stdin="pw2\n")[0], 0)
+        st = os.stat(users)
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (8, 12, 0o640))
+        lock = os.stat(self.data / "users.lock")
+        self.assertEqual((lock.st_uid, lock.st_gid), (8, 12))
+        made = [self.data / "mail", self.data / "mail/localhost"]
+        for top, dirs, files in os.walk(self.data / "mail/localhost/alice"):
+            made += [Path(top)] + [Path(top) / name for name in files]
+        self.assertIn(self.data / "mail/localhost/alice/.Sent/cur", made)
+        self.assertEqual({(p, os.stat(p).st_uid, os.stat(p).st_gid) for p in made}, {(p, 8, 8) for p in made})
+
+    def test_newUsersFileOwnedLikeDataFolder(self):
+        """
+        A users file that user add creates, as root, belongs to the data
+        folder's owner, mode 0600.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("changing owners needs root")
+        self.data.mkdir(parents=True)
+        os.chown(self.data, 8, 8)
+        self.assertEqual(self.maild("user", "add", "alice", "--password-stdin", stdin="pw\n")[0], 0)
+        st = os.stat(self.data / "users")
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (8, 8, 0o600))
+
     def test_refusals(self):
         """
         Names that could escape the data folder, other domains, duplicates
@@ -79,7 +120,7 @@ class UserCommandTests(unittest.SynchronousTestCase):
 class CertCommandTests(unittest.SynchronousTestCase):
     def test_makeShowRenew(self):
         """
-        cert makes a self-signed certificate for the host name (with
+        cert makes a certificate signed by the local CA for the host name (with
         subjectAltName) in the data folder, shows its fingerprint, keeps it
         on the next call, and replaces it with --renew.
         """
@@ -100,6 +141,62 @@ class CertCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(run(["--config", str(config), "cert"])[1], out)
         renewed = run(["--config", str(config), "cert", "--renew"])[1]
         self.assertNotEqual(renewed.splitlines()[2], out.splitlines()[2])
+
+
+    def test_exportCA(self):
+        """
+        cert --ca prints the local CA's certificate (what a user imports
+        once on each device); cert shows the server certificate's
+        fingerprint, not the CA's; --renew replaces the server certificate
+        and keeps the CA.
+        """
+        from maild.tls import fingerprint
+
+        data = Path(self.mktemp()).resolve()
+        status, exported, _ = run(["--data-dir", str(data), "cert", "--ca"])
+        self.assertEqual(status, 0)
+        self.assertEqual(exported, (data / "tls/ca.pem").read_text())
+        self.assertTrue(exported.startswith("-----BEGIN CERTIFICATE-----"))
+        shown = run(["--data-dir", str(data), "cert"])[1]
+        self.assertIn(f"SHA-256     {fingerprint(data / 'tls/cert.pem')}\n", shown)
+        self.assertNotIn(fingerprint(data / "tls/ca.pem"), shown)
+        self.assertIn(f"signed by   {data / 'tls/ca.pem'}", shown)
+        run(["--data-dir", str(data), "cert", "--renew"])
+        self.assertEqual(run(["--data-dir", str(data), "cert", "--ca"])[1], exported)
+        self.assertNotEqual(run(["--data-dir", str(data), "cert"])[1], shown)
+
+    def test_unwritableDataFolder(self):
+        """
+        A data folder where the certificate cannot be made gets one error
+        line, not a traceback.
+        """
+        blocker = Path(self.mktemp())
+        blocker.write_text("a file where the data folder should be")
+        status, _, err = run(["--data-dir", str(blocker / "data"), "cert"])
+        self.assertEqual(status, 1)
+        self.assertRegex(err, r"^error: .*data.*: Not a directory\n$")
+
+    def test_configuredCertificate(self):
+        """
+        With certificate files configured, cert shows them, and --ca and
+        --renew refuse (maild never changes configured files).
+        """
+        from tests.test_certificates import writeOldSelfSigned
+
+        folder = Path(self.mktemp()).resolve()
+        writeOldSelfSigned(folder / "files", "mx.test")
+        config = folder / "maild.toml"
+        config.write_text('data_dir = "data"\n[tls]\ncert = "files/cert.pem"\nkey = "files/key.pem"\n')
+        before = (folder / "files/cert.pem").read_bytes()
+        status, out, _ = run(["--config", str(config), "cert"])
+        self.assertEqual(status, 0)
+        self.assertIn(f"certificate {folder / 'files/cert.pem'}", out)
+        for option in ("--ca", "--renew"):
+            status, _, err = run(["--config", str(config), "cert", option])
+            self.assertEqual(status, 1)
+            self.assertIn("maild has no local CA", err)
+        self.assertEqual((folder / "files/cert.pem").read_bytes(), before)
+        self.assertFalse((folder / "data/tls").exists())
 
 
 class CheckCommandTests(unittest.SynchronousTestCase):
@@ -139,7 +236,7 @@ class CheckCommandTests(unittest.SynchronousTestCase):
 
 class SendCommandTests(ServerTestCase):
     def send(self, argv: list[str], stdin: str) -> defer.Deferred:
-        base = ["--data-dir", str(self.dataDir), "send", "--cafile", str(self.service.tls.certPath)]
+        base = ["--data-dir", str(self.dataDir), "send", "--cafile", str(self.service.localCA.certPath)]
         return self.inThread(run, base + argv, stdin)
 
     @defer.inlineCallbacks

@@ -89,6 +89,27 @@ class ConfigTests(unittest.SynchronousTestCase):
         ):
             self.assertIn(expected, text)
 
+    def test_uidlFormat(self):
+        """
+        [pop3] uidl_format defaults to Dovecot's %08Xu%08Xv; a format with
+        a variable maild cannot fill (%m, an MD5 of the headers) or
+        without the UID is refused at load time.
+        """
+        self.assertEqual(loadConfig().pop3.uidl_format, "%08Xu%08Xv")
+        self.assertEqual(loadConfig(self.write('[pop3]\nuidl_format = "%u.%v"\n')).pop3.uidl_format, "%u.%v")
+        for bad in ("%m", "%v", "%08Xu%"):
+            [problem] = self.problems(f'[pop3]\nuidl_format = "{bad}"\n')
+            self.assertIn("pop3 uidl_format", problem)
+
+    def test_authRehash(self):
+        """
+        [auth] rehash is off unless set, and must be a boolean.
+        """
+        self.assertFalse(loadConfig().rehash_passwords)
+        self.assertTrue(loadConfig(self.write("[auth]\nrehash = true\n")).rehash_passwords)
+        [problem] = self.problems('[auth]\nrehash = "yes"\n')
+        self.assertIn("auth.rehash: expected bool", problem)
+
     def test_badToml(self):
         [problem] = self.problems('data_dir = "unterminated\n')
         self.assertIn("not valid TOML", problem)

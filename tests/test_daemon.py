@@ -173,7 +173,7 @@ class ReloadTests(unittest.TestCase):
         """
         import ssl
 
-        from maild.tls import generateSelfSigned
+        from maild.tls import LocalCA
 
         folder = Path(self.mktemp()).resolve()
         folder.mkdir()
@@ -202,7 +202,7 @@ class ReloadTests(unittest.TestCase):
             waitForPort(port, daemon.process)
             first = served()
             tls = folder / "maildata/tls"
-            generateSelfSigned("renewed.test", tls / "cert.pem", tls / "key.pem")
+            LocalCA(tls, "renewed.test").renew()
             second = servedAfterHangup(first)
             (tls / "cert.pem").write_text("broken")
             third = servedAfterHangup(second)
@@ -249,7 +249,10 @@ class CrashTests(unittest.TestCase):
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(1.5)
+        # Kill it in full flow: once many messages have been answered.
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait(10)
         stop.set()
@@ -271,7 +274,9 @@ class CrashTests(unittest.TestCase):
         (folder / "data/tmp").mkdir(exist_ok=True)
         (folder / "data/tmp/1700000000.M1P1Q1.crashed").write_bytes(b"partial message")
         leftovers = set(os.listdir(folder / "data/tmp"))
-        time.sleep(1.1)
+        # Older than tmp_grace (1 s) without waiting for it.
+        for name in leftovers:
+            os.utime(folder / "data/tmp" / name, (time.time() - 10, time.time() - 10))
         daemon = Daemon(folder, args)
         try:
             waitForPort(port, daemon.process)

@@ -14,7 +14,7 @@ import time
 
 from twisted.internet import defer
 
-from tests.support import PASSWORD, IMAPTestCase, sampleMessage
+from tests.support import PASSWORD, IMAPTestCase, sampleMessage, waitUntil
 
 
 def plain(user: str = "alice@localhost", password: str = PASSWORD) -> bytes:
@@ -195,19 +195,9 @@ class ThunderbirdTests(IMAPTestCase):
         continuation = yield self.session(run, select=b'"INBOX"')
         self.assertEqual(continuation, b"+ idling")
         factory = self.service.listeners["imap"].factory
-        for _ in range(100):
-            if not factory.sessions:
-                break
-            yield deferLater(0.02)
-        self.assertEqual(factory.sessions, set())
+        yield waitUntil(lambda: not factory.sessions)
         folder = self.service.store.loadedFolder(self.maildir("alice@localhost"))
         self.assertTrue(folder is None or not folder.listeners)
-
-
-def deferLater(seconds: float) -> defer.Deferred:
-    from twisted.internet import reactor, task
-
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class CommandTests(IMAPTestCase):
@@ -384,13 +374,13 @@ class CommandTests(IMAPTestCase):
     def test_unsafeNamesRefused(self):
         """
         Names that could leave the user's folder (`../x`, `/etc`,
-        `INBOX/../../x`, NUL, bad modified UTF-7) are refused with NO before
-        they touch the file system.
+        `INBOX/../../x`, NUL, bad modified UTF-7, a lone surrogate) are
+        refused with NO before they touch the file system.
         """
 
         def run(client):
             replies = []
-            for name in (b'"../x"', b'"/etc"', b'"INBOX/../../x"', b'"a//b"', b"{3+}\r\na\x00b", b'"&Jjo"'):
+            for name in (b'"../x"', b'"/etc"', b'"INBOX/../../x"', b'"a//b"', b"{3+}\r\na\x00b", b'"&Jjo"', b'"&2AA-"'):
                 for verb in (b"CREATE", b"SELECT", b"DELETE"):
                     replies.append(client.command(b"t " + verb + b" " + name)[1])
             return replies
@@ -482,6 +472,57 @@ class CommandTests(IMAPTestCase):
         self.assertTrue(path.name.endswith(":2,Rab"), path.name)
         keywords = (self.maildir("alice@localhost") / "dovecot-keywords").read_text()
         self.assertEqual(keywords, "0 $Label1\n1 Work\n")
+
+    @defer.inlineCallbacks
+    def test_forwardedIsADovecotKeyword(self):
+        """
+        $Forwarded is stored as Dovecot stores it, a keyword named in
+        dovecot-keywords, never as the Maildir letter P (which Dovecot does
+        not show).  A file an older maild wrote with P still reads as
+        $Forwarded (FETCH and SEARCH), turns into the keyword when its
+        flags are next written, and loses it when the client removes it.
+        """
+        yield self.deliver(sampleMessage("one"), sampleMessage("two"), sampleMessage("three"))
+        [one, two, three] = self.messages("alice@localhost")
+        cur = one.parent.parent / "cur"
+        os.rename(two, cur / (two.name + ":2,P"))
+        os.rename(three, cur / (three.name + ":2,PS"))
+
+        def run(client):
+            r = {}
+            r["add"] = client.command(b"a STORE 1 +FLAGS ($Forwarded)")[0]
+            r["fetch"] = client.command(b"b FETCH 1:3 FLAGS")[0]
+            r["search"] = client.command(b"c SEARCH KEYWORD $Forwarded")[0]
+            r["unsearch"] = client.command(b"d SEARCH UNKEYWORD $Forwarded")[0]
+            client.command(b"e STORE 2 +FLAGS (\\Flagged)")
+            client.command(b"f STORE 3 -FLAGS ($Forwarded)")
+            r["after"] = client.command(b"g FETCH 1:3 FLAGS")[0]
+            return r
+
+        r = yield self.session(run, select=b"INBOX")
+        self.assertIn(b"* 1 FETCH (FLAGS ($Forwarded \\Recent))", r["add"])
+        self.assertEqual(
+            r["fetch"],
+            [
+                b"* 1 FETCH (FLAGS ($Forwarded \\Recent))",
+                b"* 2 FETCH (FLAGS ($Forwarded))",
+                b"* 3 FETCH (FLAGS (\\Seen $Forwarded))",
+            ],
+        )
+        self.assertEqual(r["search"], [b"* SEARCH 1 2 3"])
+        self.assertEqual(r["unsearch"], [b"* SEARCH"])
+        self.assertEqual(
+            r["after"],
+            [
+                b"* 1 FETCH (FLAGS ($Forwarded \\Recent))",
+                b"* 2 FETCH (FLAGS (\\Flagged $Forwarded))",
+                b"* 3 FETCH (FLAGS (\\Seen))",
+            ],
+        )
+        keywords = (self.maildir("alice@localhost") / "dovecot-keywords").read_text()
+        self.assertEqual(keywords, "0 $Forwarded\n")
+        names = sorted(p.name.partition(":2,")[2] for p in self.messages("alice@localhost"))
+        self.assertEqual(names, sorted(["a", "Fa", "S"]))
 
     @defer.inlineCallbacks
     def test_implicitSeen(self):

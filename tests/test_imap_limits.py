@@ -8,11 +8,10 @@ from __future__ import annotations
 import resource
 import socket
 import ssl
-import time
 
 from twisted.internet import defer, reactor, task
 
-from tests.support import IMAPClient, IMAPTestCase, sampleMessage, waitForEmptySpool
+from tests.support import IMAPClient, IMAPTestCase, sampleMessage, waitForEmptySpool, waitUntil
 
 
 def clientContext() -> ssl.SSLContext:
@@ -192,56 +191,69 @@ class PipeliningTests(IMAPTestCase):
         """
 
         def run(client):
-            client.send(b"a APPEND INBOX {100000+}\r\n" + b"x" * 5000)
-            time.sleep(0.2)
+            client.send(b"a APPEND INBOX {100000}\r\n")
+            # The continuation says the server is reading the literal.
+            assert client.readLine().startswith(b"+ "), client.buffer
+            client.send(b"x" * 5000)
 
         yield self.session(run)
         factory = self.service.listeners["imap"].factory
-        for _ in range(100):
-            if not factory.sessions:
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield waitUntil(lambda: not factory.sessions)
         self.assertEqual(self.messages("alice@localhost"), [])
         self.assertEqual((yield waitForEmptySpool(self.dataDir)), [])
 
 
 class TimeoutTests(IMAPTestCase):
-    limits = {"login_timeout": 0.5, "imap_idle_timeout": 0.6}
+    """
+    The login deadline and the idle timer at their default values, on a
+    clock the tests advance.
+    """
+
+    useClock = True
+    limits = {"login_timeout": 180.0, "imap_idle_timeout": 1800.0}
+
+    def greeted(self) -> IMAPClient:
+        client = IMAPClient(self.port("imap"))
+        client.readLine()
+        return client
 
     @defer.inlineCallbacks
     def test_loginTimeoutDespiteTrickle(self):
         """
-        A session that does not log in within login_timeout is closed with
-        BYE, however it trickles bytes.
+        A session that does not log in within login_timeout (3 minutes) is
+        closed with BYE, however it trickles bytes (one every 10 s).
         """
-
-        def run():
-            client = IMAPClient(self.port("imap"))
-            client.readLine()
-            start = time.monotonic()
-            client.trickle([b"a NOOP\r\n"[i : i + 1] for i in range(8)] * 10, 0.1)
-            closed = client.closed(3)
-            return closed, time.monotonic() - start, client.buffer
-
-        closed, elapsed, rest = yield self.inThread(run)
+        client = yield self.inThread(self.greeted)
+        self.addCleanup(client.close)
+        pieces = [b"a NOOP\r\n"[i : i + 1] for i in range(8)] * 10
+        sent = yield self.trickle(client, pieces, 10.0, "imap")
+        self.assertEqual(sent, 18)
+        rest, closed = yield self.inThread(client.rest)
         self.assertTrue(closed)
-        self.assertLess(elapsed, 3)
         self.assertIn(b"* BYE Login time exceeded\r\n", rest)
 
     @defer.inlineCallbacks
     def test_idleTimeoutAfterLogin(self):
         """
-        A logged-in session idle longer than imap_idle_timeout gets BYE
-        and is closed; the login deadline no longer applies.
+        A logged-in session idle longer than imap_idle_timeout (30
+        minutes) gets BYE and is closed; a command before then starts the
+        wait again, and the login deadline no longer applies.
         """
 
-        def run(client):
-            client.command(b"a NOOP")
-            time.sleep(0.3)
-            alive = client.command(b"b NOOP")
-            return alive, client.closed(3), client.buffer
+        def login():
+            client = self.greeted()
+            client.login()
+            return client
 
-        alive, closed, rest = yield self.session(run)
+        client = yield self.inThread(login)
+        self.addCleanup(client.close)
+        self.clock.advance(1000)
+        alive = yield self.inThread(client.command, b"b NOOP")
+        self.clock.advance(1799)
+        [session] = self.sessions("imap")
+        self.assertFalse(session.transport.disconnecting)
+        self.clock.advance(1)
+        rest, closed = yield self.inThread(client.rest)
         self.assertEqual(alive, ([], b"b OK NOOP completed"))
         self.assertTrue(closed)
         self.assertEqual(rest, b"* BYE Autologout; connection idle too long\r\n")

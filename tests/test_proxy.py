@@ -225,7 +225,7 @@ class ProxiedServiceTests(unittest.TestCase):
         def talk():
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 993\r\n")
-            context = ssl.create_default_context(cafile=str(self.service.tls.certPath))
+            context = ssl.create_default_context(cafile=str(self.service.localCA.certPath))
             with context.wrap_socket(sock, server_hostname="mx.test") as tls:
                 return tls.recv(100)
 

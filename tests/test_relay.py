@@ -590,7 +590,7 @@ class SmarthostTests(TwoServersTestCase):
                 "smarthost": f"127.0.0.1:{b.port('submission')}",
                 "smarthost_user": ALICE,
                 "smarthost_password_file": str(passwordFile),
-                "smarthost_cafile": str(b.tls.certPath),
+                "smarthost_cafile": str(b.localCA.certPath),
                 "scan_interval": 0.05,
                 "retry_first": 3600.0,
             },

@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
@@ -85,11 +85,39 @@ class NameTests(unittest.SynchronousTestCase):
         Names that could leave the user's folder or confuse the layout are
         refused.
         """
-        for bad in ("", "..", "a/../b", "/abs", "a//b", "a/", "x\x00y", "a*", "%", "a\\b", "a" * 300):
+        for bad in ("", "..", "a/../b", "/abs", "a//b", "a/", "x\x00y", "a*", "%", "a\\b", "a" * 300, "\ud800"):
             self.assertRaises(InvalidName, maildir.validateFolderName, bad)
         self.assertIsNone(maildir.folderNameFromDir(".."))
         self.assertIsNone(maildir.folderNameFromDir("..deleted-1"))
         self.assertIsNone(maildir.folderNameFromDir("cur"))
+
+
+# The machine may be busy: slow generation is not a failure.
+_patient = settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+
+
+class SubscriptionLineTests(unittest.SynchronousTestCase):
+    @_patient
+    @given(st.lists(st.text(st.characters(blacklist_characters="/"), min_size=1, max_size=12), min_size=1, max_size=4))
+    def test_roundTrip(self, parts):
+        """
+        A valid folder name written as Dovecot writes it in subscriptions
+        reads back as itself, first.
+        """
+        try:
+            name = maildir.validateFolderName("/".join(parts))
+        except InvalidName:
+            return
+        self.assertEqual(maildir.subscriptionNames(maildir.subscriptionLine(name))[0], name)
+
+    @_patient
+    @given(st.text(max_size=40))
+    def test_anyLine(self, line):
+        """
+        Any line gives only valid folder names, never an exception.
+        """
+        for name in maildir.subscriptionNames(line):
+            self.assertEqual(maildir.validateFolderName(name), name)
 
 
 class UidListTests(unittest.SynchronousTestCase):
@@ -137,14 +165,16 @@ class UidListTests(unittest.SynchronousTestCase):
         self.assertEqual(state.uids["1700000001.M1P1.host"], 9)
         self.assertEqual(uids.assign(["new"]), [10])
 
-    def test_renumberBelowFloor(self):
+    def test_renumberCameBack(self):
         """
-        A base whose recorded UID is below the floor given (a file that came
-        back after its UID was passed) gets a new, higher UID.
+        A base whose recorded UID was seen expunged (a file that came back)
+        gets a new, higher UID; one numbered by another process keeps its
+        own, even below UIDs given since.
         """
         uids = UidList(self.path)
-        uids.assign(["a", "b"])
-        self.assertEqual(uids.assign(["a"], above=3), [3])
+        uids.assign(["a", "b", "c"])
+        self.assertEqual(uids.assign(["a"], renumber={1}), [4])
+        self.assertEqual(uids.assign(["b"], renumber={1}), [2])
 
     def test_corruptListStartsNewValidity(self):
         """
@@ -203,6 +233,38 @@ class FolderTests(unittest.SynchronousTestCase):
     def folderChanged(self, folder, change):
         self.changes.append(change)
 
+    def test_placedAfterAnotherProcessNumbered(self):
+        """
+        When another process (Dovecot) numbered a file we have not listed
+        yet, and then our own delivery gets the next UID, the other file
+        is taken first: listeners learn both in UID order, so a session
+        told of the higher UID does not miss the lower one.
+        """
+        self.folder.refresh()
+        self.changes.clear()
+        theirs = put(self.path, "new/1700000003.M1P9Q1.other")
+        [theirUid] = UidList(self.path).assign([theirs.name])
+        ours = put(self.path, "new/1700000004.M1P1Q2.h")
+        [ourUid] = self.folder.addPlaced([ours])
+        self.assertEqual((theirUid, ourUid), (3, 4))
+        self.assertEqual(list(self.folder.uids), [1, 2, 3, 4])
+        self.assertEqual([uid for change in self.changes for uid in change.added], [3, 4])
+
+    def test_numberedElsewhereKeepsItsUid(self):
+        """
+        A file another process numbered keeps that UID in our index even
+        when we learn of it after higher ones: it is never numbered twice.
+        """
+        self.folder.refresh()
+        theirs = put(self.path, "cur/1700000003.M1P9Q1.other:2,S")
+        later = put(self.path, "cur/1700000004.M1P9Q2.other:2,")
+        other = UidList(self.path)
+        other.assign(["1700000003.M1P9Q1.other", "1700000004.M1P9Q2.other"])
+        self.folder.refresh()
+        self.assertEqual(list(self.folder.uids), [1, 2, 3, 4])
+        records = (self.path / "dovecot-uidlist").read_text().splitlines()[1:]
+        self.assertEqual(len(records), len({line.split(" :")[1] for line in records}))
+
     def test_loadInDeliveryOrder(self):
         """
         Opening a folder numbers its files by delivery time, reads flags
@@ -226,8 +288,11 @@ class FolderTests(unittest.SynchronousTestCase):
         Files added, renamed (flags) and removed by another program are
         found by refresh and announced.
         """
+        # Folder times from the past: the changes below must move them,
+        # however coarse the file system's clock.
+        for sub in ("new", "cur"):
+            os.utime(self.path / sub, (1_000_000_000, 1_000_000_000))
         self.folder.refresh()
-        time.sleep(0.01)
         os.rename(self.path / "new/1700000002.M1P1Q1.h,S=17,W=20", self.path / "cur/1700000002.M1P1Q1.h,S=17,W=20:2,FS")
         os.unlink(self.path / "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S")
         put(self.path, "new/1700000003.M1P1Q1.h")
@@ -415,6 +480,34 @@ class MailboxTests(unittest.SynchronousTestCase):
     def test_dovecotSubscriptionsFile(self):
         (self.mailbox.root / "subscriptions").write_text("V\t2\n\nSent\nLists\tPython\n")
         self.assertEqual(self.mailbox.subscriptions(), ["Sent", "Lists/Python"])
+
+    def test_subscriptionsInDovecotMaildirForm(self):
+        """
+        The subscriptions file holds storage names, as Dovecot 2.3 writes
+        it for Maildir++ (seen by running it): Work/Sub is C{Work.Sub}, a
+        dot inside a name is C{~2e}, non-ASCII is modified UTF-7.  Dovecot
+        discards C{Work/Sub} lines as invalid.
+        """
+        for name in ("Work/Sub", "Proj.2026", "Entwürfe"):
+            self.mailbox.create(name)
+            self.mailbox.subscribe(name)
+        lines = (self.mailbox.root / "subscriptions").read_text().splitlines()
+        self.assertEqual(lines[-3:], ["Work.Sub", "Proj~2e2026", "Entw&APw-rfe"])
+        self.assertEqual(self.mailbox.subscriptions()[-3:], ["Work/Sub", "Proj.2026", "Entwürfe"])
+
+    def test_subscriptionsOfOlderMaild(self):
+        """
+        A file an older maild wrote (IMAP names: C{Work/Sub}, C{Proj.2026}
+        for the folder stored as C{.Proj~2e2026}) still reads right; a
+        Dovecot line whose folder exists wins over the literal reading.
+        """
+        self.mailbox.create("Work/Sub")
+        self.mailbox.create("Proj.2026")
+        self.mailbox.create("A/B")
+        (self.mailbox.root / "subscriptions").write_text("INBOX\nWork/Sub\nProj.2026\nA.B\nGone.Away\n")
+        self.assertEqual(
+            self.mailbox.subscriptions(), ["INBOX", "Work/Sub", "Proj.2026", "A/B", "Gone/Away"]
+        )
 
     def test_staleTemporariesRemoved(self):
         old = put(self.mailbox.root, "tmp/old")
@@ -764,3 +857,155 @@ class CrossProcessLockTests(unittest.SynchronousTestCase):
             self.assertEqual(proc.returncode, 0, err)
             assigned += [int(x) for x in out.split()]
         self.assertEqual(sorted(assigned), list(range(1, 401)))
+
+
+class FakeTime:
+    """
+    A clock and a sleep that only move when slept on; C{onSleep} runs at
+    each sleep (to release a lock, say).
+    """
+
+    def __init__(self, onSleep=None) -> None:
+        self.now = self.start = time.time()
+        self.sleeps = 0
+        self.onSleep = onSleep
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+        if self.onSleep is not None:
+            self.onSleep(self.sleeps)
+
+
+class DovecotDotLockTests(unittest.SynchronousTestCase):
+    """
+    maild takes Dovecot's own lock on dovecot-uidlist (the dot-lock
+    protocol of Dovecot's file-dotlock.c), so both servers can serve one
+    folder at once.
+    """
+
+    def setUp(self):
+        self.path = Path(self.mktemp()).resolve()
+        self.path.mkdir()
+        self.lock = self.path / "dovecot-uidlist.lock"
+
+    def settings(self, fake: FakeTime, **values):
+        from maild.store.locking import DotLockSettings
+
+        return DotLockSettings(sleep=fake.sleep, clock=fake.clock, **values)
+
+    def hold(self, holder: str, age: float = 0.0) -> None:
+        self.lock.write_text(holder)
+        if age:
+            stamp = time.time() - age
+            os.utime(self.lock, (stamp, stamp))
+
+    def test_lockFileWhileHeld(self):
+        """
+        While maild numbers messages, dovecot-uidlist.lock exists and names
+        this process as Dovecot writes it (pid:hostname); it is removed
+        after, also after a nested hold; no maild-only lock file is made.
+        """
+        import socket
+
+        uids = UidList(self.path)
+        uids.assign(["a"])
+        with uids.locked():
+            with uids.locked():
+                self.assertEqual(self.lock.read_text(), f"{os.getpid()}:{socket.gethostname()}")
+            self.assertTrue(self.lock.exists())
+        self.assertFalse(self.lock.exists())
+        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist"])
+
+    def test_waitsWhileDovecotHoldsIt(self):
+        """
+        A lock a live process holds (pid 1 of this host) is waited for, and
+        what its holder appended meanwhile is read before numbering: the
+        new file gets the next UID, not one the holder gave out.
+        """
+        import socket
+
+        uids = UidList(self.path)
+        uids.assign(["a"])
+        self.hold(f"1:{socket.gethostname()}", age=10)
+
+        def dovecotFinishes(sleeps):
+            if sleeps == 3:
+                with open(self.path / "dovecot-uidlist", "a") as f:
+                    f.write("2 W300 S290 :dovecot-wrote-this\n")
+                self.lock.unlink()
+
+        fake = FakeTime(dovecotFinishes)
+        uids = UidList(self.path, lockSettings=self.settings(fake))
+        self.assertEqual(uids.assign(["b"]), [3])
+        self.assertEqual(fake.sleeps, 3)
+        self.assertEqual(uids.assign(["dovecot-wrote-this"]), [2])
+
+    def test_deadHolderOverridden(self):
+        """
+        A lock left by a process of this host that no longer exists (and at
+        least 2 seconds old) is taken over at once.
+        """
+        import socket
+
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+        self.hold(f"{int(dead.stdout)}:{socket.gethostname()}", age=10)
+        fake = FakeTime()
+        self.assertEqual(UidList(self.path, lockSettings=self.settings(fake)).assign(["a"]), [1])
+        self.assertEqual(fake.sleeps, 0)
+
+    def test_staleLockOverridden(self):
+        """
+        A lock of another host that nothing changed for the stale timeout
+        (2 minutes, Dovecot's for dovecot-uidlist) is taken over.
+        """
+        self.hold("4242:elsewhere.example", age=10)
+        fake = FakeTime()
+        uids = UidList(self.path, lockSettings=self.settings(fake, staleAfter=120.0, timeout=300.0))
+        self.assertEqual(uids.assign(["a"]), [1])
+        self.assertGreater(fake.now - fake.start, 120.0 - 10)
+
+    def test_timeout(self):
+        """
+        A lock that stays fresh longer than the timeout is an error, not a
+        wait without end.
+        """
+        from maild.store.locking import LockTimeout
+
+        def touch(sleeps):
+            os.utime(self.lock)
+
+        self.hold("4242:elsewhere.example")
+        fake = FakeTime(touch)
+        uids = UidList(self.path, lockSettings=self.settings(fake, staleAfter=60.0, timeout=5.0))
+        self.assertRaises(LockTimeout, uids.assign, ["a"])
+
+    def test_keywordsUnderUidListLock(self):
+        """
+        A new keyword waits for the UID list lock (Dovecot creates keywords
+        only under it), and each rewrite of dovecot-keywords moves its time
+        to a later second, so that Dovecot reads it again.
+        """
+        import socket
+
+        keywords = Keywords(self.path)
+        keywords.letters(["One"])
+        first = os.stat(self.path / "dovecot-keywords").st_mtime
+        self.hold(f"1:{socket.gethostname()}", age=10)
+
+        def dovecotFinishes(sleeps):
+            if sleeps == 2:
+                (self.path / "dovecot-keywords").write_text("0 One\n1 FromDovecot\n")
+                self.lock.unlink()
+
+        fake = FakeTime(dovecotFinishes)
+        keywords = Keywords(self.path, self.settings(fake))
+        self.assertEqual(keywords.letters(["Two"]), "c")
+        self.assertEqual(fake.sleeps, 2)
+        text = (self.path / "dovecot-keywords").read_text()
+        self.assertEqual(text, "0 One\n1 FromDovecot\n2 Two\n")
+        self.assertGreaterEqual(int(os.stat(self.path / "dovecot-keywords").st_mtime), int(first) + 1)
+        self.assertFalse((self.path / "dovecot-keywords.lock").exists())

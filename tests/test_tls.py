@@ -208,7 +208,9 @@ class LastReplyLimitsTests(ServerTestCase):
     """
 
     listeners = ("smtps", "pop3s", "imaps")
-    limits = {"connections_per_ip": 1}
+    # Loopback is trusted (exempt from the connection limit) by default;
+    # here these clients stand for remote ones.
+    limits = {"connections_per_ip": 1, "trusted_networks": ()}
 
     def tlsClient(self, name: str) -> RawClient:
         client = RawClient(self.port(name))

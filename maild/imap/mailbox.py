@@ -61,8 +61,11 @@ class SelectedFolder:
     # IMailboxInfo -------------------------------------------------------------
 
     def getFlags(self) -> list[bytes]:
-        names = [name for _, name in wire.SYSTEM_FLAGS]
-        return names + wire.keywordNames(self.folder.keywords.allNames())
+        # $Forwarded is always offered: Thunderbird sets it on messages it
+        # forwarded, and older files may carry it as the letter P.
+        names = [name for _, name in wire.SYSTEM_FLAGS] + [wire.FORWARDED]
+        keywords = [k for k in self.folder.keywords.allNames() if k.lower() != "$forwarded"]
+        return names + wire.keywordNames(keywords)
 
     def flagsLines(self) -> list[bytes]:
         """

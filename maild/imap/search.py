@@ -29,7 +29,7 @@ from maild.imap.headervalues import addressText, parseAddressList
 from maild.imap.mime import MAX_DEPTH, headerFields, unfold
 from maild.imap.parser import Atom, BadCommand, Literal, SequenceSet, parseNumber, parseSequenceSet
 from maild.store import MessageGone
-from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, HAS_KEYWORDS, SEEN
+from maild.store.maildir import ANSWERED, DELETED, DRAFT, FLAGGED, FORWARDED, HAS_KEYWORDS, SEEN
 
 _FLAG_KEYS = {
     b"ANSWERED": (ANSWERED, True),
@@ -207,10 +207,10 @@ def _parseSimpleKey(token: Any, reader: _Reader) -> Key:
             return _node("and", [recent, Key("flag", SEEN, False)])
         return recent if name == b"RECENT" else _node("not", [recent])
     if name in (b"KEYWORD", b"UNKEYWORD"):
-        name = reader.atom()
-        if not wire.isKeyword(name):
+        flag = reader.atom()
+        if not wire.isKeyword(flag):
             raise BadCommand("Keywords must be atoms")
-        keyword = Key("keyword", name.decode("ascii"))
+        keyword = Key("keyword", flag.decode("ascii"))
         return keyword if name == b"KEYWORD" else _node("not", [keyword])
     if name == b"UID":
         return Key("set", SequenceSet(tuple(parseSequenceSet(reader.atom())), True))
@@ -357,8 +357,12 @@ class Search:
     def _keywordTest(self, name: str) -> Callable:
         folder = self.view.folder
         letters = folder.keywords.letters([name], create=False)
+        # Older files carry $Forwarded as the Maildir letter P.
+        legacy = FORWARDED if name.lower() == "$forwarded" else 0
 
         def test(i, message) -> bool:
+            if folder.flags[i] & legacy:
+                return True
             if not letters or not folder.flags[i] & HAS_KEYWORDS:
                 return False
             return letters in folder.keywordLetters.get(folder.uids[i], "")

@@ -14,6 +14,7 @@ C{unauth_X}/C{auth_X}/C{select_X} tables.
 from __future__ import annotations
 
 import base64
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -110,7 +111,8 @@ class IMAPServer(imap4.IMAP4Server):
         self.settings = settings
         self.limits = settings.limits
         self.callLater = settings.clock.callLater
-        self.clientAddress = "?"
+        self.peerAddress = self.clientAddress = "?"
+        self.peerTrusted = False
         self.framer = CommandFramer(self, settings.limits.imap_line_length, settings.limits.preauth_literal_size)
         self.account: Account | None = None
         self.view: SelectedFolder | None = None
@@ -241,7 +243,9 @@ class IMAPServer(imap4.IMAP4Server):
         return self.startedTLS or isEncrypted(self.transport)
 
     def _plaintextAllowed(self) -> bool:
-        return plaintextLoginAllowed(self.settings.plaintextAuth, self.clientAddress, self.secure)
+        # The connection's own address: a webmail on loopback that names
+        # its user's address with ID still speaks over loopback.
+        return plaintextLoginAllowed(self.settings.plaintextAuth, self.peerAddress, self.secure)
 
     def _send(self, line: bytes) -> None:
         self.transport.write(line + b"\r\n")
@@ -535,8 +539,36 @@ class IMAPServer(imap4.IMAP4Server):
         if not isinstance(value, list) and not (isinstance(value, Atom) and value.upper() == b"NIL"):
             raise BadCommand("ID takes a list or NIL")
         args.end()
+        if isinstance(value, list):
+            self._takeOriginatingAddress(value)
         self._send(b'* ID ("name" "maild" "version" ' + wire.string(self.settings.version) + b")")
         self._done(tag, b"OK ID completed")
+
+    def _takeOriginatingAddress(self, fields: list) -> None:
+        """
+        A webmail in a trusted network (Roundcube does this) names the
+        address of the user it speaks for as C{x-originating-ip}: that
+        address is then the one logged and throttled, so one user's
+        failures do not slow down everyone else's logins through it.
+        """
+        if not self.peerTrusted:
+            return
+        for key, value in zip(fields[0::2], fields[1::2]):
+            if not isinstance(key, (Atom, Quoted)) or bytes(key).lower() != b"x-originating-ip":
+                continue
+            if not isinstance(value, (Atom, Quoted)):
+                return
+            try:
+                address = ipaddress.ip_address(bytes(value).decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                return
+            log.info(
+                "imap: {peer} speaks for {rip} (ID x-originating-ip)",
+                peer=self.peerAddress,
+                rip=str(address),
+            )
+            self.clientAddress = str(address)
+            return
 
     # Not authenticated --------------------------------------------------------
 
@@ -1216,7 +1248,9 @@ class IMAPFactory(LimitedFactory):
     protocol = IMAPServer
 
     def __init__(self, settings: IMAPSettings) -> None:
-        LimitedFactory.__init__(self, settings.limits.connections_per_ip)
+        LimitedFactory.__init__(
+            self, settings.limits.connections_per_ip, settings.limits.trusted_networks
+        )
         self.settings = settings
 
     def buildSession(self, addr) -> IMAPServer:

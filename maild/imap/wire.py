@@ -155,11 +155,13 @@ SYSTEM_FLAGS = (
     (maildir.DELETED, b"\\Deleted"),
     (maildir.SEEN, b"\\Seen"),
     (maildir.DRAFT, b"\\Draft"),
-    # Maildir's P ("passed"), which Dovecot maps to this keyword.
-    (maildir.FORWARDED, b"$Forwarded"),
 )
 FLAG_BITS = {name.lower(): bit for bit, name in SYSTEM_FLAGS}
 RECENT = b"\\Recent"
+# A keyword like any other, stored in dovecot-keywords as Dovecot stores
+# it; files from older maild versions carry it as the Maildir letter P
+# instead (the FORWARDED bit), shown under the same name.
+FORWARDED = b"$Forwarded"
 
 
 # RFC 3501 section 9: flag-keyword = atom; ATOM-CHAR is any CHAR (7-bit)
@@ -191,6 +193,8 @@ def flagNames(bits: int, keywords: list[str], recent: bool) -> bytes:
     """
     names = [name for bit, name in SYSTEM_FLAGS if bits & bit]
     names.extend(keywordNames(keywords))
+    if bits & maildir.FORWARDED and not any(k.lower() == "$forwarded" for k in keywords):
+        names.append(FORWARDED)
     if recent:
         names.append(RECENT)
     return b"(" + b" ".join(names) + b")"

@@ -24,12 +24,18 @@ def fsyncDirectory(path: Path) -> None:
         os.close(fd)
 
 
-def replaceFile(path: Path, data: bytes, mode: int = 0o600) -> os.stat_result:
+def replaceFile(
+    path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> os.stat_result:
     """
     Replace C{path} with C{data}: write a temporary file beside it, sync
     it, rename it over C{path}, and sync the directory.  The caller holds
     the lock that keeps other writers of C{path} out (the temporary file's
     name is fixed, so that a crash leaves one, not one per process).
+
+    @param owner: the user and group the new file gets, with exactly
+        C{mode}, before it takes the old one's place: the owner only when
+        running as root, the group when allowed.
 
     @return: the new file's status (its inode and time tell readers that
         it changed).
@@ -37,6 +43,12 @@ def replaceFile(path: Path, data: bytes, mode: int = 0o600) -> os.stat_result:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
+        if owner is not None:
+            try:
+                os.fchown(fd, owner[0] if os.geteuid() == 0 else -1, owner[1])
+            except PermissionError:
+                pass  # not root, nor in the file's group: it gets ours
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import os
+import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from zope.interface import implementer
 from maild.store import maildir
 from maild.store.delivery import FolderMissing
 from maild.store.interfaces import IFolder
-from maild.store.keywords import Keywords
+from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList, UidValidities
 
@@ -90,11 +91,15 @@ class Folder:
     """
     The shared index of one folder.
 
+    @cvar GONE_KEPT: how many expunged UIDs to remember.
+
     @ivar name: the IMAP name (C{INBOX}, C{Sent}, C{Lists/Python}).
     @ivar path: the folder's directory (holding C{cur new tmp}).
     @ivar store: the L{maild.store.MailStore} that places messages here
         and watches the folder (None for a folder only read and changed).
     """
+
+    GONE_KEPT = 100_000
 
     def __init__(self, name: str, path: Path, store=None, uidValidities: UidValidities | None = None) -> None:
         self.name = name
@@ -112,6 +117,7 @@ class Folder:
         self._listeners: list[FolderListener] = []
         self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
         self._loaded = False
+        self._expungedUids: dict[int, None] = {}
         # The last look found the folder deleted or renamed.
         self.missing = False
         # Base names of expunged messages whose files a thread is removing.
@@ -166,9 +172,17 @@ class Folder:
         return self._dir + self.fileName(i)
 
     def keywordNames(self, i: int) -> list[str]:
-        if not self.flags[i] & HAS_KEYWORDS:
-            return []
-        return self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+        """
+        The keywords of message C{i}, with $Forwarded for an older file's
+        Maildir letter P.
+        """
+        bits = self.flags[i]
+        names = []
+        if bits & HAS_KEYWORDS:
+            names = self.keywords.names(self.keywordLetters.get(self.uids[i], ""))
+        if bits & maildir.FORWARDED and not any(n.lower() == "$forwarded" for n in names):
+            names.append("$Forwarded")
+        return names
 
     def positionsWith(self, bit: int) -> list[int]:
         """
@@ -399,9 +413,16 @@ class Folder:
         the index with them; entries in the other directory stay as they are.
         """
         # Record the times first: a change made while we list is seen next time.
-        self._mtimes = mtimes
+        self._mtimes = _settled(mtimes)
         self.missing = False
         onDisk = self._listing(subs)
+        # A directory that changed while we listed it (a rename by another
+        # process) may have been listed without a file: one it seems to
+        # lack is not taken for expunged until a listing is undisturbed.
+        after = self._dirMtimes()
+        disturbed = {sub for sub in subs if after[sub] != mtimes[sub]}
+        for sub in disturbed:
+            self._mtimes[sub] = _LIST_AGAIN
         state = self.uidList.refresh()
         change = FolderChange()
         if self._loaded and state.uidvalidity != self.uidvalidity:
@@ -416,46 +437,63 @@ class Folder:
         keywordLetters: dict[int, str] = {}
         goneBases = []
         listedNew, listedCur = "new" in subs, "cur" in subs
+        uncertain = False
         for uid, bits, base in zip(self.uids, self.flags, self.bases):
             oldLetters = self.keywordLetters.get(uid, "")
-            if not (listedNew if bits & IN_NEW else listedCur):
-                newBits, letters = bits, oldLetters
-            elif base not in onDisk:
-                change.expunged.append(uid)
-                goneBases.append(base)
-                continue
-            else:
+            if base in onDisk:
+                # Where we knew it, or moved from new/ to cur/ by another
+                # process (seen in cur/ before new/ was listed again).
                 info = onDisk.pop(base)
                 newBits, letters = infoBits(info)
                 if newBits != bits or letters != oldLetters:
                     change.flagged.append(uid)
+            elif not (listedNew if bits & IN_NEW else listedCur):
+                newBits, letters = bits, oldLetters
+            elif disturbed or (bits & IN_NEW and not listedCur):
+                # Perhaps moved (to cur/, by another process) where we did
+                # not look: decided when both are listed, at the next refresh.
+                newBits, letters = bits, oldLetters
+                uncertain = True
+            else:
+                change.expunged.append(uid)
+                goneBases.append(base)
+                continue
             keptUids.append(uid)
             keptFlags.append(newBits)
             keptBases.append(base)
             if letters:
                 keywordLetters[uid] = letters
-        if len(subs) == 1:
-            # A file listed here may still be indexed in the other, unlisted
-            # directory (the same base in both): it is not new.
-            indexed = set(keptBases) if onDisk else set()
-            for base in [b for b in onDisk if b in indexed]:
-                del onDisk[base]
+        if uncertain:
+            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
         if goneBases:
             self.uidList.forget(goneBases)
             for uid in change.expunged:
                 self._sizes.pop(uid, None)
+            self._rememberGone(change.expunged)
 
-        # Files we did not know: those the UID list numbers (above our
-        # highest UID) in its order, then the others in delivery order
-        # (their names start with the delivery time).
+        # Files we did not know: those the UID list numbers keep their UID
+        # (another process, Dovecot say, numbered them: a second UID would
+        # make one message two), in its order; the others are numbered now,
+        # in delivery order (their names start with the delivery time).
         if onDisk:
-            above = keptUids[-1] + 1 if keptUids else 1
             known = state.uids
+            gone = self._expungedUids
             # Opening a folder of 100,000 messages must stay cheap: the
             # files the list numbers come in its order (sorted as plain
             # tuples); only the others need their names parsed.
-            numbered = [(uid, base) for base, uid in known.items() if uid >= above and base in onDisk]
+            numbered = [
+                (uid, base) for base, uid in known.items() if base in onDisk and uid not in gone
+            ]
             numbered.sort()
+            if keptUids and numbered and numbered[0][0] <= keptUids[-1]:
+                # A UID we hold for another file is no UID for this one.
+                numbered = [(u, b) for u, b in numbered if not _holds(keptUids, u)]
+            if numbered and subs == {"cur"}:
+                # Another process may have numbered a file still in new/,
+                # which we did not list, below one it moved to cur/: take it
+                # now, or it would later get a second, higher UID.
+                numbered += self._numberedInNew(known, keptUids, numbered[-1][0], onDisk)
+                numbered.sort()
             unnumbered: list[str] = []
             if len(numbered) < len(onDisk):
                 numberedBases = {base for _, base in numbered}
@@ -463,15 +501,33 @@ class Folder:
                     (base for base in onDisk if base not in numberedBases), key=_deliveryOrder
                 )
             newUids = [uid for uid, _ in numbered]
+            newBases = [base for _, base in numbered]
             if unnumbered:
-                newUids += self.uidList.assign(unnumbered, above=above)
-            newBases = [base for _, base in numbered] + unnumbered
+                # A file whose UID we saw expunged came back: it gets a new
+                # one (UIDs are never reused, RFC 3501 section 2.3.1.1).
+                held = {known[b] for b in unnumbered if b in known}
+                assigned = self.uidList.assign(unnumbered, renumber=held)
+                # Some may have been numbered meanwhile by another process,
+                # below the UIDs given to the others: keep UID order.
+                pairs = sorted(zip(newUids + assigned, newBases + unnumbered))
+                newUids = [uid for uid, _ in pairs]
+                newBases = [base for _, base in pairs]
             infos = list(map(onDisk.__getitem__, newBases))
             parsed = {info: infoBits(info) for info in set(infos)}
             bitsOf = {info: bits for info, (bits, _) in parsed.items()}
-            keptUids.extend(newUids)
-            keptFlags += bytes(map(bitsOf.__getitem__, infos))
-            keptBases.extend(newBases)
+            newFlags = bytes(map(bitsOf.__getitem__, infos))
+            if keptUids and newUids and newUids[0] < keptUids[-1]:
+                # Numbered by another process below UIDs we had: in place.
+                merged = sorted(
+                    list(zip(keptUids, keptFlags, keptBases)) + list(zip(newUids, newFlags, newBases))
+                )
+                keptUids = array("I", (u for u, _, _ in merged))
+                keptFlags = bytearray(f for _, f, _ in merged)
+                keptBases = [b for _, _, b in merged]
+            else:
+                keptUids.extend(newUids)
+                keptFlags += newFlags
+                keptBases.extend(newBases)
             if any(letters for _, letters in parsed.values()):
                 for uid, info in zip(newUids, infos):
                     if parsed[info][1]:
@@ -481,6 +537,48 @@ class Folder:
         self.keywordLetters = keywordLetters
         self._loaded = True
         return change
+
+    def _numberedInNew(
+        self, known: dict[str, int], kept: array, below: int, onDisk: dict[str, str | None]
+    ) -> list[tuple[int, str]]:
+        """
+        The files in C{new/} (unlisted) that the UID list numbers below
+        C{below} and the index lacks; C{onDisk} learns them.
+        """
+        found = []
+        gone = self._expungedUids
+        for base, uid in known.items():
+            if (
+                uid < below
+                and base not in onDisk
+                and uid not in gone
+                and not _holds(kept, uid)
+                and os.path.exists(self._dir + "new/" + base)
+            ):
+                onDisk[base] = _IN_NEW_MARK
+                found.append((uid, base))
+        return found
+
+    def _unknownBelow(self, uid: int) -> bool:
+        """
+        Whether UIDs between our highest and C{uid} were given to files we
+        neither hold nor saw expunged.
+        """
+        start = self.uids[-1] + 1 if self.uids else 1
+        gone = self._expungedUids
+        return any(u not in gone for u in range(start, uid))
+
+    def _rememberGone(self, uids: Iterable[int]) -> None:
+        """
+        Remember UIDs seen expunged (the latest L{GONE_KEPT}): a file that
+        comes back under one gets a new UID.
+        """
+        gone = self._expungedUids
+        for uid in uids:
+            gone[uid] = None
+        if len(gone) > self.GONE_KEPT:
+            for uid in list(gone)[: len(gone) - self.GONE_KEPT]:
+                del gone[uid]
 
     # Changing the folder --------------------------------------------------
 
@@ -493,6 +591,9 @@ class Folder:
         return before == self._mtimes
 
     def _ownChangeDone(self, unchanged: bool) -> None:
+        # Trusted although recent: listing a big cur/ again after each of
+        # our own flag changes would cost more than the rare change another
+        # process makes within our own rename's clock tick.
         if unchanged:
             self._mtimes = self._dirMtimes()
 
@@ -526,6 +627,10 @@ class Folder:
             else:
                 new = (old & SETTABLE) & ~bits
                 letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
+            if new & maildir.FORWARDED:
+                new, letters = self._forwardedAsKeyword(
+                    new, letters, removing=mode < 0 and self._forwardedIn(keywordLetters)
+                )
             if letters:
                 new |= HAS_KEYWORDS
             if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
@@ -540,6 +645,25 @@ class Folder:
                 FolderChange(flagged=[self.uids[i] for i in changed], origin=origin)
             )
         return changed
+
+    def _forwardedIn(self, letters: str) -> bool:
+        forwarded = self.keywords.letters(["$Forwarded"], create=False)
+        return bool(forwarded) and forwarded in letters
+
+    def _forwardedAsKeyword(self, bits: int, letters: str, removing: bool) -> tuple[int, str]:
+        """
+        Flags as they are to be written when an older file carries
+        $Forwarded as the Maildir letter P: the letter goes, and the
+        keyword takes its place (as Dovecot stores it) unless this change
+        removes it.  With all 26 keyword letters taken the P stays.
+        """
+        if removing:
+            return bits & ~maildir.FORWARDED, letters
+        try:
+            forwarded = self.keywords.letters(["$Forwarded"])
+        except TooManyKeywords:
+            return bits, letters
+        return bits & ~maildir.FORWARDED, "".join(sorted(set(letters) | set(forwarded)))
 
     def _rename(self, i: int, bits: int, letters: str) -> bool:
         old = self.filePath(i)
@@ -641,6 +765,7 @@ class Folder:
         for uid in gone:
             self.keywordLetters.pop(uid, None)
             self._sizes.pop(uid, None)
+        self._rememberGone(gone)
         expunged = sorted(gone)
         self._announce(FolderChange(expunged=expunged, origin=origin))
         return expunged, goneBases
@@ -695,19 +820,35 @@ class Folder:
             i = self.position(uid) if uid is not None else None
             if i is not None and self.bases[i] == base:
                 result[base] = uid  # a listing found it first
+            elif base in self.uidList.forgotten:
+                # A listing found it first, and another session or process
+                # expunged it since: it had its UID, it needs no other.
+                result[base] = self.uidList.forgotten[base]
             else:
                 fresh.append((base, _IN_NEW_MARK + info if path.parent.name == "new" else info))
-        above = self.uids[-1] + 1 if self.uids else 1
-        uids = self.uidList.assign([base for base, _ in fresh], above=above)
+        # These files are new (their names are ours): a UID the list already
+        # has for one was given by another process (Dovecot) that saw the
+        # file first, and is its UID; numbering it again would give the
+        # message two UIDs.
+        uids = self.uidList.assign([base for base, _ in fresh])
+        if uids and self._unknownBelow(min(uids)):
+            # Another process numbered files we have not listed below
+            # these: list them first, so that sessions learn the messages
+            # in UID order (one told of a higher UID would never see them).
+            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
+            self.refresh()
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
             bits, letters = infoBits(info)
-            self.uids.append(uid)
-            self.flags.append(bits)
-            self.bases.append(base)
+            result[base] = uid
+            i = bisect.bisect_left(self.uids, uid)
+            if i < len(self.uids) and self.uids[i] == uid:
+                continue  # taken in meanwhile by a listing
+            self.uids.insert(i, uid)
+            self.flags.insert(i, bits)
+            self.bases.insert(i, base)
             if letters:
                 self.keywordLetters[uid] = letters
-            result[base] = uid
             change.added.append(uid)
         self._announce(change)
         return [result[maildir.splitFileName(p.name)[0]] for p in paths]
@@ -798,6 +939,29 @@ def infoBits(info: str) -> tuple[int, str]:
     if info.startswith(_IN_NEW_MARK):
         bits |= IN_NEW
     return bits, letters
+
+
+# A directory time this close to now may be shared by a change still to come
+# (file systems keep times in ticks, NFS servers with their own clock), so
+# it proves nothing yet: the directory is listed again at the next refresh.
+# Dovecot's Maildir code waits the same second (MAILDIR_SYNC_SECS) before it
+# trusts a directory's time, which is what lets both servers share a folder.
+UNSETTLED_NS = 1_000_000_000
+_LIST_AGAIN = -3
+
+
+def _settled(mtimes: dict[str, int]) -> dict[str, int]:
+    """
+    The directory times to remember: a time too recent to trust is kept
+    as a value no directory has, so that the next refresh lists it again.
+    """
+    now = time.time_ns()
+    return {sub: (_LIST_AGAIN if mtime > now - UNSETTLED_NS else mtime) for sub, mtime in mtimes.items()}
+
+
+def _holds(uids: array, uid: int) -> bool:
+    i = bisect.bisect_left(uids, uid)
+    return i < len(uids) and uids[i] == uid
 
 
 @functools.lru_cache(maxsize=16)

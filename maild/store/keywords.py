@@ -2,6 +2,12 @@
 IMAP keywords of a folder, stored as Dovecot does: Maildir info letters
 C{a}-C{z}, whose names are listed in the folder's C{dovecot-keywords} file
 (C{<index> <name>} per line, C{a} being index 0).
+
+As in Dovecot's maildir-keywords.c, a new name is given a letter only
+under the folder's UID list lock (C{dovecot-uidlist.lock}), after reading
+the file again; the file is then replaced under its own dot-lock
+(C{dovecot-keywords.lock}), and its modification time always moves to a
+later second: Dovecot reads the file again only when that time changed.
 """
 
 from __future__ import annotations
@@ -10,11 +16,11 @@ import os
 import string
 from pathlib import Path
 
-from maild.store.files import folderMustExist, replaceFile
-from maild.store.locking import locked
+from maild.store.files import folderMustExist, fsyncDirectory
+from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked
+from maild.store.uidlist import FILE_NAME as UIDLIST_NAME
 
 FILE_NAME = "dovecot-keywords"
-LOCK_NAME = "maild-keywords.lock"
 MAX_KEYWORDS = 26
 
 
@@ -23,11 +29,12 @@ class TooManyKeywords(Exception):
 
 
 class Keywords:
-    def __init__(self, folderPath: Path) -> None:
+    def __init__(self, folderPath: Path, lockSettings: DotLockSettings = DOVECOT_MAILDIR) -> None:
         self.path = folderPath / FILE_NAME
-        self.lockPath = folderPath / LOCK_NAME
+        self.uidListPath = folderPath / UIDLIST_NAME
+        self.lockSettings = lockSettings
         self._byLetter: dict[str, str] = {}
-        self._mtime = -1
+        self._mtime: tuple[int, int] | int = -1
 
     def _refresh(self) -> None:
         try:
@@ -35,7 +42,7 @@ class Keywords:
         except FileNotFoundError:
             self._byLetter, self._mtime = {}, -1
             return
-        if st.st_mtime_ns == self._mtime:
+        if (st.st_ino, st.st_mtime_ns) == self._mtime:
             return
         byLetter = {}
         try:
@@ -48,7 +55,7 @@ class Keywords:
             # Its folder was deleted or renamed meanwhile.
             self._byLetter, self._mtime = {}, -1
             return
-        self._byLetter, self._mtime = byLetter, st.st_mtime_ns
+        self._byLetter, self._mtime = byLetter, (st.st_ino, st.st_mtime_ns)
 
     def names(self, letters: str) -> list[str]:
         """
@@ -73,7 +80,7 @@ class Keywords:
         found = {name.lower(): c for c, name in self._byLetter.items()}
         missing = [n for k, n in wanted.items() if k not in found]
         if missing and create:
-            with folderMustExist(self.path.parent), locked(self.lockPath):
+            with folderMustExist(self.path.parent), dotLocked(self.uidListPath, self.lockSettings):
                 self._mtime = -1
                 self._refresh()
                 found = {name.lower(): c for c, name in self._byLetter.items()}
@@ -90,7 +97,21 @@ class Keywords:
         return "".join(sorted(found[k] for k in wanted if k in found))
 
     def _write(self) -> None:
-        text = "".join(
-            f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n" for letter in sorted(self._byLetter)
-        )
-        self._mtime = replaceFile(self.path, text.encode("utf-8")).st_mtime_ns
+        try:
+            previous = int(os.stat(self.path).st_mtime)
+        except FileNotFoundError:
+            previous = -1
+        with dotLocked(self.path, self.lockSettings):
+            tmp = self.path.with_name(FILE_NAME + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for letter in sorted(self._byLetter):
+                    f.write(f"{ord(letter) - ord('a')} {self._byLetter[letter]}\n")
+                f.flush()
+                os.fsync(f.fileno())
+                written = int(os.fstat(f.fileno()).st_mtime)
+            if written <= previous:
+                os.utime(tmp, (written, previous + 1))
+            os.replace(tmp, self.path)
+            fsyncDirectory(self.path.parent)
+        st = os.stat(self.path)
+        self._mtime = (st.st_ino, st.st_mtime_ns)

@@ -1,17 +1,26 @@
 """
-Locks that hold between processes (and over NFS, through lockd): POSIX
-record locks on a lock file beside the data they protect.  The kernel
-drops them when their holder dies, so a crash never leaves a folder locked.
+Locks that hold between processes.
+
+L{dotLocked} is Dovecot's own dot-lock, taken on the files maild shares
+with Dovecot (C{dovecot-uidlist}, C{dovecot-keywords}): both servers may
+then serve one Maildir at the same time.  L{locked} is a POSIX record lock
+on a lock file, for maild's own files (the users file); the kernel drops it
+when its holder dies.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import random
+import socket
 import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class _Held:
@@ -95,3 +104,205 @@ class ExclusiveHold:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# Dovecot's dot-lock -----------------------------------------------------------
+#
+# The protocol of Dovecot's lib/file-dotlock.c, as its Maildir storage uses
+# it (dotlock_use_excl = yes, its default): the lock on FILE is the file
+# FILE.lock, created with O_EXCL and holding "<pid>:<hostname>"; removing it
+# releases the lock.  A waiter overrides a lock whose holder is a process of
+# this host that no longer exists (once the lock is 2 seconds old), or a
+# lock that neither it nor the file it protects changed for the stale
+# timeout (2 minutes for dovecot-uidlist and dovecot-keywords).
+
+DOTLOCK_SUFFIX = ".lock"
+# Dovecot reads the holder's pid only from a lock at least this old.
+_PID_CHECK_AGE = 2.0
+
+
+class LockTimeout(OSError):
+    """
+    A dot-lock stayed held, and fresh, for longer than the timeout.
+    """
+
+
+@dataclass(frozen=True)
+class DotLockSettings:
+    """
+    @ivar staleAfter: seconds without a change to the lock or the file it
+        protects after which the lock is taken over.
+    @ivar timeout: seconds to wait at most.
+    @ivar firstWait: the first pause between two tries, in seconds; it
+        grows by half each time up to C{maxWait}.
+    @ivar sleep: waits (a parameter, so that tests do not sleep).
+    @ivar clock: the current time, in seconds since the epoch.
+    """
+
+    staleAfter: float = 120.0
+    timeout: float = 122.0
+    firstWait: float = 0.002
+    maxWait: float = 0.2
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+    clock: Callable[[], float] = field(default=time.time, compare=False)
+
+
+# What Dovecot's maildir storage uses for dovecot-uidlist and
+# dovecot-keywords (MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT, KEYWORDS_LOCK_STALE_TIMEOUT).
+DOVECOT_MAILDIR = DotLockSettings()
+
+_dotHeld: dict[str, _Held] = {}
+
+
+@contextmanager
+def dotLocked(path: Path, settings: DotLockSettings = DOVECOT_MAILDIR) -> Iterator[None]:
+    """
+    Hold Dovecot's dot-lock on C{path} (the file C{path.lock}) for the
+    duration of the block, waiting while another process (Dovecot, or
+    another maild) holds it.  Taken again inside the block by this
+    process, it is held once: the lock file is removed when the outermost
+    block ends.
+
+    @raise LockTimeout: when the lock stays held, and not stale, longer
+        than C{settings.timeout}.
+    """
+    lockPath = os.fspath(path) + DOTLOCK_SUFFIX
+    with _heldGuard:
+        held = _dotHeld.setdefault(lockPath, _Held())
+    with held.threadLock:
+        if held.depth == 0:
+            held.fd = _createDotLock(lockPath, os.fspath(path), settings)
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth == 0:
+                ours, held.fd = held.fd, None
+                _removeDotLock(lockPath, ours)
+
+
+def _createDotLock(lockPath: str, path: str, settings: DotLockSettings) -> int:
+    """
+    Create the lock file, waiting for (or overriding) another holder.
+
+    @return: the lock file's inode, to check at release that it is still
+        ours.
+    """
+    deadline = settings.clock() + settings.timeout
+    wait = settings.firstWait
+    watch = _StaleWatch(lockPath, path, settings)
+    while True:
+        try:
+            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, _holderId())
+                return os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+        if watch.overrideIfStale():
+            continue
+        if settings.clock() >= deadline:
+            raise LockTimeout(errno.EAGAIN, "lock held too long", lockPath)
+        settings.sleep(wait * (1 + random.random()))
+        wait = min(wait * 1.5, settings.maxWait)
+
+
+def _removeDotLock(lockPath: str, inode: int | None) -> None:
+    try:
+        if os.lstat(lockPath).st_ino != inode:
+            # Someone took it over as stale: theirs now, leave it.
+            return
+        os.unlink(lockPath)
+    except FileNotFoundError:
+        pass
+
+
+def _holderId() -> bytes:
+    return f"{os.getpid()}:{socket.gethostname()}".encode()
+
+
+class _StaleWatch:
+    """
+    What a waiter saw of a lock held by someone else, to tell when it is
+    stale (Dovecot's check_lock()).
+    """
+
+    def __init__(self, lockPath: str, path: str, settings: DotLockSettings) -> None:
+        self.lockPath = lockPath
+        self.path = path
+        self.settings = settings
+        self.seen: tuple | None = None
+        self.fileSeen: tuple | None = None
+        self.lastChange = 0.0
+
+    def _changed(self, st: os.stat_result, previous: tuple | None, now: float) -> tuple:
+        state = (st.st_ino, st.st_dev, st.st_size, st.st_mtime, st.st_ctime)
+        if state != previous:
+            if previous is None:
+                # First look: the lock's (or file's) own time of change.
+                changed = min(max(st.st_mtime, st.st_ctime), now)
+            else:
+                changed = now
+            self.lastChange = max(self.lastChange, changed)
+        return state
+
+    def overrideIfStale(self) -> bool:
+        """
+        Remove the lock file if its holder is gone or it went stale.
+
+        @return: whether to try to create the lock again at once.
+        """
+        now = self.settings.clock()
+        try:
+            st = os.lstat(self.lockPath)
+        except FileNotFoundError:
+            return True
+        self.seen = self._changed(st, self.seen, now)
+        if st.st_mtime < now - _PID_CHECK_AGE and _holderGone(self.lockPath):
+            return self._override(st)
+        if now > self.lastChange + self.settings.staleAfter:
+            try:
+                self.fileSeen = self._changed(os.stat(self.path), self.fileSeen, now)
+            except FileNotFoundError:
+                pass
+            if now > self.lastChange + self.settings.staleAfter:
+                return self._override(st)
+        return False
+
+    def _override(self, st: os.stat_result) -> bool:
+        try:
+            if os.lstat(self.lockPath).st_ino == st.st_ino:
+                os.unlink(self.lockPath)
+        except FileNotFoundError:
+            pass
+        self.seen = None
+        return True
+
+
+def _holderGone(lockPath: str) -> bool:
+    """
+    Whether the lock names a process of this host that no longer exists.
+    """
+    try:
+        with open(lockPath, "rb") as f:
+            content = f.read(512).decode("utf-8", "replace").rstrip("\n")
+    except OSError:
+        return False
+    pid, sep, host = content.partition(":")
+    if not sep or host != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+        return False
+    if int(pid) == os.getpid():
+        # A lock of ours that no hold of ours knows: left by a process of
+        # ours that had our pid before (Dovecot overrides it too).
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

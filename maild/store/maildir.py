@@ -32,6 +32,10 @@ ANSWERED = 0x02
 FLAGGED = 0x04
 DELETED = 0x08
 DRAFT = 0x10
+# The Maildir letter P ("passed"), which older maild versions wrote for
+# $Forwarded.  Dovecot ignores it and keeps $Forwarded as a keyword, as
+# maild now does: the bit is read from older files and is replaced by the
+# keyword whenever the message's flags are written again.
 FORWARDED = 0x20
 IN_NEW = 0x40  # the file is still in new/: nobody has seen it (\Recent)
 HAS_KEYWORDS = 0x80
@@ -145,7 +149,12 @@ def validateFolderName(name: str) -> str:
         raise InvalidName("empty folder name")
     if name.upper() == INBOX:
         return INBOX
-    if len(name.encode("utf-8")) > MAX_FOLDER_NAME:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (modified UTF-7 "&2AA-" decodes to one).
+        raise InvalidName("folder name is not valid Unicode") from None
+    if len(encoded) > MAX_FOLDER_NAME:
         raise InvalidName("folder name too long")
     if _FORBIDDEN_IN_FOLDER.search(name):
         raise InvalidName(f"folder name {name!r} contains a forbidden character")
@@ -185,6 +194,39 @@ def folderDirName(name: str) -> str:
     if name == INBOX:
         return ""
     return "." + ".".join(_encodePart(p) for p in name.split(IMAP_DELIMITER))
+
+
+def subscriptionLine(name: str) -> str:
+    """
+    How Dovecot writes folder C{name} in the C{subscriptions} file of a
+    Maildir++ layout: its storage name, the directory without the leading
+    dot (C{Work.Sub}, C{Proj~2e2026}, modified UTF-7), and C{INBOX}.
+    """
+    dirName = folderDirName(name)
+    return dirName[1:] if dirName else INBOX
+
+
+def subscriptionNames(line: str) -> list[str]:
+    """
+    The folder names a C{subscriptions} line may mean, the likelier
+    first: Dovecot's storage name, and the IMAP name as older maild
+    versions wrote it (C{Work/Sub}, or C{Proj.2026} for the folder whose
+    directory is C{.Proj~2e2026}).  Invalid readings are left out.
+    """
+    names = []
+    if line.upper() == INBOX:
+        return [INBOX]
+    if IMAP_DELIMITER not in line:
+        name = folderNameFromDir("." + line)
+        if name is not None:
+            names.append(name)
+    try:
+        literal = validateFolderName(line)
+    except InvalidName:
+        return names
+    if literal not in names:
+        names.append(literal)
+    return names
 
 
 def folderNameFromDir(dirName: str) -> str | None:

@@ -31,11 +31,11 @@ from maild.store.delivery import (
     storageFailure,
 )
 from maild.store.files import folderMustExist, fsyncDirectory, replaceFile
-from maild.store.locking import ExclusiveHold, locked
+from maild.store.locking import ExclusiveHold, dotLocked, locked
 from maild.store.folder import SETTABLE, Folder
 from maild.store.interfaces import IMailStore, IUserMailbox
-from maild.store.keywords import FILE_NAME as KEYWORDS_FILE, LOCK_NAME as KEYWORDS_LOCK
-from maild.store.uidlist import UidList, UidValidities
+from maild.store.keywords import FILE_NAME as KEYWORDS_FILE
+from maild.store.uidlist import FILE_NAME as UIDLIST_FILE, UidList, UidValidities
 from maild.store.watch import FolderWatcher
 from maild.store.maildir import INBOX, folderDirName, folderNameFromDir
 
@@ -232,7 +232,7 @@ class MailStore:
                 return defer.fail(storageFailure(FolderMissing(str(destination.path))))
             size, crlfSize = source.sizes(i)
             base = maildir.newBaseName(size, crlfSize)
-            bits = source.flags[i] & SETTABLE
+            bits = source.flags[i] & SETTABLE & ~maildir.FORWARDED  # now a keyword
             name = maildir.curFileName(base, bits, letters) if bits or letters else base
             plan.append(
                 (source.uids[i], source.filePath(i), destination.path / "new" / name)
@@ -479,7 +479,8 @@ class UserMailbox:
         except FileNotFoundError:
             pass
         else:
-            with locked(target / KEYWORDS_LOCK):
+            # Under the folder's UID list lock, as Dovecot writes keywords.
+            with dotLocked(target / UIDLIST_FILE):
                 replaceFile(target / KEYWORDS_FILE, keywords)
         for sub in ("new", "cur"):
             for name in os.listdir(self.root / sub):
@@ -488,7 +489,8 @@ class UserMailbox:
                 except FileNotFoundError:
                     pass  # expunged meanwhile, or moved by another process
 
-    # Subscriptions: the file Dovecot keeps, one name per line.
+    # Subscriptions: the file Dovecot keeps, one name per line, in the form
+    # Dovecot 2.3 writes for this layout.
 
     def subscriptions(self) -> list[str]:
         try:
@@ -498,16 +500,24 @@ class UserMailbox:
         names = []
         lines = text.splitlines()
         if lines and lines[0].startswith("V\t"):
-            # Dovecot 2.3's versioned form: a header, a blank line, then
+            # Dovecot's versioned form: a header, a blank line, then IMAP
             # names with a tab as the hierarchy separator.
             lines = [line.replace("\t", maildir.IMAP_DELIMITER) for line in lines[2:]]
-        for line in lines:
-            line = line.strip()
-            if line:
+            readings = [[line] for line in lines]
+        else:
+            # Dovecot's form for Maildir++: storage names (Work.Sub); older
+            # maild versions wrote IMAP names (Work/Sub), which are still
+            # read, the one of an existing folder winning.
+            readings = [maildir.subscriptionNames(line.strip()) for line in lines if line.strip()]
+        for candidates in readings:
+            existing = [n for n in candidates if self.exists(n)]
+            for name in existing[:1] or candidates[:1]:
                 try:
-                    names.append(maildir.validateFolderName(line))
+                    name = maildir.validateFolderName(name)
                 except ValueError:
                     continue
+                if name not in names:
+                    names.append(name)
         return names
 
     def subscribe(self, name: str) -> None:
@@ -529,4 +539,5 @@ class UserMailbox:
             current = self.subscriptions()
             names = change(current)
             if names != current:
-                replaceFile(self.root / SUBSCRIPTIONS, "".join(n + "\n" for n in names).encode("utf-8"))
+                lines = "".join(maildir.subscriptionLine(n) + "\n" for n in names)
+                replaceFile(self.root / SUBSCRIPTIONS, lines.encode("utf-8"))

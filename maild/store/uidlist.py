@@ -9,8 +9,11 @@ so that UIDs survive a move of the Maildir between maild and Dovecot::
 New records are appended (as Dovecot does); the file is rewritten only to
 drop records of expunged messages.  The header's C{N} may therefore be
 older than the records: the next UID is the larger of C{N} and the last
-record's UID plus one.  All changes happen under a lock file that holds
-between processes, and a rewrite replaces the file atomically.
+record's UID plus one.  All changes happen under Dovecot's own dot-lock,
+C{dovecot-uidlist.lock} (L{maild.store.locking.dotLocked}), after reading
+what the other holders (Dovecot, other maild processes) wrote, so that both
+servers can number one folder's messages at the same time; a rewrite
+replaces the file atomically.
 """
 
 from __future__ import annotations
@@ -19,18 +22,24 @@ import os
 import re
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Collection
 
 from maild.store.files import replaceFile
-from maild.store.locking import locked
+from maild.store.locking import DOVECOT_MAILDIR, DotLockSettings, dotLocked, locked
 
 FILE_NAME = "dovecot-uidlist"
-LOCK_NAME = "maild-uidlist.lock"
 
 
 class CorruptUidList(Exception):
     pass
+
+
+def _closeHeld(held: list) -> None:
+    if held[0] is not None:
+        held[0].close()
 
 
 class UidValidities:
@@ -135,13 +144,33 @@ class UidList:
     """
     The UID list of one folder directory, and what this process last read
     of it.
+
+    @cvar FORGOTTEN_KEPT: how many expunged base names L{forgotten} keeps.
     """
 
-    def __init__(self, folderPath: Path, uidValidities: UidValidities | None = None) -> None:
+    FORGOTTEN_KEPT = 10_000
+
+    def __init__(
+        self,
+        folderPath: Path,
+        uidValidities: UidValidities | None = None,
+        lockSettings: DotLockSettings = DOVECOT_MAILDIR,
+    ) -> None:
         self.path = folderPath / FILE_NAME
-        self.lockPath = folderPath / LOCK_NAME
         self.uidValidities = uidValidities
+        self.lockSettings = lockSettings
         self.state: UidListState | None = None
+        self._held: list[IO[bytes] | None] = [None]
+        # The UIDs of the latest expunged files, by base name.
+        self.forgotten: dict[str, int] = {}
+        weakref.finalize(self, _closeHeld, self._held)
+
+    def locked(self):
+        """
+        Hold the folder's UID list lock (Dovecot's C{dovecot-uidlist.lock}),
+        which also guards C{dovecot-keywords}.
+        """
+        return dotLocked(self.path, self.lockSettings)
 
     @property
     def uidvalidity(self) -> int:
@@ -154,25 +183,32 @@ class UidList:
         starts a new UIDVALIDITY.
         """
         previous = self.state
+        held = self._held[0]
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (
-                    previous is not None
-                    and previous.inode == st.st_ino
-                    and previous.offset <= st.st_size
-                ):
-                    if previous.offset < st.st_size:
-                        f.seek(previous.offset)
-                        tail = f.read()
-                        complete = tail[: tail.rfind(b"\n") + 1]
-                        _parseRecords(complete.decode("utf-8", "replace"), previous)
-                        previous.offset += len(complete)
-                    return previous
-                data = f.read()
+            st = os.stat(self.path)
+            if (
+                previous is not None
+                and held is not None
+                and previous.inode == st.st_ino
+                and previous.offset <= st.st_size
+            ):
+                # Still the file we read: the one we hold open, whose inode
+                # no replacement can reuse (Dovecot rewrites the list by
+                # renaming a new file over it, and does so often).
+                if previous.offset < st.st_size:
+                    # pread: no shared file position for threads to race on.
+                    tail = os.pread(held.fileno(), st.st_size - previous.offset, previous.offset)
+                    complete = tail[: tail.rfind(b"\n") + 1]
+                    _parseRecords(complete.decode("utf-8", "replace"), previous)
+                    previous.offset += len(complete)
+                return previous
+            f = open(self.path, "rb")
         except FileNotFoundError:
             self.state = self._create()
             return self.state
+        self._hold(f)
+        st = os.fstat(f.fileno())
+        data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
         header, _, records = complete.decode("utf-8", "replace").partition("\n")
         try:
@@ -188,7 +224,7 @@ class UidList:
         return state
 
     def _create(self, replaceCorrupt: bool = False) -> UidListState:
-        with locked(self.lockPath):
+        with self.locked():
             if not replaceCorrupt and self.path.exists():
                 # Another process created it while we waited for the lock.
                 self.state = None
@@ -198,6 +234,15 @@ class UidList:
             )
             self._writeAll(state)
             return state
+
+    def _hold(self, f) -> None:
+        """
+        Keep C{f}, the version of the file last read, open (closing the
+        one held before).
+        """
+        previous, self._held[0] = self._held[0], f
+        if previous is not None:
+            previous.close()
 
     def _newUidValidity(self, known: int = 0) -> int:
         """
@@ -215,7 +260,7 @@ class UidList:
         Give the folder a new UIDVALIDITY, keeping its UIDs: it now lives
         under a name that may have had any value before (RENAME).
         """
-        with locked(self.lockPath):
+        with self.locked():
             try:
                 state = self._readLocked()
             except FileNotFoundError:
@@ -227,9 +272,10 @@ class UidList:
             self.state = state
 
     def _readLocked(self) -> UidListState:
-        with open(self.path, "rb") as f:
-            data = f.read()
-            inode = os.fstat(f.fileno()).st_ino
+        f = open(self.path, "rb")
+        self._hold(f)
+        data = f.read()
+        inode = os.fstat(f.fileno()).st_ino
         complete = data[: data.rfind(b"\n") + 1]
         header, _, records = complete.decode("utf-8", "replace").partition("\n")
         uidvalidity, uidnext, guid = _parseHeader(header)
@@ -238,24 +284,25 @@ class UidList:
         state.offset = len(complete)
         return state
 
-    def assign(self, bases: list[str], above: int = 1) -> list[int]:
+    def assign(self, bases: list[str], renumber: Collection[int] = ()) -> list[int]:
         """
         Give new UIDs to C{bases} (in that order), after catching up with
         whatever another process appended.  A base that already has a UID
-        of at least C{above} keeps it; one with a lower UID (a file that
-        came back) is numbered again, since UIDs only grow.
+        keeps it (another process, Dovecot say, numbered it first), unless
+        that UID is in C{renumber}: a message seen expunged whose file came
+        back is numbered again, since UIDs only grow.
 
         @return: the UID of each base.
         """
         if not bases:
             return []
-        with locked(self.lockPath):
+        with self.locked():
             state = self.refresh()
             lines = []
             result = []
             for base in bases:
                 uid = state.uids.get(base)
-                if uid is None or uid < above:
+                if uid is None or uid in renumber:
                     uid = state.uidnext
                     state.uidnext += 1
                     state.uids[base] = uid
@@ -273,8 +320,14 @@ class UidList:
         most of its records are dead.
         """
         state = self.refresh()
+        forgotten = self.forgotten
         for base in bases:
-            state.uids.pop(base, None)
+            uid = state.uids.pop(base, None)
+            if uid is not None:
+                forgotten[base] = uid
+        if len(forgotten) > self.FORGOTTEN_KEPT:
+            for base in list(forgotten)[: len(forgotten) - self.FORGOTTEN_KEPT]:
+                del forgotten[base]
         try:
             size = os.stat(self.path).st_size
         except OSError:
@@ -283,7 +336,7 @@ class UidList:
         # twice what the live records need.
         if size > 64 * 1024 and size > 2 * 64 * (len(state.uids) + 1):
             gone = set(bases)
-            with locked(self.lockPath):
+            with self.locked():
                 state = self.refresh()
                 state.uids = {b: u for b, u in state.uids.items() if b not in gone}
                 self._writeAll(state)
@@ -299,5 +352,8 @@ class UidList:
             for base, uid in sorted(state.uids.items(), key=lambda item: item[1])
         )
         data = "".join(lines).encode("utf-8")
-        state.inode = replaceFile(self.path, data).st_ino
+        replaceFile(self.path, data)
+        f = open(self.path, "rb")
+        self._hold(f)
+        state.inode = os.fstat(f.fileno()).st_ino
         state.offset = len(data)

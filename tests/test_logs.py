@@ -1,0 +1,265 @@
+"""
+The daemon's log: one line per event (a failure described, not its
+traceback), failures of one kind rate-limited, and rotated files bounded
+in number and size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import smtplib
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.python import log as legacyLog
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from maild.config import LogSettings
+from maild.imap import server as imapServer
+from maild.logs import BURST, INTERVAL, LINE_LIMIT, FailureRateLimit, formatOneLine, logObserver
+from tests.support import PASSWORD, IMAPTestCase, freePort, writeUsers
+from tests.test_daemon import Daemon, listenOnly, waitForPort
+
+
+def recurse(depth: int) -> None:
+    recurse(depth + 1)
+
+
+def shallowFailure() -> Failure:
+    try:
+        {}["missing"]
+    except KeyError:
+        return Failure()
+
+
+def deepFailure() -> Failure:
+    try:
+        recurse(0)
+    except RecursionError:
+        return Failure()
+
+
+class CollectingObserver:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, event):
+        text = formatOneLine(event)
+        if text is not None:
+            self.lines.append(text)
+
+
+class FormatTests(unittest.SynchronousTestCase):
+    def test_failureInOneLine(self):
+        """
+        A failure is logged as its exception, message and innermost place
+        in one line, however deep its traceback (a RecursionError's is a
+        thousand frames).
+        """
+        observer = CollectingObserver()
+        Logger(observer=observer).failure("IMAP command {name} failed", deepFailure(), name=b"FETCH")
+        [line] = observer.lines
+        self.assertEqual(line.count("\n"), 1)
+        self.assertLess(len(line), 600)
+        self.assertIn("IMAP command b'FETCH' failed: RecursionError: maximum recursion depth exceeded", line)
+        self.assertIn("(at test_logs.py:", line)
+        self.assertIn("in recurse)", line)
+
+    def test_legacyError(self):
+        """
+        A legacy log.err (as the reactor's "Unhandled Error") is one line
+        too, with its reason.
+        """
+        observer = CollectingObserver()
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        legacyLog.err(shallowFailure(), "Unhandled Error")
+        self.flushLoggedErrors(KeyError)
+        [line] = [text for text in observer.lines if "KeyError" in text]
+        self.assertEqual(line.count("\n"), 1)
+        self.assertIn("Unhandled Error: KeyError: 'missing' (at test_logs.py:", line)
+        self.assertNotIn("Traceback", line)
+
+    def test_formatNamingTheFailure(self):
+        """
+        An event whose own format names its failure (as Twisted's
+        "Temporarily disabling observer ... {log_failure}") is still
+        formatted, in one line.
+        """
+        observer = CollectingObserver()
+        Logger(observer=observer).failure("observer failed: {log_failure}", shallowFailure())
+        [line] = observer.lines
+        self.assertIn("observer failed: [Failure instance: Traceback", line)
+        self.assertIn(": KeyError: 'missing' (at test_logs.py:", line)
+        self.assertEqual(line.count("\n"), 1)
+
+    def test_relayedFromWorker(self):
+        """
+        A failure a worker relays to its parent as JSON (which keeps its
+        fields pre-formatted and loses the exception) is one line too, and
+        passes the rate limit.
+        """
+        events: list = []
+        Logger(observer=events.append).failure("failed on {n}", shallowFailure(), n=7)
+        relayed = eventFromJSON(eventAsJSON(events[0]))
+        observer = CollectingObserver()
+        FailureRateLimit(observer, task.Clock())(relayed)
+        [line] = observer.lines
+        self.assertIn("failed on 7: KeyError (at test_logs.py:", line)
+
+    def test_longAndMultiLineText(self):
+        """
+        Newlines in a message are escaped (a client's input cannot start a
+        line of its own), and a line is cut at LINE_LIMIT.
+        """
+        observer = CollectingObserver()
+        Logger(observer=observer).info("said {text}", text="a\r\nlogin failed: fake" + "x" * 5000)
+        [line] = observer.lines
+        self.assertIn("said a\\r\\nlogin failed: fake", line)
+        self.assertLessEqual(len(line), LINE_LIMIT + 10)
+        self.assertTrue(line.endswith(" [cut]\n"))
+
+
+class FormatPropertyTests(unittest.SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(), st.text())
+    def test_anyTextOneLine(self, text, message):
+        """
+        Whatever a message holds (client input quoted in it, an exception's
+        text), its event is exactly one line, at most LINE_LIMIT long.
+        """
+        observer = CollectingObserver()
+        try:
+            raise ValueError(message)
+        except ValueError:
+            failure = Failure()
+        Logger(observer=observer).info("said {text}", text=text)
+        Logger(observer=observer).failure("failed on {text}", failure, text=text)
+        for line in observer.lines:
+            self.assertEqual(line.count("\n"), 1)
+            self.assertTrue(line.endswith("\n"))
+            self.assertLessEqual(len(line), LINE_LIMIT + len(" [cut]\n"))
+
+
+class RateLimitTests(unittest.SynchronousTestCase):
+    def test_burstThenCount(self):
+        """
+        Of 100 identical failures at once, BURST are logged; once the
+        interval has passed, the next says how many were left out.
+        Events without a failure (login lines) are never held back.
+        """
+        clock = task.Clock()
+        observer = CollectingObserver()
+        log = Logger(observer=FailureRateLimit(observer, clock))
+        failure = deepFailure()
+        for _ in range(100):
+            log.failure("command failed", failure)
+            log.info("login failed: rip=192.0.2.1")
+        self.assertEqual(sum("command failed" in line for line in observer.lines), BURST)
+        self.assertEqual(sum("login failed" in line for line in observer.lines), 100)
+        clock.advance(INTERVAL)
+        log.failure("command failed", failure)
+        self.assertIn(f"({100 - BURST} more like it left out)", observer.lines[-1])
+        log.failure("another failure", failure)
+        self.assertNotIn("left out", observer.lines[-1])
+
+
+class RotationTests(unittest.SynchronousTestCase):
+    def test_boundedFiles(self):
+        """
+        The log file is rotated at rotate_size and at most max_files old
+        files are kept, whatever is written.
+        """
+        folder = Path(self.mktemp())
+        observer = logObserver(folder / "maild.log", LogSettings(rotate_size=1000, max_files=2), task.Clock())
+        log = Logger(observer=observer)
+        for n in range(1000):
+            log.info("line {n} {padding}", n=n, padding="x" * 50)
+        self.assertEqual(sorted(os.listdir(folder)), ["maild.log", "maild.log.1", "maild.log.2"])
+        for name in os.listdir(folder):
+            self.assertLess((folder / name).stat().st_size, 1200)
+        self.assertIn("line 999 ", (folder / "maild.log").read_text())
+
+
+class CommandFailureTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_failingCommandLogsOneLineEach(self):
+        """
+        A command whose handler fails, sent 50 times in one session, is
+        answered NO [SERVERBUG] each time and costs the log at most one
+        line each, and at most BURST lines in all: never a traceback.
+        """
+        collected = io.StringIO()
+        observer = logObserver(collected, LogSettings(), task.Clock())
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        original = imapServer.COMMANDS[b"NOOP"]
+        imapServer.COMMANDS[b"NOOP"] = (original[0], lambda *args: {}["missing"])
+        self.addCleanup(imapServer.COMMANDS.__setitem__, b"NOOP", original)
+
+        def run(client):
+            return [client.command(b"a%d NOOP" % n)[1] for n in range(50)]
+
+        replies = yield self.session(run)
+        self.flushLoggedErrors(KeyError)
+        self.assertEqual({reply.split(b" ", 1)[1] for reply in replies}, {b"NO [SERVERBUG] Internal error"})
+        lines = [line for line in collected.getvalue().splitlines() if "NOOP" in line]
+        self.assertEqual(len(lines), BURST)
+        self.assertNotIn("Traceback", collected.getvalue())
+        self.assertIn("IMAP command b'NOOP' failed: KeyError: 'missing' (at test_logs.py:", lines[0])
+
+
+class DaemonLogTests(unittest.TestCase):
+    def test_twistdLogBounded(self):
+        """
+        Under twistd with --logfile, the log rotates at [log] rotate_size
+        and keeps [log] max_files old files, and input that makes the
+        server fail (here a Sender: of 1,000 "(" on submission) costs a
+        line or two a time, never a traceback.
+        """
+        folder = Path(self.mktemp()).resolve()
+        writeUsers(folder / "data", {"alice@localhost": PASSWORD})
+        port = freePort()
+        (folder / "maild.toml").write_text(
+            'data_dir = "data"\n[log]\nrotate_size = 2000\nmax_files = 2\n'
+            '[limits]\nauth_failure_delay = 0.001\nauth_failure_delay_max = 0.002\n[auth]\nsubmission_plaintext = true\n'
+        )
+        daemon = Daemon(
+            folder,
+            ["-n", "--pidfile=", "--logfile=maild.log", "maild", "--config", "maild.toml",
+             *listenOnly(submission=f"tcp:{port}:interface=127.0.0.1")],
+        )
+        try:
+            waitForPort(port, daemon.process)
+            for n in range(40):
+                try:
+                    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                        smtp.login("alice@localhost", PASSWORD)
+                        smtp.sendmail(
+                            "alice@localhost",
+                            ["alice@localhost"],
+                            "From: alice@localhost\r\nSender: " + "(" * 1000 + "\r\n\r\nbody\r\n",
+                        )
+                except (smtplib.SMTPException, OSError):
+                    pass
+            for n in range(40):
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    smtp.ehlo()
+                    wrong = base64.b64encode(b"\0alice@localhost\0wrong").decode()
+                    self.assertEqual(smtp.docmd("AUTH", "PLAIN " + wrong)[0], 535)
+        finally:
+            output = daemon.stop()
+        names = sorted(os.listdir(folder))
+        logs = [name for name in names if name.startswith("maild.log")]
+        self.assertEqual(logs, ["maild.log", "maild.log.1", "maild.log.2"], output)
+        text = "".join((folder / name).read_text() for name in logs)
+        self.assertNotIn("Traceback", text)
+        for line in text.splitlines():
+            self.assertLess(len(line), LINE_LIMIT + 10)
+        self.assertLess(sum((folder / name).stat().st_size for name in logs), 3 * 2500)
