@@ -148,8 +148,15 @@ class FolderWatcher:
         if not self._useInotify or self._notifier is not None:
             return
         for folder in list(self._watched):
-            if (folder.path / "cur").is_dir() and not self._watchWithInotify(folder):
+            if not (folder.path / "cur").is_dir():
+                continue
+            if not self._watchWithInotify(folder):
                 self._startPolling()
+            # Nothing watched between the old INotify closing and this new
+            # watch (the DELETE's reply has gone out by then, so a client
+            # may already have acted): a message delivered meanwhile makes
+            # no event on the new watch.  Look once to catch up.
+            self._changed(folder)
 
     def _changed(self, folder: Folder) -> None:
         if folder in self._watched and folder not in self._pending:
