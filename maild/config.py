@@ -246,6 +246,9 @@ class LogSettings:
     rotate_size: int = 10 * 1024 * 1024
     # ...and at most this many rotated files are kept.
     max_files: int = 10
+    # "text": twistd's lines; "json": one JSON object per line (an event
+    # of twisted.logger, with its fields), for log collectors.
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -674,6 +677,8 @@ def loadConfig(
             parseRedisURL(tables["cluster"].redis)
         except ValueError as e:
             problems.append(f"cluster.redis: {e}")
+    if tables["log"].format not in ("text", "json"):
+        problems.append(f"log.format: must be 'text' or 'json', got {tables['log'].format!r}")
     if tables["web"].metrics not in ("trusted", "anyone"):
         problems.append(f"web.metrics: must be 'trusted' or 'anyone', got {tables['web'].metrics!r}")
     if tables["dev"].enabled and not tables["dev"].public:
@@ -815,5 +820,6 @@ def configFromOptions(options: Mapping[str, Any]) -> Config:
             "public": True if options.get("dev_public") else None,
         },
         "cluster": {"workers": _number(options.get("workers"))},
+        "log": {"format": options.get("log_format")},
     }
     return loadConfig(options.get("config"), overrides)

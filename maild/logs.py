@@ -28,8 +28,10 @@ from typing import IO, Any
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    eventAsJSON,
     eventAsText,
     eventFromJSON,
+    formatEvent,
     formatTime,
     globalLogPublisher,
     jsonFileLogObserver,
@@ -168,7 +170,32 @@ def logObserver(destination: Path | IO[str], settings, clock) -> ILogObserver:
         _rotateOnSIGUSR1(out, clock)
     else:
         out = destination
-    return FailureRateLimit(FileLogObserver(out, formatOneLine), clock)
+    formatter = formatJSONLine if settings.format == "json" else formatOneLine
+    return FailureRateLimit(FileLogObserver(out, formatter), clock)
+
+
+def formatJSONLine(event: dict[str, Any]) -> str:
+    """
+    An event as one line of JSON (twisted.logger's own encoding, all its
+    fields), with its text rendered under C{message} for log collectors
+    and its failure (if any) described as in L{formatOneLine} under
+    C{failure} rather than as a traceback.
+    """
+    failure = _failureOf(event)
+    event = dict(event, message=formatEvent(event))
+    if failure is not None:
+        event = {k: v for k, v in event.items() if k not in ("log_failure", "failure")}
+        event["failure"] = describeFailure(failure)
+    line = eventAsJSON(event)
+    if len(line) > LINE_LIMIT * 4:
+        line = eventAsJSON({
+            "log_format": "{text}",
+            "text": formatOneLine(event, None) or "",
+            "log_level": event.get("log_level"),
+            "log_namespace": event.get("log_namespace"),
+            "log_time": event.get("log_time"),
+        })
+    return line + "\n"
 
 
 def _rotateOnSIGUSR1(logFile: LogFile, clock) -> None:

@@ -28,6 +28,7 @@ class Options(usage.Options):
         ["tls-cert", None, None, "TLS certificate chain (PEM)."],
         ["tls-key", None, None, "TLS private key (PEM)."],
         ["workers", None, None, "maild processes sharing the listeners (default 1)."],
+        ["log-format", None, None, 'Log lines as "text" (default) or "json" (one event per line).'],
     ] + [[name, None, None, f"Listener for {name.upper()}."] for name in PROTOCOLS]
     optFlags = [
         ["dev", None, "Developer mode: accept mail for any address and any login, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import smtplib
 from pathlib import Path
@@ -263,3 +264,35 @@ class DaemonLogTests(unittest.TestCase):
         for line in text.splitlines():
             self.assertLess(len(line), LINE_LIMIT + 10)
         self.assertLess(sum((folder / name).stat().st_size for name in logs), 3 * 2500)
+
+    def test_jsonLines(self):
+        """
+        With --log-format json every line of the log is one JSON object,
+        a twisted.logger event with its fields and its text under
+        "message": here the failed login's line, with the fields fail2ban's
+        regular expression reads in the text form.
+        """
+        folder = Path(self.mktemp()).resolve()
+        writeUsers(folder / "data", {"alice@localhost": PASSWORD})
+        port = freePort()
+        (folder / "maild.toml").write_text(
+            'data_dir = "data"\n[limits]\nauth_failure_delay = 0.001\n[auth]\nsubmission_plaintext = true\n'
+        )
+        daemon = Daemon(
+            folder,
+            ["-n", "--pidfile=", "--logfile=maild.log", "maild", "--config", "maild.toml",
+             "--log-format=json", *listenOnly(submission=f"tcp:{port}:interface=127.0.0.1")],
+        )
+        try:
+            waitForPort(port, daemon.process)
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo()
+                wrong = base64.b64encode(b"\0alice@localhost\0wrong").decode()
+                self.assertEqual(smtp.docmd("AUTH", "PLAIN " + wrong)[0], 535)
+        finally:
+            daemon.stop()
+        lines = (folder / "maild.log").read_text().splitlines()
+        events = [json.loads(line) for line in lines]
+        [failed] = [e for e in events if e["message"].startswith("login failed:")]
+        self.assertEqual((failed["service"], failed["user"], failed["rip"]), ("submission", "alice@localhost", "127.0.0.1"))
+        self.assertEqual(eventFromJSON(lines[events.index(failed)])["log_namespace"], "maild.auth")
