@@ -131,9 +131,14 @@ class SelectedFolder:
         The folder's index of the message at session position C{position},
         or None when someone else expunged it.
         """
+        uid = self.uids[position]
         if self.synced:
-            return position
-        return self.folder.position(self.uids[position])
+            # (Checked: a search that paused may find the folder changed
+            # under a view not yet told.)
+            uids = self.folder.uids
+            if position < len(uids) and uids[position] == uid:
+                return position
+        return self.folder.position(uid)
 
     def flagBytes(self) -> bytes:
         """

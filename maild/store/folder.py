@@ -745,7 +745,10 @@ class Folder:
 
         def removed(result):
             self._unlinking.difference_update(bases)
-            self.uidList.forget(bases)
+            try:
+                self.uidList.forget(bases)
+            except FileNotFoundError:
+                pass  # the folder was deleted meanwhile, its UID list with it
             return result
 
         d = threads.deferToThread(_removeFiles, self._dir, names)
