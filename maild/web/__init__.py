@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import http, resource, server, static
 
 from maild.auth import isTrusted
 from maild.metrics import REGISTRY
@@ -137,20 +137,7 @@ class AppleProfiles(resource.Resource):
             return _Plain(http.BAD_REQUEST, "not a valid email address")
         except autoconfig.UnknownDomain:
             return _Plain(http.NOT_FOUND, "no mail service for that domain here")
-        return _Static(profile, b"application/x-apple-aspen-config")
-
-
-class _Static(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, body: bytes, contentType: bytes) -> None:
-        resource.Resource.__init__(self)
-        self.body = body
-        self.contentType = contentType
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", self.contentType)
-        return self.body
+        return static.Data(profile, "application/x-apple-aspen-config")
 
 
 class SettingsPage(resource.Resource):
