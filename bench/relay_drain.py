@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,18 @@ def waitForPort(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listening on {port}")
+
+
+def connectionsAccepted(httpPort: int) -> int:
+    """
+    The connections a daemon's SMTP listener accepted so far (its
+    C{maild_connections} counter): each from A is one STARTTLS handshake.
+    """
+    text = urllib.request.urlopen(f"http://127.0.0.1:{httpPort}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith('maild_connections_total{listener="smtp"}'):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def cpuSeconds(pid: int) -> float:
@@ -134,7 +147,7 @@ def main(argv: list[str]) -> int:
     options = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="maild-drain-", dir=options.dir))
-    bPort, aPort = freePort(), freePort()
+    bPort, aPort, bHttp = freePort(), freePort(), freePort()
     a = Daemon(
         root / "a", "a.test", "alice@a.test", {"submission": aPort},
         relay=(
@@ -147,17 +160,21 @@ def main(argv: list[str]) -> int:
     b = None
     try:
         waitForPort(aPort)
+        started = rss(a.process.pid)
         queue = a.data / "queue"
         # B is down: every message is queued (and deferred once).
         loaded = load(aPort, options.messages, options.size, 8, "alice@a.test", "bob@b.test", "alice@a.test")
         while a.logText().count("status=deferred") < options.messages:
             time.sleep(0.2)
         queued = len(list(queue.glob("*.env")))
-        b = Daemon(root / "b", "b.test", "bob@b.test", {"smtp": bPort})
+        accepting = rss(a.process.pid)
+        b = Daemon(root / "b", "b.test", "bob@b.test", {"smtp": bPort, "http": bHttp})
         waitForPort(bPort)
+        waitForPort(bHttp)
         time.sleep(2)
         memory = [rss(a.process.pid)]
         (queue / "flush").mkdir(exist_ok=True)
+        connectionsBefore = connectionsAccepted(bHttp)
         cpuBefore = cpuSeconds(a.process.pid)
         start = time.monotonic()
         (queue / "flush" / "ALL").touch()
@@ -166,6 +183,7 @@ def main(argv: list[str]) -> int:
             memory.append(rss(a.process.pid))
         drained = time.monotonic() - start
         cpu = cpuSeconds(a.process.pid) - cpuBefore
+        connections = connectionsAccepted(bHttp) - connectionsBefore
         inbox = b.data / "mail" / "b.test" / "bob"
         delivered = sum(1 for sub in ("new", "cur") for _ in (inbox / sub).iterdir())
         # The ceiling: the same messages straight into B, over as many
@@ -182,7 +200,11 @@ def main(argv: list[str]) -> int:
             "drain_seconds": round(drained, 2),
             "drain_messages_per_s": round(delivered / drained, 1),
             "direct_to_b_messages_per_s": round(direct["messages_per_second"], 1),
-            "a_cpu_ms_per_message": round(cpu * 1000 / max(delivered, 1), 2),
+            "drain_to_direct_ratio": round(delivered / drained / direct["messages_per_second"], 2),
+            "a_connections_to_b": connections,
+            "a_cpu_ms_per_message": round(cpu * 1000 / max(delivered, 1), 3),
+            "a_cpu_share_of_drain": round(cpu / drained, 2),
+            "a_rss_kib_started_queued": [started, accepting],
             "a_rss_kib_before_after_peak": [memory[0], memory[-1], max(memory)],
             "tracebacks": a.logText().count("Traceback") + b.logText().count("Traceback"),
         }

@@ -179,6 +179,11 @@ class RelaySettings:
     delay_warning: float = 4 * 3600.0
     connections: int = 20
     connections_per_destination: int = 4
+    # A connection left without work waits this long for more before it
+    # says QUIT (as Postfix's smtp_connection_cache_time_limit): messages
+    # queued meanwhile go out on it without a new connection and TLS
+    # handshake.
+    connection_idle_time: float = 2.0
     # Timeouts for the remote server (RFC 5321 section 4.5.3.2 gives
     # 5 minutes per command and 10 for the reply to the end of DATA).
     connect_timeout: float = 30.0

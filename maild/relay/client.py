@@ -223,6 +223,8 @@ class OutboundSession:
         self.peerName = peerName
         self.extensions: dict[str, list[str]] = {}
         self.encrypted = False
+        # Mail transactions begun on this connection.
+        self.transactions = 0
 
     @defer.inlineCallbacks
     def open(self, implicitTLS: bool = False):
@@ -305,6 +307,7 @@ class OutboundSession:
         @raise SessionError: if the connection can no longer be used; the
             recipients without an outcome then have none.
         """
+        self.transactions += 1
         size = len(message)
         limit = self._sizeLimit()
         if limit and size > limit:

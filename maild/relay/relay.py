@@ -5,7 +5,11 @@ queue, and delivers the queue in the reactor.
 Work is grouped by destination domain: each queued message gives one
 unit per domain it has recipients in, and a domain's units wait in one
 line that up to C{connections_per_destination} connections take from, so
-one connection carries several messages (up to C{connections} in all).
+one connection carries many messages (up to C{connections} in all).  A
+connection whose line is empty waits C{connection_idle_time} for more
+before it closes (sooner if another domain needs its place), so messages
+that keep arriving reuse it rather than pay a new connection and TLS
+handshake each.
 After each transaction the recipients' new state is written to the
 queue; when a message has no recipient left to try it is removed, after
 the sender got a DSN for any that failed for good.
@@ -96,6 +100,11 @@ class Relay(service.Service):
         self._failed: dict[str, list[dsn.RecipientStatus]] = {}
         self._lines: dict[str, deque[_Unit]] = {}
         self._connections: dict[str, int] = {}
+        # Connections waiting for work, by domain: each waits on a
+        # Deferred fired with True (work arrived) or False (close).
+        self._idle: dict[str, deque[defer.Deferred]] = {}
+        # How an idle session stops waiting when its server closes it.
+        self._giveUp: dict[OutboundSession, Any] = {}
         self._sessions: set[OutboundSession] = set()
         # Work under way (connections, the end of attempts), which stopping
         # waits for, so that no queue write comes after the store stopped.
@@ -129,6 +138,9 @@ class Relay(service.Service):
         service.Service.stopService(self)
         if self._scanner.running:
             self._scanner.stop()
+        for waiters in list(self._idle.values()):
+            while waiters:
+                waiters.popleft().callback(False)
         for session in list(self._sessions):
             session.client.transport.abortConnection()
         return self._settle()
@@ -299,23 +311,73 @@ class Relay(service.Service):
             if not line and not self._connections.get(domain):
                 del self._lines[domain]
                 continue
+            # Connections already open take the work first.
+            waiters = self._idle.get(domain)
+            while line and waiters:
+                waiters.popleft().callback(True)
             while (
                 line
-                and self._total < self.settings.connections
                 and self._connections.get(domain, 0) < self.settings.connections_per_destination
                 and self._connections.get(domain, 0) < len(line)
             ):
+                if self._total >= self.settings.connections:
+                    # Every place is taken: close one idle for another
+                    # domain (its end starts this again).
+                    self._closeIdle(domain)
+                    break
                 self._connections[domain] = self._connections.get(domain, 0) + 1
                 self._total += 1
                 d = self._track(self._serve(domain, line))
                 d.addErrback(lambda reason: log.failure("relay: delivery failed", reason))
                 d.addBoth(self._connectionDone, domain)
 
+    def _closeIdle(self, needing: str) -> None:
+        for domain, waiters in self._idle.items():
+            if domain != needing and waiters:
+                waiters.popleft().callback(False)
+                return
+
+    def _awaitWork(self, domain: str, session: OutboundSession) -> defer.Deferred:
+        """
+        Keep C{session} open, idle, until work for C{domain} arrives.
+
+        @return: a Deferred firing with True when there is work, or False
+            when the session should close: C{connection_idle_time} passed,
+            the server closed it, its place is needed, or the relay stops.
+        """
+        if session.client.lost.called:
+            return defer.succeed(False)
+        waiters = self._idle.setdefault(domain, deque())
+        wake: defer.Deferred = defer.Deferred()
+        waiters.append(wake)
+
+        def giveUp():
+            if not wake.called:
+                waiters.remove(wake)
+                wake.callback(False)
+
+        timer = self.clock.callLater(self.settings.connection_idle_time, giveUp)
+        self._giveUp[session] = giveUp
+
+        def woken(work):
+            del self._giveUp[session]
+            if timer.active():
+                timer.cancel()
+            return work
+
+        return wake.addCallback(woken)
+
+    def _sessionLost(self, session: OutboundSession) -> None:
+        giveUp = self._giveUp.get(session)
+        if giveUp is not None:
+            giveUp()
+
     def _connectionDone(self, _, domain: str) -> None:
         self._connections[domain] -= 1
         self._total -= 1
         if not self._connections[domain]:
             del self._connections[domain]
+            self._idle.pop(domain, None)
         self._startConnections()
 
     # Delivery ----------------------------------------------------------
@@ -335,6 +397,7 @@ class Relay(service.Service):
                 self._record(line.popleft(), {}, relay, e)
             return
         self._sessions.add(session)
+        session.client.lost.addCallback(lambda _: self._sessionLost(session))
 
         def take():
             # The next message is read from disk while this one is sent.
@@ -343,21 +406,25 @@ class Relay(service.Service):
             unit = line.popleft()
             return unit, self._prepare(unit.entry)
 
-        following = take()
+        following = None
         try:
-            while following is not None:
+            while True:
+                if following is None:
+                    following = take()
+                if following is None:
+                    if not (yield self._awaitWork(domain, session)):
+                        break
+                    continue
                 unit, prepared = following
                 following = None
                 try:
                     message = yield prepared
                 except FileNotFoundError:
                     self._forget(unit.entry)
-                    following = take()
                     continue
                 except Exception:
                     log.failure("queue: cannot prepare {id}", id=unit.entry.id)
                     self._record(unit, {}, relay, SessionError("local error while preparing the message"))
-                    following = take()
                     continue
                 following = take()
                 try:
@@ -365,9 +432,9 @@ class Relay(service.Service):
                         unit.entry.sender, [r.address for r in unit.recipients], message
                     )
                 except SessionError as e:
-                    self._record(unit, {}, relay, e)
+                    self._record(unit, {}, relay, e, session.transactions)
                     return
-                self._record(unit, outcomes, relay)
+                self._record(unit, outcomes, relay, useOfConnection=session.transactions)
             yield session.close()
         finally:
             self._sessions.discard(session)
@@ -505,10 +572,16 @@ class Relay(service.Service):
                     return domain, keys
         return fromDomain or senderDomain or "(none)", []
 
-    def _record(self, unit: _Unit, outcomes: dict[str, Reply], relay: str, problem=None) -> None:
+    def _record(
+        self, unit: _Unit, outcomes: dict[str, Reply], relay: str, problem=None, useOfConnection: int = 0
+    ) -> None:
         """
         Note each recipient's outcome, log it, and move the entry on.
+
+        @param useOfConnection: which transaction of its connection this
+            was (logged from the second on, as Postfix's C{conn_use}).
         """
+        reuse = f" conn_use={useOfConnection}" if useOfConnection > 1 else ""
         entry = unit.entry
         delay = time.time() - entry.arrival
         for recipient in unit.recipients:
@@ -529,13 +602,14 @@ class Relay(service.Service):
                     dsn.RecipientStatus(recipient.address, "failed", status, relay.partition("[")[0], text)
                 )
             log.info(
-                'delivery id={id} to=<{to}> relay={relay} status={status} dsn={dsn} delay={delay:.1f}s reply="{reply}"',
+                'delivery id={id} to=<{to}> relay={relay} status={status} dsn={dsn} delay={delay:.1f}s{reuse} reply="{reply}"',
                 id=entry.id,
                 to=recipient.address,
                 relay=relay,
                 status={SENT: "sent", BOUNCED: "bounced", QUEUED: "deferred"}[state],
                 dsn=status,
                 delay=delay,
+                reuse=reuse,
                 reply=text.replace('"', "'"),
             )
         self._unitDone(entry)
