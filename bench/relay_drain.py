@@ -143,6 +143,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--connections", type=int, default=4, help="A's connections to B (default 4)")
     parser.add_argument("--keep", action="store_true", help="keep the data folders")
     parser.add_argument("--profile", help="save a cProfile of A's whole run in this file")
+    parser.add_argument(
+        "--py-spy", dest="pySpy", help="sample A with py-spy while it drains; save a flame graph here (.svg), or collapsed stacks (any other name)"
+    )
     parser.add_argument("--dir", default="/tmp", help="where the data folders go (default %(default)s; /dev/shm: no disk cost)")
     options = parser.parse_args(argv)
 
@@ -176,12 +179,23 @@ def main(argv: list[str]) -> int:
         (queue / "flush").mkdir(exist_ok=True)
         connectionsBefore = connectionsAccepted(bHttp)
         cpuBefore = cpuSeconds(a.process.pid)
+        spy = None
+        if options.pySpy:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(a.process.pid),
+                 "--output", options.pySpy, "--rate", "200", "--idle", "--nonblocking",
+                 "--format", "flamegraph" if options.pySpy.endswith(".svg") else "raw"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
         start = time.monotonic()
         (queue / "flush" / "ALL").touch()
         while any(True for _ in queue.glob("*.env")):
             time.sleep(0.25)
             memory.append(rss(a.process.pid))
         drained = time.monotonic() - start
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         cpu = cpuSeconds(a.process.pid) - cpuBefore
         connections = connectionsAccepted(bHttp) - connectionsBefore
         inbox = b.data / "mail" / "b.test" / "bob"

@@ -97,6 +97,24 @@ class SMTPClient(LineOnlyReceiver):
         self._timer = None
         self._error: SessionError | None = None
 
+    def connectionMade(self) -> None:
+        # Commands and the end of DATA go out at once: with Nagle's
+        # algorithm the last segment of a write could wait for the
+        # server's delayed ACK (tens of milliseconds per transaction).
+        noDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if noDelay is not None:
+            try:
+                noDelay(True)
+            except OSError:
+                pass
+
+    @property
+    def usable(self) -> bool:
+        """
+        Whether the connection may still carry commands.
+        """
+        return self._error is None and not self.lost.called
+
     def expect(self, timeout: float) -> defer.Deferred:
         """
         The next reply, or a L{SessionError} if none comes within
@@ -211,6 +229,23 @@ class SessionSettings:
     credentials: tuple[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class Transaction:
+    """
+    One mail transaction under way.
+
+    @ivar sent: fires (with None) once the next transaction may begin on
+        the same connection: when the message is sent and only its final
+        reply is awaited (with PIPELINING), or when it is over.
+    @ivar outcome: fires with each recipient's outcome, a L{Reply} (2xx:
+        delivered), by address; fails with L{SessionError} if the
+        connection can no longer be used (the recipients have no outcome).
+    """
+
+    sent: defer.Deferred
+    outcome: defer.Deferred
+
+
 class OutboundSession:
     """
     One SMTP dialogue over an L{SMTPClient}: L{open}, then any number of
@@ -296,18 +331,27 @@ class OutboundSession:
             # A login refused is a setting to fix, not a reason to bounce.
             raise SessionError(f"AUTH refused: {reply}", reply)
 
-    @defer.inlineCallbacks
-    def transfer(self, sender: str, recipients: list[str], message: bytes):
+    def transfer(self, sender: str, recipients: list[str], message: bytes) -> "Transaction":
         """
-        One mail transaction.
+        Begin one mail transaction.
 
         @param message: the message (CRLF line ends, not dot-stuffed).
-        @return: a Deferred firing with each recipient's outcome, a
-            L{Reply} (2xx: delivered), by address.
-        @raise SessionError: if the connection can no longer be used; the
-            recipients without an outcome then have none.
+        @return: the transaction; the next may begin once its C{sent} fired.
         """
         self.transactions += 1
+        sent: defer.Deferred = defer.Deferred()
+        outcome = self._transact(sender, recipients, message, sent)
+
+        def settle(result):
+            if not sent.called:
+                sent.callback(None)
+            return result
+
+        outcome.addBoth(settle)
+        return Transaction(sent, outcome)
+
+    @defer.inlineCallbacks
+    def _transact(self, sender: str, recipients: list[str], message: bytes, sent: defer.Deferred):
         size = len(message)
         limit = self._sizeLimit()
         if limit and size > limit:
@@ -356,15 +400,21 @@ class OutboundSession:
                 # RFC 2920 section 3.1: no recipient, yet DATA went
                 # through; end it empty, and throw the reply away.
                 self.client.send(b".")
-            final = yield self._reply(self.settings.dataTimeout)
+            final = self._reply(self.settings.dataTimeout)
+            if "PIPELINING" in self.extensions:
+                # RFC 2920 section 3.1: the message content may be the
+                # first "command" of a group, so the next transaction's
+                # MAIL, RCPT and DATA may follow it without waiting for
+                # its reply (whatever that reply, the end of the data
+                # ends this transaction: RFC 5321 section 4.1.1.4).
+                sent.callback(None)
+            final = yield final
             for recipient in accepted:
                 outcomes[recipient] = final
-            if accepted and final.code == 250:
-                return outcomes
-        else:
-            for recipient in accepted:
-                outcomes[recipient] = dataReply or mailReply
-        # The transaction did not complete: clear it for the next one.
+            return outcomes
+        for recipient in accepted:
+            outcomes[recipient] = dataReply or mailReply
+        # The transaction ended before its data: clear it for the next one.
         self.client.send(b"RSET")
         yield self._reply()
         return outcomes

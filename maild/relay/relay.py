@@ -345,7 +345,7 @@ class Relay(service.Service):
             when the session should close: C{connection_idle_time} passed,
             the server closed it, its place is needed, or the relay stops.
         """
-        if session.client.lost.called:
+        if not session.client.usable or not self.running:
             return defer.succeed(False)
         waiters = self._idle.setdefault(domain, deque())
         wake: defer.Deferred = defer.Deferred()
@@ -386,7 +386,10 @@ class Relay(service.Service):
     def _serve(self, domain: str, line: deque):
         """
         One connection for C{domain}: take units from its line until
-        there are none left or the connection fails.
+        there are none left (for C{connection_idle_time}) or the
+        connection fails.  Each transaction begins as soon as the one
+        before it sent its message (L{Transaction.sent}): with PIPELINING
+        one round trip per message.
         """
         try:
             hops = yield self.destinations.nextHops(domain)
@@ -406,13 +409,19 @@ class Relay(service.Service):
             unit = line.popleft()
             return unit, self._prepare(unit.entry)
 
+        # The last transaction's outcome, once recorded: True, or False if
+        # the connection cannot be used any more.
+        awaited = None
         following = None
+        usable = True
         try:
-            while True:
+            while usable:
                 if following is None:
                     following = take()
                 if following is None:
-                    if not (yield self._awaitWork(domain, session)):
+                    if awaited is not None:
+                        usable, awaited = (yield awaited), None
+                    elif not (yield self._awaitWork(domain, session)):
                         break
                     continue
                 unit, prepared = following
@@ -426,16 +435,28 @@ class Relay(service.Service):
                     log.failure("queue: cannot prepare {id}", id=unit.entry.id)
                     self._record(unit, {}, relay, SessionError("local error while preparing the message"))
                     continue
+                if not session.client.usable:
+                    # Closed (by the server, or a timeout) before this
+                    # message began: it goes back to its line, untried.
+                    line.appendleft(unit)
+                    break
                 following = take()
-                try:
-                    outcomes = yield session.transfer(
-                        unit.entry.sender, [r.address for r in unit.recipients], message
-                    )
-                except SessionError as e:
-                    self._record(unit, {}, relay, e, session.transactions)
-                    return
-                self._record(unit, outcomes, relay, useOfConnection=session.transactions)
-            yield session.close()
+                transaction = session.transfer(unit.entry.sender, [r.address for r in unit.recipients], message)
+                recorded = transaction.outcome.addCallbacks(
+                    self._recorded, self._unrecorded, (unit, relay, session.transactions), None,
+                    (unit, relay, session.transactions),
+                )
+                yield transaction.sent
+                # The one before was answered first: its outcome is in.
+                previous, awaited = awaited, recorded
+                if previous is not None:
+                    usable = yield previous
+            if awaited is not None:
+                usable = (yield awaited) and usable
+            if usable and session.client.usable:
+                yield session.close()
+            else:
+                session.client.transport.abortConnection()
         finally:
             self._sessions.discard(session)
             if following is not None:
@@ -571,6 +592,19 @@ class Relay(service.Service):
                 if keys:
                     return domain, keys
         return fromDomain or senderDomain or "(none)", []
+
+    def _recorded(self, outcomes: dict[str, Reply], unit: _Unit, relay: str, useOfConnection: int) -> bool:
+        self._record(unit, outcomes, relay, useOfConnection=useOfConnection)
+        return True
+
+    def _unrecorded(self, reason, unit: _Unit, relay: str, useOfConnection: int) -> bool:
+        if reason.check(SessionError):
+            problem = reason.value
+        else:
+            log.failure("relay: transaction failed", reason)
+            problem = SessionError("local error while sending")
+        self._record(unit, {}, relay, problem, useOfConnection)
+        return False
 
     def _record(
         self, unit: _Unit, outcomes: dict[str, Reply], relay: str, problem=None, useOfConnection: int = 0
