@@ -914,3 +914,135 @@ class DKIMKeyTests(unittest.TestCase):
         again.ensure(["a.test"])
         self.assertEqual(sorted((p.name, p.read_bytes()) for p in (folder / "a.test").iterdir()), first)
         self.assertEqual(again.keysFor("a.test"), keys.keysFor("a.test"))
+
+
+class ConnectionReuseTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_idleConnectionCarriesTheNextMessage(self):
+        """
+        A connection left without work waits connection_idle_time for
+        more: a message queued meanwhile goes out on it (conn_use=2 in its
+        delivery line) rather than on a new connection.
+        """
+        a, b = yield self.startPair(connection_idle_time=60.0)
+        yield self.submit(a, [BOB], outgoing("First"))
+        yield self.waitFor(lambda: len(self.mailOf(b, BOB)) == 1 and not a.relay.entries)
+        self.assertEqual(len(a.relay._sessions), 1)
+        yield self.submit(a, [BOB], outgoing("Second"))
+        yield self.waitFor(lambda: len(self.mailOf(b, BOB)) == 2 and not a.relay.entries)
+        first, second = self.deliveryLines()
+        self.assertNotIn("conn_use", first)
+        self.assertIn("status=sent dsn=2.0.0", second)
+        self.assertRegex(second, r" delay=\d+\.\ds conn_use=2 reply=")
+
+    @defer.inlineCallbacks
+    def test_idleConnectionClosedMeanwhile(self):
+        """
+        When an idle connection is closed (by the server, say), the next
+        message goes out on a new one: it is not deferred.
+        """
+        a, b = yield self.startPair(connection_idle_time=60.0)
+        yield self.submit(a, [BOB], outgoing("First"))
+        yield self.waitFor(lambda: len(self.mailOf(b, BOB)) == 1 and not a.relay.entries)
+        [session] = a.relay._sessions
+        session.client.transport.loseConnection()
+        yield self.waitFor(lambda: not a.relay._sessions)
+        yield self.submit(a, [BOB], outgoing("Second"))
+        yield self.waitFor(lambda: len(self.mailOf(b, BOB)) == 2 and not a.relay.entries)
+        first, second = self.deliveryLines()
+        self.assertIn("status=sent", second)
+        self.assertNotIn("conn_use", second)
+
+    @defer.inlineCallbacks
+    def test_idleConnectionClosesAfterIdleTime(self):
+        """
+        Once connection_idle_time passes without work, the connection says
+        QUIT and closes.
+        """
+        a, b = yield self.startPair(connection_idle_time=0.05)
+        yield self.submit(a, [BOB], outgoing("Only"))
+        yield self.waitFor(lambda: len(self.mailOf(b, BOB)) == 1 and not a.relay.entries)
+        yield self.waitFor(lambda: not a.relay._sessions and not a.relay._connections)
+
+
+class TransactionPipeliningTests(unittest.TestCase):
+    """
+    L{OutboundSession.transfer} driven without a network.
+    """
+
+    def session(self, extensions):
+        from twisted.internet.testing import StringTransport
+
+        from maild.relay.client import OutboundSession, SessionSettings, SMTPClient
+
+        client = SMTPClient(task.Clock())
+        client.makeConnection(StringTransport())
+        session = OutboundSession(
+            client, SessionSettings("mx.a.test", 300.0, 600.0, tlsOptions=None), "mx.b.test"
+        )
+        session.extensions = extensions
+        return session, client.transport
+
+    def test_nextTransactionFollowsTheEndOfData(self):
+        """
+        With PIPELINING, once a message's data is sent the next
+        transaction may begin (RFC 2920 section 3.1): its MAIL, RCPT and
+        DATA follow the end of data without waiting for its reply, and
+        each transaction gets its own replies, in order.
+        """
+        session, transport = self.session({"PIPELINING": []})
+        first = session.transfer("alice@a.test", ["bob@b.test"], b"Subject: 1\r\n\r\none\r\n")
+        self.assertEqual(
+            transport.value(), b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nDATA\r\n"
+        )
+        transport.clear()
+        session.client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(transport.value(), b"Subject: 1\r\n\r\none\r\n.\r\n")
+        self.successResultOf(first.sent)
+        self.assertNoResult(first.outcome)
+        transport.clear()
+        second = session.transfer("alice@a.test", ["carol@b.test"], b"Subject: 2\r\n\r\ntwo\r\n")
+        self.assertEqual(
+            transport.value(), b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<carol@b.test>\r\nDATA\r\n"
+        )
+        transport.clear()
+        session.client.dataReceived(b"250 2.0.0 first queued\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        outcome = self.successResultOf(first.outcome)
+        self.assertEqual(str(outcome["bob@b.test"]), "250 2.0.0 first queued")
+        self.assertEqual(transport.value(), b"Subject: 2\r\n\r\ntwo\r\n.\r\n")
+        session.client.dataReceived(b"451 4.3.0 second failed\r\n")
+        outcome = self.successResultOf(second.outcome)
+        self.assertEqual(str(outcome["carol@b.test"]), "451 4.3.0 second failed")
+        # A final reply ends the transaction: no RSET follows.
+        self.assertNotIn(b"RSET", transport.value())
+
+    def test_withoutPipeliningTheNextWaits(self):
+        """
+        Without PIPELINING a transaction counts as sent only once its final
+        reply is in.
+        """
+        session, transport = self.session({})
+        first = session.transfer("alice@a.test", ["bob@b.test"], b"Subject: 1\r\n\r\none\r\n")
+        session.client.dataReceived(b"250 ok\r\n")
+        session.client.dataReceived(b"250 ok\r\n")
+        session.client.dataReceived(b"354 go\r\n")
+        self.assertTrue(transport.value().endswith(b".\r\n"))
+        self.assertNoResult(first.sent)
+        session.client.dataReceived(b"250 ok\r\n")
+        self.successResultOf(first.sent)
+        self.assertEqual(str(self.successResultOf(first.outcome)["bob@b.test"]), "250 ok")
+
+    def test_refusedTransactionIsReset(self):
+        """
+        A transaction that ends before its data (every recipient refused)
+        is cleared with RSET before it counts as sent.
+        """
+        session, transport = self.session({"PIPELINING": []})
+        first = session.transfer("alice@a.test", ["x@b.test"], b"Subject: 1\r\n\r\none\r\n")
+        transport.clear()
+        session.client.dataReceived(b"250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n")
+        self.assertEqual(transport.value(), b"RSET\r\n")
+        self.assertNoResult(first.sent)
+        session.client.dataReceived(b"250 ok\r\n")
+        self.successResultOf(first.sent)
+        self.assertEqual(self.successResultOf(first.outcome)["x@b.test"].code, 550)
