@@ -21,12 +21,16 @@ from maild.smtp import AUTH, COMMAND, SMTPServer, localRecipient
 
 log = Logger()
 
-NO_RELAY = SMTPServerError(
-    550,
-    "5.7.1 Relaying is not configured: this server delivers only to its own domains",
-)
-# Raised by localRecipient for another domain: the relay takes it from there.
-_NOT_LOCAL = SMTPServerError(550, "5.7.1 Not a local domain")
+NO_RELAY = (550, "5.7.1 Relaying is not configured: this server delivers only to its own domains")
+
+
+class _NotLocal(SMTPServerError):
+    """
+    Raised by localRecipient for another domain: the relay takes it from
+    there.  A new one each time: an exception raised again keeps adding
+    the frames it passes through to its traceback, and with them every
+    recipient and session it ever saw.
+    """
 
 
 @implementer(smtp.IMessageDelivery)
@@ -54,12 +58,11 @@ class SubmissionDelivery:
 
     def validateTo(self, user: smtp.User) -> str:
         try:
-            return localRecipient(self.addresses, user, _NOT_LOCAL)
-        except SMTPServerError as e:
-            if e is not _NOT_LOCAL:
-                raise
+            return localRecipient(self.addresses, user, _NotLocal(550, "5.7.1 Not a local domain"))
+        except _NotLocal:
+            pass
         if self.relay is None:
-            raise NO_RELAY
+            raise SMTPServerError(*NO_RELAY)
         return self.relay.acceptRecipient(self.user, user.dest)
 
     def checkHeaders(self, headers: bytes) -> tuple[int, bytes] | None:

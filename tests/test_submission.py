@@ -7,15 +7,17 @@ implicit-TLS listener, are in test_tls.)
 from __future__ import annotations
 
 import base64
+import gc
 import smtplib
 import ssl
+import weakref
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from maild.submission import headerAddresses, headerValues
+from maild.submission import SubmissionDelivery, headerAddresses, headerValues
 from maild.tls import fingerprint
 from tests.support import PASSWORD, RawClient, ServerTestCase, clientContext
 
@@ -26,6 +28,52 @@ def plain(user: str, password: str = PASSWORD, authzid: str = "") -> bytes:
 
 def message(sender: str = "alice@localhost", subject: str = "Hi") -> bytes:
     return f"From: Alice <{sender}>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n\r\nHello Bob.\r\n".encode()
+
+
+class RecipientMemoryTests(unittest.SynchronousTestCase):
+    """
+    What submission keeps of a recipient once it is checked: nothing.
+    """
+
+    class OtherDomains:
+        def isLocalDomain(self, domain):
+            return False
+
+    class Relay:
+        def acceptRecipient(self, user, dest):
+            return str(dest)
+
+    def userKeptAfter(self, relay) -> bool:
+        from twisted.mail import smtp
+
+        delivery = SubmissionDelivery(self.OtherDomains(), "alice@localhost", relay)
+        user = smtp.User(b"<bob@example.org>", b"helo", None, b"<alice@localhost>")
+        try:
+            delivery.validateTo(user)
+        except smtp.SMTPServerError:
+            pass
+        kept = weakref.ref(user)
+        del user
+        gc.collect()
+        return kept() is not None
+
+    def test_remoteRecipientNotKept(self):
+        """
+        A recipient in another domain, taken by the relay, is not kept
+        alive by the check (a shared exception's growing traceback once
+        held every recipient's frames, and through them each session:
+        about 15 KB per message queued).
+        """
+        self.assertFalse(self.userKeptAfter(self.Relay()))
+        self.assertFalse(self.userKeptAfter(self.Relay()))
+
+    def test_refusedRecipientNotKept(self):
+        """
+        Without a relay, the refusal of a recipient in another domain does
+        not keep it alive either.
+        """
+        self.assertFalse(self.userKeptAfter(None))
+        self.assertFalse(self.userKeptAfter(None))
 
 
 class HeaderValuesTests(unittest.SynchronousTestCase):
