@@ -1046,3 +1046,32 @@ class TransactionPipeliningTests(unittest.TestCase):
         session.client.dataReceived(b"250 ok\r\n")
         self.successResultOf(first.sent)
         self.assertEqual(self.successResultOf(first.outcome)["x@b.test"].code, 550)
+
+
+class QueueIndexTests(TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_signaturesKeptOnDiskBetweenAttempts(self):
+        """
+        Between attempts the in-memory index does not hold a message's
+        DKIM signatures (about 1 KB each): they stay in its envelope, and
+        the next attempt sends those same signatures.
+        """
+        import json
+
+        bPort = freePort()
+        a = yield self.startMaild(
+            "a", ["a.test"], {ALICE: PASSWORD},
+            relay={"routes": {"b.test": f"127.0.0.1:{bPort}"}, "scan_interval": 0.05, "retry_first": 3600.0},
+        )
+        yield self.submit(a, [BOB], outgoing("Signed once"))
+        yield self.waitFor(lambda: "1 attempt(s)" in self.cli(a, "queue", "list"))
+        yield self.waitFor(lambda: not a.relay._claims)
+        [entry] = a.relay.entries.values()
+        self.assertEqual(entry.signatures, "")
+        stored = json.loads(a.relay.queue.envelopePath(entry.id).read_bytes())["signatures"]
+        self.assertEqual(stored.count("DKIM-Signature:"), 2)
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": bPort})
+        self.cli(a, "queue", "flush")
+        yield self.waitFor(lambda: self.mailOf(b, BOB) and not a.relay.entries)
+        [received] = self.mailOf(b, BOB)
+        self.assertIn(stored.replace("\r\n", "\n").encode("ascii"), received)

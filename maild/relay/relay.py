@@ -663,6 +663,12 @@ class Relay(service.Service):
         claim = self._claims.pop(queueId, None)
         if claim is not None:
             os.close(claim)
+        entry = self.entries.get(queueId)
+        if entry is not None and claim is not None:
+            # Saved with the envelope, which the next attempt's claim
+            # reads again: the index of a long queue need not hold them
+            # (about 1 KB a message).
+            entry.signatures = ""
         if self._due:
             self._fill()
 
