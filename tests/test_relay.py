@@ -1075,3 +1075,28 @@ class QueueIndexTests(TwoServersTestCase):
         yield self.waitFor(lambda: self.mailOf(b, BOB) and not a.relay.entries)
         [received] = self.mailOf(b, BOB)
         self.assertIn(stored.replace("\r\n", "\n").encode("ascii"), received)
+
+
+class ReadIfCachedTests(unittest.TestCase):
+    def test_cachedFileReadWhole(self):
+        """
+        A file just written (in the page cache) is read whole without a
+        thread, where the file system can tell (tmpfs and NFS cannot:
+        None, and the queue reads it in a thread).
+        """
+        from maild.relay.queue import readIfCached
+
+        path = Path(self.mktemp())
+        path.write_bytes(b"x" * 10_000 + b"\n")
+        self.assertIn(readIfCached(path), (b"x" * 10_000 + b"\n", None))
+        path.write_bytes(b"")
+        self.assertIn(readIfCached(path), (b"", None))
+
+    def test_missingFile(self):
+        """
+        A message deleted meanwhile is a FileNotFoundError, as from a
+        thread.
+        """
+        from maild.relay.queue import readIfCached
+
+        self.assertRaises(FileNotFoundError, readIfCached, Path(self.mktemp()))
