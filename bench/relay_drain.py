@@ -163,12 +163,18 @@ def main(argv: list[str]) -> int:
         "--py-spy", dest="pySpy", help="sample A with py-spy while it drains; save a flame graph here (.svg), or collapsed stacks (any other name)"
     )
     parser.add_argument("--dir", default="/tmp", help="where the data folders go (default %(default)s; /dev/shm: no disk cost)")
+    parser.add_argument(
+        "--a-dir", dest="aDir",
+        help="put A's data folder here instead (say /dev/shm, so that A's queue does not share B's disk, "
+        "as when they are two machines)",
+    )
     options = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="maild-drain-", dir=options.dir))
+    aRoot = Path(tempfile.mkdtemp(prefix="maild-drain-a-", dir=options.aDir)) if options.aDir else root
     bPort, aPort, bHttp = freePort(), freePort(), freePort()
     a = Daemon(
-        root / "a", "a.test", ("alice@a.test",), {"submission": aPort},
+        aRoot / "a", "a.test", ("alice@a.test",), {"submission": aPort},
         relay=(
             f"[relay]\nretry_first = 3600.0\nconnections_per_destination = {options.connections}\n"
             f'queue_max_messages = {options.messages + 1000}\nrecipients_per_hour = {options.messages + 1000}\n'
@@ -258,6 +264,7 @@ def main(argv: list[str]) -> int:
             b.stop()
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(aRoot, ignore_errors=True)
 
 
 if __name__ == "__main__":
