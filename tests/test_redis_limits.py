@@ -1,0 +1,293 @@
+"""
+Failed-login delays and per-address connection limits shared by nodes
+through a real Redis on loopback: three in-process nodes count together
+while Redis answers, each counts by itself (without a client seeing any
+error) while it is gone or hung, and they count together again once it
+is back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from maild.service import MailService
+from tests.support import PASSWORD, IMAPClient, makeConfig, writeUsers
+from tests.test_redis import RedisServer, waitUntil
+
+BASE_DELAY = 0.01
+LIMIT = 2
+REFUSAL = b"* BYE Too many connections from your address"
+
+
+def greeting(port: int, source: str = "127.0.0.1") -> tuple[IMAPClient, bytes]:
+    client = IMAPClient(port, source=source)
+    return client, client.readLine()
+
+
+def failLogin(port: int, source: str = "127.0.0.1") -> bytes:
+    client = IMAPClient(port, source=source)
+    try:
+        assert client.readLine().startswith(b"* OK"), "no greeting"
+        _, tagged = client.command(b'L LOGIN "alice@localhost" "wrong"')
+        return tagged
+    finally:
+        client.close()
+
+
+def logIn(port: int, source: str = "127.0.0.1") -> bytes:
+    client = IMAPClient(port, source=source)
+    try:
+        client.readLine()
+        return client.login()
+    finally:
+        client.close()
+
+
+class SharedLimitsTests(unittest.TestCase):
+    """
+    Three nodes on one data folder and one Redis, IMAP on each; no
+    trusted network, so loopback clients are limited like any other.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest(
+                "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+            )
+        self.redisServer = RedisServer()
+        self.redisServer.start()
+        self.addCleanup(self.redisServer.stop)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        dataDir = Path(self.mktemp()).resolve()
+        writeUsers(dataDir, {"alice@localhost": PASSWORD})
+        # Each failure's delay, as the node that answered it chose it.
+        self.delays: list[float] = []
+        self.nodes: list[MailService] = []
+        for _ in range(3):
+            config = makeConfig(
+                dataDir,
+                ("imap",),
+                limits={
+                    "connections_per_ip": LIMIT,
+                    "trusted_networks": [],
+                    "auth_failure_delay": BASE_DELAY,
+                    "auth_failure_delay_max": 100.0,
+                },
+                cluster={"redis": f"redis://127.0.0.1:{self.redisServer.port}/0"},
+            )
+            node = MailService(config, reactor)
+            # Shares refreshed twice a second, a slow Redis trusted again
+            # after one: the tests need not wait for the real periods.
+            node.redis.presenceLifetime = 1.5
+            node.redis.slowPause = 1.0
+            self.recordDelays(node)
+            node.startService()
+            self.addCleanup(node.stopService)
+            self.nodes.append(node)
+        yield defer.gatherResults(
+            [lst.ready for node in self.nodes for lst in node.listeners.values()]
+        )
+        yield waitUntil(lambda: all(node.redis.up for node in self.nodes))
+
+    def recordDelays(self, node: MailService) -> None:
+        throttle = node.authenticator.throttle
+        failed = throttle.failed
+
+        def recordingFailed(key):
+            return defer.maybeDeferred(failed, key).addCallback(
+                lambda delay: self.delays.append(delay) or delay
+            )
+
+        throttle.failed = recordingFailed
+
+    def port(self, n: int) -> int:
+        return self.nodes[n].port("imap")
+
+    def inThread(self, f, *args):
+        return threads.deferToThread(f, *args)
+
+    def sharedTotal(self, host: str = "127.0.0.1") -> defer.Deferred:
+        """
+        The connections Redis counts for C{host} on the IMAP listeners.
+        """
+        d = self.nodes[0].redis.call("hvals", f"maild:connections:imap:{host}")
+        return d.addCallback(lambda shares: sum(int(s) for s in shares))
+
+    @defer.inlineCallbacks
+    def waitForSharedTotal(self, expected: int, host: str = "127.0.0.1"):
+        seen = []
+
+        @defer.inlineCallbacks
+        def poll():
+            while True:
+                try:
+                    total = yield self.sharedTotal(host)
+                except Exception:
+                    total = None
+                seen.append(total)
+                if total == expected:
+                    return
+                yield task.deferLater(reactor, 0.05, lambda: None)
+
+        yield poll().addTimeout(10, reactor)
+
+    def logged(self, fragment: str) -> list[str]:
+        return [
+            e["log_format"].format(**e)
+            for e in self.events
+            if fragment in e.get("log_format", "")
+        ]
+
+    def assertDelays(self, expected: list[float]) -> None:
+        self.assertEqual(len(self.delays), len(expected), self.delays)
+        for got, want in zip(self.delays, expected):
+            self.assertAlmostEqual(got, want)
+
+    @defer.inlineCallbacks
+    def test_failedLoginsDelayedAsIfOnOneNode(self):
+        """
+        Failed logins from one address spread over three nodes are delayed
+        as if all had reached one node: the delay doubles with every
+        failure, whichever node answers it; a successful login starts it
+        again from the base delay everywhere.
+        """
+        for i in range(6):
+            tagged = yield self.inThread(failLogin, self.port(i % 3))
+            self.assertTrue(tagged.startswith(b"L NO"), tagged)
+        self.assertDelays([BASE_DELAY * 2**i for i in range(6)])
+        yield self.inThread(logIn, self.port(1))
+        yield self.inThread(failLogin, self.port(2))
+        self.assertAlmostEqual(self.delays[-1], BASE_DELAY)
+
+    @defer.inlineCallbacks
+    def test_connectionLimitOverAllNodes(self):
+        """
+        C{connections_per_ip} holds over all nodes: with two connections
+        open from an address on nodes 1 and 2, node 3 refuses a third with
+        the protocol's refusal, and admits it once one of the two closes.
+        """
+        first, line = yield self.inThread(greeting, self.port(0))
+        self.assertTrue(line.startswith(b"* OK"), line)
+        second, line = yield self.inThread(greeting, self.port(1))
+        self.assertTrue(line.startswith(b"* OK"), line)
+        third, line = yield self.inThread(greeting, self.port(2))
+        self.assertEqual(line, REFUSAL)
+        closed = yield self.inThread(third.closed)
+        self.assertTrue(closed)
+        first.close()
+        yield self.waitForSharedTotal(1)
+        fourth, line = yield self.inThread(greeting, self.port(2))
+        self.assertTrue(line.startswith(b"* OK"), line)
+        for client in (second, third, fourth):
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_redisGoneThenBack(self):
+        """
+        Redis stopped: every node limits by itself at once (a third
+        connection to one node is refused, two more to another admitted,
+        each node's failures delayed by its own count), no client gets an
+        error, a warning is logged.  Redis started again: the nodes write
+        their counts back and limit together again.
+        """
+        self.redisServer.stop()
+        yield waitUntil(lambda: not any(node.redis.up for node in self.nodes))
+        self.assertTrue(self.logged("lost Redis"))
+        clients = []
+        for n in (0, 0, 1, 1):
+            client, line = yield self.inThread(greeting, self.port(n))
+            self.assertTrue(line.startswith(b"* OK"), line)
+            clients.append(client)
+        refused, line = yield self.inThread(greeting, self.port(0))
+        self.assertEqual(line, REFUSAL)
+        refused.close()
+        for n in (0, 0, 1):
+            tagged = yield self.inThread(failLogin, self.port(n), "127.0.0.2")
+            self.assertTrue(tagged.startswith(b"L NO"), tagged)
+        self.assertDelays([BASE_DELAY, 2 * BASE_DELAY, BASE_DELAY])
+
+        self.redisServer.start()
+        yield waitUntil(lambda: all(node.redis.up for node in self.nodes), timeout=20)
+        # Nodes 1 and 2 hold two connections each: written back, they
+        # count for 4.
+        yield self.waitForSharedTotal(4)
+        refused, line = yield self.inThread(greeting, self.port(2))
+        self.assertEqual(line, REFUSAL)
+        refused.close()
+        del self.delays[:]
+        for n in (0, 1, 2):
+            yield self.inThread(failLogin, self.port(n), "127.0.0.3")
+        self.assertDelays([BASE_DELAY, 2 * BASE_DELAY, 4 * BASE_DELAY])
+        for client in clients:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_redisHung(self):
+        """
+        Redis hung (stopped with SIGSTOP: connections stay open, nothing
+        answers): after one deadline the nodes decide by themselves, a
+        warning says so, and no client sees an error; once it answers
+        again, they count together again.
+        """
+        self.redisServer.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(self.redisServer.process.send_signal, signal.SIGCONT)
+        clients = []
+        for n in (0, 1, 2):
+            client, line = yield self.inThread(greeting, self.port(n))
+            self.assertTrue(line.startswith(b"* OK"), line)
+            clients.append(client)
+        tagged = yield self.inThread(failLogin, self.port(0))
+        self.assertTrue(tagged.startswith(b"L NO"), tagged)
+        self.assertTrue(self.logged("did not answer within"))
+
+        self.redisServer.process.send_signal(signal.SIGCONT)
+        yield self.waitForSharedTotal(3)
+        yield waitUntil(lambda: all(node.redis.answersPromptly for node in self.nodes))
+        refused, line = yield self.inThread(greeting, self.port(0))
+        self.assertEqual(line, REFUSAL)
+        refused.close()
+        for client in clients:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_deadNodeStopsCounting(self):
+        """
+        A node that stops refreshing its presence (killed, or cut off
+        from Redis) stops counting once its presence expires: its
+        connections do not hold the address's limit forever.
+        """
+        clients = []
+        for _ in range(LIMIT):
+            client, line = yield self.inThread(greeting, self.port(2))
+            self.assertTrue(line.startswith(b"* OK"), line)
+            clients.append(client)
+        refused, line = yield self.inThread(greeting, self.port(0))
+        self.assertEqual(line, REFUSAL)
+        refused.close()
+        # As if node 3 died: it writes nothing more.
+        self.nodes[2].redis.presenceLifetime = 1e9
+        self.nodes[2].redis._presence.stop()
+        self.nodes[2].redis.up = False
+
+        @defer.inlineCallbacks
+        def admitted():
+            while True:
+                client, line = yield self.inThread(greeting, self.port(0))
+                client.close()
+                if line.startswith(b"* OK"):
+                    return
+                self.assertEqual(line, REFUSAL)
+                yield task.deferLater(reactor, 0.05, lambda: None)
+
+        yield admitted().addTimeout(10, reactor)
+        for client in clients:
+            client.close()
