@@ -8,8 +8,11 @@ is back.
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
+import time
+import urllib.request
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task, threads
@@ -17,7 +20,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from maild.service import MailService
-from tests.support import PASSWORD, IMAPClient, makeConfig, writeUsers
+from tests.cluster import Cluster, missing
+from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, writeUsers
+from tests.test_daemon import Daemon, listenOnly
+from tests.test_daemon import waitForPort as daemonPort
 from tests.test_redis import RedisServer, waitUntil
 
 BASE_DELAY = 0.01
@@ -291,3 +297,188 @@ class SharedLimitsTests(unittest.TestCase):
         yield admitted().addTimeout(10, reactor)
         for client in clients:
             client.close()
+
+
+CLUSTER_LIMITS = (
+    "[limits]\n"
+    f"connections_per_ip = {LIMIT}\n"
+    # HAProxy's health checks come from 127.0.0.1; the clients, from
+    # 127.0.0.5, are limited like any other address.
+    'trusted_networks = ["127.0.0.1/32"]\n'
+    f"auth_failure_delay = {BASE_DELAY}\n"
+    "auth_failure_delay_max = 100.0\n"
+)
+CLIENT = "127.0.0.5"
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def waitFor(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class ThroughHAProxyTests(unittest.TestCase):
+    """
+    Three maild processes (twistd) behind real HAProxy (PROXY protocol
+    v2), sharing one Redis: the clients' real address, from the PROXY
+    header, is what all three count together.
+    """
+
+    def setUp(self):
+        why = missing("haproxy", "redis-server")
+        if why:
+            raise unittest.SkipTest(why)
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        self.cluster = Cluster(
+            folder, users={"alice@localhost": PASSWORD}, config=CLUSTER_LIMITS, redis=True
+        )
+        self.addCleanup(self.cluster.stop)
+        self.cluster.start()
+        self.waitForRedis(1)
+
+    def waitForRedis(self, times: int) -> None:
+        reached = f"Redis at 127.0.0.1:{self.cluster.redisPort} reached"
+        waitFor(
+            lambda: all(node.logText().count(reached) >= times for node in self.cluster.nodes),
+            what="every node to reach Redis",
+        )
+
+    def frontend(self, node: int) -> int:
+        return self.cluster.frontends[f"imap{node}"]
+
+    def tearDown(self):
+        for node in self.cluster.nodes:
+            self.assertNotIn("Traceback", node.logText())
+
+    def test_failedLoginsDelayedAsIfOnOneNode(self):
+        """
+        Six failed logins from one address, two through each node, are
+        delayed as six on one node would be (0.01, 0.02 ... 0.32 s, as
+        each node's C{maild_login_failure_delay_seconds} shows), not as
+        two on each (0.01, 0.02 three times over).
+        """
+        for i in range(6):
+            tagged = failLogin(self.frontend(i % 3 + 1), CLIENT)
+            self.assertTrue(tagged.startswith(b"L NO"), tagged)
+        ports = [node.ports["http"] for node in self.cluster.nodes]
+        count = sum(metric(p, "maild_login_failure_delay_seconds_count") for p in ports)
+        total = sum(metric(p, "maild_login_failure_delay_seconds_sum") for p in ports)
+        self.assertEqual(count, 6)
+        self.assertAlmostEqual(total, BASE_DELAY * (2**6 - 1))
+
+    def test_connectionLimitOverAllNodes(self):
+        """
+        Two connections from one address through nodes 1 and 2 use up
+        its C{connections_per_ip}: node 3 refuses the third.
+        """
+        clients = []
+        for node in (1, 2):
+            client, line = greeting(self.frontend(node), CLIENT)
+            self.assertTrue(line.startswith(b"* OK"), line)
+            clients.append(client)
+        refused, line = greeting(self.frontend(3), CLIENT)
+        self.assertEqual(line, REFUSAL)
+        for client in clients + [refused]:
+            client.close()
+
+    def test_redisKilledThenRestarted(self):
+        """
+        Redis killed: each node limits by itself (a third connection to
+        node 1 refused, two to node 2 admitted), logins fail as they
+        should with no other error, a warning is logged.  Redis started
+        again: the nodes reconnect and count together again (node 3
+        refuses a connection, four being open elsewhere).
+        """
+        self.cluster.redis.kill()
+        self.cluster.redis.wait(timeout=30)
+        waitFor(
+            lambda: all("lost Redis" in node.logText() for node in self.cluster.nodes),
+            what="the nodes to notice",
+        )
+        clients = []
+        for node in (1, 1, 2, 2):
+            client, line = greeting(self.frontend(node), CLIENT)
+            self.assertTrue(line.startswith(b"* OK"), line)
+            clients.append(client)
+        refused, line = greeting(self.frontend(1), CLIENT)
+        self.assertEqual(line, REFUSAL)
+        refused.close()
+        tagged = failLogin(self.frontend(3), "127.0.0.6")
+        self.assertTrue(tagged.startswith(b"L NO"), tagged)
+
+        self.cluster.startRedis()
+        self.waitForRedis(2)
+
+        def refusedByNode3():
+            client, line = greeting(self.frontend(3), CLIENT)
+            client.close()
+            return line == REFUSAL
+
+        waitFor(refusedByNode3, what="node 3 to count the others' connections")
+        for client in clients:
+            client.close()
+
+
+class WorkersTests(unittest.TestCase):
+    """
+    C{--workers 2} with Redis: the workers count one address's
+    connections together, whichever of them the kernel gives each to.
+    """
+
+    def setUp(self):
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest(
+                "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+            )
+        self.redisServer = RedisServer()
+        self.redisServer.start()
+        self.addCleanup(self.redisServer.stop)
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir(parents=True)
+        writeUsers(self.folder / "maildata", {"alice@localhost": PASSWORD})
+        config = self.folder / "maild.toml"
+        config.write_text(
+            CLUSTER_LIMITS
+            + f'[cluster]\nredis = "redis://127.0.0.1:{self.redisServer.port}/0"\n'
+        )
+        self.imap = freePort()
+        self.log = self.folder / "twistd.log"
+        daemon = Daemon(
+            self.folder,
+            ["-n", "--pidfile=", "--logfile", str(self.log), "maild", "--config", str(config),
+             "--workers=2"] + listenOnly(imap=f"tcp:{self.imap}:interface=127.0.0.1"),
+        )
+        self.addCleanup(daemon.stop)
+        daemonPort(self.imap, daemon.process)
+        reached = f"Redis at 127.0.0.1:{self.redisServer.port} reached"
+        waitFor(lambda: self.log.read_text().count(reached) >= 2, what="both workers on Redis")
+
+    def test_connectionLimitOverWorkers(self):
+        """
+        With C{connections_per_ip} connections open, every further one is
+        refused, whichever worker takes it.
+        """
+        clients = []
+        for _ in range(LIMIT):
+            client, line = greeting(self.imap, CLIENT)
+            self.assertTrue(line.startswith(b"* OK"), line)
+            clients.append(client)
+        for _ in range(4):
+            client, line = greeting(self.imap, CLIENT)
+            client.close()
+            self.assertEqual(line, REFUSAL)
+        for client in clients:
+            client.close()
+        self.assertNotIn("Traceback", self.log.read_text())
