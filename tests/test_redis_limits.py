@@ -8,8 +8,10 @@ is back.
 
 from __future__ import annotations
 
+import poplib
 import re
 import shutil
+import smtplib
 import signal
 import time
 import urllib.request
@@ -21,7 +23,7 @@ from twisted.trial import unittest
 
 from maild.service import MailService
 from tests.cluster import Cluster, missing
-from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, writeUsers
+from tests.support import PASSWORD, IMAPClient, clientContext, freePort, makeConfig, writeUsers
 from tests.test_daemon import Daemon, listenOnly
 from tests.test_daemon import waitForPort as daemonPort
 from tests.test_redis import RedisServer, waitUntil
@@ -81,7 +83,7 @@ class SharedLimitsTests(unittest.TestCase):
         for _ in range(3):
             config = makeConfig(
                 dataDir,
-                ("imap",),
+                ("imap", "pop3", "submission"),
                 limits={
                     "connections_per_ip": LIMIT,
                     "trusted_networks": [],
@@ -263,6 +265,32 @@ class SharedLimitsTests(unittest.TestCase):
         refused.close()
         for client in clients:
             client.close()
+
+    @defer.inlineCallbacks
+    def test_admittedSessionsWork(self):
+        """
+        A session that waited for the cluster's count works as any other:
+        submission with STARTTLS, AUTH and a message; POP3 with a login.
+        """
+        node = self.nodes[1]
+
+        def submit():
+            with smtplib.SMTP("127.0.0.1", node.port("submission"), timeout=10) as client:
+                client.starttls(context=clientContext(node))
+                client.login("alice@localhost", PASSWORD)
+                client.sendmail("alice@localhost", ["alice@localhost"], b"Subject: hi\r\n\r\nhi\r\n")
+
+        def pop():
+            client = poplib.POP3("127.0.0.1", node.port("pop3"), timeout=10)
+            client.user("alice@localhost")
+            client.pass_(PASSWORD)
+            count, _ = client.stat()
+            client.quit()
+            return count
+
+        yield self.inThread(submit)
+        count = yield self.inThread(pop)
+        self.assertEqual(count, 1)
 
     @defer.inlineCallbacks
     def test_deadNodeStopsCounting(self):
