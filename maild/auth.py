@@ -319,7 +319,7 @@ class Authenticator:
         return d
 
     def _answerLater(self, delay: float) -> defer.Deferred:
-        metrics.loginFailureDelay.observe(delay)
+        metrics.loginDelay.observe(delay)
         d = defer.Deferred()
         self.throttle.clock.callLater(
             delay, d.errback, error.UnauthorizedLogin("authentication failed")

@@ -394,15 +394,15 @@ class ThroughHAProxyTests(unittest.TestCase):
         """
         Six failed logins from one address, two through each node, are
         delayed as six on one node would be (0.01, 0.02 ... 0.32 s, as
-        each node's C{maild_login_failure_delay_seconds} shows), not as
+        each node's C{maild_login_delay_seconds} shows), not as
         two on each (0.01, 0.02 three times over).
         """
         for i in range(6):
             tagged = failLogin(self.frontend(i % 3 + 1), CLIENT)
             self.assertTrue(tagged.startswith(b"L NO"), tagged)
         ports = [node.ports["http"] for node in self.cluster.nodes]
-        count = sum(metric(p, "maild_login_failure_delay_seconds_count") for p in ports)
-        total = sum(metric(p, "maild_login_failure_delay_seconds_sum") for p in ports)
+        count = sum(metric(p, "maild_login_delay_seconds_count") for p in ports)
+        total = sum(metric(p, "maild_login_delay_seconds_sum") for p in ports)
         self.assertEqual(count, 6)
         self.assertAlmostEqual(total, BASE_DELAY * (2**6 - 1))
 
