@@ -17,10 +17,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, error, protocol, reactor, task, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from maild.connections import LimitedFactory
 from maild.service import MailService
 from tests.cluster import Cluster, missing
 from tests.support import PASSWORD, IMAPClient, clientContext, freePort, makeConfig, writeUsers
@@ -510,3 +514,137 @@ class WorkersTests(unittest.TestCase):
         for client in clients:
             client.close()
         self.assertNotIn("Traceback", self.log.read_text())
+
+
+class _Greeter(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.factory.connectionClosed(self)
+
+
+class _GreeterFactory(LimitedFactory):
+    refusal = b"too many"
+
+    def buildSession(self, addr):
+        return _Greeter()
+
+
+class _AskedShare:
+    """
+    Stands for Redis: each admission waits for the test's answer.
+    """
+
+    def __init__(self, factory: LimitedFactory) -> None:
+        self.factory = factory
+        self.asked: list[defer.Deferred] = []
+        self.written: list[tuple[str, int]] = []
+
+    def admit(self, host: str, limit: int) -> defer.Deferred:
+        self.written.append((host, self.factory.connections[host]))
+        self.asked.append(defer.Deferred())
+        return self.asked[-1]
+
+    def changed(self, host: str) -> None:
+        self.written.append((host, self.factory.connections[host]))
+
+
+class AdmissionTests(unittest.SynchronousTestCase):
+    """
+    How a listener waits for the cluster's count (L{LimitedFactory.shared})
+    before it starts a session, driven without Redis.
+    """
+
+    def setUp(self):
+        self.factory = _GreeterFactory(limit=2, trusted=["192.0.2.1/32"])
+        self.share = self.factory.shared = _AskedShare(self.factory)
+
+    def connect(self, host: str = "198.51.100.7"):
+        address = IPv4Address("TCP", host, 40000)
+        proto = self.factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_greetingWaitsForTheAnswer(self):
+        """
+        The session starts (and greets) only once the cluster admits the
+        connection; what the client sent before is handed to it then.
+        """
+        proto, transport = self.connect()
+        proto.dataReceived(b"early")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.share.written, [("198.51.100.7", 1)])
+        self.share.asked[0].callback(True)
+        self.assertEqual(transport.value(), b"hello\r\n")
+        self.assertEqual(proto.wrappedProtocol.received, b"early")
+        proto.dataReceived(b" later")
+        self.assertEqual(proto.wrappedProtocol.received, b"early later")
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.factory.connections, {})
+        self.assertEqual(self.share.written[-1], ("198.51.100.7", 0))
+
+    def test_refusedByTheCluster(self):
+        """
+        Refused by the cluster's count: the protocol's refusal, the
+        connection closed, and this process's count (as written to Redis)
+        back to what it was.
+        """
+        proto, transport = self.connect()
+        self.share.asked[0].callback(False)
+        self.assertEqual(transport.value(), b"too many\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(proto.wrappedProtocol)
+        self.assertEqual(self.factory.connections, {})
+        self.assertEqual(self.share.written, [("198.51.100.7", 1), ("198.51.100.7", 0)])
+
+    def test_goneBeforeTheAnswer(self):
+        """
+        A client that leaves before the answer gets no session, and its
+        count is given back.
+        """
+        proto, transport = self.connect()
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.share.asked[0].callback(True)
+        self.assertIsNone(proto.wrappedProtocol)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.factory.connections, {})
+        self.assertEqual(self.share.written[-1], ("198.51.100.7", 0))
+
+    def test_localLimitFirst(self):
+        """
+        This process's own count refuses at once, without asking: the
+        cluster's can only be higher.
+        """
+        self.connect()
+        self.connect()
+        proto, transport = self.connect()
+        self.assertEqual(len(self.share.asked), 2)
+        self.assertEqual(transport.value(), b"too many\r\n")
+
+    def test_trustedNotAsked(self):
+        """
+        A trusted network's connections are exempt: never asked about,
+        never written.
+        """
+        proto, transport = self.connect("192.0.2.1")
+        self.assertEqual(transport.value(), b"hello\r\n")
+        self.assertEqual(self.share.asked, [])
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.share.written, [])
+
+    def test_floodBeforeTheAnswer(self):
+        """
+        A client that sends more than a greeting's worth before it is
+        admitted is cut off rather than buffered without end.
+        """
+        proto, transport = self.connect()
+        proto.dataReceived(b"x" * (proto.MAX_EARLY + 1))
+        self.assertTrue(transport.disconnected)
