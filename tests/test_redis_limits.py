@@ -12,6 +12,7 @@ import poplib
 import re
 import shutil
 import smtplib
+import subprocess
 import signal
 import time
 import urllib.request
@@ -108,7 +109,7 @@ class SharedLimitsTests(unittest.TestCase):
         yield defer.gatherResults(
             [lst.ready for node in self.nodes for lst in node.listeners.values()]
         )
-        yield waitUntil(lambda: all(node.redis.up for node in self.nodes))
+        yield waitUntil(lambda: all(node.redis.answersPromptly for node in self.nodes))
 
     def recordDelays(self, node: MailService) -> None:
         throttle = node.authenticator.throttle
@@ -232,6 +233,9 @@ class SharedLimitsTests(unittest.TestCase):
         # Nodes 1 and 2 hold two connections each: written back, they
         # count for 4.
         yield self.waitForSharedTotal(4)
+        # Coming back is not being slow: nothing waited on a connection
+        # still on its way.
+        self.assertEqual(self.logged("did not answer within"), [])
         refused, line = yield self.inThread(greeting, self.port(2))
         self.assertEqual(line, REFUSAL)
         refused.close()
@@ -295,6 +299,29 @@ class SharedLimitsTests(unittest.TestCase):
         yield self.inThread(submit)
         count = yield self.inThread(pop)
         self.assertEqual(count, 1)
+
+    @defer.inlineCallbacks
+    def test_commandConnectionAway(self):
+        """
+        While the connection for commands is on its way back (Redis closed
+        it; the subscription stayed), the nodes decide at once by
+        themselves rather than wait for it and call Redis slow; once it is
+        back they count together again.
+        """
+        subprocess.run(
+            ["redis-cli", "-p", str(self.redisServer.port), "CLIENT", "KILL", "TYPE", "normal"],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        yield waitUntil(lambda: not self.nodes[0].redis.answersPromptly)
+        tagged = yield self.inThread(failLogin, self.port(0))
+        self.assertTrue(tagged.startswith(b"L NO"), tagged)
+        self.assertEqual(self.logged("did not answer within"), [])
+        yield waitUntil(lambda: all(node.redis.answersPromptly for node in self.nodes))
+        for n in (1, 2):
+            yield self.inThread(failLogin, self.port(n))
+        # (The failure counted while Redis could not be told stays node
+        # 1's own.)
+        self.assertDelays([BASE_DELAY, BASE_DELAY, 2 * BASE_DELAY])
 
     @defer.inlineCallbacks
     def test_deadNodeStopsCounting(self):
@@ -381,7 +408,7 @@ class ThroughHAProxyTests(unittest.TestCase):
         self.waitForRedis(1)
 
     def waitForRedis(self, times: int) -> None:
-        reached = f"Redis at 127.0.0.1:{self.cluster.redisPort} reached"
+        reached = f"Redis at 127.0.0.1:{self.cluster.redisPort}: sharing counts"
         waitFor(
             lambda: all(node.logText().count(reached) >= times for node in self.cluster.nodes),
             what="every node to reach Redis",
@@ -459,6 +486,10 @@ class ThroughHAProxyTests(unittest.TestCase):
             return line == REFUSAL
 
         waitFor(refusedByNode3, what="node 3 to count the others' connections")
+        # Coming back is not being slow: no command waited for a command
+        # connection still on its way back.
+        for node in self.cluster.nodes:
+            self.assertNotIn("did not answer within", node.logText())
         for client in clients:
             client.close()
 
@@ -494,7 +525,7 @@ class WorkersTests(unittest.TestCase):
         )
         self.addCleanup(daemon.stop)
         daemonPort(self.imap, daemon.process)
-        reached = f"Redis at 127.0.0.1:{self.redisServer.port} reached"
+        reached = f"Redis at 127.0.0.1:{self.redisServer.port}: sharing counts"
         waitFor(lambda: self.log.read_text().count(reached) >= 2, what="both workers on Redis")
 
     def test_connectionLimitOverWorkers(self):

@@ -96,6 +96,17 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
         self.link = link
 
 
+class _CommandFactory(txredisapi.RedisFactory):
+    def __init__(self, link: "RedisLink", *args, **kwargs) -> None:
+        txredisapi.RedisFactory.__init__(self, *args, **kwargs)
+        self.link = link
+
+    def addConnection(self, conn) -> None:
+        txredisapi.RedisFactory.addConnection(self, conn)
+        if self.size:
+            self.link._commandsUp()
+
+
 class RedisLink(service.Service):
     """
     @ivar up: whether Redis answers (the subscription is connected and the
@@ -145,8 +156,8 @@ class RedisLink(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)
         endpoint = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=2)
-        self._commands = txredisapi.RedisFactory(
-            None, self.db, 1, isLazy=True, password=self.password, replyTimeout=self.timeout
+        self._commands = _CommandFactory(
+            self, None, self.db, 1, isLazy=True, password=self.password, replyTimeout=self.timeout
         )
         self._commands.maxDelay = 2
         self._commands.startConnecting(endpoint)
@@ -179,7 +190,7 @@ class RedisLink(service.Service):
         return goodbye.addBoth(disconnect).addErrback(lambda _: None)
 
     def _warnIfDown(self) -> None:
-        if not self.up:
+        if not self._commandsReady():
             log.warn(
                 "Redis at {host}:{port} is unreachable: this node counts and polls by itself",
                 host=self.host, port=self.port,
@@ -231,7 +242,7 @@ class RedisLink(service.Service):
         Run one Redis command; fails at once when Redis is down, and after
         C{timeout} seconds when it does not answer.
         """
-        if not self.up or self._commands is None:
+        if not self._commandsReady():
             return defer.fail(txredisapi.ConnectionError("Redis is unreachable"))
         d = defer.maybeDeferred(getattr(self._commands.handler, command), *args)
         d.addTimeout(self.timeout, self.reactor)
@@ -246,7 +257,17 @@ class RedisLink(service.Service):
         answered either).  Callers that cannot wait decide by themselves
         at once, and may still send their writes.
         """
-        return self.up and self.reactor.seconds() >= self._slowUntil
+        return self._commandsReady() and self.reactor.seconds() >= self._slowUntil
+
+    def _commandsReady(self) -> bool:
+        # The command connection comes back on its own schedule (after a
+        # command timed out, say): a command must not wait for it.
+        return self.up and self._commands is not None and self._commands.size > 0
+
+    def _commandsUp(self) -> None:
+        # What went over the previous command connection may be lost.
+        self._stale = True
+        self._refreshPresence()
 
     def _answered(self, result):
         self._slowUntil = 0.0
@@ -303,13 +324,17 @@ class RedisLink(service.Service):
         self._shareKeepers.append(callback)
 
     def _refreshPresence(self) -> None:
-        if not self.up:
+        if not self._commandsReady():
             return
         lifetime = _milliseconds(self.presenceLifetime)
         if self._stale:
             # A new incarnation: the old one's shares stop counting at once.
             self._stale = False
             old, self.member = self.member, self._newMember()
+            log.info(
+                "Redis at {host}:{port}: sharing counts as {member}",
+                host=self.host, port=self.port, member=self.member,
+            )
             self.call("delete", PRESENCE_PREFIX + old).addErrback(lambda _: None)
         self.call("set", PRESENCE_PREFIX + self.member, 1, None, lifetime).addErrback(
             lambda _: None
