@@ -305,8 +305,8 @@ class SharedLimitsTests(unittest.TestCase):
         """
         While the connection for commands is on its way back (Redis closed
         it; the subscription stayed), the nodes decide at once by
-        themselves rather than wait for it and call Redis slow; once it is
-        back they count together again.
+        themselves rather than wait for it, and do not call Redis slow;
+        once it is back they count together again.
         """
         subprocess.run(
             ["redis-cli", "-p", str(self.redisServer.port), "CLIENT", "KILL", "TYPE", "normal"],
@@ -319,9 +319,13 @@ class SharedLimitsTests(unittest.TestCase):
         yield waitUntil(lambda: all(node.redis.answersPromptly for node in self.nodes))
         for n in (1, 2):
             yield self.inThread(failLogin, self.port(n))
-        # (The failure counted while Redis could not be told stays node
-        # 1's own.)
-        self.assertDelays([BASE_DELAY, BASE_DELAY, 2 * BASE_DELAY])
+        # (Whether Redis heard of the first failure depends on how soon
+        # the connection came back: its increment waited for it, up to
+        # the deadline.)
+        first, second, third = self.delays
+        self.assertAlmostEqual(first, BASE_DELAY)
+        self.assertIn(round(second, 6), (BASE_DELAY, 2 * BASE_DELAY))
+        self.assertAlmostEqual(third, 2 * second)
 
     @defer.inlineCallbacks
     def test_deadNodeStopsCounting(self):

@@ -242,11 +242,12 @@ class RedisLink(service.Service):
         Run one Redis command; fails at once when Redis is down, and after
         C{timeout} seconds when it does not answer.
         """
-        if not self._commandsReady():
+        if not self.up or self._commands is None:
             return defer.fail(txredisapi.ConnectionError("Redis is unreachable"))
+        ready = self._commandsReady()
         d = defer.maybeDeferred(getattr(self._commands.handler, command), *args)
         d.addTimeout(self.timeout, self.reactor)
-        d.addCallbacks(self._answered, self._failed)
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(ready,))
         return d
 
     @property
@@ -261,7 +262,8 @@ class RedisLink(service.Service):
 
     def _commandsReady(self) -> bool:
         # The command connection comes back on its own schedule (after a
-        # command timed out, say): a command must not wait for it.
+        # command timed out, say): commands sent meanwhile wait for it (up
+        # to the deadline), but nobody should wait for their answers.
         return self.up and self._commands is not None and self._commands.size > 0
 
     def _commandsUp(self) -> None:
@@ -273,11 +275,15 @@ class RedisLink(service.Service):
         self._slowUntil = 0.0
         return result
 
-    def _failed(self, reason):
+    def _failed(self, reason, ready: bool):
         # The command may or may not have been carried out: whatever this
         # member has written is suspect until written again.
         self._stale = True
-        if reason.check(defer.TimeoutError, defer.CancelledError, txredisapi.TimeoutError):
+        # (A command that waited for a connection still on its way back is
+        # not a sign of a slow Redis.)
+        if ready and reason.check(
+            defer.TimeoutError, defer.CancelledError, txredisapi.TimeoutError
+        ):
             now = self.reactor.seconds()
             self._slowUntil = now + self.slowPause
             if self._lastSlowWarning is None or now - self._lastSlowWarning >= self.warnEvery:
