@@ -8,6 +8,7 @@ its store); they decide nothing about mail.
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import unquote
 
 from prometheus_client.twisted import MetricsResource
@@ -96,6 +97,19 @@ class Autodiscover(resource.Resource):
         return PlainAnswer(http.BAD_REQUEST, "POST the Autodiscover request").render(request)
 
 
+def _localAuthority(service) -> bytes | None:
+    """
+    The DER certificate of maild's own CA, when it signs the listeners'
+    certificate (not when the configuration names certificate files).
+    """
+    if service.localCA is None:
+        return None
+    try:
+        return ssl.PEM_cert_to_DER_cert(service.localCA.certPath.read_text("ascii"))
+    except (OSError, ValueError):
+        return None
+
+
 class AppleProfiles(resource.Resource):
     """
     C{/profile/<address>.mobileconfig}.
@@ -114,7 +128,8 @@ class AppleProfiles(resource.Resource):
                 self.service.config.domains, text[: -len(".mobileconfig")], None
             )
             profile = autoconfig.mobileconfig(
-                address, _offered(self.service), self.service.config.hostname
+                address, _offered(self.service), self.service.config.hostname,
+                _localAuthority(self.service),
             )
         except autoconfig.BadAddress:
             return PlainAnswer(http.BAD_REQUEST, "not a valid email address")
