@@ -21,12 +21,9 @@ from __future__ import annotations
 import collections
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from maild.auth import LoginThrottle
 from maild.cluster.link import RedisLink
-
-log = Logger()
 
 FAILURES_PREFIX = "maild:failures:"
 CONNECTIONS_PREFIX = "maild:connections:"
