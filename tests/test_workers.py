@@ -104,6 +104,22 @@ class WorkersTests(unittest.TestCase):
         workers = set(re.findall(r"\[worker (\d+)\] maild starting", self.logText()))
         self.assertEqual(workers, {"1", "2"})
 
+    def test_connectionsSpreadOverWorkers(self):
+        """
+        Clients that connect together are spread over the workers (each has
+        its own socket on the listener's address, C{SO_REUSEPORT}), rather
+        than all taken by the first worker woken: of 20 IMAP sessions opened
+        at once, each worker serves some.
+        """
+        clients = [imaplib.IMAP4("127.0.0.1", self.imap) for _ in range(20)]
+        for client in clients:
+            client.login("alice@localhost", PASSWORD)
+        for client in clients:
+            client.logout()
+        logins = re.findall(r"\[worker (\d+)\] login: service=imap", self.logText())
+        self.assertEqual(len(logins), 20)
+        self.assertEqual(set(logins), {"1", "2"})
+
     def test_deadWorkerRestarted(self):
         """
         A worker killed with SIGKILL is started again by the parent, and
