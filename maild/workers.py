@@ -34,7 +34,7 @@ from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.logger import Logger
 
 from maild.config import PROTOCOLS, Config
-from maild.logs import WorkerLogReader, useAsTwistdLog
+from maild.logs import WORKER_LOG_FORMAT_ENV, WORKER_NAME_ENV, WorkerLogReader, useAsTwistdLog
 from maild.tls import certificateFiles
 
 log = Logger()
@@ -140,7 +140,11 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.number = number
         self.ended = defer.Deferred()
         self.started = 0.0
-        self.logReader = WorkerLogReader(f"worker {number}")
+        self.logReader = WorkerLogReader(self.name, output=supervisor.logOutput)
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.number}"
 
     def connectionMade(self) -> None:
         self.started = self.supervisor.reactor.seconds()
@@ -187,10 +191,13 @@ class WorkerSupervisor(service.Service):
         # Where the parent logs (what its workers send it too); see
         # maild.tap.
         self.logDestination = config.log.file
+        # The stream the log is written to, when this process chose it:
+        # the workers then send lines ready for it.
+        self.logOutput = None
 
     def setServiceParent(self, parent) -> None:
         service.Service.setServiceParent(self, parent)
-        useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
+        self.logOutput = useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
 
     @defer.inlineCallbacks
     def privilegedStartService(self):
@@ -244,6 +251,11 @@ class WorkerSupervisor(service.Service):
         env = dict(os.environ)
         env.update(LISTEN_FDS=str(len(names)), LISTEN_FDNAMES=":".join(names))
         env.pop("LISTEN_PID", None)
+        env[WORKER_NAME_ENV] = f"worker {number}"
+        if self.logOutput is not None:
+            env[WORKER_LOG_FORMAT_ENV] = self.config.log.format
+        else:
+            env.pop(WORKER_LOG_FORMAT_ENV, None)
         args = [
             sys.executable, "-c", _BOOTSTRAP, "--nodaemon", "--pidfile=",
             "--logger=maild.logs.workerLogObserver", "maild",
