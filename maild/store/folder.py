@@ -8,7 +8,15 @@ from the UID list and one listing of C{new/} and C{cur/}: no message file
 is read to open a folder.  Changes made through this object update the
 index at once and are announced to its listeners; changes made by anyone
 else (another process, a Maildir tool) are found by L{Folder.refresh},
-which lists a directory again only when its modification time moved.
+which lists the directories again only when a modification time moved or
+the UID list numbers files no listing found.
+
+Shared with Dovecot, the folder follows Dovecot's rules (maildir-sync.c):
+message files are renamed (flags, C{new/} to C{cur/}) only under the UID
+list lock, C{dovecot-uidlist.lock}, and a file a listing lacks is taken
+for expunged only when a listing under that lock lacks it too.  A readdir
+that runs while another process renames a file may return neither name;
+under the lock nobody renames.
 """
 
 from __future__ import annotations
@@ -349,7 +357,7 @@ class Folder:
     def refresh(self) -> FolderChange:
         """
         Bring the index up to date with the disk (cheap when nothing
-        changed: two stats) and tell the listeners what changed.
+        changed: three stats) and tell the listeners what changed.
         """
         try:
             return self._refresh()
