@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -55,8 +56,10 @@ pop3 = "none"
 pop3s = "none"
 imap = "none"
 imaps = "none"
-http = "none"
+http = "tcp:{httpPort}:interface=127.0.0.1"
 https = "none"
+[web]
+metrics = "anyone"
 [dns]
 nameservers = ["127.0.0.1:{dnsPort}"]
 [limits]
@@ -72,10 +75,14 @@ def freePort() -> int:
         return s.getsockname()[1]
 
 
-def cpuSeconds(pid: int) -> float:
+def cpuSeconds(pid: int) -> tuple[float, float]:
+    """
+    The user and system CPU seconds of process C{pid}, all threads.
+    """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # utime and stime (fields 14 and 15 of proc(5), counted from the state).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def environment() -> dict:
@@ -110,10 +117,11 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
          "--password-stdin"],
         input=b"secret\n", check=True, env=env, stdout=subprocess.DEVNULL,
     )
-    port = freePort()
+    port, httpPort = freePort(), freePort()
     config = work / f"maild-{label}.toml"
     config.write_text(
-        CONFIG.format(data=data, port=port, dnsPort=dnsPort, checks=str(checks).lower())
+        CONFIG.format(data=data, port=port, httpPort=httpPort, dnsPort=dnsPort,
+                      checks=str(checks).lower())
     )
     log = work / f"maild-{label}.log"
     daemon = subprocess.Popen(
@@ -140,6 +148,7 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
         output = subprocess.run(load, env=env, stdout=subprocess.PIPE).stdout
         after = cpuSeconds(daemon.pid)
         loadAverage = os.getloadavg()[0]
+        metrics = _metrics(httpPort)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait()
@@ -153,11 +162,32 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
         "checks": checks,
         "rate": result["messages_per_second"],
         "accepted": result["accepted"],
-        "cpu_us": (after - before) / messages * 1e6,
+        "cpu_us": (sum(after) - sum(before)) / messages * 1e6,
+        "system_us": (after[1] - before[1]) / messages * 1e6,
         "tracebacks": text.count("Traceback"),
         "results": ("spf=" + summary) if summary else "",
         "load": loadAverage,
+        # Messages per group commit, and the mean time from the end of DATA
+        # to the 250.
+        "group": _mean(metrics, "maild_store_commit_group_size"),
+        "reply_ms": _mean(metrics, "maild_data_reply_seconds") * 1000,
     }
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _mean(metrics: dict[str, float], histogram: str) -> float:
+    count = metrics.get(histogram + "_count", 0.0)
+    return metrics.get(histogram + "_sum", 0.0) / count if count else 0.0
 
 
 def table(runs: list[dict], kinds: list[str]) -> str:
@@ -209,6 +239,8 @@ def main(argv: list[str]) -> int:
                     print(
                         f"{kind:9} checks={'on ' if checks else 'off'} {run['rate']:6.0f} msg/s"
                         f"  accepted {run['accepted']}  CPU {run['cpu_us']:5.0f} µs/msg"
+                        f" (system {run['system_us']:4.0f})"
+                        f"  group {run['group']:4.1f}  reply {run['reply_ms']:5.1f} ms"
                         f"  load {run['load']:.1f}  tracebacks {run['tracebacks']}  {run['results']}",
                         flush=True,
                     )
