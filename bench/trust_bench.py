@@ -16,6 +16,7 @@ and the daemon's CPU per message (user and system, sync work included).
 Run from the repository root with maild's virtual environment::
 
     python bench/trust_bench.py [--messages 5000] [--rounds 3] [--kinds unsigned,ed25519,rsa,both]
+        [--source DIR]   # the daemon of another checkout: git archive <commit> | tar -x -C DIR
 """
 
 from __future__ import annotations
@@ -85,9 +86,13 @@ def cpuSeconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+# The checkout whose daemon is measured (--source).
+SOURCE = ROOT
+
+
 def environment() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(SOURCE) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -218,7 +223,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", default="unsigned,ed25519,rsa,both")
     parser.add_argument("--json", type=Path, help="also write every run to this file")
+    parser.add_argument(
+        "--source", type=Path, default=ROOT,
+        help="run the daemon of another checkout (the code before a change)",
+    )
     options = parser.parse_args(argv)
+    global SOURCE
+    SOURCE = options.source.resolve()
     kinds = options.kinds.split(",")
     work = Path(tempfile.mkdtemp(prefix="trust-bench-"))
     dnsPort = freePort()
