@@ -45,6 +45,10 @@ from maild.store import Target
 log = Logger()
 
 FLUSH_ALL = "ALL"
+# A flush asked for this long before the daemon started is still acted on:
+# `maild queue flush` run while the daemon restarts (or just before its
+# relay came up) must not be lost.
+FLUSH_REQUEST_GRACE = 60.0
 # Messages tried at once: each holds a lock, so a file descriptor, while
 # its recipients wait in their domains' lines (20 connections take them
 # far faster than this many can be sent).
@@ -117,7 +121,7 @@ class Relay(service.Service):
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self._started = time.time()
+        self._started = time.time() - FLUSH_REQUEST_GRACE
         self.keys.ensure(self.config.domains)
         for entry in self.queue.load():
             self.entries[entry.id] = entry
