@@ -1,0 +1,256 @@
+"""
+One outbound queue, several senders: two maild processes (twistd, as
+C{--workers} or two nodes on shared storage run them) on one data folder
+of A (a.test), sending to a maild B (b.test, in this process) through a
+route.  Each message reaches B exactly once; one whose sender died (kill
+-9), even in the middle of an attempt, is sent by the other, after the
+Redis lease runs out when there is one.
+"""
+
+from __future__ import annotations
+
+import collections
+import email
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.trial import unittest
+
+from tests import test_relay
+from tests.cluster import ROOT, waitForPort
+from tests.support import PASSWORD, freePort, writeUsers
+
+ALICE, BOB = test_relay.ALICE, test_relay.BOB
+NO_REDIS = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+
+
+class Sender:
+    """
+    One maild process of A: submission on loopback, sending through the
+    shared queue.
+    """
+
+    def __init__(self, number: int, folder: Path, config: Path) -> None:
+        self.number = number
+        self.config = config
+        self.port = freePort()
+        self.log = folder / f"a{number}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        listeners = [f"--{name}=none" for name in ("smtp", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")]
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "--logfile", str(self.log), "maild", "--config", str(self.config),
+             f"--submission=tcp:{self.port}:interface=127.0.0.1", *listeners],
+            cwd=self.config.parent,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        waitForPort(self.port, process=self.process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logText(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def deliveries(self) -> list[str]:
+        return [line for line in self.logText().splitlines() if "delivery id=" in line]
+
+    def submit(self, subjects: list[str]) -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.login(ALICE, PASSWORD)
+            for subject in subjects:
+                client.sendmail(ALICE, [BOB], test_relay.outgoing(subject))
+
+
+class _Silent(protocol.Protocol):
+    """
+    A remote server that accepts the connection and never says a word:
+    the sender's attempt stays under way.
+    """
+
+    def connectionMade(self):
+        self.factory.connected.append(self)
+
+
+class SharedQueueTestCase(test_relay.TwoServersTestCase):
+    """
+    Fixtures: A's data folder and config, its sender processes, B on a
+    port chosen first (so that A's route can name it before B runs).
+    """
+
+    relay = {}
+    redis = False
+
+    def setUp(self):
+        test_relay.TwoServersTestCase.setUp(self)
+        if self.redis and shutil.which("redis-server") is None:
+            raise unittest.SkipTest(NO_REDIS)
+        self.folder = Path(self.mktemp()).resolve()
+        self.dataDir = self.folder / "data"
+        writeUsers(self.dataDir, {ALICE: PASSWORD})
+        self.bPort = freePort()
+        relay = {
+            "scan_interval": 0.05, "retry_first": 0.2, "retry_max": 0.2, "rescan_interval": 0.1,
+            "connect_timeout": 5.0, "command_timeout": 60.0,
+        }
+        relay.update(self.relay)
+        text = (
+            f'data_dir = "{self.dataDir}"\nhostname = "mx.a.test"\ndomains = ["a.test"]\n'
+            "[auth]\nsubmission_plaintext = true\n[relay]\n"
+            + "".join(f"{key} = {value!r}\n" for key, value in relay.items())
+            + f'[relay.routes]\n"b.test" = "127.0.0.1:{self.bPort}"\n'
+        )
+        if self.redis:
+            from tests.test_redis import RedisServer
+
+            self.redisServer = RedisServer()
+            self.redisServer.start()
+            self.addCleanup(self.redisServer.stop)
+            text += f'[cluster]\nredis = "redis://127.0.0.1:{self.redisServer.port}/0"\n'
+        self.config = self.folder / "maild.toml"
+        self.config.write_text(text)
+        self.senders: list[Sender] = []
+
+    def startSender(self) -> Sender:
+        sender = Sender(len(self.senders) + 1, self.folder, self.config)
+        self.senders.append(sender)
+        self.addCleanup(sender.stop)
+        sender.start()
+        return sender
+
+    def startB(self):
+        return self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": self.bPort})
+
+    def startSilent(self):
+        """
+        A server on B's port that never answers.
+        """
+        factory = protocol.ServerFactory.forProtocol(_Silent)
+        factory.connected = []
+        port = reactor.listenTCP(self.bPort, factory, interface="127.0.0.1")
+
+        def close():
+            for client in factory.connected:
+                client.transport.abortConnection()
+            return port.stopListening()
+
+        return factory, close
+
+    def queued(self) -> list[str]:
+        queue = self.dataDir / "queue"
+        return [p.stem for p in queue.glob("*.env")] if queue.exists() else []
+
+    def received(self) -> collections.Counter:
+        """
+        The messages B's Bob has, by subject.
+        """
+        b = self.services["b"]
+        return collections.Counter(
+            email.message_from_bytes(m)["Subject"] for m in self.mailOf(b, BOB)
+        )
+
+    @defer.inlineCallbacks
+    def assertEachOnce(self, subjects: list[str]):
+        """
+        Wait until A's queue is empty, then check that B got each subject
+        exactly once.
+        """
+        yield self.waitFor(lambda: not self.queued() and len(self.mailOf(self.services["b"], BOB)) >= len(subjects), 60)
+        self.assertEqual(self.received(), collections.Counter(subjects))
+        for sender in self.senders:
+            self.assertNotIn("Traceback", sender.logText())
+
+    def submit(self, sender: Sender, subjects: list[str]):
+        return threads.deferToThread(sender.submit, subjects)
+
+
+class TwoSendersTests(SharedQueueTestCase):
+    @defer.inlineCallbacks
+    def test_eachMessageOnce(self):
+        """
+        Two processes accept messages for B (each knows its own at once and
+        the other's from the folder): B gets each message exactly once,
+        and A's queue ends empty.
+        """
+        yield self.startB()
+        first, second = self.startSender(), self.startSender()
+        subjects = [f"m{i}" for i in range(40)]
+        yield defer.gatherResults([self.submit(first, subjects[::2]), self.submit(second, subjects[1::2])])
+        yield self.assertEachOnce(subjects)
+
+    @defer.inlineCallbacks
+    def test_bothKnowEveryMessage(self):
+        """
+        Messages deferred while B was down, then two processes started
+        together on the queue (both load every message: a restarted worker
+        does), B back: they race for every message, and B still gets each
+        exactly once.
+        """
+        first = self.startSender()
+        subjects = [f"m{i}" for i in range(30)]
+        yield self.submit(first, subjects)
+        yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
+        first.stop()
+        yield self.startB()
+        self.startSender()
+        self.startSender()
+        yield self.assertEachOnce(subjects)
+
+
+class TakeOverTests(SharedQueueTestCase):
+    @defer.inlineCallbacks
+    def test_deadSendersMessagesTakenOver(self):
+        """
+        Messages one process accepted while B was down, then that process
+        killed (kill -9): the other process, started before them, finds
+        them in the folder and sends them once B is back.
+        """
+        first, second = self.startSender(), self.startSender()
+        subjects = [f"m{i}" for i in range(10)]
+        yield self.submit(first, subjects)
+        yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
+        first.kill()
+        yield self.startB()
+        yield self.assertEachOnce(subjects)
+        self.assertEqual(len([line for line in second.deliveries() if "status=sent" in line]), len(subjects))
+
+    @defer.inlineCallbacks
+    def test_killedMidAttempt(self):
+        """
+        A process killed while it waits on the remote server for a message
+        (it holds the message): the other one sends it once B answers.
+        """
+        silent, close = self.startSilent()
+        first = self.startSender()
+        yield self.submit(first, ["mid"])
+        yield self.waitFor(lambda: silent.connected)
+        second = self.startSender()
+        first.kill()
+        yield close()
+        yield self.startB()
+        yield self.assertEachOnce(["mid"])
+        self.assertIn("status=sent", "".join(second.deliveries()))
