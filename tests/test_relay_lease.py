@@ -17,6 +17,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, threads
@@ -135,11 +136,18 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
         self.config.write_text(text)
         self.senders: list[Sender] = []
 
-    def startSender(self) -> Sender:
+    @defer.inlineCallbacks
+    def startSender(self):
+        """
+        Start one more process of A (and, with a Redis running, wait until
+        it reached it).
+        """
         sender = Sender(len(self.senders) + 1, self.folder, self.config)
         self.senders.append(sender)
         self.addCleanup(sender.stop)
-        sender.start()
+        yield threads.deferToThread(sender.start)
+        if self.redis and self.redisServer.process.poll() is None:
+            yield self.waitFor(lambda: "Redis at" in sender.logText())
         return sender
 
     def startB(self):
@@ -197,7 +205,7 @@ class TwoSendersTests(SharedQueueTestCase):
         and A's queue ends empty.
         """
         yield self.startB()
-        first, second = self.startSender(), self.startSender()
+        first, second = (yield self.startSender()), (yield self.startSender())
         subjects = [f"m{i}" for i in range(40)]
         yield defer.gatherResults([self.submit(first, subjects[::2]), self.submit(second, subjects[1::2])])
         yield self.assertEachOnce(subjects)
@@ -210,14 +218,14 @@ class TwoSendersTests(SharedQueueTestCase):
         does), B back: they race for every message, and B still gets each
         exactly once.
         """
-        first = self.startSender()
+        first = yield self.startSender()
         subjects = [f"m{i}" for i in range(30)]
         yield self.submit(first, subjects)
         yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
         first.stop()
         yield self.startB()
-        self.startSender()
-        self.startSender()
+        yield self.startSender()
+        yield self.startSender()
         yield self.assertEachOnce(subjects)
 
 
@@ -229,7 +237,7 @@ class TakeOverTests(SharedQueueTestCase):
         killed (kill -9): the other process, started before them, finds
         them in the folder and sends them once B is back.
         """
-        first, second = self.startSender(), self.startSender()
+        first, second = (yield self.startSender()), (yield self.startSender())
         subjects = [f"m{i}" for i in range(10)]
         yield self.submit(first, subjects)
         yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
@@ -245,12 +253,184 @@ class TakeOverTests(SharedQueueTestCase):
         (it holds the message): the other one sends it once B answers.
         """
         silent, close = self.startSilent()
-        first = self.startSender()
+        first = yield self.startSender()
         yield self.submit(first, ["mid"])
         yield self.waitFor(lambda: silent.connected)
-        second = self.startSender()
+        second = yield self.startSender()
         first.kill()
         yield close()
         yield self.startB()
         yield self.assertEachOnce(["mid"])
         self.assertIn("status=sent", "".join(second.deliveries()))
+
+
+def redisCommand(port: int, *args: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.strip()
+
+
+class RedisLeaseTests(SharedQueueTestCase):
+    redis = True
+    relay = {"lease": 1.0}
+
+    @defer.inlineCallbacks
+    def test_killedMidAttemptWaitsForTheLease(self):
+        """
+        With Redis, an attempt holds the message's lease (the key
+        maild:lease:<id> naming the process), renewed while it runs; the
+        process killed mid-attempt leaves the lease behind, and the other
+        process sends the message once it has run out; its own lease is
+        released when it is done.
+        """
+        silent, close = self.startSilent()
+        first = yield self.startSender()
+        yield self.submit(first, ["mid"])
+        yield self.waitFor(lambda: silent.connected)
+        [queueId] = self.queued()
+        key = f"maild:lease:{queueId}"
+        self.assertTrue(redisCommand(self.redisServer.port, "GET", key).endswith(f":{first.pid}"))
+        # Renewed while the attempt waits: its time to live goes up again.
+        left = int(redisCommand(self.redisServer.port, "PTTL", key))
+        yield self.waitFor(lambda: int(redisCommand(self.redisServer.port, "PTTL", key)) > left)
+        second = yield self.startSender()
+        first.kill()
+        self.assertGreater(int(redisCommand(self.redisServer.port, "PTTL", key)), 0)
+        yield close()
+        yield self.startB()
+        yield self.assertEachOnce(["mid"])
+        self.assertIn("status=sent", "".join(second.deliveries()))
+        yield self.waitFor(lambda: redisCommand(self.redisServer.port, "EXISTS", key) == "0")
+
+    @defer.inlineCallbacks
+    def test_redisAwayFileLockAlone(self):
+        """
+        Redis configured but down: the processes keep sending, kept apart
+        by the file locks alone, and each message still reaches B once.
+        """
+        self.redisServer.stop()
+        first = yield self.startSender()
+        subjects = [f"m{i}" for i in range(20)]
+        yield self.submit(first, subjects)
+        yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
+        first.stop()
+        yield self.startB()
+        yield self.startSender()
+        yield self.startSender()
+        yield self.assertEachOnce(subjects)
+
+
+class OneFolderTests(test_relay.TwoServersTestCase):
+    """
+    Two daemons on one data folder in this process (the message lock
+    keeps them apart just as it keeps processes apart).
+    """
+
+    @defer.inlineCallbacks
+    def startTwo(self, **relay):
+        self.bPort = freePort()
+        settings = {
+            "routes": {"b.test": f"127.0.0.1:{self.bPort}"}, "scan_interval": 0.05,
+            "rescan_interval": 0.05, "retry_first": 3600.0,
+        }
+        settings.update(relay)
+        first = yield self.startMaild("a1", ["a.test"], {ALICE: PASSWORD}, relay=settings)
+        second = yield self.startMaild(
+            "a2", ["a.test"], {}, relay=settings, data_dir=first.config.data_dir
+        )
+        return first, second
+
+    @defer.inlineCallbacks
+    def test_retryTimeOfAnotherProcessHonoured(self):
+        """
+        A process whose copy of an entry says it is due, while another
+        process already tried it and wrote a later retry time: once it
+        holds the message it reads that time and does not try it again.
+        """
+        first, second = yield self.startTwo()
+        yield self.submit(first, [BOB], test_relay.outgoing("Deferred"))
+        yield self.waitFor(lambda: self.deliveryLines())
+        yield self.waitFor(lambda: second.relay.entries)
+        [entry] = second.relay.entries.values()
+        entry.nextTry = 0.0
+        yield self.waitFor(lambda: entry.nextTry > 0)
+        yield first.relay.queue.settled()
+        self.assertEqual(len(self.deliveryLines()), 1)
+
+    @defer.inlineCallbacks
+    def test_queueCapForTheFolder(self):
+        """
+        queue_max_messages counts the messages of the data folder, not of
+        one process: once the other process has seen the first one's
+        messages, it refuses with 452 4.3.1 too.
+        """
+        first, second = yield self.startTwo(queue_max_messages=2)
+        yield self.submit(first, [BOB], test_relay.outgoing("One"))
+        yield self.submit(first, [BOB], test_relay.outgoing("Two"))
+        yield self.waitFor(lambda: len(second.relay.entries) == 2)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused) as caught:
+            yield self.submit(second, [BOB], test_relay.outgoing("Three"))
+        [(code, text)] = caught.exception.recipients.values()
+        self.assertEqual((code, text[:5]), (452, b"4.3.1"))
+
+    @defer.inlineCallbacks
+    def test_deliveredByTheOtherForgotten(self):
+        """
+        A message the other process delivered leaves this one's count at
+        the next rescan (or the queue cap would fill with ghosts).
+        """
+        first, second = yield self.startTwo(retry_first=0.1, retry_max=0.1)
+        yield self.submit(first, [BOB], test_relay.outgoing("Ghost"))
+        yield self.waitFor(lambda: second.relay.entries)
+        self.patch(second.relay, "_start", lambda entry: None)
+        yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": self.bPort})
+        yield self.waitFor(lambda: not first.relay.entries and not second.relay.entries)
+        self.assertEqual(len(self.mailOf(self.services["b"], BOB)), 1)
+
+
+class QueueIdTests(test_relay.TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_replyIdBeginsTheQueueId(self):
+        """
+        The id in submission's "250 2.0.0 Ok: queued as X" begins the
+        queue id of every log line of that message (queued id=..., delivery
+        id=...): an administrator greps X and follows it to B.
+        """
+        a, b = yield self.startPair()
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", a.port("submission"), timeout=10) as client:
+                client.login(ALICE, PASSWORD)
+                client.mail(ALICE)
+                client.rcpt(BOB)
+                return client.data(test_relay.outgoing("Follow me").encode())
+
+        code, text = yield threads.deferToThread(send)
+        self.assertEqual(code, 250)
+        replyId = text.decode().rpartition(" ")[2]
+        yield self.waitFor(lambda: self.deliveryLines())
+        [line] = self.deliveryLines()
+        queueId = line.split()[1].partition("=")[2]
+        self.assertTrue(queueId.startswith(replyId), (replyId, line))
+        self.assertGreater(len(queueId), len(replyId))
+
+    @defer.inlineCallbacks
+    def test_startLeavesEnvelopesBeingWritten(self):
+        """
+        A daemon starting on a queue another process is writing to does
+        not remove that process's half-written envelope (an envelope
+        without its message yet, or its temporary file): it would lose a
+        message about to be acknowledged.  Ones an hour old were left by a
+        process that died, and go.
+        """
+        a = yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD})
+        yield self.stopMaild("a")
+        queue = a.config.data_dir / "queue"
+        queue.mkdir(exist_ok=True)
+        names = ["0000000100000AAAAAA.env", "0000000100000AAAAAA.tmp", "0000000200000AAAAAA.env"]
+        for name in names:
+            (queue / name).write_bytes(b"{}")
+        old = time.time() - 2 * 3600
+        os.utime(queue / names[2], (old, old))
+        yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD})
+        self.assertEqual(sorted(p.name for p in queue.iterdir() if p.is_file()), names[:2])
