@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import email
+import json
 import os
 import shutil
 import signal
@@ -20,9 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.trial import unittest
 
+from maild.relay.rates import RecipientCounts
 from tests import test_relay
 from tests.cluster import ROOT, waitForPort
 from tests.support import PASSWORD, freePort, writeUsers
@@ -374,6 +378,21 @@ class OneFolderTests(test_relay.TwoServersTestCase):
         self.assertEqual((code, text[:5]), (452, b"4.3.1"))
 
     @defer.inlineCallbacks
+    def test_recipientsPerHourForTheFolder(self):
+        """
+        recipients_per_hour counts a user's recipients given to any
+        process on the data folder: the second process, having read the
+        first one's counts, answers 451 4.7.1 past the limit.
+        """
+        first, second = yield self.startTwo(recipients_per_hour=2)
+        yield self.submit(first, [BOB, "other@b.test"], test_relay.outgoing("Two recipients"))
+        yield self.waitFor(lambda: second.relay.recipientCounts.count(ALICE, reactor.seconds()) == 2)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused) as caught:
+            yield self.submit(second, [BOB], test_relay.outgoing("Third"))
+        [(code, text)] = caught.exception.recipients.values()
+        self.assertEqual((code, text[:5]), (451, b"4.7.1"))
+
+    @defer.inlineCallbacks
     def test_deliveredByTheOtherForgotten(self):
         """
         A message the other process delivered leaves this one's count at
@@ -434,3 +453,44 @@ class QueueIdTests(test_relay.TwoServersTestCase):
         os.utime(queue / names[2], (old, old))
         yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD})
         self.assertEqual(sorted(p.name for p in queue.iterdir() if p.is_file()), names[:2])
+
+
+class PublishedCountsTests(unittest.TestCase):
+    @given(st.one_of(st.binary(max_size=200), st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=20,
+    ).map(lambda value: json.dumps(value).encode())))
+    @settings(max_examples=200, deadline=None)
+    def test_anyOtherFileReadWithoutError(self, content):
+        """
+        Whatever another daemon's counts file holds (a crash, a disk
+        error, an older version), reading it gives counts, never an
+        exception.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "other.json").write_bytes(content)
+        counts = RecipientCounts(folder, "mine")
+        others = counts.exchange(counts.snapshot(1e9), time.time())
+        self.assertIsInstance(others, dict)
+        self.assertTrue(all(isinstance(n, int) for n in others.values()))
+
+    def test_countsOfTheWindowOnly(self):
+        """
+        Another daemon's minutes count while any part of them is within
+        the hour; older ones do not, and neither does a file an hour old.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        now = 100 * 3600.0
+        recent, old = int((now - 3590) // 60), int((now - 3700) // 60)
+        (folder / "other.json").write_bytes(json.dumps({ALICE: {str(recent): 3, str(old): 5}}).encode())
+        counts = RecipientCounts(folder, "mine")
+        counts.add(ALICE, now - 10)
+        (folder / "gone.json").write_bytes(json.dumps({ALICE: {str(recent): 7}}).encode())
+        os.utime(folder / "other.json", (now - 60, now - 60))
+        os.utime(folder / "gone.json", (now - 3700, now - 3700))
+        counts.update(counts.exchange(counts.snapshot(now), now))
+        self.assertEqual(counts.count(ALICE, now), 4)
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["mine.json", "other.json"])

@@ -48,7 +48,16 @@ from maild.names import InvalidName, normalizeDomain
 from maild.relay import dkim, dsn
 from maild.relay.client import OutboundSession, Reply, SessionError, SessionSettings, SMTPClient
 from maild.relay.destinations import DestinationError, Destinations, NextHop
-from maild.relay.queue import BOUNCED, QUEUED, SENT, OutboundQueue, QueueEntry, Recipient, newQueueId
+from maild.relay.queue import (
+    BOUNCED,
+    QUEUED,
+    SENT,
+    OutboundQueue,
+    QueueEntry,
+    Recipient,
+    newQueueId,
+)
+from maild.relay.rates import RecipientCounts
 from maild.resolver import makeResolver
 from maild.store import Target
 
@@ -121,7 +130,9 @@ class Relay(service.Service):
         # When each flush request file was last acted on.
         self._flushSeen: dict[str, float] = {}
         self._total = 0
-        self._sent: dict[str, deque[float]] = {}
+        # A file of its own per daemon (a new one after a restart: the old
+        # one's counts still count, until they are an hour old).
+        self.recipientCounts = RecipientCounts(self.queue.path / "rates", uuid.uuid4().hex)
         self._scanner = task.LoopingCall(self._scan)
         self._scanner.clock = reactor
         self._rescanner = task.LoopingCall(self._rescan)
@@ -190,16 +201,13 @@ class Relay(service.Service):
         if len(self.entries) >= self.settings.queue_max_messages:
             raise SMTPServerError(452, "4.3.1 Error: outbound queue full, try again later")
         now = self.clock.seconds()
-        sent = self._sent.setdefault(user, deque())
-        while sent and sent[0] <= now - 3600:
-            sent.popleft()
-        if len(sent) >= self.settings.recipients_per_hour:
+        if self.recipientCounts.count(user, now) >= self.settings.recipients_per_hour:
             raise SMTPServerError(
                 451,
                 f"4.7.1 Error: {user} reached {self.settings.recipients_per_hour} "
                 "recipients in other domains per hour, try again later",
             )
-        sent.append(now)
+        self.recipientCounts.add(user, now)
         return RemoteRecipient(f"{local}@{domain}")
 
     def enqueue(
@@ -278,17 +286,21 @@ class Relay(service.Service):
     def _rescan(self) -> defer.Deferred:
         """
         Take up the messages other processes sharing the queue accepted,
-        and forget those they delivered (the directory is read, and new
-        envelopes, in the committer's threads).
+        forget those they delivered, and share the recipient counts (the
+        directory is read, and new envelopes, in the committer's threads).
         """
         known = set(self.entries)
+        now = self.clock.seconds()
+        counts = self.recipientCounts.snapshot(now)
 
         def read():
             present = self.queue.envelopeIds()
-            return present, [self.queue.read(queueId) for queueId in present - known]
+            found = [self.queue.read(queueId) for queueId in present - known]
+            return present, found, self.recipientCounts.exchange(counts, now)
 
         def adopt(result) -> None:
-            present, found = result
+            present, found, others = result
+            self.recipientCounts.update(others)
             for queueId in known - present:
                 if queueId not in self._outstanding:
                     self.entries.pop(queueId, None)
