@@ -109,6 +109,7 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
 
     relay = {}
     redis = False
+    workers = 1
 
     def setUp(self):
         test_relay.TwoServersTestCase.setUp(self)
@@ -136,6 +137,8 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
             self.redisServer.start()
             self.addCleanup(self.redisServer.stop)
             text += f'[cluster]\nredis = "redis://127.0.0.1:{self.redisServer.port}/0"\n'
+        elif self.workers > 1:
+            text += f"[cluster]\nworkers = {self.workers}\n"
         self.config = self.folder / "maild.toml"
         self.config.write_text(text)
         self.senders: list[Sender] = []
@@ -494,3 +497,21 @@ class PublishedCountsTests(unittest.TestCase):
         counts.update(counts.exchange(counts.snapshot(now), now))
         self.assertEqual(counts.count(ALICE, now), 4)
         self.assertEqual(sorted(p.name for p in folder.iterdir()), ["mine.json", "other.json"])
+
+
+class WorkersTests(SharedQueueTestCase):
+    workers = 2
+
+    @defer.inlineCallbacks
+    def test_workersSendEachOnce(self):
+        """
+        twistd maild with two workers (one submission socket, the kernel
+        spreading connections over them): messages deferred while B was
+        down, then B back, and each reaches B exactly once.
+        """
+        daemon = yield self.startSender()
+        subjects = [f"m{i}" for i in range(20)]
+        yield defer.gatherResults([self.submit(daemon, subjects[i::4]) for i in range(4)])
+        yield self.waitFor(lambda: len(daemon.deliveries()) >= len(subjects))
+        yield self.startB()
+        yield self.assertEachOnce(subjects)
