@@ -515,3 +515,44 @@ class WorkersTests(SharedQueueTestCase):
         yield self.waitFor(lambda: len(daemon.deliveries()) >= len(subjects))
         yield self.startB()
         yield self.assertEachOnce(subjects)
+
+
+class LeaseWithoutFileLocksTests(test_relay.TwoServersTestCase):
+    @defer.inlineCallbacks
+    def test_redisLeaseAloneKeepsSendersApart(self):
+        """
+        On a file system whose locks do nothing (NFS mounted
+        local_lock=all, say), the Redis lease alone keeps two daemons from
+        sending one message: both know every message and try them all at
+        once, and B gets each exactly once (the envelope is read again once
+        the lease is held, so a message the other finished is not sent
+        again).
+        """
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest(NO_REDIS)
+        from maild.relay import queue as queueModule
+        from tests.test_redis import RedisServer
+
+        redisServer = RedisServer()
+        redisServer.start()
+        self.addCleanup(redisServer.stop)
+        self.patch(queueModule, "tryLockOpenFile", lambda fd: True)
+        bPort = freePort()
+        relay = {
+            "routes": {"b.test": f"127.0.0.1:{bPort}"}, "scan_interval": 0.05, "retry_first": 3600.0,
+        }
+        cluster = {"redis": f"redis://127.0.0.1:{redisServer.port}/0"}
+        first = yield self.startMaild("a1", ["a.test"], {ALICE: PASSWORD}, relay=relay, cluster=cluster)
+        subjects = [f"m{i}" for i in range(30)]
+        for subject in subjects:
+            yield self.submit(first, [BOB], test_relay.outgoing(subject))
+        yield self.waitFor(lambda: len(self.deliveryLines()) == len(subjects))
+        second = yield self.startMaild(
+            "a2", ["a.test"], {}, relay=relay, cluster=cluster, data_dir=first.config.data_dir, listeners=()
+        )
+        yield self.waitFor(lambda: first.redis.up and second.redis.up)
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": bPort})
+        self.cli(first, "queue", "flush")
+        yield self.waitFor(lambda: not first.relay.entries and not second.relay.entries)
+        received = collections.Counter(email.message_from_bytes(m)["Subject"] for m in self.mailOf(b, BOB))
+        self.assertEqual(received, collections.Counter(subjects))

@@ -265,9 +265,8 @@ class OutboundQueue:
         Take C{entry} for one attempt, against other processes sharing the
         queue (C{--workers}, nodes on shared storage): an exclusive lock on
         its message file (which, unlike the envelope, keeps its inode for
-        its whole life), see L{tryLockOpenFile}; then the entry as the last
-        attempt, by whichever process, left it on disk: its recipients'
-        state, whether the sender was warned, and its next try.
+        its whole life), see L{tryLockOpenFile}.  Once it holds the message
+        the caller reads it again (L{reread}).
 
         @return: the lock's file descriptor (to close when the attempt is
             over), or None if another process holds it.
@@ -276,20 +275,31 @@ class OutboundQueue:
         """
         fd = os.open(self.messagePath(entry.id), os.O_RDWR | os.O_CLOEXEC)
         try:
-            if not tryLockOpenFile(fd):
-                os.close(fd)
-                return None
-            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
-        except ValueError:
-            return fd
+            if tryLockOpenFile(fd):
+                return fd
         except BaseException:
             os.close(fd)
             raise
+        os.close(fd)
+        return None
+
+    def reread(self, entry: QueueEntry) -> None:
+        """
+        Update C{entry} from its envelope as the last attempt, by whichever
+        process, left it: its recipients' state, whether the sender was
+        warned, its next try, its signatures.  (An envelope that cannot be
+        read leaves C{entry} as it is; the next start moves it aside.)
+
+        @raise FileNotFoundError: if the message is gone.
+        """
+        try:
+            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
+        except ValueError:
+            return
         entry.recipients = stored.recipients
         entry.warned = stored.warned
         entry.nextTry = stored.nextTry
         entry.signatures = entry.signatures or stored.signatures
-        return fd
 
     def envelopeIds(self) -> set[str]:
         """

@@ -333,33 +333,21 @@ class Relay(service.Service):
 
     def _start(self, entry: QueueEntry) -> None:
         """
-        Claim C{entry} (its file lock, then its lease), then put its
-        pending recipients in their domains' lines.
+        Claim C{entry}: its file lock, then (with Redis) its lease.
         """
         try:
             claim = self.queue.claim(entry)
         except FileNotFoundError:
-            # Delivered by another process sharing the queue, or taken by
-            # `maild queue delete`.
-            log.info("queue: {id} is gone", id=entry.id)
-            self.entries.pop(entry.id, None)
-            self._flushed.discard(entry.id)
-            self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
+            self._gone(entry)
             return
         if claim is None:
             # Another process is trying it now.
             return
-        if entry.nextTry > time.time() and entry.id not in self._flushed:
-            # Another process tried it since this one read it, and wrote
-            # when to try again.
-            os.close(claim)
-            return
-        self._flushed.discard(entry.id)
         self._claims[entry.id] = claim
         # Taken: counts among the attempts while the lease is asked for.
         self._outstanding[entry.id] = 1
         if self.leases is None:
-            self._begin(entry)
+            self._held(entry)
             return
         d = self._track(self.leases.acquire(entry.id))
         d.addCallback(self._leased, entry)
@@ -369,12 +357,38 @@ class Relay(service.Service):
         if taken is False:
             # Another node holds it: trying now, or dead with its lease
             # not yet run out.
-            self._outstanding.pop(entry.id, None)
-            self._release(entry.id)
+            self._letGo(entry.id)
             return
         # None: Redis is away; the file lock alone keeps others off.
-        self._begin(entry)
+        self._held(entry)
         self._startConnections()
+
+    def _held(self, entry: QueueEntry) -> None:
+        """
+        Holding C{entry}: go on from its envelope as the last holder left
+        it, if it is still due.
+        """
+        try:
+            self.queue.reread(entry)
+        except FileNotFoundError:
+            self._letGo(entry.id)
+            self._gone(entry)
+            return
+        if entry.nextTry > time.time() and entry.id not in self._flushed:
+            # Another process tried it since this one read it, and wrote
+            # when to try again.
+            self._letGo(entry.id)
+            return
+        self._flushed.discard(entry.id)
+        self._begin(entry)
+
+    def _gone(self, entry: QueueEntry) -> None:
+        # Delivered by another process sharing the queue, or taken by
+        # `maild queue delete`.
+        log.info("queue: {id} is gone", id=entry.id)
+        self.entries.pop(entry.id, None)
+        self._flushed.discard(entry.id)
+        self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
 
     def _begin(self, entry: QueueEntry) -> None:
         """
@@ -649,14 +663,21 @@ class Relay(service.Service):
         d.addBoth(lambda _: self._release(entry.id))
 
     def _release(self, queueId: str) -> None:
+        self._letGo(queueId)
+        if self._due:
+            self._fill()
+
+    def _letGo(self, queueId: str) -> None:
+        """
+        Give up the hold on a message (its lock and lease), starting
+        nothing else: this may run inside L{_fill}.
+        """
         self._outstanding.pop(queueId, None)
         claim = self._claims.pop(queueId, None)
         if claim is not None:
             os.close(claim)
             if self.leases is not None:
                 self.leases.release(queueId)
-        if self._due:
-            self._fill()
 
     @defer.inlineCallbacks
     def _attemptDone(self, entry: QueueEntry):
