@@ -23,9 +23,10 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
+from maild.cluster.leases import Leases
 from maild.relay.rates import RecipientCounts
 from tests import test_relay
 from tests.cluster import ROOT, waitForPort
@@ -556,3 +557,85 @@ class LeaseWithoutFileLocksTests(test_relay.TwoServersTestCase):
         yield self.waitFor(lambda: not first.relay.entries and not second.relay.entries)
         received = collections.Counter(email.message_from_bytes(m)["Subject"] for m in self.mailOf(b, BOB))
         self.assertEqual(received, collections.Counter(subjects))
+
+
+class LeasesTests(unittest.TestCase):
+    """
+    maild.cluster.leases against a real Redis.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest(NO_REDIS)
+        from maild.cluster import RedisLink
+        from tests.test_redis import RedisServer, waitUntil
+
+        self.redisServer = RedisServer()
+        self.redisServer.start()
+        self.addCleanup(self.redisServer.stop)
+        self.links = []
+        for _ in range(2):
+            link = RedisLink(f"redis://127.0.0.1:{self.redisServer.port}/0", reactor)
+            link.node = f"node{len(self.links) + 1}"
+            link.startService()
+            self.addCleanup(link.stopService)
+            self.links.append(link)
+        yield waitUntil(lambda: all(link.up for link in self.links))
+
+    @defer.inlineCallbacks
+    def test_oneHolderRenewedReleased(self):
+        """
+        One node at a time holds a lease; the holder's renewal puts its
+        time to live back up; another node's release leaves it alone; the
+        holder's release frees it for the other.
+        """
+        first, second = (Leases(link, 30.0, reactor) for link in self.links)
+        self.assertIs((yield first.acquire("m1")), True)
+        self.assertIs((yield second.acquire("m1")), False)
+        yield self.links[0].call("execute_command", "PEXPIRE", "maild:lease:m1", 1000)
+        yield first._renew()
+        self.assertGreater((yield self.links[0].call("execute_command", "PTTL", "maild:lease:m1")), 20000)
+        second.held.add("m1")
+        second.release("m1")
+        self.assertEqual((yield first.holder("m1")), "node1")
+        first.release("m1")
+        yield waitUntilTrue(lambda: second.acquire("m1"))
+        self.assertEqual((yield second.holder("m1")), "node2")
+
+    @defer.inlineCallbacks
+    def test_lostLeaseForgotten(self):
+        """
+        A lease that vanished (Redis restarted empty) is found at the next
+        renewal, logged once, and no longer counted as held.
+        """
+        leases = Leases(self.links[0], 30.0, reactor)
+        yield leases.acquire("m1")
+        yield leases.acquire("m2")
+        yield self.links[0].call("delete", "maild:lease:m2")
+        yield leases._renew()
+        self.assertEqual(leases.held, {"m1"})
+
+    @defer.inlineCallbacks
+    def test_redisAwayAnswersNone(self):
+        """
+        With Redis down, acquiring answers None (the caller goes on with
+        its file lock), at once.
+        """
+        self.redisServer.stop()
+        from tests.test_redis import waitUntil
+
+        yield waitUntil(lambda: not self.links[0].up)
+        self.assertIsNone((yield Leases(self.links[0], 30.0, reactor).acquire("m1")))
+
+
+@defer.inlineCallbacks
+def waitUntilTrue(attempt, tries: int = 200):
+    """
+    Call C{attempt} (returning a Deferred) until it answers True.
+    """
+    for _ in range(tries):
+        if (yield attempt()):
+            return
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("never true")

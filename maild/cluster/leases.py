@@ -111,12 +111,16 @@ class Leases:
         )
 
         def checked(lost) -> None:
-            for key in lost or ():
-                key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-                self.held.discard(key[len(KEY_PREFIX):])
+            names = [
+                (key.decode("utf-8", "replace") if isinstance(key, bytes) else key)[len(KEY_PREFIX):]
+                for key in lost or ()
+            ]
+            if names:
+                self.held.difference_update(names)
+                # Redis restarted empty, or was away longer than a lease.
                 log.warn(
-                    "lease on {name} lost (it ran out while Redis was away); the message's file lock still keeps other nodes off",
-                    name=key[len(KEY_PREFIX):],
+                    "{count} message leases lost (first: {name}); their file locks still keep other nodes off",
+                    count=len(names), name=names[0],
                 )
 
         # Redis away: the leases may lapse; the file locks still hold.
