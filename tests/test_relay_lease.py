@@ -280,7 +280,8 @@ def redisCommand(port: int, *args: str) -> str:
 
 class RedisLeaseTests(SharedQueueTestCase):
     redis = True
-    relay = {"lease": 1.0}
+    # Short, but long enough for the checks below on a loaded machine.
+    relay = {"lease": 3.0}
 
     @defer.inlineCallbacks
     def test_killedMidAttemptWaitsForTheLease(self):
@@ -298,9 +299,10 @@ class RedisLeaseTests(SharedQueueTestCase):
         [queueId] = self.queued()
         key = f"maild:lease:{queueId}"
         self.assertTrue(redisCommand(self.redisServer.port, "GET", key).endswith(f":{first.pid}"))
-        # Renewed while the attempt waits: its time to live goes up again.
-        left = int(redisCommand(self.redisServer.port, "PTTL", key))
-        yield self.waitFor(lambda: int(redisCommand(self.redisServer.port, "PTTL", key)) > left)
+        # Renewed while the attempt waits (every second): its time to live
+        # goes up again.
+        redisCommand(self.redisServer.port, "PEXPIRE", key, "1500")
+        yield self.waitFor(lambda: int(redisCommand(self.redisServer.port, "PTTL", key)) > 2000)
         second = yield self.startSender()
         first.kill()
         self.assertGreater(int(redisCommand(self.redisServer.port, "PTTL", key)), 0)
