@@ -13,6 +13,7 @@ import collections
 import email
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -155,7 +156,7 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
         self.addCleanup(sender.stop)
         yield threads.deferToThread(sender.start)
         if self.redis and self.redisServer.process.poll() is None:
-            yield self.waitFor(lambda: "Redis at" in sender.logText())
+            yield self.waitFor(lambda: re.search(r"Redis at \S+ reached", sender.logText()))
         return sender
 
     def startB(self):
