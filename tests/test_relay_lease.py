@@ -440,6 +440,23 @@ class QueueIdTests(test_relay.TwoServersTestCase):
         self.assertTrue(queueId.startswith(replyId), (replyId, line))
         self.assertGreater(len(queueId), len(replyId))
 
+    def test_smtpIdsOfTwoProcessesDiffer(self):
+        """
+        Two processes started together (workers) never give the same id in
+        their "250 ... queued as X" replies: started from the clock alone,
+        their counters ran through the same numbers a few hundred messages
+        apart.
+        """
+        script = "from maild import smtp\nprint(' '.join(smtp._nextQueueId() for _ in range(3000)))\n"
+        runs = [
+            subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            for _ in range(2)
+        ]
+        first, second = (set(run.communicate(timeout=60)[0].split()) for run in runs)
+        self.assertEqual((len(first), len(second)), (3000, 3000))
+        self.assertEqual(first & second, set())
+
     @defer.inlineCallbacks
     def test_startLeavesEnvelopesBeingWritten(self):
         """
