@@ -41,8 +41,8 @@ log = Logger()
 
 QUEUED, SENT, BOUNCED = "queued", "sent", "bounced"
 
-# A half-written envelope this old was left by a process that died (an
-# envelope is written and its message committed within seconds).
+# A temporary file this old was left by a process that died (an envelope
+# is written within moments).
 ABANDONED_AFTER = 3600.0
 
 _sequence = itertools.count()
@@ -182,11 +182,16 @@ class OutboundQueue:
         @return: a Deferred firing when all of it is on disk, or failing
             with L{maild.store.DeliveryFailed} (nothing then stays queued).
         """
-        d = self.committer.callInPool(self._writeEnvelope, entry, False)
+        d = self.committer.callInPool(self._writeNewEnvelope, entry)
 
-        def commit(_):
+        def commit(writing: int):
             targets = list(localTargets) + [Target(self.path, name=f"{entry.id}.msg")]
-            return self.committer.commit(message, targets)
+
+            def written(result):
+                os.close(writing)
+                return result
+
+            return self.committer.commit(message, targets).addBoth(written)
 
         def envelopeFailed(reason):
             message.discard()
@@ -201,10 +206,36 @@ class OutboundQueue:
         d.addErrback(withdraw)
         return d
 
-    def _writeEnvelope(self, entry: QueueEntry, replace: bool) -> None:
+    def _writeNewEnvelope(self, entry: QueueEntry) -> int:
+        """
+        Write the envelope of a message being accepted, locked (see
+        L{tryLockOpenFile}) until its message is committed too: a process
+        starting meanwhile (L{load}) sees it is not one a crash left.
+
+        @return: the envelope's descriptor, holding the lock: close it once
+            the message is committed (or not).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.envelopePath(entry.id)
-        if replace and not self.messagePath(entry.id).exists():
+        temporary = target.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            tryLockOpenFile(fd)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(entry.toJSON())
+            os.fsync(fd)
+            # Never over another's envelope: a link fails if the name exists.
+            os.link(temporary, target)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            _unlinkQuietly(temporary)
+        return fd
+
+    def _writeEnvelope(self, entry: QueueEntry) -> None:
+        target = self.envelopePath(entry.id)
+        if not self.messagePath(entry.id).exists():
             # Deleted meanwhile (`maild queue delete`): do not bring it back.
             _unlinkQuietly(target)
             return
@@ -213,21 +244,13 @@ class OutboundQueue:
             f.write(entry.toJSON())
             f.flush()
             os.fsync(f.fileno())
-        if replace:
-            os.replace(temporary, target)
-            return
-        # A new message: never over another's envelope (a link fails if the
-        # name exists).
-        try:
-            os.link(temporary, target)
-        finally:
-            _unlinkQuietly(temporary)
+        os.replace(temporary, target)
 
     def save(self, entry: QueueEntry) -> defer.Deferred:
         """
         Rewrite C{entry}'s envelope, durably (grouped with other changes).
         """
-        return self._grouped(lambda: self._writeEnvelope(entry, True))
+        return self._grouped(lambda: self._writeEnvelope(entry))
 
     def remove(self, queueId: str) -> defer.Deferred:
         """
@@ -384,9 +407,10 @@ class OutboundQueue:
         Every queued message, from disk (blocking: at start, or for the
         command line).  Unreadable envelopes, and messages without one,
         are moved into C{corrupt/}; envelopes without a message (never
-        acknowledged, or being deleted) are removed, and so are envelopes
-        half written, once they are L{ABANDONED_AFTER} seconds old: until
-        then another process sharing the queue may be writing them.
+        acknowledged, or being deleted) are removed, unless another process
+        sharing the queue is accepting that message now (it holds a lock on
+        the envelope); temporary files go once they are L{ABANDONED_AFTER}
+        seconds old.
         """
         entries = []
         try:
@@ -401,7 +425,7 @@ class OutboundQueue:
                 _unlinkIfOlder(self.path / name, abandoned)
             elif suffix == "env":
                 if f"{stem}.msg" not in present:
-                    if _unlinkIfOlder(self.path / name, abandoned):
+                    if _unlinkIfUnlocked(self.path / name):
                         log.info("queue: removed {id}, never accepted", id=stem)
                     continue
                 try:
@@ -439,6 +463,25 @@ class OutboundQueue:
             return sum(1 for name in os.listdir(self.path) if name.endswith(".env"))
         except FileNotFoundError:
             return 0
+
+
+def _unlinkIfUnlocked(path: Path) -> bool:
+    """
+    Remove C{path} unless another open of it holds a lock on it.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not tryLockOpenFile(fd):
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _unlinkIfOlder(path: Path, before: float) -> bool:
