@@ -8,7 +8,15 @@ from the UID list and one listing of C{new/} and C{cur/}: no message file
 is read to open a folder.  Changes made through this object update the
 index at once and are announced to its listeners; changes made by anyone
 else (another process, a Maildir tool) are found by L{Folder.refresh},
-which lists a directory again only when its modification time moved.
+which lists the directories again only when a modification time moved or
+the UID list numbers files no listing found.
+
+Shared with Dovecot, the folder follows Dovecot's rules (maildir-sync.c):
+message files are renamed (flags, C{new/} to C{cur/}) only under the UID
+list lock, C{dovecot-uidlist.lock}, and a file a listing lacks is taken
+for expunged only when a listing under that lock lacks it too.  A readdir
+that runs while another process renames a file may return neither name;
+under the lock nobody renames.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ import functools
 import os
 import time
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Protocol, Sequence
+from typing import IO, Callable, Iterable, Iterator, Protocol, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -28,6 +37,7 @@ from zope.interface import implementer
 
 from maild.store import maildir
 from maild.store.delivery import FolderMissing
+from maild.store.files import folderMustExist
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
@@ -116,6 +126,11 @@ class Folder:
         self._sizes: dict[int, tuple[int, int]] = {}
         self._listeners: list[FolderListener] = []
         self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
+        # Every UID below this was given to a file a listing of ours found,
+        # or one we placed: a UID list that numbers more calls for a listing.
+        self._listedUidnext = 0
+        # How deep this process is in holds of the folder's UID list lock.
+        self._lockDepth = 0
         self._loaded = False
         self._expungedUids: dict[int, None] = {}
         # The last look found the folder deleted or renamed.
@@ -342,7 +357,7 @@ class Folder:
     def refresh(self) -> FolderChange:
         """
         Bring the index up to date with the disk (cheap when nothing
-        changed: two stats) and tell the listeners what changed.
+        changed: three stats) and tell the listeners what changed.
         """
         try:
             return self._refresh()
@@ -357,13 +372,41 @@ class Folder:
     def _refresh(self) -> FolderChange:
         mtimes = self._dirMtimes()
         if self._loaded and mtimes == self._mtimes:
-            return FolderChange()
+            if not self._numberedUnlisted():
+                return FolderChange()
+            # Another process numbered files that a directory time we trust
+            # hides (placed within the clock tick of a change of ours).
+            self._mtimes = {"new": _LIST_AGAIN, "cur": _LIST_AGAIN}
         if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
             return self._gone()
         changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
+        if "cur" in changed:
+            # A file may move from new/ to cur/ between two listings: one of
+            # cur/ alone could miss it in both (Dovecot lists both as well).
+            changed.add("new")
         change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
         self._announce(change, own=False)
         return change
+
+    def _numberedUnlisted(self) -> bool:
+        """
+        Whether the UID list numbers files that no listing of ours saw, or
+        has a new UIDVALIDITY: it is read at every look, as Dovecot checks
+        C{dovecot-uidlist} along with the directories' times.
+        """
+        state = self.uidList.refresh()
+        if state.uidvalidity != self.uidvalidity:
+            return True
+        if state.uidnext > self._listedUidnext:
+            # Numbered since our last listing: by us (deliveries, files a
+            # listing of new/ found), or by others for files we hold or saw
+            # expunged, as a rule; any other calls for a listing.
+            gone = self._expungedUids
+            for uid in range(self._listedUidnext, state.uidnext):
+                if uid not in gone and not _holds(self.uids, uid):
+                    return True
+            self._listedUidnext = state.uidnext
+        return False
 
     def _gone(self) -> FolderChange:
         """
@@ -375,6 +418,7 @@ class Folder:
         self.keywordLetters = {}
         self._sizes = {}
         self._mtimes = {"new": -1, "cur": -1}
+        self._listedUidnext = 0
         self._loaded = False
         self.uidList.state = None
         self.missing = True
@@ -415,6 +459,8 @@ class Folder:
         # Record the times first: a change made while we list is seen next time.
         self._mtimes = _settled(mtimes)
         self.missing = False
+        # What the UID list numbered before we list: all of it is placed.
+        listedUidnext = self.uidList.refresh().uidnext
         onDisk = self._listing(subs)
         # A directory that changed while we listed it (a rename by another
         # process) may have been listed without a file: one it seems to
@@ -463,6 +509,14 @@ class Folder:
             keptBases.append(base)
             if letters:
                 keywordLetters[uid] = letters
+        if goneBases and not self._lockDepth:
+            # A file another process renamed while we listed may be missing
+            # from the listing although the directory's time did not show it
+            # (the same clock tick, NFS): Dovecot renames only under the UID
+            # list lock, and so does maild, so a listing under it tells what
+            # is really gone (Dovecot's own rule, maildir-sync.c).
+            with self._uidListLocked():
+                return self._scan(self._dirMtimes(), {"new", "cur"})
         if uncertain:
             self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
         if goneBases:
@@ -488,12 +542,6 @@ class Folder:
             if keptUids and numbered and numbered[0][0] <= keptUids[-1]:
                 # A UID we hold for another file is no UID for this one.
                 numbered = [(u, b) for u, b in numbered if not _holds(keptUids, u)]
-            if numbered and subs == {"cur"}:
-                # Another process may have numbered a file still in new/,
-                # which we did not list, below one it moved to cur/: take it
-                # now, or it would later get a second, higher UID.
-                numbered += self._numberedInNew(known, keptUids, numbered[-1][0], onDisk)
-                numbered.sort()
             unnumbered: list[str] = []
             if len(numbered) < len(onDisk):
                 numberedBases = {base for _, base in numbered}
@@ -535,29 +583,10 @@ class Folder:
             change.added.extend(newUids)
         self.uids, self.flags, self.bases = keptUids, keptFlags, keptBases
         self.keywordLetters = keywordLetters
+        if subs == {"new", "cur"}:
+            self._listedUidnext = listedUidnext
         self._loaded = True
         return change
-
-    def _numberedInNew(
-        self, known: dict[str, int], kept: array, below: int, onDisk: dict[str, str | None]
-    ) -> list[tuple[int, str]]:
-        """
-        The files in C{new/} (unlisted) that the UID list numbers below
-        C{below} and the index lacks; C{onDisk} learns them.
-        """
-        found = []
-        gone = self._expungedUids
-        for base, uid in known.items():
-            if (
-                uid < below
-                and base not in onDisk
-                and uid not in gone
-                and not _holds(kept, uid)
-                and os.path.exists(self._dir + "new/" + base)
-            ):
-                onDisk[base] = _IN_NEW_MARK
-                found.append((uid, base))
-        return found
 
     def _unknownBelow(self, uid: int) -> bool:
         """
@@ -597,6 +626,22 @@ class Folder:
         if unchanged:
             self._mtimes = self._dirMtimes()
 
+    @contextmanager
+    def _uidListLocked(self) -> Iterator[None]:
+        """
+        Hold the folder's UID list lock (Dovecot's C{dovecot-uidlist.lock}),
+        which Dovecot holds while it lists, renames or removes message files.
+
+        @raise FolderMissing: if the folder was deleted or renamed (by
+            another session or process).
+        """
+        with folderMustExist(self.path), self.uidList.locked():
+            self._lockDepth += 1
+            try:
+                yield
+            finally:
+                self._lockDepth -= 1
+
     def setFlags(
         self,
         positions: Sequence[int],
@@ -610,41 +655,69 @@ class Folder:
         1 adds, -1 removes.  The files are renamed in C{cur/} (a message
         in C{new/} moves to C{cur/}).
 
-        @return: the indexes whose flags really changed.
+        @return: the indexes whose flags really changed (after any
+            expunge this learnt of).
+        @raise FolderMissing: if the folder was deleted or renamed.
         """
+        if not positions:
+            return []
         bits &= SETTABLE
-        unchanged = self._ownChange(("new", "cur"))
-        changed = []
-        for i in positions:
-            old = self.flags[i]
-            uid = self.uids[i]
-            oldLetters = self.keywordLetters.get(uid, "") if old & HAS_KEYWORDS else ""
-            if mode == 0:
-                new, letters = bits, keywordLetters
-            elif mode > 0:
-                new = (old & SETTABLE) | bits
-                letters = "".join(sorted(set(oldLetters) | set(keywordLetters)))
-            else:
-                new = (old & SETTABLE) & ~bits
-                letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
-            if new & maildir.FORWARDED:
-                new, letters = self._forwardedAsKeyword(
-                    new, letters, removing=mode < 0 and self._forwardedIn(keywordLetters)
-                )
-            if letters:
-                new |= HAS_KEYWORDS
-            if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
-                continue
-            if not self._rename(i, new, letters):
-                continue
-            if new & SETTABLE != old & SETTABLE or letters != oldLetters:
-                changed.append(i)
-        self._ownChangeDone(unchanged)
+        changed: list[int] = []
+        # Dovecot renames message files only under the UID list lock, and
+        # lists the folder under it: a rename of ours while it lists could
+        # hide the file from it, and it would expunge the UID and number
+        # the file again (maildir-sync.c, "Locking, locking, locking").
+        with self._uidListLocked():
+            unchanged = self._ownChange(("new", "cur"))
+            lost = [self.uids[i] for i in positions if not self._changeFlags(i, bits, keywordLetters, mode, changed)]
+            if lost:
+                # Renamed (flags) or removed by another process since we
+                # last looked: look again (under the lock nothing moves
+                # meanwhile) and change the file under its new name, from
+                # its new flags; one removed is gone (RFC 2180 section 4.2).
+                unchanged = False
+                self._mtimes = {"new": -1, "cur": -1}
+                self.refresh()
+                for uid in lost:
+                    i = self.position(uid)
+                    if i is not None:
+                        self._changeFlags(i, bits, keywordLetters, mode, changed)
+            self._ownChangeDone(unchanged)
         if changed:
-            self._announce(
-                FolderChange(flagged=[self.uids[i] for i in changed], origin=origin)
+            self._announce(FolderChange(flagged=changed, origin=origin))
+        return [i for uid in changed if (i := self.position(uid)) is not None]
+
+    def _changeFlags(self, i: int, bits: int, keywordLetters: str, mode: int, changed: list[int]) -> bool:
+        """
+        Set the flags of message C{i} as L{setFlags} does; add its UID to
+        C{changed} if they changed.
+
+        @return: False if its file was not where the index said.
+        """
+        old = self.flags[i]
+        uid = self.uids[i]
+        oldLetters = self.keywordLetters.get(uid, "") if old & HAS_KEYWORDS else ""
+        if mode == 0:
+            new, letters = bits, keywordLetters
+        elif mode > 0:
+            new = (old & SETTABLE) | bits
+            letters = "".join(sorted(set(oldLetters) | set(keywordLetters)))
+        else:
+            new = (old & SETTABLE) & ~bits
+            letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
+        if new & maildir.FORWARDED:
+            new, letters = self._forwardedAsKeyword(
+                new, letters, removing=mode < 0 and self._forwardedIn(keywordLetters)
             )
-        return changed
+        if letters:
+            new |= HAS_KEYWORDS
+        if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
+            return True
+        if not self._rename(i, new, letters):
+            return False
+        if new & SETTABLE != old & SETTABLE or letters != oldLetters:
+            changed.append(uid)
+        return True
 
     def _forwardedIn(self, letters: str) -> bool:
         forwarded = self.keywords.letters(["$Forwarded"], create=False)
@@ -690,15 +763,20 @@ class Folder:
         """
         if positions is None:
             positions = self.positionsWith(IN_NEW)
-        unchanged = self._ownChange(("new", "cur"))
+        if not positions:
+            return []
         claimed = []
-        for i in positions:
-            bits = self.flags[i]
-            if bits & IN_NEW:
-                letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
-                if self._rename(i, bits & ~IN_NEW, letters):
-                    claimed.append(self.uids[i])
-        self._ownChangeDone(unchanged)
+        # A rename: under the UID list lock, as Dovecot moves files (see
+        # setFlags).  One another process moved first is its claim.
+        with self._uidListLocked():
+            unchanged = self._ownChange(("new", "cur"))
+            for i in positions:
+                bits = self.flags[i]
+                if bits & IN_NEW:
+                    letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+                    if self._rename(i, bits & ~IN_NEW, letters):
+                        claimed.append(self.uids[i])
+            self._ownChangeDone(unchanged)
         return claimed
 
     def expunge(self, uids: Iterable[int], origin: object | None = None) -> list[int]:
