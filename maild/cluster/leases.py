@@ -73,9 +73,12 @@ class Leases:
         Take the lease on C{name}.
 
         @return: a Deferred firing with True (taken), False (another node
-            holds it) or None (Redis cannot be reached: the caller decides
-            without it).
+            holds it) or None (Redis cannot be reached, or was slow a
+            moment ago: the caller decides without it).
         """
+        if not self.link.answersPromptly:
+            # Down, or slow a moment ago: the attempt does not wait for it.
+            return defer.succeed(None)
         d = self.link.call("set", KEY_PREFIX + name, self.link.node, None, self._milliseconds, True)
 
         def taken(reply) -> bool:
