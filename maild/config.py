@@ -196,6 +196,14 @@ class RelaySettings:
     # How often the daemon looks for `maild queue flush` requests and
     # for messages due to be retried.
     scan_interval: float = 1.0
+    # How often the daemon looks in the queue folder for messages other
+    # processes sharing it accepted (another worker's, or a node's that
+    # stopped or died) and forgets those they delivered.
+    rescan_interval: float = 10.0
+    # With [cluster] redis: how long a node's claim on a message lasts in
+    # Redis unless renewed (every third of it while the attempt runs): a
+    # node that dies mid-attempt holds its messages this long.
+    lease: float = 60.0
     # domain = "host:port" (like Postfix's transport map).
     routes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 

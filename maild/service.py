@@ -169,7 +169,7 @@ class MailService(service.MultiService):
             )
         # Mail for other domains: queued and sent by the relay (the
         # developer mode relays nothing).
-        self.relay = None if config.dev.enabled else Relay(config, self.store, self.addresses, reactor)
+        self.relay = None if config.dev.enabled else Relay(config, self.store, self.addresses, reactor, redis=self.redis)
         if self.relay is not None:
             self.relay.setServiceParent(self)
         uidl = uidlFormatter(config.pop3.uidl_format)

@@ -204,6 +204,7 @@ class SubmissionServer(SMTPServer):
             remote,
             self.user,
             bytes(transaction.headers),
+            transaction.queueId,
         )
 
     def forgetSession(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import os
 import re
 import socket
 import ssl
@@ -313,8 +314,18 @@ def spoolMessages(dataDir: Path) -> list[str]:
     The messages left in the spool (the empty files it makes ahead of need
     are not messages).
     """
-    spool = dataDir / "tmp"
-    return sorted(p.name for p in spool.iterdir() if p.stat().st_size) if spool.exists() else []
+    names = []
+    try:
+        entries = list(os.scandir(dataDir / "tmp"))
+    except FileNotFoundError:
+        return names
+    for entry in entries:
+        try:
+            if entry.stat().st_size:
+                names.append(entry.name)
+        except FileNotFoundError:
+            pass  # removed since the listing (a delivery finishing): not left
+    return sorted(names)
 
 
 @defer.inlineCallbacks

@@ -235,6 +235,25 @@ class RouteDeliveryTests(TwoServersTestCase):
         self.assertIn("-- 0 message(s) in the queue", self.cli(a, "queue", "list"))
 
     @defer.inlineCallbacks
+    def test_flushAskedWhileStopped(self):
+        """
+        `maild queue flush` run while the daemon is stopped (or restarting)
+        is acted on when it starts: the deferred message is delivered
+        without waiting for its next try.
+        """
+        bPort = freePort()
+        relay = {"routes": {"b.test": f"127.0.0.1:{bPort}"}, "scan_interval": 0.05, "retry_first": 3600.0}
+        a = yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD}, relay=relay)
+        yield self.submit(a, [BOB], outgoing("Asked while stopped"))
+        yield self.waitFor(lambda: "1 attempt(s)" in self.cli(a, "queue", "list"))
+        yield self.stopMaild("a")
+        self.cli(a, "queue", "flush")
+        b = yield self.startMaild("b", ["b.test"], {BOB: PASSWORD}, ports={"smtp": bPort})
+        a = yield self.startMaild("a", ["a.test"], {ALICE: PASSWORD}, relay=relay)
+        yield self.waitFor(lambda: self.mailOf(b, BOB))
+        yield self.waitFor(lambda: not a.relay.entries)
+
+    @defer.inlineCallbacks
     def test_permanentFailureBounces(self):
         """
         B answers 550 5.1.1 for an unknown recipient: the sender finds an

@@ -17,7 +17,6 @@ after a crash; rewrites and removals are grouped, one folder sync each.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
@@ -36,20 +35,35 @@ from maild.store.delivery import (
     Target,
     fsyncDirectory,
 )
+from maild.store.locking import tryLockOpenFile
 
 log = Logger()
 
 QUEUED, SENT, BOUNCED = "queued", "sent", "bounced"
 
+# A temporary file this old was left by a process that died (an envelope
+# is written within moments).
+ABANDONED_AFTER = 3600.0
+
 _sequence = itertools.count()
+# Tells this process's ids from those of every other process sharing the
+# queue, on any node: process ids repeat across nodes (containers start
+# maild as pid 1); 24 random bits at start do not, in practice, and an
+# envelope is never written over another's (L{OutboundQueue.enqueue}).
+_PROCESS_TAG = os.urandom(3).hex().upper()
 
 
-def newQueueId() -> str:
+def newQueueId(smtpId: str = "") -> str:
     """
-    An id no other process sharing the queue chooses: seconds, a
-    per-process sequence number and the process id, in hex.
+    A queue id no other process sharing the queue chooses: the id the
+    SMTP server gave the transaction (12 hex digits, unique in this
+    process; seconds and a sequence number when there is none, for a DSN),
+    then this process's tag.  So the id of C{250 2.0.0 Ok: queued as X}
+    begins every C{delivery id=...} line of that message: one grep follows
+    it.
     """
-    return f"{int(time.time()):08X}{next(_sequence) & 0xFFFFF:05X}{os.getpid() & 0xFFFF:04X}"
+    base = smtpId or f"{int(time.time()) & 0xFFFFFFFF:08X}{next(_sequence) & 0xFFFF:04X}"
+    return base + _PROCESS_TAG
 
 
 def validQueueId(text: str) -> bool:
@@ -168,11 +182,16 @@ class OutboundQueue:
         @return: a Deferred firing when all of it is on disk, or failing
             with L{maild.store.DeliveryFailed} (nothing then stays queued).
         """
-        d = self.committer.callInPool(self._writeEnvelope, entry, False)
+        d = self.committer.callInPool(self._writeNewEnvelope, entry)
 
-        def commit(_):
+        def commit(writing: int):
             targets = list(localTargets) + [Target(self.path, name=f"{entry.id}.msg")]
-            return self.committer.commit(message, targets)
+
+            def written(result):
+                os.close(writing)
+                return result
+
+            return self.committer.commit(message, targets).addBoth(written)
 
         def envelopeFailed(reason):
             message.discard()
@@ -187,10 +206,36 @@ class OutboundQueue:
         d.addErrback(withdraw)
         return d
 
-    def _writeEnvelope(self, entry: QueueEntry, replace: bool) -> None:
+    def _writeNewEnvelope(self, entry: QueueEntry) -> int:
+        """
+        Write the envelope of a message being accepted, locked (see
+        L{tryLockOpenFile}) until its message is committed too: a process
+        starting meanwhile (L{load}) sees it is not one a crash left.
+
+        @return: the envelope's descriptor, holding the lock: close it once
+            the message is committed (or not).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.envelopePath(entry.id)
-        if replace and not self.messagePath(entry.id).exists():
+        temporary = target.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            tryLockOpenFile(fd)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(entry.toJSON())
+            os.fsync(fd)
+            # Never over another's envelope: a link fails if the name exists.
+            os.link(temporary, target)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            _unlinkQuietly(temporary)
+        return fd
+
+    def _writeEnvelope(self, entry: QueueEntry) -> None:
+        target = self.envelopePath(entry.id)
+        if not self.messagePath(entry.id).exists():
             # Deleted meanwhile (`maild queue delete`): do not bring it back.
             _unlinkQuietly(target)
             return
@@ -205,7 +250,7 @@ class OutboundQueue:
         """
         Rewrite C{entry}'s envelope, durably (grouped with other changes).
         """
-        return self._grouped(lambda: self._writeEnvelope(entry, True))
+        return self._grouped(lambda: self._writeEnvelope(entry))
 
     def remove(self, queueId: str) -> defer.Deferred:
         """
@@ -241,33 +286,67 @@ class OutboundQueue:
     def claim(self, entry: QueueEntry) -> int | None:
         """
         Take C{entry} for one attempt, against other processes sharing the
-        queue (C{--workers}, nodes on shared storage): an exclusive C{flock}
-        on its message file (which, unlike the envelope, keeps its inode for
-        its whole life; the kernel drops the lock if the process dies), then
-        its recipients' state as the last attempt left it on disk.
+        queue (C{--workers}, nodes on shared storage): an exclusive lock on
+        its message file (which, unlike the envelope, keeps its inode for
+        its whole life), see L{tryLockOpenFile}.  Once it holds the message
+        the caller reads it again (L{reread}).
 
         @return: the lock's file descriptor (to close when the attempt is
             over), or None if another process holds it.
         @raise FileNotFoundError: if the message is gone (delivered by
             another process, or deleted).
         """
-        fd = os.open(self.messagePath(entry.id), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self.messagePath(entry.id), os.O_RDWR | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
-        except FileNotFoundError:
+            if tryLockOpenFile(fd):
+                return fd
+        except BaseException:
             os.close(fd)
             raise
+        os.close(fd)
+        return None
+
+    def reread(self, entry: QueueEntry) -> None:
+        """
+        Update C{entry} from its envelope as the last attempt, by whichever
+        process, left it: its recipients' state, whether the sender was
+        warned, its next try, its signatures.  (An envelope that cannot be
+        read leaves C{entry} as it is; the next start moves it aside.)
+
+        @raise FileNotFoundError: if the message is gone.
+        """
+        try:
+            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
         except ValueError:
-            return fd
+            return
         entry.recipients = stored.recipients
         entry.warned = stored.warned
+        entry.nextTry = stored.nextTry
         entry.signatures = entry.signatures or stored.signatures
-        return fd
+
+    def envelopeIds(self) -> set[str]:
+        """
+        The ids of the messages in the queue (blocking: a directory
+        listing): those with both an envelope and a message, so not one
+        another process is still writing.
+        """
+        try:
+            names = set(os.listdir(self.path))
+        except FileNotFoundError:
+            return set()
+        stems = {name[:-4] for name in names if name.endswith(".env")}
+        return {stem for stem in stems if f"{stem}.msg" in names}
+
+    def read(self, queueId: str) -> QueueEntry | None:
+        """
+        One envelope from disk (blocking), or None if it is gone or
+        unreadable (L{load} at the next start moves those aside).
+        """
+        try:
+            entry = QueueEntry.fromJSON(self.envelopePath(queueId).read_bytes())
+        except (ValueError, OSError):
+            return None
+        return entry if entry.id == queueId else None
 
     def _grouped(self, change: Callable[[], None]) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
@@ -334,12 +413,15 @@ class OutboundQueue:
                     continue
         return found
 
-    def load(self) -> list[QueueEntry]:
+    def load(self, now: float | None = None) -> list[QueueEntry]:
         """
         Every queued message, from disk (blocking: at start, or for the
         command line).  Unreadable envelopes, and messages without one,
         are moved into C{corrupt/}; envelopes without a message (never
-        acknowledged, or being deleted) are removed.
+        acknowledged, or being deleted) are removed, unless another process
+        sharing the queue is accepting that message now (it holds a lock on
+        the envelope); temporary files go once they are L{ABANDONED_AFTER}
+        seconds old.
         """
         entries = []
         try:
@@ -347,14 +429,15 @@ class OutboundQueue:
         except FileNotFoundError:
             return []
         present = set(names)
+        abandoned = (time.time() if now is None else now) - ABANDONED_AFTER
         for name in names:
             stem, _, suffix = name.rpartition(".")
             if suffix == "tmp":
-                _unlinkQuietly(self.path / name)
+                _unlinkIfOlder(self.path / name, abandoned)
             elif suffix == "env":
                 if f"{stem}.msg" not in present:
-                    log.info("queue: removing {id}, never accepted", id=stem)
-                    _unlinkQuietly(self.path / name)
+                    if _unlinkIfUnlocked(self.path / name):
+                        log.info("queue: removed {id}, never accepted", id=stem)
                     continue
                 try:
                     entry = QueueEntry.fromJSON((self.path / name).read_bytes())
@@ -413,6 +496,38 @@ def readIfCached(path: Path) -> bytes | None:
         return bytes(buffer) if read == size else None
     finally:
         os.close(fd)
+
+
+def _unlinkIfUnlocked(path: Path) -> bool:
+    """
+    Remove C{path} unless another open of it holds a lock on it.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not tryLockOpenFile(fd):
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unlinkIfOlder(path: Path, before: float) -> bool:
+    """
+    Remove C{path} if it was last changed before C{before}.
+    """
+    try:
+        if os.stat(path).st_mtime >= before:
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 def _unlinkQuietly(path: Path) -> None:

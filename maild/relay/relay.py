@@ -17,9 +17,18 @@ the sender got a DSN for any that failed for good.
 C{maild queue flush} reaches a running daemon through a request file in
 C{<data>/queue/flush/} (a queue id, or C{ALL}) whose time it checks every
 C{scan_interval} seconds: no pid file or signal is needed, and every
-process sharing the data folder acts on it.  Such processes (C{--workers},
-nodes on shared storage) each know the whole queue; an attempt first
-claims the message (L{OutboundQueue.claim}), so no two send it at once.
+process sharing the data folder acts on it.
+
+Such processes (C{--workers}, nodes on shared storage) each know the
+whole queue: the messages they accepted, and every C{rescan_interval}
+seconds those they find in the folder (so a stopped or dead node's are
+sent by the others).  The rule that keeps two of them from sending one
+message: an attempt holds the message's file lock
+(L{OutboundQueue.claim}) from its start to its end, and with C{[cluster]
+redis} also the message's Redis lease (L{maild.cluster.leases}), unless
+Redis cannot be reached.  Having both, the attempt re-reads the envelope
+and goes on only if it is still due: everything it writes to the
+envelope, it writes as the holder.
 """
 
 from __future__ import annotations
@@ -38,17 +47,31 @@ from twisted.internet import defer, endpoints, protocol, ssl, task, threads
 from twisted.logger import Logger
 from twisted.mail.smtp import SMTPServerError
 
+from maild.cluster.leases import Leases
 from maild.names import InvalidName, normalizeDomain
 from maild.relay import dkim, dsn
 from maild.relay.client import OutboundSession, Reply, SessionError, SessionSettings, SMTPClient
 from maild.relay.destinations import DestinationError, Destinations, NextHop
-from maild.relay.queue import BOUNCED, QUEUED, SENT, OutboundQueue, QueueEntry, Recipient, newQueueId
+from maild.relay.queue import (
+    BOUNCED,
+    QUEUED,
+    SENT,
+    OutboundQueue,
+    QueueEntry,
+    Recipient,
+    newQueueId,
+)
+from maild.relay.rates import RecipientCounts
 from maild.resolver import makeResolver
 from maild.store import Target
 
 log = Logger()
 
 FLUSH_ALL = "ALL"
+# A flush asked for this long before the daemon started is still acted on:
+# `maild queue flush` run while the daemon restarts (or just before its
+# relay came up) must not be lost.
+FLUSH_REQUEST_GRACE = 60.0
 # Messages tried at once: each holds a lock, so a file descriptor, while
 # its recipients wait in their domains' lines (20 connections take them
 # far faster than this many can be sent).
@@ -82,7 +105,7 @@ class Relay(service.Service):
 
     name = "relay"
 
-    def __init__(self, config, store, addresses, reactor, resolver=None) -> None:
+    def __init__(self, config, store, addresses, reactor, resolver=None, redis=None) -> None:
         self.config = config
         self.settings = config.relay
         self.store = store
@@ -109,35 +132,47 @@ class Relay(service.Service):
         # Work under way (connections, the end of attempts), which stopping
         # waits for, so that no queue write comes after the store stopped.
         self._busy: set[defer.Deferred] = set()
-        # Messages just accepted, being signed: not to be tried before.
-        self._signing: set[str] = set()
         # The locks held on the messages being tried (queue.claim).
         self._claims: dict[str, int] = {}
+        # Messages a flush asked for: tried even if another process set
+        # their next try later.
+        self._flushed: set[str] = set()
+        self.leases = Leases(redis, self.settings.lease, reactor) if redis is not None else None
         # Messages due, waiting for a place among the attempts.
         self._due: deque[str] = deque()
         # When each flush request file was last acted on.
         self._flushSeen: dict[str, float] = {}
         self._total = 0
-        self._sent: dict[str, deque[float]] = {}
+        # A file of its own per daemon (a new one after a restart: the old
+        # one's counts still count, until they are an hour old).
+        self.recipientCounts = RecipientCounts(self.queue.path / "rates", uuid.uuid4().hex)
         self._scanner = task.LoopingCall(self._scan)
         self._scanner.clock = reactor
+        self._rescanner = task.LoopingCall(self._rescan)
+        self._rescanner.clock = reactor
 
     # Service -----------------------------------------------------------
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self._started = time.time()
+        self._started = time.time() - FLUSH_REQUEST_GRACE
         self.keys.ensure(self.config.domains)
         for entry in self.queue.load():
             self.entries[entry.id] = entry
         if self.entries:
             log.info("queue: {count} messages to deliver", count=len(self.entries))
+        if self.leases is not None:
+            self.leases.start()
         self._scanner.start(self.settings.scan_interval, now=True)
+        self._rescanner.start(self.settings.rescan_interval, now=False)
 
     def stopService(self):
         service.Service.stopService(self)
-        if self._scanner.running:
-            self._scanner.stop()
+        for loop in (self._scanner, self._rescanner):
+            if loop.running:
+                loop.stop()
+        if self.leases is not None:
+            self.leases.stop()
         for waiters in list(self._idle.values()):
             while waiters:
                 waiters.popleft().callback(False)
@@ -177,33 +212,37 @@ class Relay(service.Service):
             raise SMTPServerError(553, "5.1.3 Bad recipient address syntax")
         if not local or any(c in local for c in " <>\\\0\r\n"):
             raise SMTPServerError(553, "5.1.3 Bad recipient address syntax")
+        # Every process knows the whole queue (as of its last rescan): the
+        # cap holds for the data folder.
         if len(self.entries) >= self.settings.queue_max_messages:
             raise SMTPServerError(452, "4.3.1 Error: outbound queue full, try again later")
         now = self.clock.seconds()
-        sent = self._sent.setdefault(user, deque())
-        while sent and sent[0] <= now - 3600:
-            sent.popleft()
-        if len(sent) >= self.settings.recipients_per_hour:
+        if self.recipientCounts.count(user, now) >= self.settings.recipients_per_hour:
             raise SMTPServerError(
                 451,
                 f"4.7.1 Error: {user} reached {self.settings.recipients_per_hour} "
                 "recipients in other domains per hour, try again later",
             )
-        sent.append(now)
+        self.recipientCounts.add(user, now)
         return RemoteRecipient(f"{local}@{domain}")
 
-    def enqueue(self, message, sender: str, local: list[str], remote: list[str], user: str, headers: bytes):
+    def enqueue(
+        self, message, sender: str, local: list[str], remote: list[str], user: str, headers: bytes,
+        smtpId: str = "",
+    ):
         """
         Store C{message} for its C{local} recipients and queue it for the
         C{remote} ones, durably, in one group commit.
 
         @param headers: the message's header section, to see whether
             Date: and Message-ID: are there (RFC 6409 section 8).
+        @param smtpId: the id the SMTP server gave the transaction (in its
+            C{250} reply), which the queue id begins with.
         @return: a Deferred firing once all of it is on disk.
         """
         now = time.time()
         entry = QueueEntry(
-            id=newQueueId(),
+            id=newQueueId(smtpId),
             sender=sender,
             recipients=[Recipient(str(address)) for address in remote],
             arrival=now,
@@ -223,7 +262,8 @@ class Relay(service.Service):
                 recipients=",".join(f"<{r}>" for r in remote),
             )
             if self.running:
-                self._signThenStart(entry)
+                self._due.append(entry.id)
+                self._fill()
             return result
 
         return d.addCallback(queued)
@@ -236,7 +276,7 @@ class Relay(service.Service):
         self._due = deque(
             entry.id
             for entry in self.entries.values()
-            if entry.id not in self._outstanding and entry.id not in self._signing and entry.nextTry <= now
+            if entry.id not in self._outstanding and entry.nextTry <= now
         )
         self._fill()
 
@@ -257,6 +297,35 @@ class Relay(service.Service):
         for entry in self.entries.values():
             if queueId in (FLUSH_ALL, entry.id):
                 entry.nextTry = 0.0
+                self._flushed.add(entry.id)
+
+    def _rescan(self) -> defer.Deferred:
+        """
+        Take up the messages other processes sharing the queue accepted,
+        forget those they delivered, and share the recipient counts (the
+        directory is read, and new envelopes, in the committer's threads).
+        """
+        known = set(self.entries)
+        now = self.clock.seconds()
+        counts = self.recipientCounts.snapshot(now)
+
+        def read():
+            present = self.queue.envelopeIds()
+            found = [self.queue.read(queueId) for queueId in present - known]
+            return present, found, self.recipientCounts.exchange(counts, now)
+
+        def adopt(result) -> None:
+            present, found, others = result
+            self.recipientCounts.update(others)
+            for queueId in known - present:
+                if queueId not in self._outstanding:
+                    self.entries.pop(queueId, None)
+            for entry in found:
+                if entry is not None:
+                    self.entries.setdefault(entry.id, entry)
+
+        d = self.queue.committer.callInPool(read).addCallback(adopt)
+        return d.addErrback(lambda reason: log.failure("queue: cannot read the folder", reason))
 
     def _takeFlushRequests(self) -> None:
         # A request is a file whose time is newer than the last this
@@ -280,26 +349,92 @@ class Relay(service.Service):
 
     def _start(self, entry: QueueEntry) -> None:
         """
-        Put the pending recipients of C{entry} in their domains' lines.
+        Claim C{entry}: its file lock, then (with Redis) its lease.
         """
         try:
             claim = self.queue.claim(entry)
         except FileNotFoundError:
-            # Delivered by another process sharing the queue, or taken by
-            # `maild queue delete`.
-            log.info("queue: {id} is gone", id=entry.id)
-            self.entries.pop(entry.id, None)
-            self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
+            self._gone(entry)
             return
         if claim is None:
             # Another process is trying it now.
             return
         self._claims[entry.id] = claim
+        # Taken: counts among the attempts while the lease is asked for.
+        self._outstanding[entry.id] = 1
+        if self.leases is None:
+            self._held(entry)
+            return
+        d = self._track(self.leases.acquire(entry.id))
+        d.addCallback(self._leased, entry)
+        d.addErrback(lambda reason: log.failure("queue: cannot start {id}", reason, id=entry.id))
+
+    def _leased(self, taken: bool | None, entry: QueueEntry) -> None:
+        if taken is False:
+            # Another node holds it: trying now, or dead with its lease
+            # not yet run out.
+            self._letGo(entry.id)
+            return
+        # None: Redis is away; the file lock alone keeps others off.
+        self._held(entry)
+        self._startConnections()
+
+    def _held(self, entry: QueueEntry) -> None:
+        """
+        Holding C{entry}: go on from its envelope as the last holder left
+        it, if it is still due.
+        """
+        try:
+            self.queue.reread(entry)
+        except FileNotFoundError:
+            self._letGo(entry.id)
+            self._gone(entry)
+            return
+        if entry.nextTry > time.time() and entry.id not in self._flushed:
+            # Another process tried it since this one read it, and wrote
+            # when to try again.
+            self._letGo(entry.id)
+            return
+        self._flushed.discard(entry.id)
+        self._begin(entry)
+
+    def _gone(self, entry: QueueEntry) -> None:
+        # Delivered by another process sharing the queue, or taken by
+        # `maild queue delete`.
+        log.info("queue: {id} is gone", id=entry.id)
+        self.entries.pop(entry.id, None)
+        self._flushed.discard(entry.id)
+        self.queue.remove(entry.id).addErrback(lambda _: None)  # logged by the queue
+
+    def _begin(self, entry: QueueEntry) -> None:
+        """
+        Dispatch C{entry}; the caller starts connections, unless it had to
+        be signed first (then its units join their lines later).
+        """
+        d = self._dispatch(entry)
+        if not d.called:
+            self._track(d).addCallback(lambda _: self._startConnections())
+        d.addErrback(lambda reason: log.failure("queue: cannot start {id}", reason, id=entry.id))
+
+    @defer.inlineCallbacks
+    def _dispatch(self, entry: QueueEntry):
+        """
+        Sign the message if this is its first attempt (retries reuse the
+        signatures, saved with the envelope), then put each domain's
+        pending recipients in that domain's line.
+        """
+        if not entry.signatures:
+            try:
+                yield self._prepare(entry)
+            except FileNotFoundError:
+                self._forget(entry)
+                return
+            except Exception:
+                log.failure("queue: cannot sign {id}", id=entry.id)
         byDomain: dict[str, list[Recipient]] = {}
         for recipient in entry.pending():
             byDomain.setdefault(recipient.domain, []).append(recipient)
         if not byDomain:
-            self._outstanding[entry.id] = 1
             self._unitDone(entry)
             return
         self._outstanding[entry.id] = len(byDomain)
@@ -541,25 +676,6 @@ class Relay(service.Service):
             password = text.splitlines()[0] if text else ""
         return self.settings.smarthost_user, password
 
-    def _signThenStart(self, entry: QueueEntry) -> None:
-        """
-        Sign a message just accepted, once (retries reuse the signatures,
-        saved with the envelope), then send it.
-        """
-        self._signing.add(entry.id)
-        d = self._prepare(entry)
-        d.addCallback(lambda _: self.queue.save(entry) if entry.signatures else None)
-        d.addErrback(lambda reason: log.failure("queue: cannot sign {id}", reason, id=entry.id))
-
-        def start(_):
-            self._signing.discard(entry.id)
-            if entry.id in self.entries:
-                self._due.append(entry.id)
-                self._fill()
-
-        d.addCallback(start)
-        self._track(d)
-
     @defer.inlineCallbacks
     def _prepare(self, entry: QueueEntry):
         """
@@ -659,18 +775,27 @@ class Relay(service.Service):
         d.addBoth(lambda _: self._release(entry.id))
 
     def _release(self, queueId: str) -> None:
+        self._letGo(queueId)
+        if self._due:
+            self._fill()
+
+    def _letGo(self, queueId: str) -> None:
+        """
+        Give up the hold on a message (its lock and lease), starting
+        nothing else: this may run inside L{_fill}.
+        """
         self._outstanding.pop(queueId, None)
         claim = self._claims.pop(queueId, None)
         if claim is not None:
             os.close(claim)
+            if self.leases is not None:
+                self.leases.release(queueId)
         entry = self.entries.get(queueId)
         if entry is not None and claim is not None:
-            # Saved with the envelope, which the next attempt's claim
-            # reads again: the index of a long queue need not hold them
+            # Saved with the envelope, which the next attempt reads again
+            # (queue.reread): the index of a long queue need not hold them
             # (about 1 KB a message).
             entry.signatures = ""
-        if self._due:
-            self._fill()
 
     @defer.inlineCallbacks
     def _attemptDone(self, entry: QueueEntry):

@@ -5,7 +5,8 @@ L{dotLocked} is Dovecot's own dot-lock, taken on the files maild shares
 with Dovecot (C{dovecot-uidlist}, C{dovecot-keywords}): both servers may
 then serve one Maildir at the same time.  L{locked} is a POSIX record lock
 on a lock file, for maild's own files (the users file); the kernel drops it
-when its holder dies.
+when its holder dies.  L{tryLockOpenFile} locks one open file for as long
+as it stays open (the outbound queue's claim on a message).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import fcntl
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -104,6 +106,38 @@ class ExclusiveHold:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def tryLockOpenFile(fd: int) -> bool:
+    """
+    Lock the whole file open as C{fd} (opened for writing) without
+    waiting, until C{fd} is closed.
+
+    The lock is an open file description lock (C{F_OFD_SETLK}, Linux 3.15
+    and later): a POSIX record lock, which NFSv4, CephFS and GlusterFS pass
+    on to the other nodes, but one that belongs to this open file rather
+    than to the process.  So another open of the same file in this process
+    conflicts with it too, closing another descriptor of the file (reading
+    it with C{Path.read_bytes}, say) does not drop it, and the kernel drops
+    it when C{fd} is closed or the process dies.  Where there are no OFD
+    locks, C{flock} (which Linux also passes to NFS, unless it is mounted
+    with C{local_lock=flock} or C{all}).
+
+    @return: whether the lock was taken (False: someone else holds it).
+    """
+    command = getattr(fcntl, "F_OFD_SETLK", None)
+    try:
+        if command is None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            # struct flock: l_type, l_whence, l_start, l_len (0: to the
+            # end, whatever it grows to), l_pid (0, as OFD locks require).
+            fcntl.fcntl(fd, command, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+    return True
 
 
 # Dovecot's dot-lock -----------------------------------------------------------
