@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from maild.names import InvalidName
@@ -28,7 +29,8 @@ from maild.store import (
 from maild.store import maildir
 from maild.store.folder import Folder
 from maild.store.keywords import Keywords, TooManyKeywords
-from maild.store.uidlist import UidList
+from maild.store.uidlist import UidList, UidValidities
+from maild.store.watch import FolderWatcher
 from tests.support import waitForEmptySpool
 
 
@@ -647,6 +649,106 @@ class VanishingFolderTests(unittest.SynchronousTestCase):
         self.assertTrue(change.reset)
         self.assertGreater(self.folder.uidvalidity, old)
         self.assertFalse(self.folder.missing)
+
+
+class SameTickChangeTests(unittest.SynchronousTestCase):
+    """
+    Another process changes a folder watched by polling (C{watch =
+    "poll"}) and leaves its directories' modification times where they
+    were: a change within one tick of a coarse clock, or what an NFS
+    client shows through its attribute cache.  The folder still sees the
+    change, by a directory's size or inode or by the UID list's stamp.
+    """
+
+    # A settled time: long past, so the index trusts it at once.
+    TICK = 1_000_000_000 * 10**9
+
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        put(self.path, "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S")
+        # The user's UIDVALIDITY counter, which every process shares.
+        self.uidValidities = UidValidities(Path(self.mktemp()).parent)
+        self.folder = Folder("INBOX", self.path, uidValidities=self.uidValidities)
+        self.changes = []
+        self.folder.addListener(self)
+        self.clock = Clock()
+        self.watcher = FolderWatcher(self.clock, pollInterval=1.0, useInotify=False)
+        self.addCleanup(self.watcher.stop)
+        self.inSameTick()
+        self.folder.refresh()
+        self.watcher.watch(self.folder)
+        self.changes.clear()
+
+    def folderChanged(self, folder, change):
+        self.changes.append(change)
+
+    def inSameTick(self, path: Path | None = None) -> None:
+        """
+        Give the directories of C{path} (the folder's by default) the time
+        they had when the index was built.
+        """
+        for sub in ("new", "cur"):
+            os.utime((path or self.path) / sub, ns=(self.TICK, self.TICK))
+
+    def poll(self):
+        self.clock.advance(1.0)
+        return self.changes
+
+    def test_filesAddedInTheSameTick(self):
+        """
+        Files added to C{new/} by another process, the directory's time
+        unmoved: found because the directory's size moved (on ext4 that
+        takes a new block of entries; on NFS, tmpfs and btrfs one file).
+        """
+        size = os.stat(self.path / "new").st_size
+        added = 0
+        while os.stat(self.path / "new").st_size == size:
+            added += 1
+            self.assertLess(added, 2000, "the directory's size never moved")
+            put(self.path, f"new/1700000002.M{added}P99Q{added}.other-node-with-a-long-host-name,S=17,W=20")
+        self.inSameTick()
+        [change] = self.poll()
+        self.assertEqual(len(change.added), added)
+        self.assertEqual(len(self.folder), added + 1)
+
+    def test_folderReplacedInTheSameTick(self):
+        """
+        The folder deleted and made again by another process (DELETE then
+        CREATE and APPEND on another node), its new directories carrying
+        the old times: read afresh, under a new UIDVALIDITY.
+        """
+        old = self.folder.uidvalidity
+        os.rename(self.path, self.path.with_name("deleted"))
+        put(self.path, "cur/1700000005.M1P99Q1.other:2,")
+        Folder("INBOX", self.path, uidValidities=self.uidValidities).refresh()
+        self.inSameTick()
+        [change] = self.poll()
+        self.assertTrue(change.reset)
+        self.assertGreater(self.folder.uidvalidity, old)
+        self.assertEqual(self.folder.bases, ["1700000005.M1P99Q1.other"])
+
+    def test_uidValidityRenewedElsewhere(self):
+        """
+        Another process gives the folder a new UIDVALIDITY (its UID list
+        rewritten, its directories untouched): the index is voided and
+        every listener told so.
+        """
+        old = self.folder.uidvalidity
+        UidList(self.path, self.uidValidities).renew()
+        [change] = self.poll()
+        self.assertTrue(change.reset)
+        self.assertGreater(self.folder.uidvalidity, old)
+        self.assertEqual(len(self.folder), 1)
+
+    def test_uidListGrownElsewhere(self):
+        """
+        The UID list grows (another process numbered a file) while the
+        directories do not move: one look at the list, nothing to tell.
+        """
+        theirs = "1700000003.M1P9Q1.other"
+        UidList(self.path).assign([theirs])
+        self.assertEqual(self.poll(), [])
+        self.assertEqual(self.folder.uidList.state.uids[theirs], 2)
 
 
 class DeliveryTests(unittest.TestCase):

@@ -8,7 +8,8 @@ from the UID list and one listing of C{new/} and C{cur/}: no message file
 is read to open a folder.  Changes made through this object update the
 index at once and are announced to its listeners; changes made by anyone
 else (another process, a Maildir tool) are found by L{Folder.refresh},
-which lists a directory again only when its modification time moved.
+which lists a directory again only when what C{stat} says of it moved:
+its modification time, its size or its inode (L{_stamp}).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from maild.store.delivery import FolderMissing
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
+from maild.store.uidlist import FILE_NAME as UIDLIST_FILE_NAME
 from maild.store.uidlist import UidList, UidValidities
 
 log = Logger()
@@ -38,8 +40,13 @@ log = Logger()
 _READ_SIZE = 64 * 1024
 # Put before the info of a file listed in new/: a "/" is in no file name.
 _IN_NEW_MARK = "/"
-# The time of a directory that is not there.
+# The stamp of a directory that is not there.
 _MISSING = -2
+# The stamp remembered before anything was looked at: no directory has it.
+_UNKNOWN = -1
+# The directories listed, and what else a listing's trust depends on.
+_LISTED = ("new", "cur")
+_STAMPED = (*_LISTED, "uidlist")
 
 # Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
 SETTABLE = (
@@ -115,7 +122,9 @@ class Folder:
         self.uidvalidity = 0
         self._sizes: dict[int, tuple[int, int]] = {}
         self._listeners: list[FolderListener] = []
-        self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
+        # What stat said of new/, cur/ and the UID list when the index was
+        # last brought up to date (L{_stamp}).
+        self._stamps: dict[str, Stamp] = _unknownStamps()
         self._loaded = False
         self._expungedUids: dict[int, None] = {}
         # The last look found the folder deleted or renamed.
@@ -301,7 +310,7 @@ class Folder:
         """
         Another process renamed or removed the file: list the folder again.
         """
-        self._mtimes = {"new": -1, "cur": -1}
+        self._stamps = _unknownStamps()
         self.refresh()
         i = self.position(uid)
         if i is None:
@@ -328,21 +337,16 @@ class Folder:
             if own and self.onOwnChange is not None:
                 self.onOwnChange(self)
 
-    def _dirMtimes(self) -> dict[str, int]:
+    def _statFolder(self) -> dict[str, Stamp]:
         # Every command of every session asks: string paths, not pathlib's
         # joins, which cost more than the stats.
-        mtimes = {}
-        for sub in ("new", "cur"):
-            try:
-                mtimes[sub] = os.stat(self._dir + sub).st_mtime_ns
-            except FileNotFoundError:
-                mtimes[sub] = _MISSING
-        return mtimes
+        d = self._dir
+        return {"new": _stamp(d + "new"), "cur": _stamp(d + "cur"), "uidlist": _stamp(d + UIDLIST_FILE_NAME)}
 
     def refresh(self) -> FolderChange:
         """
         Bring the index up to date with the disk (cheap when nothing
-        changed: two stats) and tell the listeners what changed.
+        changed: three stats) and tell the listeners what changed.
         """
         try:
             return self._refresh()
@@ -351,17 +355,25 @@ class Folder:
             if not self.path.is_dir():
                 return self._gone()
         # Deleted and made again meanwhile: look once more.
-        self._mtimes = {"new": -1, "cur": -1}
+        self._stamps = _unknownStamps()
         return self._refresh()
 
     def _refresh(self) -> FolderChange:
-        mtimes = self._dirMtimes()
-        if self._loaded and mtimes == self._mtimes:
+        stamps = self._statFolder()
+        if self._loaded and stamps == self._stamps:
             return FolderChange()
-        if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
+        if stamps["cur"] == stamps["new"] == _MISSING and not self.path.is_dir():
             return self._gone()
-        changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
-        change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
+        changed = {sub for sub in _LISTED if stamps[sub] != self._stamps[sub]}
+        if self._loaded and not changed:
+            # Only the UID list moved: another process numbered or forgot
+            # messages (its directories tell us about those), or gave the
+            # folder a new UIDVALIDITY, which voids the whole index.
+            if self.uidList.refresh().uidvalidity == self.uidvalidity:
+                self._stamps["uidlist"] = stamps["uidlist"]
+                return FolderChange()
+            changed = set(_LISTED)
+        change = self._scan(stamps, changed if self._loaded else set(_LISTED))
         self._announce(change, own=False)
         return change
 
@@ -374,7 +386,7 @@ class Folder:
         self.uids, self.flags, self.bases = array("I"), bytearray(), []
         self.keywordLetters = {}
         self._sizes = {}
-        self._mtimes = {"new": -1, "cur": -1}
+        self._stamps = _unknownStamps()
         self._loaded = False
         self.uidList.state = None
         self.missing = True
@@ -407,22 +419,22 @@ class Folder:
             listing.pop(base, None)
         return listing
 
-    def _scan(self, mtimes: dict[str, int], subs: set[str]) -> FolderChange:
+    def _scan(self, stamps: dict[str, Stamp], subs: set[str]) -> FolderChange:
         """
-        List the directories C{subs} (those whose time moved) and reconcile
+        List the directories C{subs} (those whose stamp moved) and reconcile
         the index with them; entries in the other directory stay as they are.
         """
-        # Record the times first: a change made while we list is seen next time.
-        self._mtimes = _settled(mtimes)
+        # Record the stamps first: a change made while we list is seen next time.
+        self._stamps = _settled(stamps)
         self.missing = False
         onDisk = self._listing(subs)
         # A directory that changed while we listed it (a rename by another
         # process) may have been listed without a file: one it seems to
         # lack is not taken for expunged until a listing is undisturbed.
-        after = self._dirMtimes()
-        disturbed = {sub for sub in subs if after[sub] != mtimes[sub]}
+        after = self._statFolder()
+        disturbed = {sub for sub in subs if after[sub] != stamps[sub]}
         for sub in disturbed:
-            self._mtimes[sub] = _LIST_AGAIN
+            self._stamps[sub] = _LIST_AGAIN
         state = self.uidList.refresh()
         change = FolderChange()
         if self._loaded and state.uidvalidity != self.uidvalidity:
@@ -464,7 +476,7 @@ class Folder:
             if letters:
                 keywordLetters[uid] = letters
         if uncertain:
-            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
+            self._stamps = {sub: _LIST_AGAIN for sub in self._stamps}
         if goneBases:
             self.uidList.forget(goneBases)
             for uid in change.expunged:
@@ -584,18 +596,22 @@ class Folder:
 
     def _ownChange(self, subs: Iterable[str]):
         """
-        Remember the directory times before a change of ours, so that
-        L{_ownChangeDone} can tell whether anybody else changed them.
+        Compare the directory stamps before a change of ours with those
+        the index was built from, so that L{_ownChangeDone} can tell
+        whether anybody else changed them.
         """
-        before = self._dirMtimes()
-        return before == self._mtimes
+        before = self._statFolder()
+        return all(before[sub] == self._stamps[sub] for sub in _LISTED)
 
     def _ownChangeDone(self, unchanged: bool) -> None:
         # Trusted although recent: listing a big cur/ again after each of
         # our own flag changes would cost more than the rare change another
-        # process makes within our own rename's clock tick.
+        # process makes within our own rename's clock tick (one that adds
+        # or removes a file still shows where the directory's size moves).
         if unchanged:
-            self._mtimes = self._dirMtimes()
+            after = self._statFolder()
+            for sub in _LISTED:
+                self._stamps[sub] = after[sub]
 
     def setFlags(
         self,
@@ -714,7 +730,7 @@ class Folder:
             # Renamed (flags) or removed by another process: look again,
             # then remove those that are still there under their new name.
             unchanged = False
-            self._mtimes = {"new": -1, "cur": -1}
+            self._stamps = _unknownStamps()
             self.refresh()
             self._unlink([uid for uid in missing if self.position(uid) is not None])
         self._ownChangeDone(unchanged)
@@ -838,7 +854,7 @@ class Folder:
             # Another process numbered files we have not listed below
             # these: list them first, so that sessions learn the messages
             # in UID order (one told of a higher UID would never see them).
-            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
+            self._stamps = {sub: _LIST_AGAIN for sub in self._stamps}
             self.refresh()
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
@@ -944,6 +960,29 @@ def infoBits(info: str) -> tuple[int, str]:
     return bits, letters
 
 
+# What stat says of a directory or file: (st_mtime_ns, st_size, st_ino), or
+# _MISSING.  A modification time alone can stay put across a change: file
+# systems keep times in ticks, and an NFS client caches attributes (actimeo)
+# and may be handed a server's time that does not move within its second.
+# The size moves when files are added or removed (on NFS, tmpfs, btrfs at
+# every one; on ext4 when the directory grows a block), and the inode when
+# a directory or the UID list is replaced by another (a folder deleted and
+# made again, a list rewritten by rename).
+Stamp = tuple[int, int, int] | int
+
+
+def _stamp(path: str) -> Stamp:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return _MISSING
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _unknownStamps() -> dict[str, Stamp]:
+    return dict.fromkeys(_STAMPED, _UNKNOWN)
+
+
 # A directory time this close to now may be shared by a change still to come
 # (file systems keep times in ticks, NFS servers with their own clock), so
 # it proves nothing yet: the directory is listed again at the next refresh.
@@ -953,13 +992,20 @@ UNSETTLED_NS = 1_000_000_000
 _LIST_AGAIN = -3
 
 
-def _settled(mtimes: dict[str, int]) -> dict[str, int]:
+def _settled(stamps: dict[str, Stamp]) -> dict[str, Stamp]:
     """
-    The directory times to remember: a time too recent to trust is kept
-    as a value no directory has, so that the next refresh lists it again.
+    The stamps to remember: a directory whose time is too recent to trust
+    is given a stamp no directory has, so that the next refresh lists it
+    again.  (The UID list's stamp is exact: the list only grows in place,
+    and is otherwise replaced by a file with another inode.)
     """
     now = time.time_ns()
-    return {sub: (_LIST_AGAIN if mtime > now - UNSETTLED_NS else mtime) for sub, mtime in mtimes.items()}
+    settled = dict(stamps)
+    for sub in _LISTED:
+        stamp = stamps[sub]
+        if isinstance(stamp, tuple) and stamp[0] > now - UNSETTLED_NS:
+            settled[sub] = _LIST_AGAIN
+    return settled
 
 
 def _holds(uids: array, uid: int) -> bool:
