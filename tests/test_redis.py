@@ -17,6 +17,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from maild.cluster.link import RedisLink
 from maild.service import MailService
 from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, writeUsers
 
@@ -45,6 +46,15 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=20)
+
+    def killCommandConnections(self) -> None:
+        """
+        Close every client connection but the subscribed ones (Redis's
+        C{CLIENT KILL TYPE normal}).
+        """
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\nnormal\r\n")
+            assert s.recv(100).startswith(b":"), "CLIENT KILL refused"
 
 
 def waitUntil(condition, timeout: float = 10.0):
@@ -144,3 +154,29 @@ class TwoNodesTests(unittest.TestCase):
         # (While Redis is up, polling looks at nothing: only notices tell.)
         heard = yield threads.deferToThread(self.deliveryHeard, 0.5)
         self.assertTrue(heard, "notices did not come back with Redis")
+
+    @defer.inlineCallbacks
+    def test_noticeKeptWhileCommandsAreDown(self):
+        """
+        A node whose command connection to Redis dropped while its
+        subscription stayed up (so the other nodes do not poll) keeps the
+        notices it could not publish and sends them once it is connected
+        again: an IDLE client on the other node still hears of the delivery.
+        """
+        self.redisServer.killCommandConnections()
+        heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
+        self.assertTrue(heard, "a notice lost while the command connection was down")
+
+
+class UnsentNoticeTests(unittest.SynchronousTestCase):
+    def test_keptOnceAndBounded(self):
+        """
+        While Redis is away, what a node publishes is kept for later: the
+        same message once (at its latest place), and past C{UNSENT_KEPT}
+        the oldest go.
+        """
+        link = RedisLink("redis://127.0.0.1:1/0", task.Clock())
+        link.UNSENT_KEPT = 2
+        for key in ("a", "b", "a", "c"):
+            self.successResultOf(link.publish("folder", key))
+        self.assertEqual(list(link._unsent), [("folder", "a"), ("folder", "c")])

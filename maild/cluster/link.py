@@ -4,13 +4,18 @@ maild's channels, both reconnecting by themselves (txredisapi, in the
 reactor, never a blocking call).
 
 Every command has a short deadline: a Redis that hangs is treated as one
-that is down, so a login or a delivery never waits on it.
+that is down, so a login or a delivery never waits on it.  A message that
+could not be published is kept and published once Redis takes commands
+again: the two connections come back at different moments, and a notice
+lost while the other nodes' subscriptions are up (so they do not poll)
+would leave their IDLE clients unaware of a change.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import OrderedDict
 from typing import Callable
 
 import txredisapi
@@ -48,14 +53,37 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
         self.link = link
 
 
+class _CommandFactory(txredisapi.RedisFactory):
+    """
+    txredisapi's connection pool, telling the link when a connection is
+    ready for commands.
+    """
+
+    # Come back quickly after Redis restarts.
+    maxDelay = 2
+
+    def __init__(self, link: "RedisLink", *args, **kwargs) -> None:
+        txredisapi.RedisFactory.__init__(self, *args, **kwargs)
+        self.link = link
+
+    def addConnection(self, conn):
+        txredisapi.RedisFactory.addConnection(self, conn)
+        if conn in self.pool:
+            self.link._sendUnsent()
+
+
 class RedisLink(service.Service):
     """
     @ivar up: whether Redis answers (the subscription is connected and the
         last command did not fail or time out).
     @param timeout: seconds a command may take before it counts as failed.
+    @cvar UNSENT_KEPT: how many unpublished messages are kept for later
+        (past that, the oldest go: by then the other nodes have long been
+        polling, and look at everything when they reconnect).
     """
 
     name = "redis"
+    UNSENT_KEPT = 10_000
 
     def __init__(self, url: str, reactor, timeout: float = 0.5, warnEvery: float = 60.0) -> None:
         self.host, self.port, self.db, self.password = parseRedisURL(url)
@@ -67,15 +95,16 @@ class RedisLink(service.Service):
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
         self._commands = None
         self._subscriberFactory: _SubscriberFactory | None = None
+        # (channel, message) not yet published, oldest first, each once.
+        self._unsent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._warner: task.LoopingCall | None = None
 
     def startService(self) -> None:
         service.Service.startService(self)
         endpoint = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=2)
-        self._commands = txredisapi.RedisFactory(
-            None, self.db, 1, isLazy=True, password=self.password, replyTimeout=self.timeout
+        self._commands = _CommandFactory(
+            self, None, self.db, 1, isLazy=True, password=self.password, replyTimeout=self.timeout
         )
-        self._commands.maxDelay = 2
         self._commands.startConnecting(endpoint)
         self._subscriberFactory = _SubscriberFactory(self)
         self._subscriberFactory.password = self.password
@@ -108,15 +137,57 @@ class RedisLink(service.Service):
         self._listeners.setdefault(channel, []).append(callback)
 
     def publish(self, channel: str, message: str) -> defer.Deferred:
-        return self.call("publish", CHANNEL_PREFIX + channel, message)
+        """
+        Publish C{message} on C{channel}; when Redis cannot take it now, it
+        is kept and published once Redis takes commands again.  (The same
+        message kept twice is published once: a notice says that something
+        changed, not how often.)
+
+        @return: a Deferred that fires with None, whichever happened.
+        """
+        d = self.call("publish", CHANNEL_PREFIX + channel, message)
+        d.addCallbacks(self._published, lambda _: self._keepUnsent(channel, message))
+        return d
+
+    def _published(self, _) -> None:
+        # Redis answers again (after a command that timed out, say).
+        if self._unsent:
+            self._sendUnsent()
+
+    def _keepUnsent(self, channel: str, message: str) -> None:
+        unsent = self._unsent
+        unsent[(channel, message)] = None
+        unsent.move_to_end((channel, message))
+        while len(unsent) > self.UNSENT_KEPT:
+            unsent.popitem(last=False)
+
+    def _sendUnsent(self) -> None:
+        """
+        Publish what could not be published before (what fails again is
+        kept again).
+        """
+        if not self.up or not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, OrderedDict()
+        for channel, message in unsent:
+            self.publish(channel, message)
 
     def _subscriberUp(self, protocol) -> None:
-        protocol.psubscribe(CHANNEL_PREFIX + "*").addErrback(lambda _: None)
+        # Up only once Redis confirms the subscription: the folders are
+        # looked at again then, and a notice published after that look is
+        # sure to arrive.
+        d = protocol.psubscribe(CHANNEL_PREFIX + "*")
+        d.addCallbacks(lambda _: self._subscribed(protocol), lambda _: protocol.transport.loseConnection())
+
+    def _subscribed(self, protocol) -> None:
+        if not protocol.connected:
+            return
         if not self.up:
             log.info("Redis at {host}:{port} reached", host=self.host, port=self.port)
         self.up = True
         for callback in self._listeners.get("reconnected", []):
             callback("")
+        self._sendUnsent()
 
     def _subscriberDown(self) -> None:
         if self.up:
