@@ -223,6 +223,23 @@ class KeywordTests(unittest.SynchronousTestCase):
         keywords.letters([f"k{i}" for i in range(24)])
         self.assertRaises(TooManyKeywords, keywords.letters, ["one-too-many"])
 
+    def test_rewrittenInTheSameTick(self):
+        """
+        The keywords file rewritten in place by another program, its time
+        and inode unchanged (a coarse clock, an NFS attribute cache): read
+        again because its size moved.
+        """
+        path = Path(self.mktemp())
+        path.mkdir()
+        keywords = Keywords(path)
+        self.assertEqual(keywords.letters(["Junk"]), "a")
+        file = path / "dovecot-keywords"
+        before = os.stat(file)
+        with open(file, "w") as f:
+            f.write("0 Junk\n1 $Label1\n")
+        os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self.assertEqual(keywords.names("ab"), ["Junk", "$Label1"])
+
 
 class FolderTests(unittest.SynchronousTestCase):
     def setUp(self):
