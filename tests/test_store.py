@@ -715,7 +715,7 @@ class SameTickChangeTests(unittest.SynchronousTestCase):
         """
         Files added to C{new/} by another process, the directory's time
         unmoved: found because the directory's size moved (on ext4 that
-        takes a new block of entries; on NFS, tmpfs and btrfs one file).
+        takes a new block of entries; on tmpfs and btrfs one file).
         """
         size = os.stat(self.path / "new").st_size
         added = 0

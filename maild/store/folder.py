@@ -964,10 +964,12 @@ def infoBits(info: str) -> tuple[int, str]:
 # _MISSING.  A modification time alone can stay put across a change: file
 # systems keep times in ticks, and an NFS client caches attributes (actimeo)
 # and may be handed a server's time that does not move within its second.
-# The size moves when files are added or removed (on NFS, tmpfs, btrfs at
-# every one; on ext4 when the directory grows a block), and the inode when
-# a directory or the UID list is replaced by another (a folder deleted and
-# made again, a list rewritten by rename).
+# The size moves when files are added or removed (with every one on tmpfs
+# and btrfs, when the directory grows a block on ext4; over NFS, as the
+# exported file system counts), and the inode when a directory or the UID
+# list is replaced by another (a folder deleted and made again, a list
+# rewritten by rename).  No stamp can see through an attribute cache that
+# has not expired: that is what the mount options in the README bound.
 Stamp = tuple[int, int, int] | int
 
 
