@@ -185,14 +185,21 @@ class AutoconfigTests(ServerTestCase):
     def test_mobileconfig(self):
         """
         The Apple profile is a valid plist with one mail account: IMAP over
-        implicit TLS in, SMTPS out, the address as user name.
+        implicit TLS in, SMTPS out, the address as user name; and the local
+        CA that signed the listeners' certificate, so that the device can
+        trust them.
         """
         status, headers, body = yield self.get("/profile/bob@example.org.mobileconfig")
         self.assertEqual(status, 200)
         self.assertEqual(headers["Content-Type"], "application/x-apple-aspen-config")
         profile = plistlib.loads(body)
         self.assertEqual(profile["PayloadType"], "Configuration")
-        [account] = profile["PayloadContent"]
+        [authority, account] = profile["PayloadContent"]
+        self.assertEqual(authority["PayloadType"], "com.apple.security.root")
+        self.assertEqual(
+            authority["PayloadContent"],
+            ssl.PEM_cert_to_DER_cert(self.service.localCA.certPath.read_text("ascii")),
+        )
         self.assertEqual(account["PayloadType"], "com.apple.mail.managed")
         self.assertEqual(account["EmailAccountType"], "EmailTypeIMAP")
         self.assertEqual(account["EmailAddress"], "bob@example.org")

@@ -8,6 +8,7 @@ its store); they decide nothing about mail.
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import unquote
 
 from prometheus_client.twisted import MetricsResource
@@ -18,30 +19,13 @@ from twisted.web import http, resource, server, static
 from maild.auth import isTrusted
 from maild.metrics import REGISTRY
 from maild.web import autoconfig
+from maild.web.answers import PlainAnswer
 from maild.web.health import Health
 
 log = Logger()
 
 # The largest request body read (Autodiscover's POST, the dev API).
 MAX_BODY = 64 * 1024
-
-
-class _Plain(resource.Resource):
-    """
-    A leaf that answers C{code} with a short text.
-    """
-
-    isLeaf = True
-
-    def __init__(self, code: int, text: str) -> None:
-        resource.Resource.__init__(self)
-        self.code = code
-        self.text = text
-
-    def render(self, request):
-        request.setResponseCode(self.code)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return self.text.encode("utf-8") + b"\n"
 
 
 def _offered(service) -> list[autoconfig.Server]:
@@ -71,9 +55,9 @@ class ThunderbirdConfig(resource.Resource):
                 self.service.config.domains, address or None, _host(request)
             )
         except autoconfig.BadAddress:
-            return _Plain(http.BAD_REQUEST, "not a valid email address").render(request)
+            return PlainAnswer(http.BAD_REQUEST, "not a valid email address").render(request)
         except autoconfig.UnknownDomain:
-            return _Plain(http.NOT_FOUND, "no mail service for that domain here").render(request)
+            return PlainAnswer(http.NOT_FOUND, "no mail service for that domain here").render(request)
         request.setHeader(b"content-type", b"application/xml; charset=utf-8")
         return autoconfig.thunderbirdXML(
             domain, _offered(self.service), f"{domain} mail ({self.service.config.hostname})"
@@ -94,23 +78,36 @@ class Autodiscover(resource.Resource):
     def render_POST(self, request):
         body = request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
-            return _Plain(http.REQUEST_ENTITY_TOO_LARGE, "request too large").render(request)
+            return PlainAnswer(http.REQUEST_ENTITY_TOO_LARGE, "request too large").render(request)
         address = autoconfig.autodiscoverAddress(body)
         if address is None:
-            return _Plain(http.BAD_REQUEST, "no EMailAddress in the request").render(request)
+            return PlainAnswer(http.BAD_REQUEST, "no EMailAddress in the request").render(request)
         try:
             _, address = autoconfig.requestedDomain(self.service.config.domains, address, None)
         except autoconfig.BadAddress:
-            return _Plain(http.BAD_REQUEST, "not a valid email address").render(request)
+            return PlainAnswer(http.BAD_REQUEST, "not a valid email address").render(request)
         except autoconfig.UnknownDomain:
-            return _Plain(http.NOT_FOUND, "no mail service for that domain here").render(request)
+            return PlainAnswer(http.NOT_FOUND, "no mail service for that domain here").render(request)
         request.setHeader(b"content-type", b"application/xml; charset=utf-8")
         return autoconfig.autodiscoverXML(address, _offered(self.service))
 
     # Outlook asks with GET first on some paths; the answer is the same
     # refusal as for a bad body.
     def render_GET(self, request):
-        return _Plain(http.BAD_REQUEST, "POST the Autodiscover request").render(request)
+        return PlainAnswer(http.BAD_REQUEST, "POST the Autodiscover request").render(request)
+
+
+def _localAuthority(service) -> bytes | None:
+    """
+    The DER certificate of maild's own CA, when it signs the listeners'
+    certificate (not when the configuration names certificate files).
+    """
+    if service.localCA is None:
+        return None
+    try:
+        return ssl.PEM_cert_to_DER_cert(service.localCA.certPath.read_text("ascii"))
+    except (OSError, ValueError):
+        return None
 
 
 class AppleProfiles(resource.Resource):
@@ -125,18 +122,19 @@ class AppleProfiles(resource.Resource):
     def getChild(self, name: bytes, request):
         text = unquote(name.decode("utf-8", "replace"))
         if not text.endswith(".mobileconfig") or request.postpath:
-            return _Plain(http.NOT_FOUND, "no such profile")
+            return PlainAnswer(http.NOT_FOUND, "no such profile")
         try:
             _, address = autoconfig.requestedDomain(
                 self.service.config.domains, text[: -len(".mobileconfig")], None
             )
             profile = autoconfig.mobileconfig(
-                address, _offered(self.service), self.service.config.hostname
+                address, _offered(self.service), self.service.config.hostname,
+                _localAuthority(self.service),
             )
         except autoconfig.BadAddress:
-            return _Plain(http.BAD_REQUEST, "not a valid email address")
+            return PlainAnswer(http.BAD_REQUEST, "not a valid email address")
         except autoconfig.UnknownDomain:
-            return _Plain(http.NOT_FOUND, "no mail service for that domain here")
+            return PlainAnswer(http.NOT_FOUND, "no mail service for that domain here")
         return static.Data(profile, "application/x-apple-aspen-config")
 
 
@@ -149,7 +147,7 @@ class SettingsPage(resource.Resource):
 
     def render_GET(self, request):
         if request.postpath not in ([], [b""]):
-            return _Plain(http.NOT_FOUND, "not found").render(request)
+            return PlainAnswer(http.NOT_FOUND, "not found").render(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return autoconfig.settingsPage(
             self.service.config.domains, _offered(self.service), self.service.config.hostname
@@ -175,7 +173,7 @@ class TrustedOnly(resource.Resource):
     def _pick(self, request) -> resource.Resource:
         if isTrusted(request.getClientAddress().host, self.networks):
             return self.wrapped
-        return _Plain(http.FORBIDDEN, "metrics are served to trusted networks only")
+        return PlainAnswer(http.FORBIDDEN, "metrics are served to trusted networks only")
 
 
 class _CaseInsensitive(resource.Resource):
@@ -185,7 +183,7 @@ class _CaseInsensitive(resource.Resource):
     """
 
     def getChild(self, name: bytes, request):
-        return self.children.get(name.lower(), _Plain(http.NOT_FOUND, "not found"))
+        return self.children.get(name.lower(), PlainAnswer(http.NOT_FOUND, "not found"))
 
 
 def makeRoot(service) -> resource.Resource:

@@ -14,6 +14,7 @@ STARTTLS; a listener without TLS would send passwords in the clear.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import plistlib
 import uuid
@@ -177,11 +178,19 @@ def autodiscoverXML(address: str, offered: list[Server]) -> bytes:
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def mobileconfig(address: str, offered: list[Server], hostname: str) -> bytes:
+def mobileconfig(
+    address: str, offered: list[Server], hostname: str, authority: bytes | None = None
+) -> bytes:
     """
     An Apple configuration profile with one mail account (IMAP if offered,
     else POP3), unsigned.  Its identifiers are stable for one address, so
     installing it again replaces the account rather than adding another.
+
+    @param authority: the DER certificate of the local CA that signs the
+        listeners' certificate, if maild made it: the profile then carries
+        it too, so that the device can trust the server from the same
+        download (iOS still asks the user to turn on full trust for it, in
+        Settings, General, About, Certificate Trust Settings).
     """
     incoming = next((s for s in offered if s.incoming), None)
     outgoing = next((s for s in offered if not s.incoming), None)
@@ -210,6 +219,17 @@ def mobileconfig(address: str, offered: list[Server], hostname: str) -> bytes:
         "OutgoingMailServerUsername": address,
         "OutgoingPasswordSameAsIncomingPassword": True,
     }
+    payloads = [account]
+    if authority is not None:
+        payloads.insert(0, {
+            "PayloadType": "com.apple.security.root",
+            "PayloadVersion": 1,
+            "PayloadIdentifier": f"{identifier}.ca",
+            "PayloadUUID": str(uuid.uuid5(namespace, "ca:" + hashlib.sha256(authority).hexdigest())).upper(),
+            "PayloadDisplayName": f"Local mail CA of {hostname}",
+            "PayloadCertificateFileName": "maild-ca.cer",
+            "PayloadContent": authority,
+        })
     profile = {
         "PayloadType": "Configuration",
         "PayloadVersion": 1,
@@ -218,7 +238,7 @@ def mobileconfig(address: str, offered: list[Server], hostname: str) -> bytes:
         "PayloadDisplayName": f"Mail for {address}",
         "PayloadDescription": f"Sets up {address} on {hostname}.",
         "PayloadRemovalDisallowed": False,
-        "PayloadContent": [account],
+        "PayloadContent": payloads,
     }
     return plistlib.dumps(profile)
 

@@ -25,6 +25,7 @@ from twisted.internet import threads
 from twisted.web import http, resource
 
 from maild.store import MessageGone
+from maild.web.answers import PlainAnswer
 from maild.web.later import respondLater
 
 # Bodies of text parts are returned whole up to this size.
@@ -196,13 +197,10 @@ class RawMessage(resource.Resource):
         return respondLater(request, threads.deferToThread(_readAll, f), render)
 
 
-class _Error(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, code: int, text: str) -> None:
-        resource.Resource.__init__(self)
-        self.code = code
-        self.text = text
+class _Error(PlainAnswer):
+    """
+    The dev API's errors are JSON, like its answers.
+    """
 
     def render(self, request):
         return _json(request, {"error": self.text}, self.code)
