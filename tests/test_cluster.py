@@ -289,7 +289,7 @@ class ClusterLoad:
                     return
                 # Its node is gone: go on wherever HAProxy sends it.
                 port = self.cluster.frontends["imap"]
-                counts[f"reconnected{node}"] = counts.get(f"reconnected{node}", 0) + 1
+                counts.setdefault(f"droppedAt{node}", n)
                 time.sleep(0.05)
             except imaplib.IMAP4.error as e:
                 self.error(f"IMAP on node {node}: {e!r}")
@@ -338,6 +338,8 @@ class ClusterLoad:
             self.assertEqual(len(bases), len(set(bases)), f"a file with two UIDs in {folder}")
         for node in (1, 2, 3):
             self.assertGreater(counts.get(node, 0), 0, f"the IMAP client of node {node} did nothing")
+        self.assertIn("droppedAt2", counts, "node 2's IMAP client was not dropped by the kill")
+        self.assertGreater(counts[2], counts["droppedAt2"], "node 2's IMAP client did not go on elsewhere")
         for node in self.cluster.nodes:
             if node.alive:
                 self.assertNotIn("Traceback", node.logText())

@@ -47,14 +47,17 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=20)
 
-    def killCommandConnections(self) -> None:
+    def killClient(self, port: int) -> None:
         """
-        Close every client connection but the subscribed ones (Redis's
-        C{CLIENT KILL TYPE normal}).
+        Close the client connection that comes from loopback C{port}
+        (Redis's C{CLIENT KILL ADDR}).
         """
+        addr = f"127.0.0.1:{port}".encode()
+        command = b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nADDR\r\n$%d\r\n%s\r\n" % (len(addr), addr)
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\nnormal\r\n")
-            assert s.recv(100).startswith(b":"), "CLIENT KILL refused"
+            s.sendall(command)
+            reply = s.recv(100)
+            assert reply.startswith(b":1"), reply
 
 
 def waitUntil(condition, timeout: float = 10.0):
@@ -158,12 +161,15 @@ class TwoNodesTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_noticeKeptWhileCommandsAreDown(self):
         """
-        A node whose command connection to Redis dropped while its
-        subscription stayed up (so the other nodes do not poll) keeps the
-        notices it could not publish and sends them once it is connected
-        again: an IDLE client on the other node still hears of the delivery.
+        A node whose command connection to Redis dropped (the other node
+        still reaches Redis, so it does not poll) keeps the notices it
+        could not publish and sends them once it is connected again: an
+        IDLE client on the other node still hears of the delivery.
         """
-        self.redisServer.killCommandConnections()
+        commands = self.nodes[1].redis._commands.pool[0]
+        self.redisServer.killClient(commands.transport.getHost().port)
+        yield waitUntil(lambda: not self.nodes[1].redis.up)
+        self.assertTrue(self.nodes[0].redis.up)
         heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
         self.assertTrue(heard, "a notice lost while the command connection was down")
 

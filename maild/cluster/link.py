@@ -55,8 +55,8 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
 
 class _CommandFactory(txredisapi.RedisFactory):
     """
-    txredisapi's connection pool, telling the link when a connection is
-    ready for commands.
+    txredisapi's connection pool, telling the link when its connection is
+    ready for commands and when it is lost.
     """
 
     # Come back quickly after Redis restarts.
@@ -68,14 +68,19 @@ class _CommandFactory(txredisapi.RedisFactory):
 
     def addConnection(self, conn):
         txredisapi.RedisFactory.addConnection(self, conn)
-        if conn in self.pool:
-            self.link._sendUnsent()
+        self.link._linkChanged()
+
+    def delConnection(self, conn):
+        txredisapi.RedisFactory.delConnection(self, conn)
+        self.link._linkChanged()
 
 
 class RedisLink(service.Service):
     """
-    @ivar up: whether Redis answers (the subscription is connected and the
-        last command did not fail or time out).
+    @ivar up: whether Redis is reachable: the subscription is confirmed and
+        a connection for commands is ready.  The two come back at different
+        moments after Redis restarts; only with both is this node's news
+        sure to go out and the others' to come in.
     @param timeout: seconds a command may take before it counts as failed.
     @cvar UNSENT_KEPT: how many unpublished messages are kept for later
         (past that, the oldest go: by then the other nodes have long been
@@ -95,6 +100,7 @@ class RedisLink(service.Service):
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
         self._commands = None
         self._subscriberFactory: _SubscriberFactory | None = None
+        self._subscribed = False
         # (channel, message) not yet published, oldest first, each once.
         self._unsent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._warner: task.LoopingCall | None = None
@@ -177,22 +183,35 @@ class RedisLink(service.Service):
         # looked at again then, and a notice published after that look is
         # sure to arrive.
         d = protocol.psubscribe(CHANNEL_PREFIX + "*")
-        d.addCallbacks(lambda _: self._subscribed(protocol), lambda _: protocol.transport.loseConnection())
+        d.addCallbacks(lambda _: self._confirmed(protocol), lambda _: protocol.transport.loseConnection())
 
-    def _subscribed(self, protocol) -> None:
-        if not protocol.connected:
-            return
-        if not self.up:
-            log.info("Redis at {host}:{port} reached", host=self.host, port=self.port)
-        self.up = True
-        for callback in self._listeners.get("reconnected", []):
-            callback("")
-        self._sendUnsent()
+    def _confirmed(self, protocol) -> None:
+        if protocol.connected:
+            self._subscribed = True
+            self._linkChanged()
 
     def _subscriberDown(self) -> None:
-        if self.up:
+        self._subscribed = False
+        self._linkChanged()
+
+    def _linkChanged(self) -> None:
+        """
+        One of the two connections came or went: say so when Redis is
+        reached or lost as a whole.  Once reached, the listeners of
+        C{"reconnected"} look at everything again (notices sent meanwhile
+        were lost) and what this node could not publish goes out.
+        """
+        up = self._subscribed and self._commands is not None and bool(self._commands.pool)
+        if up == self.up:
+            return
+        self.up = up
+        if up:
+            log.info("Redis at {host}:{port} reached", host=self.host, port=self.port)
+            for callback in self._listeners.get("reconnected", []):
+                callback("")
+            self._sendUnsent()
+        else:
             log.warn("lost Redis at {host}:{port}; reconnecting", host=self.host, port=self.port)
-        self.up = False
 
     def _received(self, channel, message) -> None:
         if isinstance(channel, bytes):
