@@ -54,23 +54,16 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
 
 
 class _CommandFactory(txredisapi.RedisFactory):
-    """
-    txredisapi's connection pool, telling the link when its connection is
-    ready for commands and when it is lost.
-    """
-
-    # Come back quickly after Redis restarts.
-    maxDelay = 2
-
     def __init__(self, link: "RedisLink", *args, **kwargs) -> None:
         txredisapi.RedisFactory.__init__(self, *args, **kwargs)
         self.link = link
 
-    def addConnection(self, conn):
+    def addConnection(self, conn) -> None:
         txredisapi.RedisFactory.addConnection(self, conn)
-        self.link._linkChanged()
+        if self.size:
+            self.link._commandsUp()
 
-    def delConnection(self, conn):
+    def delConnection(self, conn) -> None:
         txredisapi.RedisFactory.delConnection(self, conn)
         self.link._linkChanged()
 
@@ -111,6 +104,7 @@ class RedisLink(service.Service):
         self._commands = _CommandFactory(
             self, None, self.db, 1, isLazy=True, password=self.password, replyTimeout=self.timeout
         )
+        self._commands.maxDelay = 2
         self._commands.startConnecting(endpoint)
         self._subscriberFactory = _SubscriberFactory(self)
         self._subscriberFactory.password = self.password
@@ -192,6 +186,9 @@ class RedisLink(service.Service):
 
     def _subscriberDown(self) -> None:
         self._subscribed = False
+        self._linkChanged()
+
+    def _commandsUp(self) -> None:
         self._linkChanged()
 
     def _linkChanged(self) -> None:
