@@ -14,18 +14,37 @@ Without --imaptest only SMTP is measured.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _harness import ROOT, TWISTD, daemonEnv, freePort, smtpLoad, waitForPort
-
+ROOT = Path(__file__).resolve().parents[1]
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
 PASSWORD = "bench-password"
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitForPort(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listening on {port}")
 
 
 def imaptestTotal(output: str) -> int:
@@ -42,7 +61,7 @@ class Daemon:
     def __init__(self, workers: int, folder: Path) -> None:
         self.folder = folder
         self.ports = {"smtp": freePort(), "imap": freePort()}
-        env = daemonEnv()
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         subprocess.run(
             [sys.executable, "-m", "maild.cli", "--data-dir", str(folder / "data"),
              "user", "add", "alice@localhost", "--password-stdin"],
@@ -54,13 +73,13 @@ class Daemon:
             for name in LISTENERS
         ]
         self.process = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=",
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
              "--logfile", str(folder / "twistd.log"), "maild", "--config", str(folder / "maild.toml"),
              "--data-dir", str(folder / "data"), f"--workers={workers}", *listeners],
             cwd=folder, env=env,
         )
         for port in self.ports.values():
-            waitForPort(port, process=self.process)
+            waitForPort(port)
         # Let every worker come up before the load starts.
         time.sleep(2)
 
@@ -70,7 +89,12 @@ class Daemon:
 
 
 def smtpRate(port: int, messages: int, concurrency: int) -> float:
-    return smtpLoad(port, messages, concurrency, "alice@localhost")["messages_per_second"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
+         "--messages", str(messages), "--concurrency", str(concurrency), "--to", "alice@localhost", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(result.stdout)["messages_per_second"]
 
 
 def imapRate(imaptest: str, port: int, mbox: Path, clients: int, seconds: int) -> float:
