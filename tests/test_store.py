@@ -321,6 +321,21 @@ class FolderTests(unittest.SynchronousTestCase):
         self.assertEqual(self.folder.flags[0], maildir.SEEN | maildir.FLAGGED)
         self.assertEqual(self.folder.sizes(1), (len(b"Subject: x\n\nbody\n"), len(b"Subject: x\n\nbody\n") + 3))
 
+    def test_goneFromNewWhileCurUnchanged(self):
+        """
+        A message gone from C{new/} while C{cur/} did not move (expunged by
+        another process, or taken away by RENAME INBOX) is expunged at the
+        first look, not kept until a second one as if it might have moved
+        to C{cur/}: a STATUS right after RENAME INBOX counts no message.
+        """
+        for sub in ("new", "cur"):
+            os.utime(self.path / sub, (1_000_000_000, 1_000_000_000))
+        self.folder.refresh()
+        os.rename(self.path / "new/1700000002.M1P1Q1.h,S=17,W=20", self.path.parent / "moved-away")
+        change = self.folder.refresh()
+        self.assertEqual(change.expunged, [2])
+        self.assertEqual(list(self.folder.uids), [1])
+
     def test_setFlagsRenames(self):
         """
         Setting flags renames the file into cur/ with the letters in order;

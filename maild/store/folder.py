@@ -428,6 +428,13 @@ class Folder:
         self._stamps = _settled(stamps)
         self.missing = False
         onDisk = self._listing(subs)
+        if subs == {"new"} and self._goneFromNew(onDisk):
+            # Messages left new/ while cur/ did not move: expunged or taken
+            # away (RENAME INBOX), not read.  Listing cur/ as well settles
+            # it now, instead of keeping them as "perhaps in cur/" until the
+            # next look (a STATUS would count them meanwhile).
+            subs = {"new", "cur"}
+            onDisk.update(self._listing({"cur"}))
         # A directory that changed while we listed it (a rename by another
         # process) may have been listed without a file: one it seems to
         # lack is not taken for expunged until a listing is undisturbed.
@@ -549,6 +556,14 @@ class Folder:
         self.keywordLetters = keywordLetters
         self._loaded = True
         return change
+
+    def _goneFromNew(self, listedNew: dict[str, str]) -> bool:
+        """
+        Whether a message the index has in C{new/} is missing from this
+        listing of it.
+        """
+        bases = self.bases
+        return any(bases[i] not in listedNew for i in self.positionsWith(IN_NEW))
 
     def _numberedInNew(
         self, known: dict[str, int], kept: array, below: int, onDisk: dict[str, str | None]
