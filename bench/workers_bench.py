@@ -1,14 +1,28 @@
 #!/usr/bin/env python3
 """
 One maild process against several (--workers N), side by side in one run:
-SMTP delivery at C=50 (bench/smtp_load.py) and a mixed IMAP load from 20
-clients (Dovecot's imaptest, stress mode, logout=0).
+SMTP delivery at C=50 of 10 KiB messages, each connection sending many,
+and a mixed IMAP load from 20 clients (Dovecot's imaptest, stress mode,
+logout=0) on the INBOX the SMTP run filled.
 
     python bench/workers_bench.py --imaptest /path/to/imaptest [--workers 1,2] [--repeat 2]
 
-Each run gets a fresh data folder in /tmp and a daemon on free loopback
-ports; the daemon is started with the source tree this script sits in.
+The SMTP client is Postfix's smtp-source (C, one connection per session
+kept for many messages: -d) when it is installed, else bench/smtp_load.py
+(Python asyncio, pipelining); --smtp-client chooses.  Both share the
+machine's cores with maild, so the cheaper one leaves maild more.
+
+Each run starts one daemon per worker count, each with a fresh data folder
+in /tmp and free loopback ports, from the source tree this script sits in.
 Without --imaptest only SMTP is measured.
+
+Wall-clock rates depend on everything else the machine runs.  So that a
+result can be judged on a busy machine too, each phase also reports CPU
+seconds per operation, of every server process (the parent and each
+worker: how the load was spread) and of the client, and, where perf can
+count system calls (root, or perf_event_paranoid <= 1 with tracefs), the
+fsync-family calls per message (what group commit saves) and the
+directory listings per IMAP command (getdents64: folder rescans).
 """
 
 from __future__ import annotations
@@ -17,17 +31,25 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
 PASSWORD = "bench-password"
+SENDER = "bench@example.org"
+RECIPIENT = "alice@localhost"
+MESSAGE_SIZE = 10240
+TICKS = os.sysconf("SC_CLK_TCK")
+COUNTED_CALLS = ("fsync", "fdatasync", "syncfs", "getdents64")
 
 
 def freePort() -> int:
@@ -57,14 +79,118 @@ def imaptestTotal(output: str) -> int:
     return sum(int(n) for n in counts[-1].split())
 
 
+def processTree(pid: int) -> list[int]:
+    """
+    C{pid} and its children (a parent and its workers).
+    """
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [pid] + children
+
+
+def cpuSeconds(pids: list[int]) -> dict[int, float]:
+    """
+    User and system CPU seconds each process (all its threads) has used.
+    """
+    used = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # utime and stime: fields 14 and 15 of proc(5), counted from 1.
+        used[pid] = (int(fields[11]) + int(fields[12])) / TICKS
+    return used
+
+
+def clientCPU() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class SyscallCounter:
+    """
+    Counts system calls of some processes with perf's tracepoints (in the
+    kernel: the processes are not slowed as strace would slow them).
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.output = tempfile.NamedTemporaryFile(prefix="perf-", suffix=".csv", delete=False)
+        events = ",".join(f"syscalls:sys_enter_{call}" for call in COUNTED_CALLS)
+        self.process = subprocess.Popen(
+            ["perf", "stat", "-x", ",", "-e", events, "-p", ",".join(map(str, pids)), "-o", self.output.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        # perf attaches in a moment; calls before that are not counted.
+        time.sleep(0.3)
+
+    @staticmethod
+    def available() -> bool:
+        if shutil.which("perf") is None:
+            return False
+        result = subprocess.run(
+            ["perf", "stat", "-x", ",", "-e", "syscalls:sys_enter_fsync", "true"],
+            capture_output=True, text=True,
+        )
+        return result.returncode == 0 and "sys_enter_fsync" in result.stderr
+
+    def stop(self) -> dict[str, int]:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=30)
+        counts = {}
+        for line in Path(self.output.name).read_text().splitlines():
+            parts = line.split(",")
+            if len(parts) > 2 and parts[0].isdigit():
+                counts[parts[2].rpartition("sys_enter_")[2]] = int(parts[0])
+        os.unlink(self.output.name)
+        return counts
+
+
+@dataclass
+class Phase:
+    """
+    One load against one daemon: its rate and what it cost.
+    """
+
+    operations: int
+    seconds: float
+    serverCPU: dict[str, float]
+    clientCPU: float
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.operations / self.seconds
+
+    def perOperation(self, seconds: float) -> float:
+        return 1000 * seconds / self.operations
+
+    def describe(self, unit: str) -> str:
+        server = sum(self.serverCPU.values())
+        parts = [f"{self.rate:,.0f} {unit}/s",
+                 f"server CPU {self.perOperation(server):.3f} ms/{unit} ("
+                 + ", ".join(f"{name} {self.perOperation(s):.3f}" for name, s in self.serverCPU.items()) + ")",
+                 f"client CPU {self.perOperation(self.clientCPU):.3f} ms/{unit}"]
+        if self.calls:
+            syncs = sum(self.calls.get(c, 0) for c in ("fsync", "fdatasync", "syncfs"))
+            parts.append(f"syncs {syncs / self.operations:.3f}/{unit}")
+            parts.append(f"getdents {self.calls.get('getdents64', 0) / self.operations:.3f}/{unit}")
+        return ", ".join(parts)
+
+
 class Daemon:
     def __init__(self, workers: int, folder: Path) -> None:
         self.folder = folder
+        self.workers = workers
         self.ports = {"smtp": freePort(), "imap": freePort()}
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         subprocess.run(
             [sys.executable, "-m", "maild.cli", "--data-dir", str(folder / "data"),
-             "user", "add", "alice@localhost", "--password-stdin"],
+             "user", "add", RECIPIENT, "--password-stdin"],
             input=PASSWORD + "\n", text=True, check=True, env=env, stdout=subprocess.DEVNULL,
         )
         (folder / "maild.toml").write_text("[limits]\nconnections_per_ip = 1000\n")
@@ -81,29 +207,76 @@ class Daemon:
         for port in self.ports.values():
             waitForPort(port)
         # Let every worker come up before the load starts.
+        deadline = time.monotonic() + 60
+        while len(self.pids()) < (1 if workers == 1 else workers + 1) and time.monotonic() < deadline:
+            time.sleep(0.1)
         time.sleep(2)
+
+    def pids(self) -> list[int]:
+        return processTree(self.process.pid)
+
+    def names(self) -> dict[int, str]:
+        if self.workers == 1:
+            return {self.process.pid: "maild"}
+        names = {self.process.pid: "parent"}
+        for number, pid in enumerate(self.pids()[1:], 1):
+            names[pid] = f"worker {number}"
+        return names
+
+    def inbox(self) -> int:
+        mailbox = self.folder / "data" / "mail" / "localhost" / "alice"
+        return sum(len(os.listdir(mailbox / sub)) for sub in ("new", "cur"))
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
 
 
-def smtpRate(port: int, messages: int, concurrency: int) -> float:
+def measure(daemon: Daemon, countCalls: bool, load) -> Phase:
+    """
+    Run C{load()} (which returns the operations done and the seconds they
+    took) against C{daemon}, and what it cost.
+    """
+    names = daemon.names()
+    counter = SyscallCounter(list(names)) if countCalls else None
+    serverBefore = cpuSeconds(list(names))
+    clientBefore = clientCPU()
+    operations, seconds = load()
+    client = clientCPU() - clientBefore
+    serverAfter = cpuSeconds(list(names))
+    calls = counter.stop() if counter else {}
+    server = {names[pid]: serverAfter[pid] - serverBefore[pid] for pid in names if pid in serverAfter}
+    return Phase(operations, seconds, server, client, calls)
+
+
+def smtpSource(port: int, messages: int, concurrency: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    subprocess.run(
+        [shutil.which("smtp-source"), "-s", str(concurrency), "-m", str(messages), "-l", str(MESSAGE_SIZE),
+         "-d", "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return messages, time.perf_counter() - started
+
+
+def smtpLoad(port: int, messages: int, concurrency: int) -> tuple[int, float]:
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
-         "--messages", str(messages), "--concurrency", str(concurrency), "--to", "alice@localhost", "--json"],
+         "--messages", str(messages), "--concurrency", str(concurrency), "--size", str(MESSAGE_SIZE),
+         "--to", RECIPIENT, "--json"],
         capture_output=True, text=True, check=True,
     )
-    return json.loads(result.stdout)["messages_per_second"]
+    summary = json.loads(result.stdout)
+    return summary["accepted"], summary["seconds"]
 
 
-def imapRate(imaptest: str, port: int, mbox: Path, clients: int, seconds: int) -> float:
+def imaptest(binary: str, port: int, mbox: Path, clients: int, seconds: int) -> tuple[int, float]:
     result = subprocess.run(
-        [imaptest, "host=127.0.0.1", f"port={port}", "user=alice@localhost", f"pass={PASSWORD}",
+        [binary, "host=127.0.0.1", f"port={port}", f"user={RECIPIENT}", f"pass={PASSWORD}",
          f"mbox={mbox}", f"clients={clients}", f"secs={seconds}", "logout=0"],
         capture_output=True, text=True, timeout=seconds + 120,
     )
-    return imaptestTotal(result.stdout) / seconds
+    return imaptestTotal(result.stdout), seconds
 
 
 def main() -> None:
@@ -112,49 +285,83 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--smtp-messages", type=int, default=5000)
     parser.add_argument("--smtp-concurrency", type=int, default=50)
+    parser.add_argument(
+        "--smtp-client", choices=("smtp-source", "smtp_load"),
+        default="smtp-source" if shutil.which("smtp-source") else "smtp_load",
+        help="SMTP load generator (default %(default)s)",
+    )
     parser.add_argument("--imaptest", help="path to Dovecot's imaptest binary")
     parser.add_argument("--imap-clients", type=int, default=20)
     parser.add_argument("--imap-seconds", type=int, default=20)
+    parser.add_argument("--no-perf", action="store_true", help="do not count system calls with perf")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
-    results: dict[int, dict[str, list[float]]] = {n: {"smtp": [], "imap": []} for n in counts}
+    countCalls = not args.no_perf and SyscallCounter.available()
+    sendMail = smtpSource if args.smtp_client == "smtp-source" else smtpLoad
+    print(f"SMTP client: {args.smtp_client}; system calls counted: {'yes' if countCalls else 'no'}")
+    results: dict[int, dict[str, list[Phase]]] = {n: {"smtp": [], "imap": []} for n in counts}
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as top:
         mbox = Path(top) / "corpus.mbox"
         subprocess.run([sys.executable, str(ROOT / "tests" / "corpus" / "gen_mbox.py"), str(mbox), "500"],
                        check=True, stdout=subprocess.DEVNULL)
         for run in range(args.repeat):
-            # Interleaved, so both settings see the same machine.
-            for n in counts:
-                folder = Path(top) / f"run{run}-w{n}"
-                folder.mkdir()
-                daemon = Daemon(n, folder)
-                try:
-                    results[n]["smtp"].append(
-                        smtpRate(daemon.ports["smtp"], args.smtp_messages, args.smtp_concurrency)
-                    )
-                    if args.imaptest:
-                        results[n]["imap"].append(
-                            imapRate(args.imaptest, daemon.ports["imap"], mbox,
-                                     args.imap_clients, args.imap_seconds)
-                        )
-                finally:
+            # Interleaved, so both settings see the same machine, and in
+            # turns first; all SMTP runs before the IMAP runs, and no data
+            # folder removed before the end: ext4 gives a new file an inode
+            # near its directory's, skipping those freed in the last minutes
+            # (the kernel's recently_deleted(), measured at 14-35% of the
+            # workers' CPU after the previous run's 3,000 files were
+            # removed), so a run that followed removals (a data folder's, or
+            # imaptest's expunges) paid for them.
+            order = counts if run % 2 == 0 else counts[::-1]
+            daemons = {}
+            try:
+                for n in order:
+                    folder = Path(top) / f"run{run}-w{n}"
+                    folder.mkdir()
+                    daemons[n] = Daemon(n, folder)
+                for n in order:
+                    daemon = daemons[n]
+                    phase = measure(daemon, countCalls, lambda: sendMail(
+                        daemon.ports["smtp"], args.smtp_messages, args.smtp_concurrency))
+                    stored = daemon.inbox()
+                    if stored != args.smtp_messages:
+                        raise SystemExit(f"{stored} messages stored of {args.smtp_messages} sent")
+                    results[n]["smtp"].append(phase)
+                    print(f"run {run + 1}, {n} worker(s): smtp {phase.describe('msg')}", flush=True)
+                for n in order if args.imaptest else ():
+                    daemon = daemons[n]
+                    phase = measure(daemon, countCalls, lambda: imaptest(
+                        args.imaptest, daemon.ports["imap"], mbox, args.imap_clients, args.imap_seconds))
+                    results[n]["imap"].append(phase)
+                    print(f"run {run + 1}, {n} worker(s): imap {phase.describe('cmd')}", flush=True)
+            finally:
+                for daemon in daemons.values():
                     daemon.stop()
-                shutil.rmtree(folder / "data", ignore_errors=True)
-                print(f"run {run + 1}, {n} worker(s): " + ", ".join(
-                    f"{k} {v[-1]:,.0f}/s" for k, v in results[n].items() if v), flush=True)
+    summarize(results, counts)
+
+
+def summarize(results: dict[int, dict[str, list[Phase]]], counts: list[int]) -> None:
+    """
+    Mean rates, their ratio to the first worker count's, and mean CPU
+    milliseconds per operation of all server processes and of the client.
+    """
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+
     base = counts[0]
-    print(f"\n{'workers':>8} {'SMTP msg/s':>12} {'ratio':>6} {'IMAP cmd/s':>12} {'ratio':>6}")
+    print(f"\n{'workers':>8} {'load':>5} {'rate/s':>9} {'ratio':>6} {'server ms/op':>13} {'client ms/op':>13}")
     for n in counts:
-        row = [f"{n:>8}"]
         for key in ("smtp", "imap"):
-            values = results[n][key]
-            if not values:
-                row += [f"{'-':>12}", f"{'-':>6}"]
+            phases = results[n][key]
+            if not phases:
                 continue
-            mean = sum(values) / len(values)
-            baseMean = sum(results[base][key]) / len(results[base][key])
-            row += [f"{mean:>12,.0f}", f"{mean / baseMean:>6.2f}"]
-        print(" ".join(row))
+            rate = mean(p.rate for p in phases)
+            ratio = rate / mean(p.rate for p in results[base][key])
+            server = mean(p.perOperation(sum(p.serverCPU.values())) for p in phases)
+            client = mean(p.perOperation(p.clientCPU) for p in phases)
+            print(f"{n:>8} {key:>5} {rate:>9,.0f} {ratio:>6.2f} {server:>13.3f} {client:>13.3f}")
 
 
 if __name__ == "__main__":

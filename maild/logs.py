@@ -10,8 +10,10 @@ C{twistd.log} when it daemonizes) or C{[log] file}, rotated at C{[log]
 rotate_size} octets with at most C{[log] max_files} old files kept; or
 standard output under C{-n}.
 
-Workers (L{maild.workers}) send their events to their parent as JSON
-records, which the parent logs as its own events.
+Workers (L{maild.workers}) send their events to their parent, which
+writes them in its log: as lines the worker formatted already when the
+parent writes to a file or a stream (it only copies them), else (syslog)
+as JSON records, which the parent logs as its own events.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
 import signal
 import sys
 import threading
@@ -157,6 +160,25 @@ def logObserver(destination: Path | IO[str], settings, clock) -> ILogObserver:
     """
     The daemon's log observer, writing to C{destination}: a file path
     (rotated as C{settings} says, a C{[log]} table) or an open text stream.
+    Its C{output} is the stream it writes to.
+    """
+    out = logOutput(destination, settings, clock)
+    observer = FailureRateLimit(FileLogObserver(out, lineFormatter(settings.format)), clock)
+    observer.output = out
+    return observer
+
+
+def lineFormatter(format: str):
+    """
+    What turns an event into a line of the log, for C{[log] format}.
+    """
+    return formatJSONLine if format == "json" else formatOneLine
+
+
+def logOutput(destination: Path | IO[str], settings, clock) -> IO[str]:
+    """
+    The stream log lines are written to: C{destination} itself, or the
+    file at that path, rotated as C{settings} says.
     """
     if isinstance(destination, Path):
         destination = destination.resolve()
@@ -170,8 +192,7 @@ def logObserver(destination: Path | IO[str], settings, clock) -> ILogObserver:
         _rotateOnSIGUSR1(out, clock)
     else:
         out = destination
-    formatter = formatJSONLine if settings.format == "json" else formatOneLine
-    return FailureRateLimit(FileLogObserver(out, formatter), clock)
+    return out
 
 
 def formatJSONLine(event: dict[str, Any]) -> str:
@@ -206,14 +227,19 @@ def _rotateOnSIGUSR1(logFile: LogFile, clock) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: clock.callFromThread(logFile.rotate))
 
 
-def useAsTwistdLog(parent, destination: Path | IO[str] | None, settings, clock) -> None:
+def useAsTwistdLog(parent, destination: Path | IO[str] | None, settings, clock) -> IO[str] | None:
     """
     Make C{destination} (see L{logObserver}) the log of the twistd
     application C{parent}, which a top service is being added to; None
     leaves twistd's own choice.
+
+    @return: the stream log lines go to, if this chose it.
     """
     if destination is not None and isinstance(parent, Componentized):
-        parent.setComponent(ILogObserver, logObserver(destination, settings, clock))
+        observer = logObserver(destination, settings, clock)
+        parent.setComponent(ILogObserver, observer)
+        return observer.output
+    return None
 
 
 def twistdDestination(twistdOptions) -> Path | IO[str] | None:
@@ -232,33 +258,66 @@ def twistdDestination(twistdOptions) -> Path | IO[str] | None:
 # jsonFileLogObserver writes each record as this separator, the JSON
 # text (which never holds a raw newline) and a newline.
 RECORD_SEPARATOR = b"\x1e"
+# A worker writes a line formatted for its parent's log after this one.
+LINE_SEPARATOR = b"\x1f"
+
+# Set in a worker's environment by its parent: the name its lines are
+# marked with, and the format of its parent's log lines (none: JSON
+# records for the parent to format).
+WORKER_NAME_ENV = "MAILD_WORKER_NAME"
+WORKER_LOG_FORMAT_ENV = "MAILD_WORKER_LOG_FORMAT"
 
 
 def workerLogObserver() -> ILogObserver:
     """
-    twistd's C{--logger} for a worker: every event as a JSON record on the
-    worker's standard output, which its parent reads.
+    twistd's C{--logger} for a worker: every event on the worker's standard
+    output, which its parent reads.  When the parent says how its log
+    lines look, each event is formatted here, marked with the worker's
+    name (as C{[worker 2]}), for the parent to copy as it is: a parent
+    that parsed, formatted and wrote every worker's events itself spent
+    0.08 ms of CPU per SMTP message, a tenth of what the message cost in
+    all.  Else (a parent logging to syslog) it is a JSON record.
     """
-    # Line-buffered: each record reaches the parent as it is written.
-    return jsonFileLogObserver(io.open(1, "w", buffering=1, encoding="utf-8", closefd=False))
+    from twisted.internet import reactor
+
+    # Line-buffered: each line reaches the parent as it is written.
+    out = io.open(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    lineFormat = os.environ.get(WORKER_LOG_FORMAT_ENV)
+    if lineFormat not in ("text", "json"):
+        return jsonFileLogObserver(out)
+    name = os.environ.get(WORKER_NAME_ENV, "worker")
+    formatLine = lineFormatter(lineFormat)
+    marker = LINE_SEPARATOR.decode("ascii")
+
+    def formatMarked(event: dict[str, Any]) -> str | None:
+        line = formatLine(dict(event, log_system=name))
+        return marker + line if line else None
+
+    return FailureRateLimit(FileLogObserver(out, formatMarked), reactor)
 
 
 class WorkerLogReader:
     """
-    Reads a worker's JSON records and publishes them as events of this
-    process, marked with the worker's name.
+    Reads what a worker writes on its standard output: lines formatted
+    for the log, written to C{output} as they are, and JSON records (or,
+    before its logging starts, any text), published as events of this
+    process marked with the worker's name.
     """
 
-    def __init__(self, system: str, publisher=globalLogPublisher) -> None:
+    def __init__(self, system: str, publisher=globalLogPublisher, output: IO[str] | None = None) -> None:
         self.system = system
         self.publisher = publisher
+        self.output = output
         self._partial = b""
 
     def dataReceived(self, data: bytes) -> None:
         records = (self._partial + data).split(b"\n")
         self._partial = records.pop()
         for record in records:
-            self._publish(record.lstrip(RECORD_SEPARATOR))
+            if record.startswith(LINE_SEPARATOR) and self.output is not None:
+                self.output.write(record[1:].decode("utf-8", "replace") + "\n")
+            else:
+                self._publish(record.lstrip(RECORD_SEPARATOR + LINE_SEPARATOR))
 
     def _publish(self, record: bytes) -> None:
         text = record.decode("utf-8", "replace").strip()

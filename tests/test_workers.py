@@ -104,6 +104,26 @@ class WorkersTests(unittest.TestCase):
         workers = set(re.findall(r"\[worker (\d+)\] maild starting", self.logText()))
         self.assertEqual(workers, {"1", "2"})
 
+    def test_connectionsSpreadOverWorkers(self):
+        """
+        Clients that connect together are spread over the workers (each has
+        its own socket on the listener's address, C{SO_REUSEPORT}), rather
+        than all taken by the first worker woken: of 20 IMAP sessions opened
+        at once, each worker serves some.
+        """
+        clients = [imaplib.IMAP4("127.0.0.1", self.imap) for _ in range(20)]
+        for client in clients:
+            client.login("alice@localhost", PASSWORD)
+        for client in clients:
+            client.logout()
+        # The workers' log lines reach the parent's log a moment later.
+        logins = waitFor(
+            lambda: (found := re.findall(r"\[worker (\d+)\] login: service=imap", self.logText()))
+            and len(found) == 20 and found,
+            what="the 20 logins to be logged",
+        )
+        self.assertEqual(set(logins), {"1", "2"})
+
     def test_deadWorkerRestarted(self):
         """
         A worker killed with SIGKILL is started again by the parent, and
@@ -151,3 +171,22 @@ class WorkerLogReaderTests(unittest.SynchronousTestCase):
             reader.dataReceived(data[i : i + 1])
         self.assertEqual([formatEvent(e) for e in events], ["accepted 3 messages", "not json"])
         self.assertEqual({e["log_system"] for e in events}, {"worker 7"})
+
+    def test_formattedLinesCopied(self):
+        """
+        A line the worker formatted for the log (after the marker) is
+        written to the parent's log stream as it is, not parsed again.
+        """
+        import io as _io
+
+        from maild.logs import WorkerLogReader
+
+        output = _io.StringIO()
+        events = []
+        reader = WorkerLogReader("worker 2", publisher=events.append, output=output)
+        reader.dataReceived(b"\x1f2026-12-01T03:04:21+0000 [worker 2] accepted 1\n\x1fsecond")
+        reader.dataReceived(b" line\n")
+        self.assertEqual(
+            output.getvalue(), "2026-12-01T03:04:21+0000 [worker 2] accepted 1\nsecond line\n"
+        )
+        self.assertEqual(events, [])
