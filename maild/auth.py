@@ -208,6 +208,14 @@ class LoginThrottle:
 
         @return: how long to wait before answering it.
         """
+        return self.delay(self.record(address))
+
+    def record(self, address: str) -> int:
+        """
+        Record a failure from C{address}.
+
+        @return: how many in a row it has had (this one included).
+        """
         now = self.clock.seconds()
         count, last = self._failures.get(address, (0, now))
         if now - last > self.forget:
@@ -216,7 +224,13 @@ class LoginThrottle:
         self._failures[address] = (count, now)
         if len(self._failures) > 100_000:
             self._prune(now)
-        return min(self.base * 2 ** (count - 1), self.maximum)
+        return count
+
+    def delay(self, count: int) -> float:
+        """
+        How long to wait before answering the C{count}th failure in a row.
+        """
+        return min(self.base * 2 ** (min(count, 64) - 1), self.maximum)
 
     def succeeded(self, address: str) -> None:
         self._failures.pop(address, None)
@@ -295,15 +309,21 @@ class Authenticator:
                 method=method,
                 rip=clientAddress,
             )
-            delay = self.throttle.failed(throttleKey)
-            d = defer.Deferred()
-            self.throttle.clock.callLater(
-                delay, d.errback, error.UnauthorizedLogin("authentication failed")
-            )
+            # (A throttle shared through Redis answers with a Deferred.)
+            d = defer.maybeDeferred(self.throttle.failed, throttleKey)
+            d.addCallback(self._answerLater)
             return d
 
         d = self.portal.login(creds, None, *interfaces)
         d.addCallbacks(succeeded, failed)
+        return d
+
+    def _answerLater(self, delay: float) -> defer.Deferred:
+        metrics.loginDelay.observe(delay)
+        d = defer.Deferred()
+        self.throttle.clock.callLater(
+            delay, d.errback, error.UnauthorizedLogin("authentication failed")
+        )
         return d
 
 

@@ -10,6 +10,8 @@ import ipaddress
 from typing import Iterable
 
 from twisted.internet import defer, protocol
+from twisted.protocols import policies
+from zope.interface import directlyProvides, providedBy
 
 
 def clientHost(address) -> str:
@@ -55,12 +57,77 @@ class _Refusal(protocol.Protocol):
         self.transport.loseConnection()
 
 
+class _Admission(policies.ProtocolWrapper):
+    """
+    Holds a new connection while the cluster's count for its address is
+    asked (L{LimitedFactory.shared}), then starts its session, or refuses
+    it.  The session's greeting waits meanwhile (a round trip to Redis, at
+    most its deadline); whatever the client sends early is kept for it.
+    """
+
+    # Beyond this much early data the client is not waiting for a
+    # greeting: it is closed.
+    MAX_EARLY = 64 * 1024
+
+    def __init__(self, factory: "LimitedFactory", addr, host: str) -> None:
+        policies.ProtocolWrapper.__init__(self, factory, None)
+        self.addr = addr
+        self.host = host
+        self._early: list[bytes] = []
+
+    def makeConnection(self, transport) -> None:
+        # Not ProtocolWrapper's: the session is made once admitted.
+        self.connected = True
+        self.transport = transport
+        self.factory.shared.admit(self.host, self.factory.limit).addCallback(self._decided)
+
+    def _decided(self, admitted: bool) -> None:
+        factory = self.factory
+        if not self.connected:
+            factory._release(self.host)
+            return
+        if not admitted:
+            factory._release(self.host)
+            _Refusal(factory.refusal).makeConnection(self.transport)
+            return
+        self.wrappedProtocol = factory._startSession(self.addr, self.host, False)
+        directlyProvides(self, providedBy(self.transport))
+        self.wrappedProtocol.makeConnection(self)
+        early, self._early = b"".join(self._early), []
+        if early and self.connected:
+            self.wrappedProtocol.dataReceived(early)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        self._early.append(data)
+        if sum(map(len, self._early)) > self.MAX_EARLY:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.connectionLost(reason)
+
+    def logPrefix(self) -> str:
+        if self.wrappedProtocol is not None:
+            return policies.ProtocolWrapper.logPrefix(self)
+        return self.__class__.__name__
+
+
 class LimitedFactory(protocol.ServerFactory):
     """
     A server factory that admits at most C{limit} connections per client
     address, outside C{trusted} networks; the others get C{refusal} and are
     closed, while every other address goes on being served.  Protocols
     built here must call L{connectionClosed} from their C{connectionLost}.
+
+    With C{shared} set (a L{maild.cluster.limits.ListenerCounts}: the
+    C{[cluster] redis} setting), the limit holds over every node and
+    worker: a connection this process would admit waits for the cluster's
+    count before its session starts (or at once, by this count alone, when
+    Redis cannot answer promptly).
 
     Each session gets C{peerAddress}, the address it connects from, and
     C{clientAddress}, the one its logs and login throttling name (the same,
@@ -76,6 +143,8 @@ class LimitedFactory(protocol.ServerFactory):
     # would only add noise.
     noisy = False
 
+    shared = None
+
     def __init__(self, limit: int, trusted: Iterable[str] = ()) -> None:
         self.limit = limit
         self.trusted = TrustedNetworks(trusted)
@@ -85,9 +154,16 @@ class LimitedFactory(protocol.ServerFactory):
     def buildProtocol(self, addr):
         host = clientHost(addr)
         trusted = host in self.trusted
+        # This process's own count decides first: the cluster's is never
+        # below it.
         if self.connections[host] >= self.limit and not trusted:
             return _Refusal(self.refusal)
         self.connections[host] += 1
+        if self.shared is not None and not trusted:
+            return _Admission(self, addr, host)
+        return self._startSession(addr, host, trusted)
+
+    def _startSession(self, addr, host: str, trusted: bool):
         session = self.buildSession(addr)
         session.factory = self
         session.peerAddress = session.clientAddress = host
@@ -130,7 +206,11 @@ class LimitedFactory(protocol.ServerFactory):
         if not self.sessions and getattr(self, "_allClosed", None) is not None:
             allClosed, self._allClosed = self._allClosed, None
             allClosed.callback(None)
-        host = session.peerAddress
+        self._release(session.peerAddress)
+
+    def _release(self, host: str) -> None:
         self.connections[host] -= 1
         if self.connections[host] <= 0:
             del self.connections[host]
+        if self.shared is not None and host not in self.trusted:
+            self.shared.changed(host)

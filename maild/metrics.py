@@ -36,6 +36,12 @@ logins = Counter(
     ["protocol", "mechanism", "result"],
     registry=REGISTRY,
 )
+loginDelay = Histogram(
+    "maild_login_delay_seconds",
+    "How long each failed login was held before its answer (the throttle's delay).",
+    buckets=(0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0),
+    registry=REGISTRY,
+)
 messages = Counter(
     "maild_messages",
     "Messages at the end of DATA, per listener and result (accepted, refused), "

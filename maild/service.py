@@ -21,6 +21,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from maild.accounts import Accounts, LocalAddresses
 from maild.auth import Authenticator, LoginThrottle, MailRealm, PasswordChecker
 from maild.cluster import RedisLink
+from maild.cluster.limits import SharedConnectionCounts, SharedLoginThrottle
+from maild.connections import LimitedFactory
 from maild.config import IMPLICIT_TLS, Config
 from maild.imap import Account, IMAPFactory, IMAPSettings
 from maild.logs import useAsTwistdLog
@@ -180,11 +182,18 @@ class MailService(service.MultiService):
         )
         self.portal = Portal(self.realm, [checker])
         limits = config.limits
-        self.authenticator = Authenticator(
-            self.portal,
-            LoginThrottle(self.clock, limits.auth_failure_delay, limits.auth_failure_delay_max),
-            limits.trusted_networks,
-        )
+        if self.redis is not None:
+            # Every node and worker counts failures and connections together.
+            throttle = SharedLoginThrottle(
+                self.redis, self.clock, limits.auth_failure_delay, limits.auth_failure_delay_max
+            )
+            self.sharedCounts = SharedConnectionCounts(self.redis)
+        else:
+            throttle = LoginThrottle(
+                self.clock, limits.auth_failure_delay, limits.auth_failure_delay_max
+            )
+            self.sharedCounts = None
+        self.authenticator = Authenticator(self.portal, throttle, limits.trusted_networks)
         # STARTTLS is offered wherever it applies, so TLS is always set up
         # (with one signed by the local CA when none is configured).
         self.localCA = localCA(config)
@@ -214,6 +223,8 @@ class MailService(service.MultiService):
             inner = description[len("haproxy:"):] if proxied else description
             endpoint = endpoints.serverFromString(reactor, inner)
             factory = builder()
+            if self.sharedCounts is not None and isinstance(factory, LimitedFactory):
+                factory.shared = self.sharedCounts.track(name, factory.connections)
             wrapped = MeteredFactory(name, factory)
             if name in IMPLICIT_TLS:
                 # RFC 8314: TLS from the first byte, with the same certificate.

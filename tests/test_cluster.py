@@ -405,11 +405,16 @@ class RedisModeLoadTests(ClusterLoad, unittest.TestCase):
         nodes = self.cluster.nodes
         lost = {n.number: n.logCount("lost Redis") for n in nodes}
         reached = {n.number: n.logCount(" reached") for n in nodes}
+        sharing = {n.number: n.logCount("sharing counts as") for n in nodes}
         self.cluster.killRedis()
         self.waitForLogs("lost Redis", lost)
         self.polled = self.probe.heard(self.deliverThroughNode3, within=2 * POLL_INTERVAL + 2)
         self.cluster.startRedis()
+        # Back for events (the subscription) and for commands: a node
+        # logs that it shares its counts again once its command
+        # connection is up.
         self.waitForLogs(" reached", reached)
+        self.waitForLogs("sharing counts as", sharing)
         self.afterRestart = self.probe.heard(self.deliverThroughNode3, within=0.5)
 
     def test_loadWithANodeAndRedisKilled(self):

@@ -161,15 +161,16 @@ class TwoNodesTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_noticeKeptWhileCommandsAreDown(self):
         """
-        A node whose command connection to Redis dropped (the other node
-        still reaches Redis, so it does not poll) keeps the notices it
+        A node whose command connection to Redis dropped (its subscription
+        and the other node's stay up, so nobody polls) keeps the notices it
         could not publish and sends them once it is connected again: an
         IDLE client on the other node still hears of the delivery.
         """
         commands = self.nodes[1].redis._commands.pool[0]
         self.redisServer.killClient(commands.transport.getHost().port)
-        yield waitUntil(lambda: not self.nodes[1].redis.up)
-        self.assertTrue(self.nodes[0].redis.up)
+        yield waitUntil(lambda: not self.nodes[1].redis._commands.size)
+        # Both subscriptions are up: neither node polls.
+        self.assertTrue(all(node.redis.up for node in self.nodes))
         heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
         self.assertTrue(heard, "a notice lost while the command connection was down")
 

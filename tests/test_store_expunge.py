@@ -43,7 +43,7 @@ class ThreadedExpungeTests(unittest.TestCase):
         d = self.folder.expungeInThread([1, 2, 9], origin="me")
         self.assertEqual(list(self.folder.uids), [])
         self.assertEqual((self.changes[-1].expunged, self.changes[-1].origin), ([1, 2], "me"))
-        self.folder._stamps = dict.fromkeys(self.folder._stamps, -1)
+        self.folder._mtimes = {"new": -1, "cur": -1}
         self.assertEqual(self.folder.refresh().added, [])
         expunged = yield d
         self.assertEqual(expunged, [1, 2])

@@ -8,8 +8,16 @@ from the UID list and one listing of C{new/} and C{cur/}: no message file
 is read to open a folder.  Changes made through this object update the
 index at once and are announced to its listeners; changes made by anyone
 else (another process, a Maildir tool) are found by L{Folder.refresh},
-which lists a directory again only when what C{stat} says of it moved:
-its modification time, its size or its inode (L{_stamp}).
+which lists the directories again only when what C{stat} says of one
+moved (its modification time, size or inode: L{_stamp}) or the UID list
+numbers files no listing found.
+
+Shared with Dovecot, the folder follows Dovecot's rules (maildir-sync.c):
+message files are renamed (flags, C{new/} to C{cur/}) only under the UID
+list lock, C{dovecot-uidlist.lock}, and a file a listing lacks is taken
+for expunged only when a listing under that lock lacks it too.  A readdir
+that runs while another process renames a file may return neither name;
+under the lock nobody renames.
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ import functools
 import os
 import time
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Protocol, Sequence
+from typing import IO, Callable, Iterable, Iterator, Protocol, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -29,10 +38,10 @@ from zope.interface import implementer
 
 from maild.store import maildir
 from maild.store.delivery import FolderMissing
+from maild.store.files import folderMustExist
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
-from maild.store.uidlist import FILE_NAME as UIDLIST_FILE_NAME
 from maild.store.uidlist import UidList, UidValidities
 
 log = Logger()
@@ -40,13 +49,8 @@ log = Logger()
 _READ_SIZE = 64 * 1024
 # Put before the info of a file listed in new/: a "/" is in no file name.
 _IN_NEW_MARK = "/"
-# The stamp of a directory that is not there.
+# The time of a directory that is not there.
 _MISSING = -2
-# The stamp remembered before anything was looked at: no directory has it.
-_UNKNOWN = -1
-# The directories listed, and what else a listing's trust depends on.
-_LISTED = ("new", "cur")
-_STAMPED = (*_LISTED, "uidlist")
 
 # Flags a client may set or clear (IN_NEW and HAS_KEYWORDS are ours).
 SETTABLE = (
@@ -122,9 +126,13 @@ class Folder:
         self.uidvalidity = 0
         self._sizes: dict[int, tuple[int, int]] = {}
         self._listeners: list[FolderListener] = []
-        # What stat said of new/, cur/ and the UID list when the index was
-        # last brought up to date (L{_stamp}).
-        self._stamps: dict[str, Stamp] = _unknownStamps()
+        # What stat said of new/ and cur/ (L{_stamp}) when last listed.
+        self._mtimes: dict[str, Stamp] = {"new": -1, "cur": -1}
+        # Every UID below this was given to a file a listing of ours found,
+        # or one we placed: a UID list that numbers more calls for a listing.
+        self._listedUidnext = 0
+        # How deep this process is in holds of the folder's UID list lock.
+        self._lockDepth = 0
         self._loaded = False
         self._expungedUids: dict[int, None] = {}
         # The last look found the folder deleted or renamed.
@@ -310,7 +318,7 @@ class Folder:
         """
         Another process renamed or removed the file: list the folder again.
         """
-        self._stamps = _unknownStamps()
+        self._mtimes = {"new": -1, "cur": -1}
         self.refresh()
         i = self.position(uid)
         if i is None:
@@ -337,11 +345,13 @@ class Folder:
             if own and self.onOwnChange is not None:
                 self.onOwnChange(self)
 
-    def _statFolder(self) -> dict[str, Stamp]:
+    def _dirMtimes(self) -> dict[str, Stamp]:
+        """
+        The stamps (L{_stamp}) of C{new/} and C{cur/}.
+        """
         # Every command of every session asks: string paths, not pathlib's
         # joins, which cost more than the stats.
-        d = self._dir
-        return {"new": _stamp(d + "new"), "cur": _stamp(d + "cur"), "uidlist": _stamp(d + UIDLIST_FILE_NAME)}
+        return {"new": _stamp(self._dir + "new"), "cur": _stamp(self._dir + "cur")}
 
     def refresh(self) -> FolderChange:
         """
@@ -355,27 +365,47 @@ class Folder:
             if not self.path.is_dir():
                 return self._gone()
         # Deleted and made again meanwhile: look once more.
-        self._stamps = _unknownStamps()
+        self._mtimes = {"new": -1, "cur": -1}
         return self._refresh()
 
     def _refresh(self) -> FolderChange:
-        stamps = self._statFolder()
-        if self._loaded and stamps == self._stamps:
-            return FolderChange()
-        if stamps["cur"] == stamps["new"] == _MISSING and not self.path.is_dir():
-            return self._gone()
-        changed = {sub for sub in _LISTED if stamps[sub] != self._stamps[sub]}
-        if self._loaded and not changed:
-            # Only the UID list moved: another process numbered or forgot
-            # messages (its directories tell us about those), or gave the
-            # folder a new UIDVALIDITY, which voids the whole index.
-            if self.uidList.refresh().uidvalidity == self.uidvalidity:
-                self._stamps["uidlist"] = stamps["uidlist"]
+        mtimes = self._dirMtimes()
+        if self._loaded and mtimes == self._mtimes:
+            if not self._numberedUnlisted():
                 return FolderChange()
-            changed = set(_LISTED)
-        change = self._scan(stamps, changed if self._loaded else set(_LISTED))
+            # Another process numbered files that a directory time we trust
+            # hides (placed within the clock tick of a change of ours).
+            self._mtimes = {"new": _LIST_AGAIN, "cur": _LIST_AGAIN}
+        if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
+            return self._gone()
+        changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
+        if "cur" in changed:
+            # A file may move from new/ to cur/ between two listings: one of
+            # cur/ alone could miss it in both (Dovecot lists both as well).
+            changed.add("new")
+        change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
         self._announce(change, own=False)
         return change
+
+    def _numberedUnlisted(self) -> bool:
+        """
+        Whether the UID list numbers files that no listing of ours saw, or
+        has a new UIDVALIDITY: it is read at every look, as Dovecot checks
+        C{dovecot-uidlist} along with the directories' times.
+        """
+        state = self.uidList.refresh()
+        if state.uidvalidity != self.uidvalidity:
+            return True
+        if state.uidnext > self._listedUidnext:
+            # Numbered since our last listing: by us (deliveries, files a
+            # listing of new/ found), or by others for files we hold or saw
+            # expunged, as a rule; any other calls for a listing.
+            gone = self._expungedUids
+            for uid in range(self._listedUidnext, state.uidnext):
+                if uid not in gone and not _holds(self.uids, uid):
+                    return True
+            self._listedUidnext = state.uidnext
+        return False
 
     def _gone(self) -> FolderChange:
         """
@@ -386,7 +416,8 @@ class Folder:
         self.uids, self.flags, self.bases = array("I"), bytearray(), []
         self.keywordLetters = {}
         self._sizes = {}
-        self._stamps = _unknownStamps()
+        self._mtimes = {"new": -1, "cur": -1}
+        self._listedUidnext = 0
         self._loaded = False
         self.uidList.state = None
         self.missing = True
@@ -419,14 +450,16 @@ class Folder:
             listing.pop(base, None)
         return listing
 
-    def _scan(self, stamps: dict[str, Stamp], subs: set[str]) -> FolderChange:
+    def _scan(self, mtimes: dict[str, Stamp], subs: set[str]) -> FolderChange:
         """
-        List the directories C{subs} (those whose stamp moved) and reconcile
+        List the directories C{subs} (those whose time moved) and reconcile
         the index with them; entries in the other directory stay as they are.
         """
-        # Record the stamps first: a change made while we list is seen next time.
-        self._stamps = _settled(stamps)
+        # Record the times first: a change made while we list is seen next time.
+        self._mtimes = _settled(mtimes)
         self.missing = False
+        # What the UID list numbered before we list: all of it is placed.
+        listedUidnext = self.uidList.refresh().uidnext
         onDisk = self._listing(subs)
         if subs == {"new"} and self._goneFromNew(onDisk):
             # Messages left new/ while cur/ did not move: expunged or taken
@@ -438,10 +471,10 @@ class Folder:
         # A directory that changed while we listed it (a rename by another
         # process) may have been listed without a file: one it seems to
         # lack is not taken for expunged until a listing is undisturbed.
-        after = self._statFolder()
-        disturbed = {sub for sub in subs if after[sub] != stamps[sub]}
+        after = self._dirMtimes()
+        disturbed = {sub for sub in subs if after[sub] != mtimes[sub]}
         for sub in disturbed:
-            self._stamps[sub] = _LIST_AGAIN
+            self._mtimes[sub] = _LIST_AGAIN
         state = self.uidList.refresh()
         change = FolderChange()
         if self._loaded and state.uidvalidity != self.uidvalidity:
@@ -482,8 +515,16 @@ class Folder:
             keptBases.append(base)
             if letters:
                 keywordLetters[uid] = letters
+        if goneBases and not self._lockDepth:
+            # A file another process renamed while we listed may be missing
+            # from the listing although the directory's time did not show it
+            # (the same clock tick, NFS): Dovecot renames only under the UID
+            # list lock, and so does maild, so a listing under it tells what
+            # is really gone (Dovecot's own rule, maildir-sync.c).
+            with self._uidListLocked():
+                return self._scan(self._dirMtimes(), {"new", "cur"})
         if uncertain:
-            self._stamps = {sub: _LIST_AGAIN for sub in self._stamps}
+            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
         if goneBases:
             self.uidList.forget(goneBases)
             for uid in change.expunged:
@@ -507,12 +548,6 @@ class Folder:
             if keptUids and numbered and numbered[0][0] <= keptUids[-1]:
                 # A UID we hold for another file is no UID for this one.
                 numbered = [(u, b) for u, b in numbered if not _holds(keptUids, u)]
-            if numbered and subs == {"cur"}:
-                # Another process may have numbered a file still in new/,
-                # which we did not list, below one it moved to cur/: take it
-                # now, or it would later get a second, higher UID.
-                numbered += self._numberedInNew(known, keptUids, numbered[-1][0], onDisk)
-                numbered.sort()
             unnumbered: list[str] = []
             if len(numbered) < len(onDisk):
                 numberedBases = {base for _, base in numbered}
@@ -554,6 +589,8 @@ class Folder:
             change.added.extend(newUids)
         self.uids, self.flags, self.bases = keptUids, keptFlags, keptBases
         self.keywordLetters = keywordLetters
+        if subs == {"new", "cur"}:
+            self._listedUidnext = listedUidnext
         self._loaded = True
         return change
 
@@ -564,27 +601,6 @@ class Folder:
         """
         bases = self.bases
         return any(bases[i] not in listedNew for i in self.positionsWith(IN_NEW))
-
-    def _numberedInNew(
-        self, known: dict[str, int], kept: array, below: int, onDisk: dict[str, str | None]
-    ) -> list[tuple[int, str]]:
-        """
-        The files in C{new/} (unlisted) that the UID list numbers below
-        C{below} and the index lacks; C{onDisk} learns them.
-        """
-        found = []
-        gone = self._expungedUids
-        for base, uid in known.items():
-            if (
-                uid < below
-                and base not in onDisk
-                and uid not in gone
-                and not _holds(kept, uid)
-                and os.path.exists(self._dir + "new/" + base)
-            ):
-                onDisk[base] = _IN_NEW_MARK
-                found.append((uid, base))
-        return found
 
     def _unknownBelow(self, uid: int) -> bool:
         """
@@ -611,22 +627,34 @@ class Folder:
 
     def _ownChange(self, subs: Iterable[str]):
         """
-        Compare the directory stamps before a change of ours with those
-        the index was built from, so that L{_ownChangeDone} can tell
-        whether anybody else changed them.
+        Remember the directory times before a change of ours, so that
+        L{_ownChangeDone} can tell whether anybody else changed them.
         """
-        before = self._statFolder()
-        return all(before[sub] == self._stamps[sub] for sub in _LISTED)
+        before = self._dirMtimes()
+        return before == self._mtimes
 
     def _ownChangeDone(self, unchanged: bool) -> None:
         # Trusted although recent: listing a big cur/ again after each of
         # our own flag changes would cost more than the rare change another
-        # process makes within our own rename's clock tick (one that adds
-        # or removes a file still shows where the directory's size moves).
+        # process makes within our own rename's clock tick.
         if unchanged:
-            after = self._statFolder()
-            for sub in _LISTED:
-                self._stamps[sub] = after[sub]
+            self._mtimes = self._dirMtimes()
+
+    @contextmanager
+    def _uidListLocked(self) -> Iterator[None]:
+        """
+        Hold the folder's UID list lock (Dovecot's C{dovecot-uidlist.lock}),
+        which Dovecot holds while it lists, renames or removes message files.
+
+        @raise FolderMissing: if the folder was deleted or renamed (by
+            another session or process).
+        """
+        with folderMustExist(self.path), self.uidList.locked():
+            self._lockDepth += 1
+            try:
+                yield
+            finally:
+                self._lockDepth -= 1
 
     def setFlags(
         self,
@@ -641,41 +669,69 @@ class Folder:
         1 adds, -1 removes.  The files are renamed in C{cur/} (a message
         in C{new/} moves to C{cur/}).
 
-        @return: the indexes whose flags really changed.
+        @return: the indexes whose flags really changed (after any
+            expunge this learnt of).
+        @raise FolderMissing: if the folder was deleted or renamed.
         """
+        if not positions:
+            return []
         bits &= SETTABLE
-        unchanged = self._ownChange(("new", "cur"))
-        changed = []
-        for i in positions:
-            old = self.flags[i]
-            uid = self.uids[i]
-            oldLetters = self.keywordLetters.get(uid, "") if old & HAS_KEYWORDS else ""
-            if mode == 0:
-                new, letters = bits, keywordLetters
-            elif mode > 0:
-                new = (old & SETTABLE) | bits
-                letters = "".join(sorted(set(oldLetters) | set(keywordLetters)))
-            else:
-                new = (old & SETTABLE) & ~bits
-                letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
-            if new & maildir.FORWARDED:
-                new, letters = self._forwardedAsKeyword(
-                    new, letters, removing=mode < 0 and self._forwardedIn(keywordLetters)
-                )
-            if letters:
-                new |= HAS_KEYWORDS
-            if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
-                continue
-            if not self._rename(i, new, letters):
-                continue
-            if new & SETTABLE != old & SETTABLE or letters != oldLetters:
-                changed.append(i)
-        self._ownChangeDone(unchanged)
+        changed: list[int] = []
+        # Dovecot renames message files only under the UID list lock, and
+        # lists the folder under it: a rename of ours while it lists could
+        # hide the file from it, and it would expunge the UID and number
+        # the file again (maildir-sync.c, "Locking, locking, locking").
+        with self._uidListLocked():
+            unchanged = self._ownChange(("new", "cur"))
+            lost = [self.uids[i] for i in positions if not self._changeFlags(i, bits, keywordLetters, mode, changed)]
+            if lost:
+                # Renamed (flags) or removed by another process since we
+                # last looked: look again (under the lock nothing moves
+                # meanwhile) and change the file under its new name, from
+                # its new flags; one removed is gone (RFC 2180 section 4.2).
+                unchanged = False
+                self._mtimes = {"new": -1, "cur": -1}
+                self.refresh()
+                for uid in lost:
+                    i = self.position(uid)
+                    if i is not None:
+                        self._changeFlags(i, bits, keywordLetters, mode, changed)
+            self._ownChangeDone(unchanged)
         if changed:
-            self._announce(
-                FolderChange(flagged=[self.uids[i] for i in changed], origin=origin)
+            self._announce(FolderChange(flagged=changed, origin=origin))
+        return [i for uid in changed if (i := self.position(uid)) is not None]
+
+    def _changeFlags(self, i: int, bits: int, keywordLetters: str, mode: int, changed: list[int]) -> bool:
+        """
+        Set the flags of message C{i} as L{setFlags} does; add its UID to
+        C{changed} if they changed.
+
+        @return: False if its file was not where the index said.
+        """
+        old = self.flags[i]
+        uid = self.uids[i]
+        oldLetters = self.keywordLetters.get(uid, "") if old & HAS_KEYWORDS else ""
+        if mode == 0:
+            new, letters = bits, keywordLetters
+        elif mode > 0:
+            new = (old & SETTABLE) | bits
+            letters = "".join(sorted(set(oldLetters) | set(keywordLetters)))
+        else:
+            new = (old & SETTABLE) & ~bits
+            letters = "".join(sorted(set(oldLetters) - set(keywordLetters)))
+        if new & maildir.FORWARDED:
+            new, letters = self._forwardedAsKeyword(
+                new, letters, removing=mode < 0 and self._forwardedIn(keywordLetters)
             )
-        return changed
+        if letters:
+            new |= HAS_KEYWORDS
+        if new == (old & ~IN_NEW) and letters == oldLetters and not old & IN_NEW:
+            return True
+        if not self._rename(i, new, letters):
+            return False
+        if new & SETTABLE != old & SETTABLE or letters != oldLetters:
+            changed.append(uid)
+        return True
 
     def _forwardedIn(self, letters: str) -> bool:
         forwarded = self.keywords.letters(["$Forwarded"], create=False)
@@ -721,15 +777,20 @@ class Folder:
         """
         if positions is None:
             positions = self.positionsWith(IN_NEW)
-        unchanged = self._ownChange(("new", "cur"))
+        if not positions:
+            return []
         claimed = []
-        for i in positions:
-            bits = self.flags[i]
-            if bits & IN_NEW:
-                letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
-                if self._rename(i, bits & ~IN_NEW, letters):
-                    claimed.append(self.uids[i])
-        self._ownChangeDone(unchanged)
+        # A rename: under the UID list lock, as Dovecot moves files (see
+        # setFlags).  One another process moved first is its claim.
+        with self._uidListLocked():
+            unchanged = self._ownChange(("new", "cur"))
+            for i in positions:
+                bits = self.flags[i]
+                if bits & IN_NEW:
+                    letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
+                    if self._rename(i, bits & ~IN_NEW, letters):
+                        claimed.append(self.uids[i])
+            self._ownChangeDone(unchanged)
         return claimed
 
     def expunge(self, uids: Iterable[int], origin: object | None = None) -> list[int]:
@@ -745,7 +806,7 @@ class Folder:
             # Renamed (flags) or removed by another process: look again,
             # then remove those that are still there under their new name.
             unchanged = False
-            self._stamps = _unknownStamps()
+            self._mtimes = {"new": -1, "cur": -1}
             self.refresh()
             self._unlink([uid for uid in missing if self.position(uid) is not None])
         self._ownChangeDone(unchanged)
@@ -869,7 +930,7 @@ class Folder:
             # Another process numbered files we have not listed below
             # these: list them first, so that sessions learn the messages
             # in UID order (one told of a higher UID would never see them).
-            self._stamps = {sub: _LIST_AGAIN for sub in self._stamps}
+            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
             self.refresh()
         change = FolderChange(origin=origin)
         for uid, (base, info) in sorted(zip(uids, fresh)):
@@ -975,16 +1036,24 @@ def infoBits(info: str) -> tuple[int, str]:
     return bits, letters
 
 
-# What stat says of a directory or file: (st_mtime_ns, st_size, st_ino), or
+# A directory time this close to now may be shared by a change still to come
+# (file systems keep times in ticks, NFS servers with their own clock), so
+# it proves nothing yet: the directory is listed again at the next refresh.
+# Dovecot's Maildir code waits the same second (MAILDIR_SYNC_SECS) before it
+# trusts a directory's time, which is what lets both servers share a folder.
+UNSETTLED_NS = 1_000_000_000
+_LIST_AGAIN = -3
+
+# What stat says of a directory: (st_mtime_ns, st_size, st_ino), or
 # _MISSING.  A modification time alone can stay put across a change: file
 # systems keep times in ticks, and an NFS client caches attributes (actimeo)
 # and may be handed a server's time that does not move within its second.
 # The size moves when files are added or removed (with every one on tmpfs
 # and btrfs, when the directory grows a block on ext4; over NFS, as the
-# exported file system counts), and the inode when a directory or the UID
-# list is replaced by another (a folder deleted and made again, a list
-# rewritten by rename).  No stamp can see through an attribute cache that
-# has not expired: that is what the mount options in the README bound.
+# exported file system counts), and the inode when a directory is replaced
+# by another (a folder deleted and made again).  No stamp can see through an
+# attribute cache that has not expired: that is what the mount options in
+# the README bound.
 Stamp = tuple[int, int, int] | int
 
 
@@ -996,33 +1065,17 @@ def _stamp(path: str) -> Stamp:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _unknownStamps() -> dict[str, Stamp]:
-    return dict.fromkeys(_STAMPED, _UNKNOWN)
-
-
-# A directory time this close to now may be shared by a change still to come
-# (file systems keep times in ticks, NFS servers with their own clock), so
-# it proves nothing yet: the directory is listed again at the next refresh.
-# Dovecot's Maildir code waits the same second (MAILDIR_SYNC_SECS) before it
-# trusts a directory's time, which is what lets both servers share a folder.
-UNSETTLED_NS = 1_000_000_000
-_LIST_AGAIN = -3
-
-
 def _settled(stamps: dict[str, Stamp]) -> dict[str, Stamp]:
     """
-    The stamps to remember: a directory whose time is too recent to trust
-    is given a stamp no directory has, so that the next refresh lists it
-    again.  (The UID list's stamp is exact: the list only grows in place,
-    and is otherwise replaced by a file with another inode.)
+    The directory stamps to remember: one whose time is too recent to
+    trust is kept as a value no directory has, so that the next refresh
+    lists it again.
     """
     now = time.time_ns()
-    settled = dict(stamps)
-    for sub in _LISTED:
-        stamp = stamps[sub]
-        if isinstance(stamp, tuple) and stamp[0] > now - UNSETTLED_NS:
-            settled[sub] = _LIST_AGAIN
-    return settled
+    return {
+        sub: (_LIST_AGAIN if isinstance(stamp, tuple) and stamp[0] > now - UNSETTLED_NS else stamp)
+        for sub, stamp in stamps.items()
+    }
 
 
 def _holds(uids: array, uid: int) -> bool:
