@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """
 A DNS server for benchmarking the MX's trust checks: serves, on a loopback
-port, the SPF, DKIM and DMARC records of one sending domain, and writes the
-DKIM key that signs for it (for smtp_load.py --dkim-key): RSA 2048 (the
-common case) or ed25519.
+port, the SPF, DKIM and DMARC records of one sending domain, with two DKIM
+keys, and writes them (for smtp_load.py --dkim-key): RSA 2048 (the common
+case) at selector C{rsa}, in C{KEYDIR/rsa.key}, and ed25519 at selector
+C{ed}, in C{KEYDIR/ed25519.key}.
 
 Runs with maild's virtual environment (twisted, pynacl, cryptography)::
 
-    python bench/trust_dns.py --port 5300 --domain bench.test --key-out /tmp/bench-dkim.key \
-        [--algorithm rsa-sha256|ed25519-sha256]
+    python bench/trust_dns.py --port 5300 --domain bench.test --key-dir /tmp/bench-keys
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from twisted.names import authority, dns, server
 class BenchZone(authority.FileAuthority):
     """
     The zone of C{domain}: its records given as a dict rather than a file.
+
+    @param keys: the DKIM keys, by selector: C{(k= tag, p= tag)}.
     """
 
-    def __init__(self, domain: str, publicKey: str, keyType: str = "ed25519") -> None:
+    def __init__(self, domain: str, keys: dict[str, tuple[str, str]]) -> None:
         self.domain = domain
-        self.publicKey = publicKey
-        self.keyType = keyType
+        self.keys = keys
         authority.FileAuthority.__init__(self, None)
 
     def loadFile(self, filename) -> None:
@@ -40,19 +41,22 @@ class BenchZone(authority.FileAuthority):
         txt = lambda text: dns.Record_TXT(text.encode("ascii"), ttl=300)
         self.records = {
             domain: [self.soa[1], txt("v=spf1 ip4:127.0.0.0/8 -all")],
-            b"bench._domainkey." + domain: [
-                # One TXT record of 255-octet strings (RFC 6376 section 3.6.2.2).
-                dns.Record_TXT(
-                    *_strings(f"v=DKIM1; k={self.keyType}; p={self.publicKey}"), ttl=300
-                )
-            ],
             b"_dmarc." + domain: [txt("v=DMARC1; p=reject")],
         }
+        for selector, (keyType, public) in self.keys.items():
+            # One TXT record of 255-octet strings (RFC 6376 section 3.6.2.2).
+            self.records[selector.encode("ascii") + b"._domainkey." + domain] = [
+                dns.Record_TXT(*_strings(f"v=DKIM1; k={keyType}; p={public}"), ttl=300)
+            ]
 
 
 def _strings(text: str) -> list[bytes]:
     data = text.encode("ascii")
     return [data[i : i + 255] for i in range(0, len(data), 255)]
+
+
+# Selector, algorithm, key file name.
+SELECTORS = (("rsa", "rsa-sha256", "rsa.key"), ("ed", "ed25519-sha256", "ed25519.key"))
 
 
 def makeKey(algorithm: str) -> tuple[bytes, str, str]:
@@ -86,14 +90,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=5300)
     parser.add_argument("--domain", default="bench.test")
-    parser.add_argument("--key-out", type=Path, required=True, help="where to write the DKIM key")
-    parser.add_argument(
-        "--algorithm", default="rsa-sha256", choices=("rsa-sha256", "ed25519-sha256")
-    )
+    parser.add_argument("--key-dir", type=Path, required=True, help="where to write the DKIM keys")
     options = parser.parse_args(argv)
-    private, publicKey, keyType = makeKey(options.algorithm)
-    options.key_out.write_bytes(private)
-    zone = BenchZone(options.domain, publicKey, keyType)
+    keys = {}
+    for selector, algorithm, fileName in SELECTORS:
+        private, publicKey, keyType = makeKey(algorithm)
+        (options.key_dir / fileName).write_bytes(private)
+        keys[selector] = (keyType, publicKey)
+    zone = BenchZone(options.domain, keys)
     factory = server.DNSServerFactory(authorities=[zone])
     reactor.listenUDP(options.port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
     reactor.listenTCP(options.port, factory, interface="127.0.0.1")

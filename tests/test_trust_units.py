@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 
 import dkim
+import nacl.signing
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, task
 from twisted.names import dns, error
@@ -449,6 +450,74 @@ class SilentResolverTests(unittest.TestCase):
         self.assertEqual(
             verdict.summary, "spf=temperror(mailfrom:x.test) dkim=temperror:x.test dmarc=temperror(x.test)"
         )
+
+
+class BatchVerifierTests(unittest.TestCase):
+    """
+    Where DKIM verification runs: small messages at once, in the reactor
+    thread; bigger ones in a worker thread, in batches.
+    """
+
+    key = base64.b64encode(bytes(nacl.signing.SigningKey(b"b" * 32).verify_key)).decode()
+
+    def setUp(self):
+        self.trips: list[defer.Deferred] = []
+        self.work: list = []
+
+        def inThread(f):
+            # A worker thread that runs when the test says.
+            d = defer.Deferred()
+            self.trips.append(d)
+            self.work.append(f)
+            return d
+
+        self.verifier = BatchVerifier(inThread, inlineWork=1000)
+
+    def verify(self, size: int) -> defer.Deferred:
+        message = _signed(b"x" * size)
+        fields = parseFields(message.split(b"\r\n\r\n")[0] + b"\r\n")
+        keys = {"s._domainkey.d.test": f"v=DKIM1; k=ed25519; p={self.key}".encode()}
+        return self.verifier.verify(message, None, readSignatures(fields), keys)
+
+    def finishTrip(self, index: int) -> None:
+        self.trips[index].callback(self.work[index]())
+
+    def test_smallAtOnce(self):
+        """
+        A message within inlineWork is verified before verify() returns,
+        with no trip to a thread.
+        """
+        (result,) = self.successResultOf(self.verify(100))
+        self.assertEqual(result.result, "pass")
+        self.assertEqual(self.trips, [])
+
+    def test_bigInBatches(self):
+        """
+        Bigger messages go to the thread; those arriving while a trip is
+        under way go together in the next one, and each gets its result.
+        """
+        first = self.verify(2000)
+        self.assertEqual(len(self.trips), 1)
+        second, third = self.verify(2000), self.verify(3000)
+        self.assertEqual(len(self.trips), 1)
+        self.assertNoResult(first)
+        self.finishTrip(0)
+        self.assertEqual(self.successResultOf(first)[0].result, "pass")
+        self.assertEqual(len(self.trips), 2)
+        self.assertNoResult(second)
+        self.finishTrip(1)
+        self.assertEqual(
+            [self.successResultOf(d)[0].result for d in (second, third)], ["pass", "pass"]
+        )
+        self.assertEqual(len(self.trips), 2)
+
+
+def _signed(body: bytes) -> bytes:
+    message = b"From: a@d.test\r\nSubject: s\r\n\r\n" + body + b"\r\n"
+    return dkim.sign(
+        message, b"s", b"d.test", base64.b64encode(b"b" * 32),
+        signature_algorithm=b"ed25519-sha256", linesep=b"\r\n",
+    ) + message
 
 
 class AnyRecordTests(unittest.TestCase):

@@ -123,8 +123,9 @@ class MessageChecks:
         self.checker = checker
         self.sender = sender
         self._filter = HeaderFilter(checker.hostname)
-        # The message as received, kept for DKIM while it may be signed.
-        self._raw: bytearray | None = bytearray()
+        # The message as received, in pieces, kept for DKIM while it may
+        # be signed.
+        self._raw: list[bytes] | None = []
         self._signatures: list = []
         self._fromDomains: list[str] | None = None
         self._spf = checkSPF(
@@ -150,7 +151,7 @@ class MessageChecks:
         """
         wasDone = self._filter.done
         if self._raw is not None:
-            self._raw += content
+            self._raw.append(content)
         out = self._filter.feed(content)
         if self._filter.done and not wasDone:
             self._headersComplete()
@@ -188,8 +189,11 @@ class MessageChecks:
         spf: SPFResult = await self._spf
         dkim: list[DKIMResult] = []
         if self._raw is not None:
-            message, self._raw = bytes(self._raw), None
-            dkim = await verifyDKIM(checker.lookup, self._signatures, message, checker.verifier)
+            message, self._raw = b"".join(self._raw), None
+            dkim = await verifyDKIM(
+                checker.lookup, self._signatures, message, checker.verifier,
+                len(self._filter.section),
+            )
         dmarc = await checkDMARC(checker.lookup, self._fromDomains, spf, dkim, checker.sample)
         _count(spf, dkim, dmarc)
         header = authenticationResults(checker.hostname, spf, self.sender, dkim, dmarc)

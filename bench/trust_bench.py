@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""
+SMTP MX throughput with the trust checks (SPF, DKIM, DMARC) on against
+off, back to back, for four kinds of mail: unsigned (SPF and DMARC only),
+signed with ed25519, with RSA 2048, and with both (as maild's relay
+signs).  A private DNS server (trust_dns.py) answers for the sending
+domain C{bench.test}; smtp_load.py sends 10 KiB messages at C=50 over two
+source addresses; the daemon stores durably and checks mail from loopback
+(C{[limits] trusted_networks = []}).
+
+Each round runs every kind checked and unchecked, one right after the
+other (in turn on first, then off first), so that both halves of a pair
+see the same machine; the table gives each pair's rates, their ratio,
+and the daemon's CPU per message (user and system, sync work included).
+
+Run from the repository root with maild's virtual environment::
+
+    python bench/trust_bench.py [--messages 5000] [--rounds 3] [--kinds unsigned,ed25519,rsa,both]
+        [--source DIR]   # the daemon of another checkout: git archive <commit> | tar -x -C DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+
+# Kind: the smtp_load.py signing options (trust_dns.py's keys and selectors).
+SIGNING = {
+    "unsigned": [],
+    "ed25519": [("ed25519.key", "ed", "ed25519-sha256")],
+    "rsa": [("rsa.key", "rsa", "rsa-sha256")],
+    "both": [("rsa.key", "rsa", "rsa-sha256"), ("ed25519.key", "ed", "ed25519-sha256")],
+}
+
+CONFIG = """\
+data_dir = "{data}"
+hostname = "mx.bench.local"
+[listen]
+smtp = "tcp:{port}:interface=127.0.0.1"
+submission = "none"
+smtps = "none"
+pop3 = "none"
+pop3s = "none"
+imap = "none"
+imaps = "none"
+http = "tcp:{httpPort}:interface=127.0.0.1"
+https = "none"
+[web]
+metrics = "anyone"
+[dns]
+nameservers = ["127.0.0.1:{dnsPort}"]
+[limits]
+trusted_networks = []
+[mx]
+checks = {checks}
+"""
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpuSeconds(pid: int) -> tuple[float, float]:
+    """
+    The user and system CPU seconds of process C{pid}, all threads.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime (fields 14 and 15 of proc(5), counted from the state).
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+# The checkout whose daemon is measured (--source).
+SOURCE = ROOT
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SOURCE) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def waitForPort(port: int, process: subprocess.Popen, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the daemon exited at start")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the daemon did not listen in time")
+
+
+def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str) -> dict:
+    """
+    One daemon, one load run: the rate, the daemon's CPU per message, and
+    what its log says.
+    """
+    data = work / f"data-{label}"
+    data.mkdir()
+    env = environment()
+    subprocess.run(
+        [PYTHON, "-m", "maild.cli", "--data-dir", str(data), "user", "add", "alice@localhost",
+         "--password-stdin"],
+        input=b"secret\n", check=True, env=env, stdout=subprocess.DEVNULL,
+    )
+    port, httpPort = freePort(), freePort()
+    config = work / f"maild-{label}.toml"
+    config.write_text(
+        CONFIG.format(data=data, port=port, httpPort=httpPort, dnsPort=dnsPort,
+                      checks=str(checks).lower())
+    )
+    log = work / f"maild-{label}.log"
+    daemon = subprocess.Popen(
+        [str(Path(PYTHON).parent / "twistd"), "-n", "--pidfile=", f"--logfile={log}", "maild",
+         "--config", str(config)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        waitForPort(port, daemon)
+        os.sync()
+        time.sleep(1)
+        signing = []
+        for keyFile, selector, algorithm in SIGNING[kind]:
+            signing += ["--dkim-key", str(work / keyFile), "--dkim-selector", selector,
+                        "--dkim-algorithm", algorithm]
+        load = [
+            PYTHON, str(BENCH / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
+            "--messages", str(messages), "--concurrency", "50", "--bind", "127.0.0.1,127.0.0.2",
+            "--from", "bench@bench.test", "--to", "alice@localhost", "--json", *signing,
+        ]
+        # smtp_load.py signs before its run (and times the run alone); the
+        # daemon waits meanwhile, at no cost.
+        before = cpuSeconds(daemon.pid)
+        output = subprocess.run(load, env=env, stdout=subprocess.PIPE).stdout
+        after = cpuSeconds(daemon.pid)
+        loadAverage = os.getloadavg()[0]
+        metrics = _metrics(httpPort)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait()
+    result = json.loads(output)
+    text = log.read_text(errors="replace")
+    summary = next(
+        (line.split(" spf=", 1)[1] for line in text.splitlines() if " spf=" in line), ""
+    )
+    return {
+        "kind": kind,
+        "checks": checks,
+        "rate": result["messages_per_second"],
+        "accepted": result["accepted"],
+        "cpu_us": (sum(after) - sum(before)) / messages * 1e6,
+        "system_us": (after[1] - before[1]) / messages * 1e6,
+        "tracebacks": text.count("Traceback"),
+        "results": ("spf=" + summary) if summary else "",
+        "load": loadAverage,
+        # Messages per group commit, and the mean time from the end of DATA
+        # to the 250.
+        "group": _mean(metrics, "maild_store_commit_group_size"),
+        "reply_ms": _mean(metrics, "maild_data_reply_seconds") * 1000,
+    }
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _mean(metrics: dict[str, float], histogram: str) -> float:
+    count = metrics.get(histogram + "_count", 0.0)
+    return metrics.get(histogram + "_sum", 0.0) / count if count else 0.0
+
+
+def table(runs: list[dict], kinds: list[str]) -> str:
+    lines = [
+        f"{'mail':9} {'on msg/s':>18} {'off msg/s':>18} {'ratio on/off':>22} {'median':>7}"
+        f" {'CPU µs/msg on/off':>18} {'load':>10}",
+    ]
+    for kind in kinds:
+        on = [r for r in runs if r["kind"] == kind and r["checks"]]
+        off = [r for r in runs if r["kind"] == kind and not r["checks"]]
+        ratios = [a["rate"] / b["rate"] for a, b in zip(on, off)]
+        cpuOn = statistics.median(r["cpu_us"] for r in on)
+        cpuOff = statistics.median(r["cpu_us"] for r in off)
+        loads = [r["load"] for r in on + off]
+        onRates = ", ".join(f"{r['rate']:.0f}" for r in on)
+        offRates = ", ".join(f"{r['rate']:.0f}" for r in off)
+        ratioText = ", ".join(f"{x:.2f}" for x in ratios)
+        lines.append(
+            f"{kind:9} {onRates:>18} {offRates:>18} {ratioText:>22} {statistics.median(ratios):7.2f}"
+            f" {cpuOn:8.0f}/{cpuOff:<9.0f} {min(loads):4.1f}-{max(loads):<4.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kinds", default="unsigned,ed25519,rsa,both")
+    parser.add_argument("--json", type=Path, help="also write every run to this file")
+    parser.add_argument(
+        "--source", type=Path, default=ROOT,
+        help="run the daemon of another checkout (the code before a change)",
+    )
+    options = parser.parse_args(argv)
+    global SOURCE
+    SOURCE = options.source.resolve()
+    kinds = options.kinds.split(",")
+    work = Path(tempfile.mkdtemp(prefix="trust-bench-"))
+    dnsPort = freePort()
+    dns = subprocess.Popen(
+        [PYTHON, str(BENCH / "trust_dns.py"), "--port", str(dnsPort), "--domain", "bench.test",
+         "--key-dir", str(work)],
+        env=environment(), stdout=subprocess.PIPE,
+    )
+    runs: list[dict] = []
+    try:
+        dns.stdout.readline()
+        for round in range(options.rounds):
+            for kind in kinds:
+                for checks in (True, False) if round % 2 == 0 else (False, True):
+                    run = runOnce(work, dnsPort, kind, checks, options.messages,
+                                  f"{kind}-{checks}-{round}")
+                    runs.append(run)
+                    print(
+                        f"{kind:9} checks={'on ' if checks else 'off'} {run['rate']:6.0f} msg/s"
+                        f"  accepted {run['accepted']}  CPU {run['cpu_us']:5.0f} µs/msg"
+                        f" (system {run['system_us']:4.0f})"
+                        f"  group {run['group']:4.1f}  reply {run['reply_ms']:5.1f} ms"
+                        f"  load {run['load']:.1f}  tracebacks {run['tracebacks']}  {run['results']}",
+                        flush=True,
+                    )
+    finally:
+        dns.terminate()
+        dns.wait()
+        subprocess.run(["rm", "-rf", str(work)])
+    print()
+    print(table(runs, kinds))
+    if options.json:
+        options.json.write_text(json.dumps(runs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
