@@ -95,12 +95,22 @@ class Node:
     def logText(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def logCount(self, text: str) -> int:
+        """
+        How many times C{text} appears in the node's log so far.
+        """
+        return self.logText().count(text)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
 
 class Cluster:
     """
     C{size} nodes on one data folder behind HAProxy: C{frontends["smtp"]}
     spreads SMTP round-robin over the nodes, C{frontends["imap"]} IMAP;
-    C{frontends["imap1"]}... reach one node each.
+    C{frontends["imap1"]}..., C{frontends["smtp1"]}... reach one node each.
     """
 
     def __init__(self, folder: Path, size: int = 3, users: dict[str, str] | None = None,
@@ -134,6 +144,14 @@ class Cluster:
         )
         waitForPort(self.redisPort, process=self.redis)
 
+    def killRedis(self) -> None:
+        """
+        Kill Redis at once (SIGKILL: no goodbye to its clients).
+        """
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.send_signal(signal.SIGKILL)
+            self.redis.wait(timeout=30)
+
     def stopRedis(self) -> None:
         if self.redis is not None and self.redis.poll() is None:
             self.redis.terminate()
@@ -154,9 +172,10 @@ class Cluster:
                 for n in self.nodes
             ]
         for node in self.nodes:
-            port = self.frontends[f"imap{node.number}"] = freePort()
-            lines += [f"listen imap{node.number}", f"  bind 127.0.0.1:{port}",
-                      f"  server node{node.number} 127.0.0.1:{node.ports['imap']} send-proxy-v2"]
+            for service in ("imap", "smtp"):
+                port = self.frontends[f"{service}{node.number}"] = freePort()
+                lines += [f"listen {service}{node.number}", f"  bind 127.0.0.1:{port}",
+                          f"  server node{node.number} 127.0.0.1:{node.ports[service]} send-proxy-v2"]
         path = self.folder / "haproxy.cfg"
         path.write_text("\n".join(lines) + "\n")
         self.haproxy = subprocess.Popen(
