@@ -44,7 +44,33 @@ def waitForPort(port: int, timeout: float = 30.0, process: subprocess.Popen | No
     raise AssertionError(f"nothing listening on {port}")
 
 
-class Node:
+class DaemonProcess:
+    """
+    A maild started by a test as its own process (C{self.process}), logging
+    to C{self.log}: killed, stopped and read the same way by every harness.
+    """
+
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logText(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Node(DaemonProcess):
     """
     One maild process: SMTP and IMAP behind the PROXY protocol, plus a
     plain HTTP listener for /healthz.
@@ -78,22 +104,6 @@ class Node:
             stderr=subprocess.STDOUT,
         )
         waitForPort(self.ports["http"], process=self.process)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def logText(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def logCount(self, text: str) -> int:
         """
