@@ -42,6 +42,8 @@ import time
 import uuid
 from pathlib import Path
 
+from _harness import rss
+
 PASSWORD = "bench password"
 WORDS = (
     "the quick brown fox jumps over lazy dog mail server queue delivery message folder "
@@ -199,16 +201,6 @@ class Session:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def rss(pid: int) -> int:
-    """
-    Resident memory of process C{pid}, in KiB.
-    """
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def startDaemon(data: Path, port: int) -> subprocess.Popen:

@@ -24,7 +24,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _harness import ROOT, daemonEnv, freePort, waitForPort
+
 USER, PASSWORD = "testuser@localhost", "imaptest-pass"
 
 
@@ -51,23 +51,6 @@ class Result:
     @property
     def total(self) -> int:
         return sum(self.totals.values())
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def waitForPort(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def runImaptest(imaptest: str, port: int, user: str, mbox: Path, args) -> tuple[dict[str, int], dict[str, int]]:
@@ -122,7 +105,7 @@ def runMaild(imaptest: str, mbox: Path, args) -> Result:
         config.write_text(f"[limits]\nconnections_per_ip = {args.clients + 10}\n")
         port = freePort()
         log = data / "maild.log"
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = daemonEnv()
         from maild.config import PROTOCOLS
 
         listeners = [f"--{name}=none" for name in PROTOCOLS if name != "imap"]
@@ -134,7 +117,7 @@ def runMaild(imaptest: str, mbox: Path, args) -> Result:
             env=env,
         )
         try:
-            waitForPort(port)
+            waitForPort(port, process=daemon)
             totals, errors = runImaptest(imaptest, port, USER, mbox, args)
         finally:
             daemon.send_signal(signal.SIGTERM)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,28 +25,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import ROOT, TWISTD, cpuSeconds, daemonEnv, freePort, rss, waitForPort
+
 sys.path.insert(0, str(ROOT))
 from maild.config import PROTOCOLS  # noqa: E402  (every listener, to turn off the unused)
 
 PASSWORD = "bench password"
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def waitForPort(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def connectionsAccepted(httpPort: int) -> int:
@@ -60,24 +42,6 @@ def connectionsAccepted(httpPort: int) -> int:
     for line in text.splitlines():
         if line.startswith('maild_connections_total{listener="smtp"}'):
             return int(float(line.split()[-1]))
-    return 0
-
-
-def cpuSeconds(pid: int) -> float:
-    """
-    User and system CPU time a process has used.
-    """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss(pid: int) -> int:
-    """
-    Resident memory of a process, in KiB.
-    """
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
     return 0
 
 
@@ -107,9 +71,8 @@ class Daemon:
             )
         self.log = open(folder / "twistd.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", *twistd, "maild", "--config", str(self.config)],
-            cwd=folder, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            [*TWISTD, "-n", "--pidfile=", *twistd, "maild", "--config", str(self.config)],
+            cwd=folder, env=daemonEnv(),
             stdout=self.log, stderr=subprocess.STDOUT,
         )
 

@@ -34,7 +34,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import ROOT, TWISTD, daemonEnv, freePort, waitForPort
+
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
 PASSWORD = "bench-password"
 SENDER = "bench@example.org"
@@ -50,23 +50,6 @@ RECIPIENT = "alice@localhost"
 MESSAGE_SIZE = 10240
 TICKS = os.sysconf("SC_CLK_TCK")
 COUNTED_CALLS = ("fsync", "fdatasync", "syncfs", "getdents64")
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def waitForPort(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def imaptestTotal(output: str) -> int:
@@ -187,7 +170,7 @@ class Daemon:
         self.folder = folder
         self.workers = workers
         self.ports = {"smtp": freePort(), "imap": freePort()}
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = daemonEnv()
         subprocess.run(
             [sys.executable, "-m", "maild.cli", "--data-dir", str(folder / "data"),
              "user", "add", RECIPIENT, "--password-stdin"],
@@ -199,13 +182,13 @@ class Daemon:
             for name in LISTENERS
         ]
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            [*TWISTD, "-n", "--pidfile=",
              "--logfile", str(folder / "twistd.log"), "maild", "--config", str(folder / "maild.toml"),
              "--data-dir", str(folder / "data"), f"--workers={workers}", *listeners],
             cwd=folder, env=env,
         )
         for port in self.ports.values():
-            waitForPort(port)
+            waitForPort(port, process=self.process)
         # Let every worker come up before the load starts.
         deadline = time.monotonic() + 60
         while len(self.pids()) < (1 if workers == 1 else workers + 1) and time.monotonic() < deadline:

@@ -44,7 +44,33 @@ def waitForPort(port: int, timeout: float = 30.0, process: subprocess.Popen | No
     raise AssertionError(f"nothing listening on {port}")
 
 
-class Node:
+class DaemonProcess:
+    """
+    A maild started by a test as its own process (C{self.process}), logging
+    to C{self.log}: killed, stopped and read the same way by every harness.
+    """
+
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logText(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Node(DaemonProcess):
     """
     One maild process: SMTP and IMAP behind the PROXY protocol, plus a
     plain HTTP listener for /healthz.
@@ -79,28 +105,22 @@ class Node:
         )
         waitForPort(self.ports["http"], process=self.process)
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
+    def logCount(self, text: str) -> int:
+        """
+        How many times C{text} appears in the node's log so far.
+        """
+        return self.logText().count(text)
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def logText(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
 
 class Cluster:
     """
     C{size} nodes on one data folder behind HAProxy: C{frontends["smtp"]}
     spreads SMTP round-robin over the nodes, C{frontends["imap"]} IMAP;
-    C{frontends["imap1"]}... reach one node each.
+    C{frontends["imap1"]}..., C{frontends["smtp1"]}... reach one node each.
     """
 
     def __init__(self, folder: Path, size: int = 3, users: dict[str, str] | None = None,
@@ -134,6 +154,14 @@ class Cluster:
         )
         waitForPort(self.redisPort, process=self.redis)
 
+    def killRedis(self) -> None:
+        """
+        Kill Redis at once (SIGKILL: no goodbye to its clients).
+        """
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.send_signal(signal.SIGKILL)
+            self.redis.wait(timeout=30)
+
     def stopRedis(self) -> None:
         if self.redis is not None and self.redis.poll() is None:
             self.redis.terminate()
@@ -154,9 +182,10 @@ class Cluster:
                 for n in self.nodes
             ]
         for node in self.nodes:
-            port = self.frontends[f"imap{node.number}"] = freePort()
-            lines += [f"listen imap{node.number}", f"  bind 127.0.0.1:{port}",
-                      f"  server node{node.number} 127.0.0.1:{node.ports['imap']} send-proxy-v2"]
+            for service in ("imap", "smtp"):
+                port = self.frontends[f"{service}{node.number}"] = freePort()
+                lines += [f"listen {service}{node.number}", f"  bind 127.0.0.1:{port}",
+                          f"  server node{node.number} 127.0.0.1:{node.ports[service]} send-proxy-v2"]
         path = self.folder / "haproxy.cfg"
         path.write_text("\n".join(lines) + "\n")
         self.haproxy = subprocess.Popen(

@@ -17,6 +17,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from maild.cluster.link import RedisLink
 from maild.service import MailService
 from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, writeUsers
 
@@ -45,6 +46,18 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=20)
+
+    def killClient(self, port: int) -> None:
+        """
+        Close the client connection that comes from loopback C{port}
+        (Redis's C{CLIENT KILL ADDR}).
+        """
+        addr = f"127.0.0.1:{port}".encode()
+        command = b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nADDR\r\n$%d\r\n%s\r\n" % (len(addr), addr)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(command)
+            reply = s.recv(100)
+            assert reply.startswith(b":1"), reply
 
 
 def waitUntil(condition, timeout: float = 10.0):
@@ -144,3 +157,33 @@ class TwoNodesTests(unittest.TestCase):
         # (While Redis is up, polling looks at nothing: only notices tell.)
         heard = yield threads.deferToThread(self.deliveryHeard, 0.5)
         self.assertTrue(heard, "notices did not come back with Redis")
+
+    @defer.inlineCallbacks
+    def test_noticeKeptWhileCommandsAreDown(self):
+        """
+        A node whose command connection to Redis dropped (its subscription
+        and the other node's stay up, so nobody polls) keeps the notices it
+        could not publish and sends them once it is connected again: an
+        IDLE client on the other node still hears of the delivery.
+        """
+        commands = self.nodes[1].redis._commands.pool[0]
+        self.redisServer.killClient(commands.transport.getHost().port)
+        yield waitUntil(lambda: not self.nodes[1].redis._commands.size)
+        # Both subscriptions are up: neither node polls.
+        self.assertTrue(all(node.redis.up for node in self.nodes))
+        heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
+        self.assertTrue(heard, "a notice lost while the command connection was down")
+
+
+class UnsentNoticeTests(unittest.SynchronousTestCase):
+    def test_keptOnceAndBounded(self):
+        """
+        While Redis is away, what a node publishes is kept for later: the
+        same message once (at its latest place), and past C{UNSENT_KEPT}
+        the oldest go.
+        """
+        link = RedisLink("redis://127.0.0.1:1/0", task.Clock())
+        link.UNSENT_KEPT = 2
+        for key in ("a", "b", "a", "c"):
+            self.successResultOf(link.publish("folder", key))
+        self.assertEqual(list(link._unsent), [("folder", "a"), ("folder", "c")])

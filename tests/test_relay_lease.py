@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -31,14 +30,14 @@ from maild.cluster.leases import Leases
 from maild.relay.rates import RecipientCounts
 from maild.store.locking import tryLockOpenFile
 from tests import test_relay
-from tests.cluster import ROOT, waitForPort
+from tests.cluster import ROOT, DaemonProcess, waitForPort
 from tests.support import PASSWORD, freePort, writeUsers
 
 ALICE, BOB = test_relay.ALICE, test_relay.BOB
 NO_REDIS = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
 
 
-class Sender:
+class Sender(DaemonProcess):
     """
     One maild process of A: submission on loopback, sending through the
     shared queue.
@@ -67,22 +66,6 @@ class Sender:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def logText(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def deliveries(self) -> list[str]:
         return [line for line in self.logText().splitlines() if "delivery id=" in line]

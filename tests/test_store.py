@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from maild.names import InvalidName
@@ -28,7 +29,8 @@ from maild.store import (
 from maild.store import maildir
 from maild.store.folder import Folder
 from maild.store.keywords import Keywords, TooManyKeywords
-from maild.store.uidlist import UidList
+from maild.store.uidlist import UidList, UidValidities
+from maild.store.watch import FolderWatcher
 from tests.support import waitForEmptySpool
 
 
@@ -221,6 +223,23 @@ class KeywordTests(unittest.SynchronousTestCase):
         keywords.letters([f"k{i}" for i in range(24)])
         self.assertRaises(TooManyKeywords, keywords.letters, ["one-too-many"])
 
+    def test_rewrittenInTheSameTick(self):
+        """
+        The keywords file rewritten in place by another program, its time
+        and inode unchanged (a coarse clock, an NFS attribute cache): read
+        again because its size moved.
+        """
+        path = Path(self.mktemp())
+        path.mkdir()
+        keywords = Keywords(path)
+        self.assertEqual(keywords.letters(["Junk"]), "a")
+        file = path / "dovecot-keywords"
+        before = os.stat(file)
+        with open(file, "w") as f:
+            f.write("0 Junk\n1 $Label1\n")
+        os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self.assertEqual(keywords.names("ab"), ["Junk", "$Label1"])
+
 
 class FolderTests(unittest.SynchronousTestCase):
     def setUp(self):
@@ -301,6 +320,21 @@ class FolderTests(unittest.SynchronousTestCase):
         self.assertEqual((change.added, change.expunged, change.flagged), ([3], [1], [2]))
         self.assertEqual(self.folder.flags[0], maildir.SEEN | maildir.FLAGGED)
         self.assertEqual(self.folder.sizes(1), (len(b"Subject: x\n\nbody\n"), len(b"Subject: x\n\nbody\n") + 3))
+
+    def test_goneFromNewWhileCurUnchanged(self):
+        """
+        A message gone from C{new/} while C{cur/} did not move (expunged by
+        another process, or taken away by RENAME INBOX) is expunged at the
+        first look, not kept until a second one as if it might have moved
+        to C{cur/}: a STATUS right after RENAME INBOX counts no message.
+        """
+        for sub in ("new", "cur"):
+            os.utime(self.path / sub, (1_000_000_000, 1_000_000_000))
+        self.folder.refresh()
+        os.rename(self.path / "new/1700000002.M1P1Q1.h,S=17,W=20", self.path.parent / "moved-away")
+        change = self.folder.refresh()
+        self.assertEqual(change.expunged, [2])
+        self.assertEqual(list(self.folder.uids), [1])
 
     def test_setFlagsRenames(self):
         """
@@ -647,6 +681,106 @@ class VanishingFolderTests(unittest.SynchronousTestCase):
         self.assertTrue(change.reset)
         self.assertGreater(self.folder.uidvalidity, old)
         self.assertFalse(self.folder.missing)
+
+
+class SameTickChangeTests(unittest.SynchronousTestCase):
+    """
+    Another process changes a folder watched by polling (C{watch =
+    "poll"}) and leaves its directories' modification times where they
+    were: a change within one tick of a coarse clock, or what an NFS
+    client shows through its attribute cache.  The folder still sees the
+    change, by a directory's size or inode or by the UID list's stamp.
+    """
+
+    # A settled time: long past, so the index trusts it at once.
+    TICK = 1_000_000_000 * 10**9
+
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        put(self.path, "cur/1700000001.M1P1Q1.h,S=17,W=20:2,S")
+        # The user's UIDVALIDITY counter, which every process shares.
+        self.uidValidities = UidValidities(Path(self.mktemp()).parent)
+        self.folder = Folder("INBOX", self.path, uidValidities=self.uidValidities)
+        self.changes = []
+        self.folder.addListener(self)
+        self.clock = Clock()
+        self.watcher = FolderWatcher(self.clock, pollInterval=1.0, useInotify=False)
+        self.addCleanup(self.watcher.stop)
+        self.inSameTick()
+        self.folder.refresh()
+        self.watcher.watch(self.folder)
+        self.changes.clear()
+
+    def folderChanged(self, folder, change):
+        self.changes.append(change)
+
+    def inSameTick(self, path: Path | None = None) -> None:
+        """
+        Give the directories of C{path} (the folder's by default) the time
+        they had when the index was built.
+        """
+        for sub in ("new", "cur"):
+            os.utime((path or self.path) / sub, ns=(self.TICK, self.TICK))
+
+    def poll(self):
+        self.clock.advance(1.0)
+        return self.changes
+
+    def test_filesAddedInTheSameTick(self):
+        """
+        Files added to C{new/} by another process, the directory's time
+        unmoved: found because the directory's size moved (on ext4 that
+        takes a new block of entries; on tmpfs and btrfs one file).
+        """
+        size = os.stat(self.path / "new").st_size
+        added = 0
+        while os.stat(self.path / "new").st_size == size:
+            added += 1
+            self.assertLess(added, 2000, "the directory's size never moved")
+            put(self.path, f"new/1700000002.M{added}P99Q{added}.other-node-with-a-long-host-name,S=17,W=20")
+        self.inSameTick()
+        [change] = self.poll()
+        self.assertEqual(len(change.added), added)
+        self.assertEqual(len(self.folder), added + 1)
+
+    def test_folderReplacedInTheSameTick(self):
+        """
+        The folder deleted and made again by another process (DELETE then
+        CREATE and APPEND on another node), its new directories carrying
+        the old times: read afresh, under a new UIDVALIDITY.
+        """
+        old = self.folder.uidvalidity
+        os.rename(self.path, self.path.with_name("deleted"))
+        put(self.path, "cur/1700000005.M1P99Q1.other:2,")
+        Folder("INBOX", self.path, uidValidities=self.uidValidities).refresh()
+        self.inSameTick()
+        [change] = self.poll()
+        self.assertTrue(change.reset)
+        self.assertGreater(self.folder.uidvalidity, old)
+        self.assertEqual(self.folder.bases, ["1700000005.M1P99Q1.other"])
+
+    def test_uidValidityRenewedElsewhere(self):
+        """
+        Another process gives the folder a new UIDVALIDITY (its UID list
+        rewritten, its directories untouched): the index is voided and
+        every listener told so.
+        """
+        old = self.folder.uidvalidity
+        UidList(self.path, self.uidValidities).renew()
+        [change] = self.poll()
+        self.assertTrue(change.reset)
+        self.assertGreater(self.folder.uidvalidity, old)
+        self.assertEqual(len(self.folder), 1)
+
+    def test_uidListGrownElsewhere(self):
+        """
+        The UID list grows (another process numbered a file) while the
+        directories do not move: one look at the list, nothing to tell.
+        """
+        theirs = "1700000003.M1P9Q1.other"
+        UidList(self.path).assign([theirs])
+        self.assertEqual(self.poll(), [])
+        self.assertEqual(self.folder.uidList.state.uids[theirs], 2)
 
 
 class DeliveryTests(unittest.TestCase):

@@ -4,7 +4,11 @@ maild's channels, both reconnecting by themselves (txredisapi, in the
 reactor, never a blocking call).
 
 Every command has a short deadline: a Redis that hangs is treated as one
-that is down, so a login or a delivery never waits on it.
+that is down, so a login or a delivery never waits on it.  A message that
+could not be published is kept and published once Redis takes commands
+again: the two connections come back at different moments, and a notice
+lost while the other nodes' subscriptions are up (so they do not poll)
+would leave their IDLE clients unaware of a change.
 
 Besides events, the link keeps two kinds of shared numbers, for whatever
 needs them (maild.cluster.limits does): counters that expire
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections import OrderedDict
 from typing import Callable, Mapping
 
 import txredisapi
@@ -120,9 +125,13 @@ class RedisLink(service.Service):
         it last refreshed them (it does every third of that).
     @param slowPause: seconds L{answersPromptly} stays false after a
         command timed out (unless another answers meanwhile).
+    @cvar UNSENT_KEPT: how many unpublished messages are kept for later
+        (past that, the oldest go: by then the other nodes have long been
+        polling, and look at everything when they reconnect).
     """
 
     name = "redis"
+    UNSENT_KEPT = 10_000
 
     def __init__(
         self,
@@ -150,6 +159,8 @@ class RedisLink(service.Service):
         self._shareKeepers: list[Callable[[], None]] = []
         self._commands = None
         self._subscriberFactory: _SubscriberFactory | None = None
+        # (channel, message) not yet published, oldest first, each once.
+        self._unsent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._warner: task.LoopingCall | None = None
         self._presence: task.LoopingCall | None = None
 
@@ -206,18 +217,59 @@ class RedisLink(service.Service):
         self._listeners.setdefault(channel, []).append(callback)
 
     def publish(self, channel: str, message: str) -> defer.Deferred:
-        return self.call("publish", CHANNEL_PREFIX + channel, message)
+        """
+        Publish C{message} on C{channel}; when Redis cannot take it now, it
+        is kept and published once Redis takes commands again.  (The same
+        message kept twice is published once: a notice says that something
+        changed, not how often.)
+
+        @return: a Deferred that fires with None, whichever happened.
+        """
+        d = self.call("publish", CHANNEL_PREFIX + channel, message)
+        d.addCallbacks(self._published, lambda _: self._keepUnsent(channel, message))
+        return d
+
+    def _published(self, _) -> None:
+        # Redis answers again (after a command that timed out, say).
+        if self._unsent:
+            self._sendUnsent()
+
+    def _keepUnsent(self, channel: str, message: str) -> None:
+        unsent = self._unsent
+        unsent[(channel, message)] = None
+        unsent.move_to_end((channel, message))
+        while len(unsent) > self.UNSENT_KEPT:
+            unsent.popitem(last=False)
+
+    def _sendUnsent(self) -> None:
+        """
+        Publish what could not be published before (what fails again is
+        kept again).
+        """
+        if not self.up or not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, OrderedDict()
+        for channel, message in unsent:
+            self.publish(channel, message)
 
     def _subscriberUp(self, protocol) -> None:
-        protocol.psubscribe(CHANNEL_PREFIX + "*").addErrback(lambda _: None)
+        # The folders are looked at again once Redis confirms the
+        # subscription: a notice published after that look is sure to arrive.
+        d = protocol.psubscribe(CHANNEL_PREFIX + "*")
+        d.addCallbacks(lambda _: self._subscribed(protocol), lambda _: None)
         if not self.up:
             log.info("Redis at {host}:{port} reached", host=self.host, port=self.port)
         self.up = True
         # Redis may be a new one, or have missed writes while away.
         self._stale = True
         self._refreshPresence()
+
+    def _subscribed(self, protocol) -> None:
+        if not protocol.connected:
+            return
         for callback in self._listeners.get("reconnected", []):
             callback("")
+        self._sendUnsent()
 
     def _subscriberDown(self) -> None:
         if self.up:
@@ -270,6 +322,7 @@ class RedisLink(service.Service):
         # What went over the previous command connection may be lost.
         self._stale = True
         self._refreshPresence()
+        self._sendUnsent()
 
     def _answered(self, result):
         self._slowUntil = 0.0

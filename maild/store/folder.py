@@ -8,8 +8,9 @@ from the UID list and one listing of C{new/} and C{cur/}: no message file
 is read to open a folder.  Changes made through this object update the
 index at once and are announced to its listeners; changes made by anyone
 else (another process, a Maildir tool) are found by L{Folder.refresh},
-which lists the directories again only when a modification time moved or
-the UID list numbers files no listing found.
+which lists the directories again only when what C{stat} says of one
+moved (its modification time, size or inode: L{_stamp}) or the UID list
+numbers files no listing found.
 
 Shared with Dovecot, the folder follows Dovecot's rules (maildir-sync.c):
 message files are renamed (flags, C{new/} to C{cur/}) only under the UID
@@ -125,7 +126,8 @@ class Folder:
         self.uidvalidity = 0
         self._sizes: dict[int, tuple[int, int]] = {}
         self._listeners: list[FolderListener] = []
-        self._mtimes: dict[str, int] = {"new": -1, "cur": -1}
+        # What stat said of new/ and cur/ (L{_stamp}) when last listed.
+        self._mtimes: dict[str, Stamp] = {"new": -1, "cur": -1}
         # Every UID below this was given to a file a listing of ours found,
         # or one we placed: a UID list that numbers more calls for a listing.
         self._listedUidnext = 0
@@ -343,16 +345,13 @@ class Folder:
             if own and self.onOwnChange is not None:
                 self.onOwnChange(self)
 
-    def _dirMtimes(self) -> dict[str, int]:
+    def _dirMtimes(self) -> dict[str, Stamp]:
+        """
+        The stamps (L{_stamp}) of C{new/} and C{cur/}.
+        """
         # Every command of every session asks: string paths, not pathlib's
         # joins, which cost more than the stats.
-        mtimes = {}
-        for sub in ("new", "cur"):
-            try:
-                mtimes[sub] = os.stat(self._dir + sub).st_mtime_ns
-            except FileNotFoundError:
-                mtimes[sub] = _MISSING
-        return mtimes
+        return {"new": _stamp(self._dir + "new"), "cur": _stamp(self._dir + "cur")}
 
     def refresh(self) -> FolderChange:
         """
@@ -451,7 +450,7 @@ class Folder:
             listing.pop(base, None)
         return listing
 
-    def _scan(self, mtimes: dict[str, int], subs: set[str]) -> FolderChange:
+    def _scan(self, mtimes: dict[str, Stamp], subs: set[str]) -> FolderChange:
         """
         List the directories C{subs} (those whose time moved) and reconcile
         the index with them; entries in the other directory stay as they are.
@@ -462,6 +461,13 @@ class Folder:
         # What the UID list numbered before we list: all of it is placed.
         listedUidnext = self.uidList.refresh().uidnext
         onDisk = self._listing(subs)
+        if subs == {"new"} and self._goneFromNew(onDisk):
+            # Messages left new/ while cur/ did not move: expunged or taken
+            # away (RENAME INBOX), not read.  Listing cur/ as well settles
+            # it now, instead of keeping them as "perhaps in cur/" until the
+            # next look (a STATUS would count them meanwhile).
+            subs = {"new", "cur"}
+            onDisk.update(self._listing({"cur"}))
         # A directory that changed while we listed it (a rename by another
         # process) may have been listed without a file: one it seems to
         # lack is not taken for expunged until a listing is undisturbed.
@@ -587,6 +593,14 @@ class Folder:
             self._listedUidnext = listedUidnext
         self._loaded = True
         return change
+
+    def _goneFromNew(self, listedNew: dict[str, str]) -> bool:
+        """
+        Whether a message the index has in C{new/} is missing from this
+        listing of it.
+        """
+        bases = self.bases
+        return any(bases[i] not in listedNew for i in self.positionsWith(IN_NEW))
 
     def _unknownBelow(self, uid: int) -> bool:
         """
@@ -1030,14 +1044,38 @@ def infoBits(info: str) -> tuple[int, str]:
 UNSETTLED_NS = 1_000_000_000
 _LIST_AGAIN = -3
 
+# What stat says of a directory: (st_mtime_ns, st_size, st_ino), or
+# _MISSING.  A modification time alone can stay put across a change: file
+# systems keep times in ticks, and an NFS client caches attributes (actimeo)
+# and may be handed a server's time that does not move within its second.
+# The size moves when files are added or removed (with every one on tmpfs
+# and btrfs, when the directory grows a block on ext4; over NFS, as the
+# exported file system counts), and the inode when a directory is replaced
+# by another (a folder deleted and made again).  No stamp can see through an
+# attribute cache that has not expired: that is what the mount options in
+# the README bound.
+Stamp = tuple[int, int, int] | int
 
-def _settled(mtimes: dict[str, int]) -> dict[str, int]:
+
+def _stamp(path: str) -> Stamp:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return _MISSING
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _settled(stamps: dict[str, Stamp]) -> dict[str, Stamp]:
     """
-    The directory times to remember: a time too recent to trust is kept
-    as a value no directory has, so that the next refresh lists it again.
+    The directory stamps to remember: one whose time is too recent to
+    trust is kept as a value no directory has, so that the next refresh
+    lists it again.
     """
     now = time.time_ns()
-    return {sub: (_LIST_AGAIN if mtime > now - UNSETTLED_NS else mtime) for sub, mtime in mtimes.items()}
+    return {
+        sub: (_LIST_AGAIN if isinstance(stamp, tuple) and stamp[0] > now - UNSETTLED_NS else stamp)
+        for sub, stamp in stamps.items()
+    }
 
 
 def _holds(uids: array, uid: int) -> bool:

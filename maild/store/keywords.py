@@ -34,15 +34,18 @@ class Keywords:
         self.uidListPath = folderPath / UIDLIST_NAME
         self.lockSettings = lockSettings
         self._byLetter: dict[str, str] = {}
-        self._mtime: tuple[int, int] | int = -1
+        # What stat said of the file when read: (mtime, size, inode); the
+        # inode alone is no proof (a file replaced by rename frees its inode
+        # for the next one), nor the time (coarse ticks, NFS attribute caches).
+        self._stamp: tuple[int, int, int] | int = -1
 
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._byLetter, self._mtime = {}, -1
+            self._byLetter, self._stamp = {}, -1
             return
-        if (st.st_ino, st.st_mtime_ns) == self._mtime:
+        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._stamp:
             return
         byLetter = {}
         try:
@@ -53,9 +56,9 @@ class Keywords:
                         byLetter[string.ascii_lowercase[int(index)]] = name
         except FileNotFoundError:
             # Its folder was deleted or renamed meanwhile.
-            self._byLetter, self._mtime = {}, -1
+            self._byLetter, self._stamp = {}, -1
             return
-        self._byLetter, self._mtime = byLetter, (st.st_ino, st.st_mtime_ns)
+        self._byLetter, self._stamp = byLetter, (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def names(self, letters: str) -> list[str]:
         """
@@ -81,7 +84,7 @@ class Keywords:
         missing = [n for k, n in wanted.items() if k not in found]
         if missing and create:
             with folderMustExist(self.path.parent), dotLocked(self.uidListPath, self.lockSettings):
-                self._mtime = -1
+                self._stamp = -1
                 self._refresh()
                 found = {name.lower(): c for c, name in self._byLetter.items()}
                 free = [c for c in string.ascii_lowercase if c not in self._byLetter]
@@ -114,4 +117,4 @@ class Keywords:
             os.replace(tmp, self.path)
             fsyncDirectory(self.path.parent)
         st = os.stat(self.path)
-        self._mtime = (st.st_ino, st.st_mtime_ns)
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
