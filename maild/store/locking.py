@@ -175,8 +175,12 @@ class DotLockSettings:
 
     staleAfter: float = 120.0
     timeout: float = 122.0
-    firstWait: float = 0.002
-    maxWait: float = 0.2
+    # Short: the reactor waits, and the other holder (a second worker, a
+    # node, Dovecot) keeps the lock only for a rename or a short write.
+    # From 2 ms up to 200 ms, two workers on one busy folder served 1.06
+    # times one worker's IMAP commands; from 0.2 ms up to 20 ms, 1.33 times.
+    firstWait: float = 0.0002
+    maxWait: float = 0.02
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
