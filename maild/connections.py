@@ -1,6 +1,7 @@
 """
 Per-client-address connection limits, shared by every listener's factory,
-and the trusted networks exempt from them.
+the trusted networks exempt from them, and the socket option every
+request/response connection wants.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ from typing import Iterable
 from twisted.internet import defer, protocol
 from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
+
+
+def sendWithoutDelay(transport) -> None:
+    """
+    Turn Nagle's algorithm off where the transport has it (TCP): each
+    write of a request/response protocol goes out at once, instead of its
+    last segment waiting for the peer's delayed ACK (tens of milliseconds
+    per exchange).
+    """
+    noDelay = getattr(transport, "setTcpNoDelay", None)
+    if noDelay is not None:
+        try:
+            noDelay(True)
+        except OSError:
+            pass
 
 
 def clientHost(address) -> str:

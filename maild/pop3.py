@@ -42,7 +42,7 @@ from maild.auth import (
     plaintextLoginAllowed,
 )
 from maild.config import Limits
-from maild.connections import LimitedFactory
+from maild.connections import LimitedFactory, sendWithoutDelay
 from maild.lines import LineReader, Overlong
 from maild.store.folder import Folder, MessageGone
 from maild.store.maildir import IN_NEW, INBOX, SEEN
@@ -510,14 +510,7 @@ class POP3Server(pop3.POP3):
     # Connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        # One write per response, sent at once: with Nagle's algorithm a
-        # response's last segment would wait for the client's delayed ACK.
-        noDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if noDelay is not None:
-            try:
-                noDelay(True)
-            except OSError:
-                pass
+        sendWithoutDelay(self.transport)
         self.transport.registerProducer(self, True)
         self.setTimeout(self.timeOut)
         self._loginDeadline = self.callLater(self.limits.login_timeout, self._loginTimedOut)

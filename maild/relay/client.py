@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 from twisted.internet import defer, error
 from twisted.protocols.basic import LineOnlyReceiver
 
+from maild.connections import sendWithoutDelay
+
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; servers
 # send longer ones, but nothing sane sends this much.
 MAX_REPLY_LINE = 4096
@@ -98,15 +100,8 @@ class SMTPClient(LineOnlyReceiver):
         self._error: SessionError | None = None
 
     def connectionMade(self) -> None:
-        # Commands and the end of DATA go out at once: with Nagle's
-        # algorithm the last segment of a write could wait for the
-        # server's delayed ACK (tens of milliseconds per transaction).
-        noDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if noDelay is not None:
-            try:
-                noDelay(True)
-            except OSError:
-                pass
+        # Commands and the end of DATA go out at once.
+        sendWithoutDelay(self.transport)
 
     @property
     def usable(self) -> bool:
