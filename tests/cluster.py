@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.support import freePort, writeUsers
+from tests.support import freePort, waitForPort, writeUsers
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_NAMES = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
@@ -29,19 +27,6 @@ def missing(*programs: str) -> str | None:
         if shutil.which(program) is None:
             return f"{program} is not installed (Debian package; .ci/run installs it)"
     return None
-
-
-def waitForPort(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
 
 
 class DaemonProcess:

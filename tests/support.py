@@ -360,6 +360,25 @@ def freePort() -> int:
         return s.getsockname()[1]
 
 
+def waitForPort(port: int, process=None, timeout: float = 30.0) -> None:
+    """
+    Wait (blocking) until something listens on C{port} of 127.0.0.1;
+    fail at once if C{process} (a C{subprocess.Popen}) has exited, with
+    its output when it was piped.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout is not None else ""
+            raise AssertionError(f"exited with {process.returncode}: {output}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
 
 class IMAPClient(RawClient):
     """

@@ -19,7 +19,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from maild.config import PROTOCOLS
-from tests.support import freePort, writeUsers
+from tests.support import freePort, waitForPort, writeUsers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,19 +30,6 @@ def listenOnly(**listeners: str) -> list[str]:
     so that tests never take the default ports.
     """
     return [f"--{name}={listeners.get(name, 'none')}" for name in PROTOCOLS]
-
-
-def waitForPort(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"daemon exited with {process.returncode}: {process.stdout.read()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
 
 
 class Daemon:

@@ -29,7 +29,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from twisted.trial import unittest
 
 from maild import cli
 from maild.config import PROTOCOLS
-from tests.support import freePort
+from tests.support import freePort, waitForPort
 
 DOVECOT = shutil.which("dovecot", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
 DOVEADM = shutil.which("doveadm", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
@@ -111,20 +110,6 @@ def daemonPython() -> str | None:
 def daemonEnvironment() -> dict[str, str]:
     paths = [str(WORKTREE)] + [p for p in sys.path if p.endswith("site-packages")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONDONTWRITEBYTECODE="1")
-
-
-def waitForPort(port: int, process: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}")
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class Site:
