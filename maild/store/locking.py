@@ -28,16 +28,44 @@ from typing import Callable, Iterator
 class _Held:
     """
     This process's hold on one lock file.
+
+    @ivar token: what took the lock gave back (the locked descriptor, or
+        the dot-lock file's inode), for giving it back.
     """
 
     def __init__(self) -> None:
         self.threadLock = threading.RLock()
-        self.fd: int | None = None
+        self.token: int | None = None
         self.depth = 0
 
 
 _held: dict[str, _Held] = {}
 _heldGuard = threading.Lock()
+
+
+@contextmanager
+def _heldOnce(
+    table: dict[str, _Held], key: str, acquire: Callable[[], int], release: Callable[[int], None]
+) -> Iterator[None]:
+    """
+    Hold the lock C{key} of C{table} for the block, taking it with
+    C{acquire} only for the outermost hold of this process and giving it
+    back with C{release} (passed what C{acquire} returned) when that hold
+    ends; this process's threads take turns on it.
+    """
+    with _heldGuard:
+        held = table.setdefault(key, _Held())
+    with held.threadLock:
+        if held.depth == 0:
+            held.token = acquire()
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth == 0:
+                token, held.token = held.token, None
+                release(token)
 
 
 @contextmanager
@@ -54,25 +82,18 @@ def locked(path: Path) -> Iterator[None]:
     does.
     """
     key = os.fspath(path)
-    with _heldGuard:
-        held = _held.setdefault(key, _Held())
-    with held.threadLock:
-        if held.depth == 0:
-            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
-                raise
-            held.fd = fd
-        held.depth += 1
+
+    def acquire() -> int:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            yield
-        finally:
-            held.depth -= 1
-            if held.depth == 0:
-                fd, held.fd = held.fd, None
-                os.close(fd)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    with _heldOnce(_held, key, acquire, os.close):
+        yield
 
 
 class ExclusiveHold:
@@ -205,19 +226,13 @@ def dotLocked(path: Path, settings: DotLockSettings = DOVECOT_MAILDIR) -> Iterat
         than C{settings.timeout}.
     """
     lockPath = os.fspath(path) + DOTLOCK_SUFFIX
-    with _heldGuard:
-        held = _dotHeld.setdefault(lockPath, _Held())
-    with held.threadLock:
-        if held.depth == 0:
-            held.fd = _createDotLock(lockPath, os.fspath(path), settings)
-        held.depth += 1
-        try:
-            yield
-        finally:
-            held.depth -= 1
-            if held.depth == 0:
-                ours, held.fd = held.fd, None
-                _removeDotLock(lockPath, ours)
+    with _heldOnce(
+        _dotHeld,
+        lockPath,
+        lambda: _createDotLock(lockPath, os.fspath(path), settings),
+        lambda inode: _removeDotLock(lockPath, inode),
+    ):
+        yield
 
 
 def _createDotLock(lockPath: str, path: str, settings: DotLockSettings) -> int:
