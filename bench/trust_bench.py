@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from _harness import freePort, waitForPort
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -70,12 +71,6 @@ checks = {checks}
 """
 
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpuSeconds(pid: int) -> tuple[float, float]:
     """
     The user and system CPU seconds of process C{pid}, all threads.
@@ -94,19 +89,6 @@ def environment() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SOURCE) + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def waitForPort(port: int, process: subprocess.Popen, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the daemon exited at start")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the daemon did not listen in time")
 
 
 def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str) -> dict:
@@ -135,7 +117,7 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        waitForPort(port, daemon)
+        waitForPort(port, timeout=30, process=daemon)
         os.sync()
         time.sleep(1)
         signing = []
