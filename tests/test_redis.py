@@ -153,7 +153,11 @@ class TwoNodesTests(unittest.TestCase):
         heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
         self.assertTrue(heard, "polling did not take over")
         self.redisServer.start()
-        yield waitUntil(lambda: all(node.redis.up for node in self.nodes), timeout=20)
+        # Both connections back (the subscription and the commands'), so
+        # that the half-second below measures a notice, not a reconnection.
+        yield waitUntil(
+            lambda: all(node.redis.answersPromptly for node in self.nodes), timeout=20
+        )
         # (While Redis is up, polling looks at nothing: only notices tell.)
         heard = yield threads.deferToThread(self.deliveryHeard, 0.5)
         self.assertTrue(heard, "notices did not come back with Redis")

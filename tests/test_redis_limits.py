@@ -229,7 +229,11 @@ class SharedLimitsTests(unittest.TestCase):
         self.assertDelays([BASE_DELAY, 2 * BASE_DELAY, BASE_DELAY])
 
         self.redisServer.start()
-        yield waitUntil(lambda: all(node.redis.up for node in self.nodes), timeout=20)
+        # Up is not enough: a node whose command connection is still on
+        # its way back decides by itself (and would admit node 3's client).
+        yield waitUntil(
+            lambda: all(node.redis.answersPromptly for node in self.nodes), timeout=20
+        )
         # Nodes 1 and 2 hold two connections each: written back, they
         # count for 4.
         yield self.waitForSharedTotal(4)
