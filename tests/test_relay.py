@@ -1119,3 +1119,95 @@ class ReadIfCachedTests(unittest.TestCase):
         from maild.relay.queue import readIfCached
 
         self.assertRaises(FileNotFoundError, readIfCached, Path(self.mktemp()))
+
+
+class _ManualCommitter:
+    """
+    Runs the queue's blocking work only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def callInPool(self, f, *args) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    def runPending(self) -> None:
+        pending, self.pending = self.pending, []
+        for d, f, args in pending:
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+
+
+class QueueBatchTests(unittest.TestCase):
+    def setUp(self):
+        from maild.relay.queue import OutboundQueue
+
+        self.committer = _ManualCommitter()
+        self.path = Path(self.mktemp())
+        self.path.mkdir()
+        self.queue = OutboundQueue(self.path, self.committer)
+
+    def queued(self, queueId: str):
+        from maild.relay.queue import QueueEntry, Recipient
+
+        (self.path / f"{queueId}.msg").write_bytes(b"Subject: x\n\nbody\n")
+        entry = QueueEntry(id=queueId, sender=ALICE, recipients=[Recipient(BOB)], arrival=0.0, nextTry=0.0)
+        (self.path / f"{queueId}.env").write_bytes(entry.toJSON())
+        return entry, self.queue.claim(entry)
+
+    def isOpen(self, fd: int) -> bool:
+        import os
+
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    def test_removalClosesLockInPool(self):
+        """
+        A message removed with its lock: the lock stays held until its
+        files are gone, and is closed in the committer's thread (closing
+        the last descriptor of an unlinked file frees its inode, a
+        journal write that must not block the reactor), never before.
+        """
+        _, claim = self.queued("00000001000010001")
+        removed = self.queue.remove("00000001000010001", claim)
+        self.assertTrue(self.isOpen(claim))
+        self.assertTrue((self.path / "00000001000010001.msg").exists())
+        self.committer.runPending()
+        self.successResultOf(removed)
+        self.assertFalse(self.isOpen(claim))
+        self.assertEqual(list(self.path.iterdir()), [])
+
+    def test_failedChangeLeavesBatchDone(self):
+        """
+        A change of the queue that fails (here its envelope cannot be
+        written) fails alone: the others grouped with it are made, and a
+        removal's lock is closed.
+        """
+        first, firstClaim = self.queued("00000001000010001")
+        broken, brokenClaim = self.queued("00000002000010001")
+        _, claim = self.queued("00000003000010001")
+        (self.path / "00000002000010001.tmp").mkdir()
+        # The first change is being written; the next two wait, grouped.
+        self.queue.remove(first.id, firstClaim)
+        saved = self.queue.save(broken)
+        removed = self.queue.remove("00000003000010001", claim)
+        self.committer.runPending()
+        self.committer.runPending()
+        self.failureResultOf(saved, IsADirectoryError)
+        self.successResultOf(removed)
+        self.assertFalse(self.isOpen(claim))
+        self.assertFalse((self.path / "00000003000010001.msg").exists())
+        self.assertEqual(len(self.flushLoggedErrors(IsADirectoryError)), 1)
+        import os
+
+        os.close(brokenClaim)

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from maild.store.delivery import (
     Committer,
@@ -252,15 +253,24 @@ class OutboundQueue:
         """
         return self._grouped(lambda: self._writeEnvelope(entry))
 
-    def remove(self, queueId: str) -> defer.Deferred:
+    def remove(self, queueId: str, claim: int | None = None) -> defer.Deferred:
         """
         Remove a message that is done with, durably (grouped).
+
+        @param claim: the lock L{claim} gave on the message, closed once
+            its files are gone (never before: another process could take
+            it and send it again).  Closed here, in the committer's thread,
+            because closing the last descriptor of an unlinked file frees
+            its inode: a journal write that waits behind other processes'
+            commits, which blocked the reactor for milliseconds at a time.
         """
 
         def unlink():
             _unlinkQuietly(self.messagePath(queueId))
             _unlinkQuietly(self.envelopePath(queueId))
             _unlinkQuietly(self.path / "flush" / queueId)
+            if claim is not None:
+                os.close(claim)
 
         return self._grouped(unlink)
 
@@ -360,13 +370,26 @@ class OutboundQueue:
         self._writing = True
 
         def run():
+            # One change failing (a full disk) does not keep the others
+            # from being made: a removal also closes its message's lock.
+            problems = []
             for change, _ in batch:
-                change()
+                try:
+                    change()
+                except Exception:
+                    problems.append(Failure())
+                else:
+                    problems.append(None)
             fsyncDirectory(self.path)
+            return problems
 
-        def done(_):
-            for _, d in batch:
-                d.callback(None)
+        def done(problems):
+            for (_, d), problem in zip(batch, problems):
+                if problem is None:
+                    d.callback(None)
+                else:
+                    log.failure("cannot update the queue", problem)
+                    d.errback(problem)
             self._batchDone()
 
         def failed(reason):

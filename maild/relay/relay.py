@@ -132,8 +132,9 @@ class Relay(service.Service):
         # Work under way (connections, the end of attempts), which stopping
         # waits for, so that no queue write comes after the store stopped.
         self._busy: set[defer.Deferred] = set()
-        # The locks held on the messages being tried (queue.claim).
-        self._claims: dict[str, int] = {}
+        # The locks held on the messages being tried (queue.claim); None
+        # once handed to the queue to close with the message's files.
+        self._claims: dict[str, int | None] = {}
         # Messages a flush asked for: tried even if another process set
         # their next try later.
         self._flushed: set[str] = set()
@@ -785,13 +786,15 @@ class Relay(service.Service):
         nothing else: this may run inside L{_fill}.
         """
         self._outstanding.pop(queueId, None)
-        claim = self._claims.pop(queueId, None)
+        if queueId not in self._claims:
+            return
+        claim = self._claims.pop(queueId)
         if claim is not None:
             os.close(claim)
-            if self.leases is not None:
-                self.leases.release(queueId)
+        if self.leases is not None:
+            self.leases.release(queueId)
         entry = self.entries.get(queueId)
-        if entry is not None and claim is not None:
+        if entry is not None:
             # Saved with the envelope, which the next attempt reads again
             # (queue.reread): the index of a long queue need not hold them
             # (about 1 KB a message).
@@ -819,7 +822,11 @@ class Relay(service.Service):
         if failed:
             yield self._notify(entry, failed)
         if not pending:
-            yield self.queue.remove(entry.id)
+            # The queue closes the lock once the files are gone (_letGo
+            # then only gives up the lease).
+            claim = self._claims.get(entry.id)
+            self._claims[entry.id] = None
+            yield self.queue.remove(entry.id, claim)
             self.entries.pop(entry.id, None)
             return
         if not entry.warned and now - entry.arrival >= self.settings.delay_warning:
