@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
-from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatTime, globalLogPublisher, timeFormatRFC3339
 from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -146,6 +146,21 @@ class FormatPropertyTests(unittest.SynchronousTestCase):
             self.assertEqual(line.count("\n"), 1)
             self.assertTrue(line.endswith("\n"))
             self.assertLessEqual(len(line), LINE_LIMIT + len(" [cut]\n"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.floats(min_value=0, max_value=4e9, allow_nan=False),
+        st.sampled_from([timeFormatRFC3339, "%H:%M:%S.%f", "%Y/%W %z", "%s"]),
+    )
+    def test_timeAsTwistedFormatsIt(self, when, timeFormat):
+        """
+        The time at the start of each line (remembered per second: working
+        out the time zone for every line cost a twentieth of a busy
+        server's CPU) reads exactly as Twisted's C{formatTime} writes it,
+        fractions of a second included when the format asks for them.
+        """
+        line = formatOneLine({"log_format": "x", "log_time": when}, timeFormat)
+        self.assertEqual(line[: line.index(" [-#-] x")], formatTime(when, timeFormat))
 
 
 class RateLimitTests(unittest.SynchronousTestCase):
