@@ -1211,3 +1211,27 @@ class QueueBatchTests(unittest.TestCase):
         import os
 
         os.close(brokenClaim)
+
+
+class AccessTimeTests(unittest.TestCase):
+    def test_queueFilesReadWithoutAccessTime(self):
+        """
+        Reading a queued message or its envelope leaves the file's access
+        time alone (O_NOATIME): with relatime the first read after a write
+        would change it, a journal write in the reactor thread for each
+        file sent.
+        """
+        import os
+
+        from maild.relay.queue import readIfCached, readWithoutAtime
+
+        path = Path(self.mktemp())
+        path.write_bytes(b"Subject: x\n\nbody\n")
+        before = os.stat(path)
+        # An access time older than the change: relatime updates it at the
+        # next read.
+        os.utime(path, ns=(before.st_mtime_ns - 10**9, before.st_mtime_ns))
+        atime = os.stat(path).st_atime_ns
+        self.assertEqual(readWithoutAtime(path), b"Subject: x\n\nbody\n")
+        self.assertIn(readIfCached(path), (b"Subject: x\n\nbody\n", None))
+        self.assertEqual(os.stat(path).st_atime_ns, atime)

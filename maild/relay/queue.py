@@ -326,7 +326,7 @@ class OutboundQueue:
         @raise FileNotFoundError: if the message is gone.
         """
         try:
-            stored = QueueEntry.fromJSON(self.envelopePath(entry.id).read_bytes())
+            stored = QueueEntry.fromJSON(readWithoutAtime(self.envelopePath(entry.id)))
         except ValueError:
             return
         entry.recipients = stored.recipients
@@ -416,7 +416,7 @@ class OutboundQueue:
             return defer.fail()
         if cached is not None:
             return defer.succeed(cached)
-        return self.committer.callInPool(path.read_bytes)
+        return self.committer.callInPool(readWithoutAtime, path)
 
     def entries(self) -> list[QueueEntry]:
         """
@@ -508,7 +508,7 @@ def readIfCached(path: Path) -> bytes | None:
     noWait = getattr(os, "RWF_NOWAIT", None)
     if noWait is None:
         return None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _openWithoutAtime(path)
     try:
         size = os.fstat(fd).st_size
         buffer = bytearray(size)
@@ -519,6 +519,40 @@ def readIfCached(path: Path) -> bytes | None:
         return bytes(buffer) if read == size else None
     finally:
         os.close(fd)
+
+
+def readWithoutAtime(path: Path) -> bytes:
+    """
+    The whole file, read without updating its access time (see
+    L{_openWithoutAtime}).
+    """
+    fd = _openWithoutAtime(path)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _openWithoutAtime(path: Path) -> int:
+    """
+    Open C{path} to read it, with C{O_NOATIME} where allowed (the owner of
+    the file, or root).  A queue file is read once or twice and then
+    removed: updating its access time (which C{relatime} does at the first
+    read after a write) is a journal write for each, in the reactor
+    thread, that waits behind whatever the disk is committing.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    noAtime = getattr(os, "O_NOATIME", 0)
+    if noAtime:
+        try:
+            return os.open(path, flags | noAtime)
+        except PermissionError:
+            # Not the file's owner (a queue shared between users).
+            pass
+    return os.open(path, flags)
 
 
 def _unlinkIfUnlocked(path: Path) -> bool:
