@@ -128,8 +128,15 @@ def _formatSecond(when: float | None, timeFormat: str | None) -> str:
     """
     if when is None or timeFormat is None or "%f" in timeFormat:
         return formatTime(when, timeFormat)
-    second = math.floor(when)
-    return _formatWholeSecond(second, timeFormat)
+    # The second datetime.fromtimestamp takes, which rounds to the
+    # microsecond (half to even) first: 1.9999996 is 2.
+    fraction, whole = math.modf(when)
+    microseconds = round(fraction * 1e6)
+    if microseconds >= 1_000_000:
+        whole += 1
+    elif microseconds < 0:
+        whole -= 1
+    return _formatWholeSecond(int(whole), timeFormat)
 
 
 @implementer(ILogObserver)
