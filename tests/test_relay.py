@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import dkim
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -1235,3 +1237,35 @@ class AccessTimeTests(unittest.TestCase):
         self.assertEqual(readWithoutAtime(path), b"Subject: x\n\nbody\n")
         self.assertIn(readIfCached(path), (b"Subject: x\n\nbody\n", None))
         self.assertEqual(os.stat(path).st_atime_ns, atime)
+
+
+def _stuffedReference(message: bytes) -> bytes:
+    """
+    DATA as RFC 5321 section 4.5.2 wants it, the plain way: every line
+    end (CRLF, LF or CR) made CRLF, a dot added before each line that
+    begins with one, the end marker after a final line end.
+    """
+    lines = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
+
+
+class MessageDataTests(unittest.TestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"..", b"a", b" "]), max_size=40).map(b"".join))
+    def test_sentAsDATA(self, message):
+        """
+        Whatever its line ends (the relay's are CRLF, which take the short
+        way), a message goes out with CRLF line ends, dot-stuffed, and
+        ended by the end marker.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from maild.relay.client import SMTPClient
+
+        transport = StringTransport()
+        client = SMTPClient(task.Clock())
+        client.makeConnection(transport)
+        client.sendMessage(message)
+        self.assertEqual(transport.value(), _stuffedReference(message))
