@@ -794,6 +794,30 @@ class ReplyReaderTests(unittest.TestCase):
         self.failureResultOf(d, SessionError)
         self.assertTrue(client.transport.disconnecting or client.transport.disconnected)
 
+    def test_eachWaitHasItsDeadline(self):
+        """
+        Waits queued behind each other (pipelined commands) each get their
+        own deadline, counted from the reply before them, whether longer
+        or shorter than the one before; one timer serves them all.
+        """
+        from maild.relay.client import SessionError
+
+        client, clock = self.reader()
+        first, second, third = client.expect(5), client.expect(10), client.expect(3)
+        clock.advance(4)
+        client.dataReceived(b"250 one\r\n")
+        self.assertEqual(self.successResultOf(first).code, 250)
+        clock.advance(9)
+        self.assertNoResult(second)
+        client.dataReceived(b"250 two\r\n")
+        self.successResultOf(second)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(2.9)
+        self.assertNoResult(third)
+        clock.advance(0.2)
+        self.failureResultOf(third, SessionError)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_anyInputNeverRaises(self):
         """
         Whatever bytes a server sends, in whatever pieces, the reader gives

@@ -155,6 +155,17 @@ class SMTPClient(LineOnlyReceiver):
         else:
             self._timer = None
 
+    def _rearm(self) -> None:
+        """
+        Start the next wait's deadline: the timer there is moved rather
+        than cancelled and made anew (four replies a message).
+        """
+        if self._waiting and self._timer is not None and self._timer.active():
+            self._timer.reset(self._waiting[0][1])
+        else:
+            self._disarm()
+            self._arm()
+
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -186,8 +197,7 @@ class SMTPClient(LineOnlyReceiver):
             self._replies.append(reply)
             return
         d, _ = self._waiting.popleft()
-        self._disarm()
-        self._arm()
+        self._rearm()
         d.callback(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
