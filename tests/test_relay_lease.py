@@ -584,7 +584,8 @@ class LeasesTests(unittest.TestCase):
         if shutil.which("redis-server") is None:
             raise unittest.SkipTest(NO_REDIS)
         from maild.cluster import RedisLink
-        from tests.test_redis import RedisServer, waitUntil
+        from tests.support import waitUntil
+        from tests.test_redis import RedisServer
 
         self.redisServer = RedisServer()
         self.redisServer.start()
