@@ -324,7 +324,14 @@ class ClusterLoad:
             # The first few and how many of each kind: a stalled node makes
             # hundreds, and the first ones tell what happened.
             kinds = collections.Counter(re.sub(r"\d+", "N", e) for e in self.errors)
-            self.fail(f"{len(self.errors)} errors, first: {self.errors[:10]}; kinds: {kinds.most_common(10)}")
+            tails = "".join(
+                f"\n--- node {n.number}'s log ends:\n" + "\n".join(n.logText().splitlines()[-15:])
+                for n in self.cluster.nodes
+            )
+            self.fail(
+                f"{len(self.errors)} errors, first: {self.errors[:10]}; "
+                f"kinds: {kinds.most_common(10)}{tails}"
+            )
         inbox = self.cluster.maildir(USER)
         stored = messageIds(inbox)
         self.assertEqual(len(stored), len(set(stored)), "a message stored twice")
