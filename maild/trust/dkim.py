@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from maild import dkimrsa
+from maild.trust.dkimsig import SignedMessage
 from maild.trust.lookup import Lookup, TemporaryDNSError
 
 # Signatures verified per message at most; more are reported as
@@ -196,7 +197,7 @@ def _verifySafely(message: bytes, headerLength, signatures, keys) -> list[DKIMRe
 
 def _verifyAll(message: bytes, headerLength, signatures, keys) -> list[DKIMResult]:
     results = []
-    verifier = None
+    signed = None
     for index, signature in enumerate(signatures):
         if isinstance(signature, str):
             results.append(DKIMResult("permerror", reason=signature))
@@ -207,15 +208,15 @@ def _verifyAll(message: bytes, headerLength, signatures, keys) -> list[DKIMResul
                            "too many signatures")
             )
             continue
-        if verifier is None:
+        if signed is None:
             try:
-                verifier = _readMessage(message, headerLength)
+                signed = SignedMessage(_readMessage(message, headerLength))
             except dkimpy.DKIMException as e:
                 reason = f"unreadable message: {_short(e)}"
                 return results + [DKIMResult("permerror", reason=reason)] * (
                     len(signatures) - index
                 )
-        results.append(_verifyOne(verifier, index, signature, keys))
+        results.append(_verifyOne(signed, index, signature, keys))
     return results
 
 
@@ -238,7 +239,9 @@ def _readMessage(message: bytes, headerLength: int | None) -> dkimpy.DKIM:
     return dkimpy.DKIM(message)
 
 
-def _verifyOne(verifier, index: int, signature: Signature, keys) -> DKIMResult:
+def _verifyOne(signed: SignedMessage, index: int, signature: Signature, keys) -> DKIMResult:
+    verifier = signed.verifier
+
     def result(kind: str, reason: str = "") -> DKIMResult:
         return DKIMResult(kind, signature.domain, signature.selector, signature.signature, reason)
 
@@ -259,10 +262,11 @@ def _verifyOne(verifier, index: int, signature: Signature, keys) -> DKIMResult:
     if isinstance(parsed, str):
         return result("permerror", parsed)
     # What dkimpy's verify_sig does once it has the key record (and its
-    # asynchronous verify too), with the record parsed before.
+    # asynchronous verify too), with the record parsed before, and the
+    # work the message's signatures share done once.
     verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = parsed
     try:
-        ok = verifier.verify_sig_process(tags, included, sigHeaders[index], None)
+        ok = signed.verify(tags, included, sigHeaders[index])
     except dkimpy.ValidationError as e:
         # The body hash differs: the message was changed.
         return result("fail", _short(e))
