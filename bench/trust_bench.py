@@ -68,17 +68,25 @@ nameservers = ["127.0.0.1:{dnsPort}"]
 trusted_networks = []
 [mx]
 checks = {checks}
-"""
+{dkimProcesses}"""
 
 
 def cpuSeconds(pid: int) -> tuple[float, float]:
     """
-    The user and system CPU seconds of process C{pid}, all threads.
+    The user and system CPU seconds of process C{pid}, all threads, and of
+    its running children (the DKIM processes).
     """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # utime and stime (fields 14 and 15 of proc(5), counted from the state).
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            childUser, childSystem = cpuSeconds(int(child))
+        except FileNotFoundError:
+            continue
+        user, system = user + childUser, system + childSystem
+    return user, system
 
 
 # The checkout whose daemon is measured (--source).
@@ -91,7 +99,10 @@ def environment() -> dict:
     return env
 
 
-def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str) -> dict:
+def runOnce(
+    work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str,
+    dkimProcesses: int = 0, canonicalization: str = "relaxed/simple",
+) -> dict:
     """
     One daemon, one load run: the rate, the daemon's CPU per message, and
     what its log says.
@@ -108,7 +119,10 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
     config = work / f"maild-{label}.toml"
     config.write_text(
         CONFIG.format(data=data, port=port, httpPort=httpPort, dnsPort=dnsPort,
-                      checks=str(checks).lower())
+                      checks=str(checks).lower(),
+                      # Written only when asked for: a daemon from before
+                      # the key (--source) would refuse it.
+                      dkimProcesses=f"dkim_processes = {dkimProcesses}\n" if dkimProcesses else "")
     )
     log = work / f"maild-{label}.log"
     daemon = subprocess.Popen(
@@ -127,7 +141,8 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
         load = [
             PYTHON, str(BENCH / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
             "--messages", str(messages), "--concurrency", "50", "--bind", "127.0.0.1,127.0.0.2",
-            "--from", "bench@bench.test", "--to", "alice@localhost", "--json", *signing,
+            "--from", "bench@bench.test", "--to", "alice@localhost", "--json",
+            "--dkim-canonicalization", canonicalization, *signing,
         ]
         # smtp_load.py signs before its run (and times the run alone); the
         # daemon waits meanwhile, at no cost.
@@ -206,6 +221,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kinds", default="unsigned,ed25519,rsa,both")
     parser.add_argument("--json", type=Path, help="also write every run to this file")
     parser.add_argument(
+        "--dkim-processes", type=int, default=0,
+        help="[mx] dkim_processes of the daemon: DKIM verified in that many child processes",
+    )
+    parser.add_argument(
+        "--canonicalization", default="relaxed/simple",
+        help="the signatures' c= (maild's relay signs relaxed/relaxed)",
+    )
+    parser.add_argument(
         "--source", type=Path, default=ROOT,
         help="run the daemon of another checkout (the code before a change)",
     )
@@ -227,7 +250,8 @@ def main(argv: list[str]) -> int:
             for kind in kinds:
                 for checks in (True, False) if round % 2 == 0 else (False, True):
                     run = runOnce(work, dnsPort, kind, checks, options.messages,
-                                  f"{kind}-{checks}-{round}")
+                                  f"{kind}-{checks}-{round}", options.dkim_processes,
+                                  options.canonicalization)
                     runs.append(run)
                     print(
                         f"{kind:9} checks={'on ' if checks else 'off'} {run['rate']:6.0f} msg/s"

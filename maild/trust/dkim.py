@@ -100,28 +100,37 @@ def keyNames(signatures: list[Signature | str]) -> list[str]:
 
 class BatchVerifier:
     """
-    Verifies messages in a worker thread, in batches: the messages that
-    arrive while a batch is being verified go together in the next trip,
-    so that under load one trip to the thread (and one wake-up of the
-    reactor on the way back) serves many messages.
+    Verifies messages elsewhere than in the reactor thread, in batches:
+    the messages that arrive while batches are being verified go together
+    in the next one, so that under load one trip (to a worker thread, or
+    to a child process: L{maild.trust.dkimprocess}), and one wake-up of
+    the reactor on the way back, serves many messages.
 
-    Small messages are verified at once instead, in the reactor thread:
-    their verification is mostly dkimpy's Python, which holds the GIL
-    anyway, and costs less than the trip (some 0.2 ms a signature for
-    10 KiB, against a thread wake-up, the GIL passed back and forth, and
-    a reactor wake-up, which on a busy machine add milliseconds).
+    Small messages are verified at once instead, in the reactor thread,
+    unless C{inlineWork} is 0: their verification is mostly dkimpy's
+    Python, which holds the GIL anyway, and costs less than a trip to a
+    thread (some 0.2 ms a signature for 10 KiB, against a thread wake-up,
+    the GIL passed back and forth, and a reactor wake-up, which on a busy
+    machine add milliseconds).
 
     @param inThread: runs a blocking callable off the reactor thread and
         returns a Deferred of its result (C{deferToThread}).
     @param inlineWork: octets times signatures up to which a message is
         verified in the reactor thread.
+    @param elsewhere: if given, what verifies a batch instead of a thread
+        (L{maild.trust.dkimprocess.VerifierProcesses.verify}): takes the
+        list given to L{verifyBatch}, returns a Deferred of its answer.
+    @param inFlight: how many batches may be under way at once.
     """
 
-    def __init__(self, inThread, inlineWork: int = INLINE_WORK) -> None:
-        self.inThread = inThread
+    def __init__(
+        self, inThread, inlineWork: int = INLINE_WORK, elsewhere=None, inFlight: int = 1
+    ) -> None:
         self.inlineWork = inlineWork
+        self.runBatch = elsewhere or (lambda work: inThread(lambda: verifyBatch(work)))
+        self.inFlight = inFlight
         self._waiting: list[tuple[bytes, int | None, list, dict, defer.Deferred]] = []
-        self._busy = False
+        self._busy = 0
 
     def verify(
         self, message: bytes, headerLength: int | None, signatures: list, keys: dict
@@ -130,27 +139,38 @@ class BatchVerifier:
             return defer.succeed(_verifySafely(message, headerLength, signatures, keys))
         d: defer.Deferred = defer.Deferred()
         self._waiting.append((message, headerLength, signatures, keys, d))
-        if not self._busy:
+        if self._busy < self.inFlight:
             self._runBatch()
         return d
 
     def _runBatch(self) -> None:
         batch, self._waiting = self._waiting, []
-        self._busy = True
-        work = [item[:4] for item in batch]
-        d = self.inThread(lambda: [_verifySafely(*item) for item in work])
+        self._busy += 1
+        d = self.runBatch([item[:4] for item in batch])
         d.addBoth(self._batchDone, [item[4] for item in batch])
 
     def _batchDone(self, results, waiting: list[defer.Deferred]) -> None:
-        self._busy = False
+        self._busy -= 1
         if isinstance(results, Failure):
             for d in waiting:
                 d.errback(results)
         else:
             for d, result in zip(waiting, results):
                 d.callback(result)
-        if self._waiting and not self._busy:
+        if self._waiting and self._busy < self.inFlight:
             self._runBatch()
+
+
+def verifyBatch(work: list) -> list[list[DKIMResult]]:
+    """
+    Verify messages (blocking): C{work} is a list of C{(message,
+    headerLength, signatures, keys)}, the key records already looked up
+    (C{keys}: the record, C{None} when unusable, or the
+    L{TemporaryDNSError} of its lookup, by name).
+
+    @return: one list of results per message.
+    """
+    return [_verifySafely(*item) for item in work]
 
 
 async def verifyDKIM(
