@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild import dkimrsa
-from maild.trust.dkimsig import SignedMessage, relaxedBody, withoutSignatureValue
+from maild.trust.dkimsig import SignedMessage, relaxedBody, relaxedField, withoutSignatureValue
 
 dkimrsa.install()
 
@@ -157,6 +157,15 @@ class CanonicalizationTests(unittest.TestCase):
         body.
         """
         self.assertEqual(relaxedBody(body), Relaxed.canonicalize_body(body))
+
+    @SETTINGS
+    @given(whitespaceHeavy, whitespaceHeavy)
+    def test_relaxedFieldSameAsDkimpy(self, name, value):
+        """
+        The relaxed canonicalization of a header field gives dkimpy's
+        octets for any name and value.
+        """
+        self.assertEqual([relaxedField(name, value)], Relaxed.canonicalize_headers([(name, value)]))
 
     @SETTINGS
     @given(signatureValues)
