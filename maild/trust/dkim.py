@@ -1,10 +1,12 @@
 """
 DKIM verification (RFC 6376) of every signature of a message, with
 dkimpy: the key records are fetched asynchronously first, then the
-signatures are verified in a worker thread (hashing a big message takes
-time) with those answers, so dkimpy never asks DNS itself.  RSA
-signatures are checked by OpenSSL (L{maild.dkimrsa}), and each key
-record is parsed once, not once per message.
+signatures are verified (small messages at once, bigger ones in a worker
+thread, or every one in a child process with C{[mx] dkim_processes}) with
+those answers, so dkimpy never asks DNS itself.  RSA signatures are
+checked by OpenSSL (L{maild.dkimrsa}), each key record is parsed once,
+not once per message, and the signatures of one message share their
+body hash and canonicalized fields (L{maild.trust.dkimsig}).
 """
 
 from __future__ import annotations
