@@ -38,6 +38,9 @@ log = Logger()
 
 _LENGTH = struct.Struct(">I")
 
+# Seconds a child may take to finish its batches once told to stop.
+STOP_GRACE = 10.0
+
 
 class _Child(protocol.ProcessProtocol):
     """
@@ -150,13 +153,17 @@ class VerifierProcesses(service.Service):
 
     def stopService(self):
         """
-        Close every child's input: each ends once it has answered.
+        Close every child's input: each ends once it has answered (or is
+        killed after L{STOP_GRACE} seconds, its batches then verified in a
+        thread).
         """
         service.Service.stopService(self)
         ended = []
         for child in list(self._children):
             ended.append(child.ended)
             child.transport.closeStdin()
+            kill = self.reactor.callLater(STOP_GRACE, child.transport.signalProcess, "KILL")
+            child.ended.addBoth(lambda result, kill=kill: kill.active() and kill.cancel())
         return defer.gatherResults(ended)
 
 
