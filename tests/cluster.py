@@ -70,6 +70,22 @@ class Node(DaemonProcess):
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        # A port freePort() found free can be taken by another test before
+        # the node binds it: the node then exits, and starts again on
+        # other ports (before HAProxy is configured with them).
+        for attempt in range(3):
+            self._spawn()
+            try:
+                waitForPort(self.ports["http"], process=self.process)
+                return
+            except AssertionError as e:
+                log = self.logText()
+                if "Address already in use" not in log or attempt == 2:
+                    raise AssertionError(f"node {self.number}: {e}\n{log[-3000:]}") from None
+                self.log.unlink()
+                self.ports = {name: freePort() for name in self.ports}
+
+    def _spawn(self) -> None:
         listeners = []
         for name in PROTOCOL_NAMES:
             port = self.ports.get(name)
@@ -88,7 +104,6 @@ class Node(DaemonProcess):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        waitForPort(self.ports["http"], process=self.process)
 
     def logCount(self, text: str) -> int:
         """
@@ -153,6 +168,19 @@ class Cluster:
             self.redis.wait(timeout=30)
 
     def startHAProxy(self) -> None:
+        # As for the nodes: a frontend port taken meanwhile by another
+        # test makes HAProxy exit; it starts again on other ports.
+        for attempt in range(3):
+            self._spawnHAProxy()
+            try:
+                for port in self.frontends.values():
+                    waitForPort(port, process=self.haproxy)
+                return
+            except AssertionError:
+                if self.haproxy.poll() is None or attempt == 2:
+                    raise
+
+    def _spawnHAProxy(self) -> None:
         lines = [
             "global", "  maxconn 4000",
             "defaults", "  mode tcp", "  timeout connect 2s", "  timeout client 60s",
@@ -176,8 +204,6 @@ class Cluster:
         self.haproxy = subprocess.Popen(
             ["haproxy", "-f", str(path), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
-        for port in self.frontends.values():
-            waitForPort(port, process=self.haproxy)
 
     def stop(self) -> None:
         if self.haproxy is not None and self.haproxy.poll() is None:

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from maild.cluster.link import RedisLink
 from maild.service import MailService
-from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, writeUsers
+from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, waitUntil, writeUsers
 
 
 class RedisServer:
@@ -59,17 +59,6 @@ class RedisServer:
             reply = s.recv(100)
             assert reply.startswith(b":1"), reply
 
-
-def waitUntil(condition, timeout: float = 10.0):
-    @defer.inlineCallbacks
-    def poll():
-        deadline = reactor.seconds() + timeout
-        while not condition():
-            if reactor.seconds() > deadline:
-                raise AssertionError("timed out")
-            yield task.deferLater(reactor, 0.02, lambda: None)
-
-    return poll()
 
 
 class TwoNodesTests(unittest.TestCase):

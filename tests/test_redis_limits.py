@@ -28,10 +28,10 @@ from twisted.trial import unittest
 from maild.connections import LimitedFactory
 from maild.service import MailService
 from tests.cluster import Cluster, missing
-from tests.support import PASSWORD, IMAPClient, clientContext, freePort, makeConfig, writeUsers
+from tests.support import PASSWORD, IMAPClient, clientContext, freePort, makeConfig, waitUntil, writeUsers
 from tests.test_daemon import Daemon, listenOnly
 from tests.test_daemon import waitForPort as daemonPort
-from tests.test_redis import RedisServer, waitUntil
+from tests.test_redis import RedisServer
 
 BASE_DELAY = 0.01
 LIMIT = 2

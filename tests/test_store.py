@@ -545,15 +545,33 @@ class MailboxTests(unittest.SynchronousTestCase):
         )
 
     def test_staleTemporariesRemoved(self):
-        old = put(self.mailbox.root, "tmp/old")
-        fresh = put(self.mailbox.folderPath("Sent"), "tmp/fresh")
+        """
+        Files of the spool and of every folder's tmp/ last changed more
+        than the grace period ago are removed; nothing else is.
+        """
+        inInbox = put(self.mailbox.root, "tmp/old")
+        inSent = put(self.mailbox.folderPath("Sent"), "tmp/other")
         spool = put(self.store.spool, "crashed")
-        os.utime(old, (0, 0))
-        os.utime(spool, (0, 0))
-        self.assertEqual(self.store.removeStaleTemporaries(3600), 2)
-        self.assertFalse(old.exists())
-        self.assertFalse(spool.exists())
-        self.assertTrue(fresh.exists())
+        message = put(self.mailbox.root, "cur/kept")
+        self.assertEqual(self.store.removeStaleTemporaries(3600, now=time.time() + 3590), 0)
+        self.assertEqual(self.store.removeStaleTemporaries(3600, now=time.time() + 3610), 3)
+        self.assertEqual([p for p in (inInbox, inSent, spool) if p.exists()], [])
+        self.assertTrue(message.exists())
+
+    def test_fileBeingWrittenWithAnOldDateKept(self):
+        """
+        A file being written now with an old modification time (an APPEND
+        with an INTERNALDATE of 2020, copied to another file system) is not
+        stale: a sweep removing it would fail the APPEND (the defect seen
+        as C{NO [TRYCREATE]} on a loaded machine).
+        """
+        spool = put(self.store.spool, "appending")
+        copy = put(self.mailbox.folderPath("Drafts"), "tmp/copying")
+        for path in (spool, copy):
+            os.utime(path, (1580551200, 1580551200))
+        self.assertEqual(self.store.removeStaleTemporaries(3600), 0)
+        self.assertTrue(spool.exists())
+        self.assertTrue(copy.exists())
 
 
 class SmallFileTests(unittest.SynchronousTestCase):

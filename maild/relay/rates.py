@@ -101,7 +101,7 @@ class RecipientCounts:
                     continue
                 for minute, n in minutes.items():
                     # A minute any part of which is in the window counts.
-                    if minute.isdigit() and isinstance(n, int) and (int(minute) + 1) * 60 > now - self.window:
+                    if minute.isascii() and minute.isdigit() and isinstance(n, int) and (int(minute) + 1) * 60 > now - self.window:
                         others[user] = others.get(user, 0) + n
         return others
 

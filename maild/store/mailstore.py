@@ -248,15 +248,21 @@ class MailStore:
 
         return d.addCallback(linked)
 
-    def removeStaleTemporaries(self, grace: float) -> int:
+    def removeStaleTemporaries(self, grace: float, now: float | None = None) -> int:
         """
         Remove files older than C{grace} seconds from the spool and from
         every folder's C{tmp/}: what a crash left behind.
 
+        Age is the inode's change time (as Dovecot's unlink_old_files()):
+        a file being written now may carry an old modification time (an
+        APPEND's INTERNALDATE is set before the file is renamed into
+        place), but its ctime is that of the last write, rename or utime.
+
+        @param now: the current time (a test's), default the clock's.
         @return: how many were removed.
         """
         removed = 0
-        limit = time.time() - grace
+        limit = (time.time() if now is None else now) - grace
         tmpDirs = [self.spool]
         if self.root.is_dir():
             for domain in self.root.iterdir():
@@ -271,7 +277,7 @@ class MailStore:
                 continue
             for entry in entries:
                 try:
-                    if entry.is_file() and entry.stat().st_mtime < limit:
+                    if entry.is_file() and entry.stat().st_ctime < limit:
                         os.unlink(entry.path)
                         removed += 1
                 except OSError:
