@@ -633,3 +633,19 @@ class VerifierProcessesTests(unittest.TestCase):
         (child, _), = self.reactor.spawned
         child.outReceived(b"\0\0\0\x02{[")
         self.assertEqual([r.result for r in self.successResultOf(d)[0]], ["pass"])
+
+
+class ReadSignaturesTests(unittest.TestCase):
+    def test_signaturePrefixUnfolded(self):
+        """
+        What a signature is known by (RFC 6008 header.b): the first 8
+        characters of its b= value, its folding white space dropped.
+        """
+        fields = parseFields(
+            b"DKIM-Signature: v=1; d=D.test; s=Sel; b=ab c\r\n\td\r\n e fgh ijk\r\nFrom: a@d.test\r\n"
+        )
+        (signature,) = readSignatures(fields)
+        self.assertEqual(
+            (signature.domain, signature.selector, signature.signature, signature.keyName),
+            ("d.test", "sel", "abcdefgh", "sel._domainkey.d.test"),
+        )

@@ -12,7 +12,6 @@ body hash and canonicalized fields (L{maild.trust.dkimsig}).
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import dkim as dkimpy
@@ -81,7 +80,9 @@ def readSignatures(fields: list[tuple[str, str]]) -> list[Signature | str]:
             continue
         domain = tags.get(b"d", b"").decode("utf-8", "replace").lower()
         selector = tags.get(b"s", b"").decode("utf-8", "replace").lower()
-        signature = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
+        # split() drops what \s matches, without a regular expression
+        # over the whole value (some 10 µs for RSA 2048's).
+        signature = "".join(tags.get(b"b", b"").decode("ascii", "replace").split())[:8]
         keyName = f"{selector}._domainkey.{domain}" if domain and selector else None
         found.append(Signature(domain, selector, signature, keyName))
     return found
