@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from maild.cluster.link import RedisLink
@@ -27,10 +28,10 @@ class RedisServer:
         self.port = freePort()
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, *options: str) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *options],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20
@@ -89,7 +90,7 @@ class TwoNodesTests(unittest.TestCase):
         yield defer.gatherResults(
             [lst.ready for node in self.nodes for lst in node.listeners.values()]
         )
-        yield waitUntil(lambda: all(node.redis.up for node in self.nodes))
+        yield waitUntil(lambda: all(node.redis.answersPromptly for node in self.nodes))
 
     def idleOn(self, node: MailService) -> IMAPClient:
         client = IMAPClient(node.port("imap"))
@@ -166,6 +167,39 @@ class TwoNodesTests(unittest.TestCase):
         self.assertTrue(all(node.redis.up for node in self.nodes))
         heard = yield threads.deferToThread(self.deliveryHeard, 5.0)
         self.assertTrue(heard, "a notice lost while the command connection was down")
+
+
+class ReconnectTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_keepsTryingAfterAFailedSelect(self):
+        """
+        A new command connection whose SELECT fails (a database Redis does
+        not have yet; a reply timeout on a loaded machine fails it the
+        same way) is tried again rather than given up for good, as
+        txredisapi would: once Redis accepts it, the link answers.
+        """
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest("redis-server is not installed (Debian package redis-server)")
+        server = RedisServer()
+        server.start("--databases", "2")
+        self.addCleanup(server.stop)
+        refusals = []
+
+        def observe(event):
+            if "could not set dbid" in str(event.get("log_text", "") or event.get("message", "")):
+                refusals.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        link = RedisLink(f"redis://127.0.0.1:{server.port}/5", reactor)
+        link.startService()
+        self.addCleanup(link.stopService)
+        yield waitUntil(lambda: refusals)
+        self.assertFalse(link.answersPromptly)
+        server.stop()
+        server.start("--databases", "16")
+        yield waitUntil(lambda: link.answersPromptly, timeout=20)
+        self.assertEqual((yield link.call("ping")), "PONG")
 
 
 class UnsentNoticeTests(unittest.SynchronousTestCase):

@@ -91,7 +91,23 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.factory.link._received(channel, message)
 
 
-class _SubscriberFactory(txredisapi.SubscriberFactory):
+class _KeepTrying:
+    """
+    txredisapi stops reconnecting for good when AUTH or SELECT fails on a
+    new connection, a reply timeout included (a loaded machine, a Redis
+    just restarted): a node must go on reconnecting for as long as it
+    runs, whatever the cause (a password fixed later on Redis's side too).
+    """
+
+    link: "RedisLink"
+
+    def stopTrying(self):
+        if self.link.running:
+            return defer.succeed(None)
+        return super().stopTrying()
+
+
+class _SubscriberFactory(_KeepTrying, txredisapi.SubscriberFactory):
     protocol = _Subscriber
     # Come back quickly after Redis restarts; IDLE sessions rely on it.
     maxDelay = 2
@@ -101,7 +117,7 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
         self.link = link
 
 
-class _CommandFactory(txredisapi.RedisFactory):
+class _CommandFactory(_KeepTrying, txredisapi.RedisFactory):
     def __init__(self, link: "RedisLink", *args, **kwargs) -> None:
         txredisapi.RedisFactory.__init__(self, *args, **kwargs)
         self.link = link
