@@ -68,21 +68,37 @@ nameservers = ["127.0.0.1:{dnsPort}"]
 trusted_networks = []
 [mx]
 checks = {checks}
-"""
+{dkimProcesses}"""
 
 
-def cpuSeconds(pid: int) -> tuple[float, float]:
+def cpuSeconds(pid: int) -> tuple[float, float, float]:
     """
-    The user and system CPU seconds of process C{pid}, all threads.
+    The user and system CPU seconds of process C{pid}, all threads and its
+    running children (the DKIM processes) included, and the CPU seconds of
+    C{pid} alone.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime (fields 14 and 15 of proc(5), counted from the state).
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+
+    def ownSeconds(pid: int) -> tuple[float, float]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime (fields 14 and 15 of proc(5), counted from the state).
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+
+    user, system = ownSeconds(pid)
+    own = user + system
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            childUser, childSystem = ownSeconds(int(child))
+        except FileNotFoundError:
+            continue
+        user, system = user + childUser, system + childSystem
+    return user, system, own
 
 
 # The checkout whose daemon is measured (--source).
 SOURCE = ROOT
+# Where py-spy's samples of checked runs go (--profile), if anywhere.
+PROFILE: Path | None = None
 
 
 def environment() -> dict:
@@ -91,7 +107,10 @@ def environment() -> dict:
     return env
 
 
-def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str) -> dict:
+def runOnce(
+    work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str,
+    dkimProcesses: int = 0, canonicalization: str = "relaxed/simple",
+) -> dict:
     """
     One daemon, one load run: the rate, the daemon's CPU per message, and
     what its log says.
@@ -108,7 +127,10 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
     config = work / f"maild-{label}.toml"
     config.write_text(
         CONFIG.format(data=data, port=port, httpPort=httpPort, dnsPort=dnsPort,
-                      checks=str(checks).lower())
+                      checks=str(checks).lower(),
+                      # Written only when asked for: a daemon from before
+                      # the key (--source) would refuse it.
+                      dkimProcesses=f"dkim_processes = {dkimProcesses}\n" if dkimProcesses else "")
     )
     log = work / f"maild-{label}.log"
     daemon = subprocess.Popen(
@@ -127,13 +149,27 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
         load = [
             PYTHON, str(BENCH / "smtp_load.py"), "--server", f"127.0.0.1:{port}",
             "--messages", str(messages), "--concurrency", "50", "--bind", "127.0.0.1,127.0.0.2",
-            "--from", "bench@bench.test", "--to", "alice@localhost", "--json", *signing,
+            "--from", "bench@bench.test", "--to", "alice@localhost", "--json",
+            "--dkim-canonicalization", canonicalization, *signing,
         ]
         # smtp_load.py signs before its run (and times the run alone); the
         # daemon waits meanwhile, at no cost.
+        profiler = None
+        if PROFILE is not None and checks:
+            # Samples of the daemon and its DKIM processes during the load.
+            profiler = subprocess.Popen(
+                [str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(daemon.pid),
+                 "--subprocesses", "--rate", "200", "--format", "raw",
+                 "--output", str(PROFILE / f"{label}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)
         before = cpuSeconds(daemon.pid)
         output = subprocess.run(load, env=env, stdout=subprocess.PIPE).stdout
         after = cpuSeconds(daemon.pid)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait()
         loadAverage = os.getloadavg()[0]
         metrics = _metrics(httpPort)
     finally:
@@ -149,7 +185,9 @@ def runOnce(work: Path, dnsPort: int, kind: str, checks: bool, messages: int, la
         "checks": checks,
         "rate": result["messages_per_second"],
         "accepted": result["accepted"],
-        "cpu_us": (sum(after) - sum(before)) / messages * 1e6,
+        "cpu_us": (after[0] + after[1] - before[0] - before[1]) / messages * 1e6,
+        # The daemon's process alone (what bounds its rate on one core).
+        "own_us": (after[2] - before[2]) / messages * 1e6,
         "system_us": (after[1] - before[1]) / messages * 1e6,
         "tracebacks": text.count("Traceback"),
         "results": ("spf=" + summary) if summary else "",
@@ -180,13 +218,14 @@ def _mean(metrics: dict[str, float], histogram: str) -> float:
 def table(runs: list[dict], kinds: list[str]) -> str:
     lines = [
         f"{'mail':9} {'on msg/s':>18} {'off msg/s':>18} {'ratio on/off':>22} {'median':>7}"
-        f" {'CPU µs/msg on/off':>18} {'load':>10}",
+        f" {'CPU µs/msg on/off':>18} {'own on':>7} {'load':>10}",
     ]
     for kind in kinds:
         on = [r for r in runs if r["kind"] == kind and r["checks"]]
         off = [r for r in runs if r["kind"] == kind and not r["checks"]]
         ratios = [a["rate"] / b["rate"] for a, b in zip(on, off)]
         cpuOn = statistics.median(r["cpu_us"] for r in on)
+        ownOn = statistics.median(r["own_us"] for r in on)
         cpuOff = statistics.median(r["cpu_us"] for r in off)
         loads = [r["load"] for r in on + off]
         onRates = ", ".join(f"{r['rate']:.0f}" for r in on)
@@ -194,7 +233,7 @@ def table(runs: list[dict], kinds: list[str]) -> str:
         ratioText = ", ".join(f"{x:.2f}" for x in ratios)
         lines.append(
             f"{kind:9} {onRates:>18} {offRates:>18} {ratioText:>22} {statistics.median(ratios):7.2f}"
-            f" {cpuOn:8.0f}/{cpuOff:<9.0f} {min(loads):4.1f}-{max(loads):<4.1f}"
+            f" {cpuOn:8.0f}/{cpuOff:<9.0f} {ownOn:7.0f} {min(loads):4.1f}-{max(loads):<4.1f}"
         )
     return "\n".join(lines)
 
@@ -206,12 +245,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kinds", default="unsigned,ed25519,rsa,both")
     parser.add_argument("--json", type=Path, help="also write every run to this file")
     parser.add_argument(
+        "--dkim-processes", type=int, default=0,
+        help="[mx] dkim_processes of the daemon: DKIM verified in that many child processes",
+    )
+    parser.add_argument(
+        "--canonicalization", default="relaxed/simple",
+        help="the signatures' c= (maild's relay signs relaxed/relaxed)",
+    )
+    parser.add_argument(
         "--source", type=Path, default=ROOT,
         help="run the daemon of another checkout (the code before a change)",
     )
+    parser.add_argument(
+        "--profile", type=Path,
+        help="record the daemon's checked runs with py-spy (raw stacks) into this folder",
+    )
     options = parser.parse_args(argv)
-    global SOURCE
+    global SOURCE, PROFILE
     SOURCE = options.source.resolve()
+    PROFILE = options.profile
     kinds = options.kinds.split(",")
     work = Path(tempfile.mkdtemp(prefix="trust-bench-"))
     dnsPort = freePort()
@@ -227,12 +279,13 @@ def main(argv: list[str]) -> int:
             for kind in kinds:
                 for checks in (True, False) if round % 2 == 0 else (False, True):
                     run = runOnce(work, dnsPort, kind, checks, options.messages,
-                                  f"{kind}-{checks}-{round}")
+                                  f"{kind}-{checks}-{round}", options.dkim_processes,
+                                  options.canonicalization)
                     runs.append(run)
                     print(
                         f"{kind:9} checks={'on ' if checks else 'off'} {run['rate']:6.0f} msg/s"
                         f"  accepted {run['accepted']}  CPU {run['cpu_us']:5.0f} µs/msg"
-                        f" (system {run['system_us']:4.0f})"
+                        f" (system {run['system_us']:4.0f}, daemon's own {run['own_us']:5.0f})"
                         f"  group {run['group']:4.1f}  reply {run['reply_ms']:5.1f} ms"
                         f"  load {run['load']:.1f}  tracebacks {run['tracebacks']}  {run['results']}",
                         flush=True,

@@ -131,6 +131,9 @@ class MXSettings:
     # Seconds to wait for one DNS answer, and for a whole SPF evaluation.
     dns_timeout: float = 5.0
     spf_timeout: float = 20.0
+    # Child processes verifying DKIM signatures (maild.trust.dkimprocess),
+    # so that signed mail is checked on another core; 0: in the daemon.
+    dkim_processes: int = 0
 
 
 DMARC_POLICIES = ("enforce", "quarantine", "report")
@@ -668,6 +671,8 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
+    if tables["mx"].dkim_processes < 0:
+        problems.append(f"mx.dkim_processes: must be 0 or more, got {tables['mx'].dkim_processes}")
     if tables["mx"].dmarc not in DMARC_POLICIES:
         problems.append(
             f"mx.dmarc: must be one of {', '.join(DMARC_POLICIES)}, got {tables['mx'].dmarc!r}"

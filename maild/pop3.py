@@ -267,6 +267,20 @@ def uidlFormatter(template: str) -> Callable[[int, int, str], bytes]:
     return uidl
 
 
+def _sizeByUid(folder: Folder, uid: int) -> int:
+    """
+    The CRLF size of message C{uid}, found by its UID: reading a size from
+    a file another process renamed lists the folder again, which may move
+    every index after an expunge learnt there.
+
+    @raise MessageGone: if it was expunged meanwhile.
+    """
+    i = folder.position(uid)
+    if i is None:
+        raise MessageGone(uid)
+    return folder.sizes(i)[1]
+
+
 @implementer(pop3.IMailbox)
 class Maildrop:
     """
@@ -316,7 +330,7 @@ class Maildrop:
             self.uidvalidity = folder.uidvalidity
             self.uids = array("I", folder.uids)
             self.bases = list(folder.bases)
-            self.sizes = [folder.sizes(i)[1] for i in range(len(self.uids))]
+            self.sizes = [_sizeByUid(folder, uid) for uid in self.uids]
         except BaseException:
             hold.release()
             raise

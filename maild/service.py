@@ -37,6 +37,7 @@ from maild.metrics import MeteredFactory
 from maild.proxyheader import ProxyHeaderFactory
 from maild.tls import RENEWAL_CHECK_INTERVAL, ServerTLS, certificateFiles, localCA
 from maild.trust.checker import TrustChecker
+from maild.trust.dkimprocess import VerifierProcesses
 from maild.web import WebFactory, makeRoot
 
 log = Logger()
@@ -300,6 +301,13 @@ class MailService(service.MultiService):
         mx = self.config.mx
         if not mx.checks:
             return None
+        processes = None
+        if mx.dkim_processes:
+            processes = VerifierProcesses(self.reactor, mx.dkim_processes)
+            # Added before the MX listener, so stopped after it (a
+            # MultiService stops its services last to first): no session
+            # waits on it by then.
+            processes.setServiceParent(self)
         return TrustChecker(
             lambda: makeResolver(self.config.dns),
             self.config.hostname,
@@ -308,6 +316,7 @@ class MailService(service.MultiService):
             dnsTimeout=mx.dns_timeout,
             spfTimeout=mx.spf_timeout,
             trustedNetworks=self.config.limits.trusted_networks,
+            dkimProcesses=processes,
         )
 
     def _submissionFactory(self) -> SMTPFactory:

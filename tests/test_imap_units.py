@@ -7,6 +7,7 @@ general path.
 from __future__ import annotations
 
 import email
+import os
 import mailbox
 import subprocess
 import sys
@@ -250,4 +251,70 @@ class CorpusTests(unittest.TestCase):
         self.assertEqual(everything.count(b" FETCH ("), len(self.raw))
         self.assertEqual(everything.count(b"BODY[9] NIL"), len(self.raw))
         message = MessageData(self.folder, 0)
-        self.assertTrue(render(parseItems(Atom(b"ENVELOPE"))[0], self.view, 0, message).startswith(b"ENVELOPE ("))
+        self.assertTrue(render(parseItems(Atom(b"ENVELOPE"))[0], self.view, message).startswith(b"ENVELOPE ("))
+
+
+class MovedWhileFetchedTests(unittest.SynchronousTestCase):
+    """
+    Another process (a second worker) renamed a message's file and
+    expunged the message before it while this one's index had not seen
+    either yet: reading the renamed file lists the folder again, which
+    moves every index after the expunged message.  FETCH answers each
+    message with its own UID, flags and octets all the same, and what it
+    caches under a UID is that UID's message (two workers on one INBOX
+    served a message's ENVELOPE and size under its neighbour's UID).
+    """
+
+    def setUp(self):
+        store = MailStore(Path(self.mktemp()))
+        box = store.mailbox("alice@localhost")
+        box.ensureExists()
+        self.root = box.folderPath("INBOX")
+        self.names = []
+        for n, info in enumerate(("", "S", "F"), 1):
+            data = b"Message-ID: <m%d@example.org>\nSubject: %d\n\nbody %d\n" % (n, n, n)
+            base = maildir.newBaseName(len(data), len(data) + 3)
+            name = maildir.curFileName(base, maildir.flagBits(info)[0])
+            (self.root / "cur" / name).write_bytes(data)
+            self.names.append(name)
+        self.folder = box.folder("INBOX")
+        self.view = SelectedFolder(self.folder, False, lambda: None)
+        # The other process: UID 1 expunged, UID 2 answered.
+        os.unlink(self.root / "cur" / self.names[0])
+        os.rename(self.root / "cur" / self.names[1], self.root / "cur" / (self.names[1][:-1] + "RS"))
+
+    def fetch(self, spec: bytes, fast: bool) -> bytes:
+        request = FetchRequest(self.view, [(1, 3)], parseItems(tokenize([spec], 16)[0]), False)
+        return b"".join(request.responses() if fast else request._general())
+
+    def test_generalPath(self):
+        """
+        Attributes rendered after the read that moved the message (UID,
+        FLAGS) are its own, and so is the ENVELOPE cached under its UID.
+        """
+        said = self.fetch(b"(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)] UID FLAGS)", fast=False)
+        self.assertEqual(
+            said.split(b"\r\n")[:-1],
+            [
+                b"* 2 FETCH (BODY[HEADER.FIELDS (MESSAGE-ID)] {32}",
+                b"Message-ID: <m2@example.org>",
+                b"",
+                b" UID 2 FLAGS (\\Answered \\Seen))",
+                b"* 3 FETCH (BODY[HEADER.FIELDS (MESSAGE-ID)] {32}",
+                b"Message-ID: <m3@example.org>",
+                b"",
+                b" UID 3 FLAGS (\\Flagged))",
+            ],
+        )
+        envelopes = self.fetch(b"(ENVELOPE UID)", fast=False)
+        self.assertIn(b"<m2@example.org>\") UID 2)", envelopes)
+        self.assertIn(b"<m3@example.org>\") UID 3)", envelopes)
+
+    def test_bodyFastPath(self):
+        """
+        The whole-body fast path, which reads first, gives the UID and
+        FLAGS of the message it read.
+        """
+        said = self.fetch(b"(BODY.PEEK[] UID FLAGS)", fast=True)
+        self.assertIn(b"Message-ID: <m2@example.org>\r\nSubject: 2\r\n\r\nbody 2\r\n UID 2 FLAGS (\\Answered \\Seen))", said)
+        self.assertIn(b"Message-ID: <m3@example.org>\r\nSubject: 3\r\n\r\nbody 3\r\n UID 3 FLAGS (\\Flagged))", said)

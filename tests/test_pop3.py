@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet import ssl as twistedSSL
@@ -25,7 +26,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild.auth import plaintextLoginAllowed
-from maild.pop3 import BadUidlFormat, messageResponse, uidlFormatter
+from maild.pop3 import BadUidlFormat, Maildrop, messageResponse, uidlFormatter
+from maild.store import MailStore
 from maild.store.mailstore import MAILDROP_LOCK
 from maild.store.folder import Folder
 from tests.support import PASSWORD, RawClient, ServerTestCase, waitUntil
@@ -1312,3 +1314,44 @@ class UidlFormatTests(unittest.SynchronousTestCase):
         except BadUidlFormat:
             return
         self.assertIsInstance(uidl(1, 2, "base"), bytes)
+
+
+
+class MaildropOpenTests(unittest.SynchronousTestCase):
+    """
+    Taking the maildrop's view while another process changes the INBOX.
+    """
+
+    def test_sizesOfMessagesMovedWhileOpening(self):
+        """
+        Another process expunges the first message and renames the
+        second's file just after the maildrop's look at the folder: reading
+        the second's size (its name, as Dovecot may write it, does not
+        carry it) lists the folder again, which moves every index after the
+        expunged message; each size is still its own message's.
+        """
+        mailbox = MailStore(Path(self.mktemp())).mailbox("alice@localhost")
+        mailbox.ensureExists()
+        cur = mailbox.folderPath("INBOX") / "cur"
+        texts = [b"Subject: %d\n\n%s\n" % (n, body) for n, body in enumerate((b"a", b"bb" * 50, b"ccc" * 300), 1)]
+        # The first carries its sizes in its name, the others do not.
+        names = [cur / f"1700000001.M1P9Q1.other,S={len(texts[0])},W={len(texts[0]) + 3}:2,S"]
+        names += [cur / f"170000000{n}.M{n}P9Q{n}.other:2,S" for n in (2, 3)]
+        for name, text in zip(names, texts):
+            name.write_bytes(text)
+        folder = mailbox.folder("INBOX")
+        folder.refresh()
+        refresh = folder.refresh
+
+        def refreshThenAnotherProcess():
+            folder.refresh = refresh
+            change = refresh()
+            os.rename(names[1], names[1].with_name(names[1].name.replace(":2,S", ":2,RS")))
+            os.unlink(names[0])
+            return change
+
+        folder.refresh = refreshThenAnotherProcess
+        drop = Maildrop(mailbox)
+        drop.open()
+        self.addCleanup(drop.logout)
+        self.assertEqual(drop.sizes, [len(text) + text.count(b"\n") for text in texts])

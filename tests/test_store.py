@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+import maild.store.folder
 from maild.names import InvalidName
 from maild.store import (
     Committer,
@@ -799,6 +800,118 @@ class SameTickChangeTests(unittest.SynchronousTestCase):
         UidList(self.path).assign([theirs])
         self.assertEqual(self.poll(), [])
         self.assertEqual(self.folder.uidList.state.uids[theirs], 2)
+
+
+class BusyFolderListingTests(unittest.SynchronousTestCase):
+    """
+    A busy folder, whose directories' times are always too recent to prove
+    anything (L{maild.store.folder.UNSETTLED_NS}): this process's own
+    changes keep its index current without listing the directories again,
+    while another process's changes are still found, at once when a
+    directory's stamp moved, or by the listing owed once a recent time has
+    settled when the change hid within the same clock tick.
+    """
+
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        put(self.path, "cur/1700000001.M1P1Q1.h,S=17,W=20:2,")
+        put(self.path, "cur/1700000002.M1P1Q1.h,S=17,W=20:2,S")
+        put(self.path, "new/1700000003.M1P1Q1.h,S=17,W=20")
+        self.folder = Folder("INBOX", self.path)
+        # Directory times are of the real clock; the folder's clock stands
+        # still until a test moves it, so they stay recent.
+        self.now = time.time_ns()
+        self.folder.nowNs = lambda: self.now
+        self.listed = []
+        listDir = self.folder._listDir
+
+        def counted(sub):
+            self.listed.append(sub)
+            return listDir(sub)
+
+        self.folder._listDir = counted
+        self.folder.refresh()
+        self.listed.clear()
+
+    def otherProcess(self) -> Folder:
+        """
+        The same folder as another process (a second worker) sees it.
+        """
+        other = Folder("INBOX", self.path)
+        other.refresh()
+        return other
+
+    def settle(self):
+        self.now += maild.store.folder.UNSETTLED_NS + 1
+
+    def test_ownChangesListNothing(self):
+        """
+        Flag changes, taking messages out of C{new/} and further looks in
+        between, all within recent directory times, cost no listing: the
+        index already holds what changed.
+        """
+        folder = self.folder
+        folder.setFlags([0], maildir.FLAGGED, mode=1)
+        folder.refresh()
+        folder.claimRecent()
+        folder.refresh()
+        folder.setFlags([1, 2], maildir.SEEN, mode=-1)
+        self.assertFalse(folder.refresh())
+        self.assertEqual(self.listed, [])
+        self.assertEqual(sorted(os.listdir(self.path / "cur")), [folder.fileName(i)[4:] for i in range(3)])
+        self.assertEqual(list(folder.flags), [maildir.FLAGGED, 0, 0])
+
+    def test_anotherProcessChangeSeenAtOnce(self):
+        """
+        A flag change by another process, after ours, whose directory's
+        stamp moved, is found by the next look.
+        """
+        self.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        stamp = os.stat(self.path / "cur").st_mtime_ns
+        self.otherProcess().setFlags([1], maildir.DELETED, mode=1)
+        # Its rename in a later clock tick than ours.
+        os.utime(self.path / "cur", ns=(stamp + 5_000_000, stamp + 5_000_000))
+        change = self.folder.refresh()
+        self.assertEqual(change.flagged, [2])
+        self.assertEqual(self.folder.flags[1], maildir.SEEN | maildir.DELETED)
+        self.assertIn("cur", self.listed)
+
+    def test_sameTickChangeFoundOnceSettled(self):
+        """
+        Another process's rename within the clock tick of ours leaves the
+        directory's stamp where ours did: it stays unseen while that time is
+        recent, and the listing owed once it has settled finds it.
+        """
+        self.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        cur = os.stat(self.path / "cur")
+        self.otherProcess().setFlags([1], maildir.DELETED, mode=1)
+        os.utime(self.path / "cur", ns=(cur.st_atime_ns, cur.st_mtime_ns))
+        self.assertFalse(self.folder.refresh())
+        self.assertEqual(self.listed, [])
+        self.settle()
+        self.assertEqual(self.folder.refresh().flagged, [2])
+        self.assertEqual(self.folder.flags[1], maildir.SEEN | maildir.DELETED)
+        # Settled and listed: trusted until the next change.
+        self.listed.clear()
+        self.assertFalse(self.folder.refresh())
+        self.assertEqual(self.listed, [])
+
+    def test_busyFolderListedOncePerSettlingTime(self):
+        """
+        While its own changes keep a folder's times recent, it is listed
+        once per L{UNSETTLED_NS}, not once per change nor never.
+        """
+        for _ in range(3):
+            self.folder.setFlags([0], maildir.FLAGGED, mode=1)
+            self.folder.setFlags([0], maildir.FLAGGED, mode=-1)
+            self.folder.refresh()
+        self.assertEqual(self.listed, [])
+        self.settle()
+        self.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        self.folder.refresh()
+        self.folder.setFlags([0], maildir.FLAGGED, mode=-1)
+        self.folder.refresh()
+        self.assertEqual(sorted(self.listed), ["cur", "new"])
 
 
 class DeliveryTests(unittest.TestCase):

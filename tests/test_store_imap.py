@@ -66,6 +66,33 @@ class CopyTests(StoreTestCase):
         self.assertEqual(target.keywordNames(1), ["Work"])
         self.assertEqual(os.stat(target.filePath(0)).st_ino, os.stat(source.filePath(0)).st_ino)
 
+    @defer.inlineCallbacks
+    def test_copyAfterAnotherProcessMovedTheSource(self):
+        """
+        Another process (a second worker) expunged the first message and
+        renamed the second's file since this one looked: reading the
+        second's size (its name, as Dovecot may write it, does not carry
+        it) lists the folder again, and every index after the expunged
+        message moves.  Each copy is still of the message asked for, with
+        its own flags.
+        """
+        names = []
+        for n, info in enumerate(("", "S", "F"), 1):
+            path = self.mailbox.folderPath("INBOX") / "cur" / (f"170000000{n}.M{n}P9Q{n}.other:2," + info)
+            path.write_bytes(b"Subject: %d\n\nbody %d\n" % (n, n))
+            names.append(path)
+        source = self.mailbox.folder("INBOX")
+        source.refresh()
+        target = self.mailbox.folder("Archive")
+        target.refresh()
+        os.unlink(names[0])
+        os.rename(names[1], names[1].with_name(names[1].name.replace(":2,S", ":2,RS")))
+        pairs = yield self.store.copy(source, [1, 2], target)
+        self.assertEqual(pairs, [(2, 1), (3, 2)])
+        copies = sorted((target.path / "new").iterdir())
+        self.assertEqual([p.read_bytes() for p in copies], [b"Subject: 2\n\nbody 2\n", b"Subject: 3\n\nbody 3\n"])
+        self.assertEqual([p.name.rpartition(":2,")[2] for p in copies], ["RS", "F"])
+
 
 class ReadTests(StoreTestCase):
     def test_read(self):

@@ -210,6 +210,39 @@ class DKIMTests(TrustTestCase):
         self.assertTrue(message.endswith(b"line 19999 of a long message\n"))
 
 
+class DKIMProcessTests(DKIMTests):
+    """
+    The same, with DKIM verified in a child process ([mx]
+    dkim_processes): the same results.
+    """
+
+    mx = dict(TrustTestCase.mx, dkim_processes=1)
+
+    @defer.inlineCallbacks
+    def test_childReplacedWhenItDies(self):
+        """
+        A child that dies is replaced by the next message's, and a message
+        verified after it still gets its result.
+        """
+        code, _ = yield self.send("bounce@good.test", signed(fromDomain("good.test")))
+        self.assertEqual(code, 250)
+        (child,) = self.dkimChildren()
+        ended = child.ended
+        child.transport.signalProcess("KILL")
+        yield ended
+        self.assertEqual(self.dkimChildren(), [])
+        code, _ = yield self.send("bounce@good.test", signed(fromDomain("good.test", "Again")))
+        self.assertEqual(code, 250)
+        self.assertEqual(len(self.dkimChildren()), 1)
+        self.assertEqual([self.results(m).count("dkim=pass") for m in self.stored()], [1, 1])
+
+    def dkimChildren(self) -> list:
+        from maild.trust.dkimprocess import VerifierProcesses
+
+        (processes,) = [s for s in self.service if isinstance(s, VerifierProcesses)]
+        return list(processes._children)
+
+
 class SPFTests(TrustTestCase):
     @defer.inlineCallbacks
     def test_results(self):

@@ -554,3 +554,98 @@ class AnyRecordTests(unittest.TestCase):
         )
         (result,) = self.successResultOf(d)
         self.assertIn(result.result, ("pass", "fail", "permerror", "temperror", "policy"))
+
+
+class VerifierProcessesTests(unittest.TestCase):
+    """
+    The DKIM child processes' pool (maild.trust.dkimprocess), with a
+    reactor whose children the test plays.
+    """
+
+    class Reactor:
+        def __init__(self):
+            self.spawned = []
+
+        def spawnProcess(self, child, executable, args, env, childFDs):
+            transport = VerifierProcessesTests.Transport()
+            child.makeConnection(transport)
+            self.spawned.append((child, transport))
+
+    class Transport:
+        def __init__(self):
+            self.written = b""
+
+        def write(self, data):
+            self.written += data
+
+        def signalProcess(self, signal):
+            pass
+
+    def setUp(self):
+        from maild.trust.dkimprocess import VerifierProcesses
+
+        self.reactor = self.Reactor()
+        self.processes = VerifierProcesses(self.reactor, 1, inThread=defer.maybeDeferred)
+        self.processes.startService()
+        message = _signed(b"x")
+        signatures = readSignatures(parseFields(message.split(b"\r\n\r\n")[0] + b"\r\n"))
+        keys = {"s._domainkey.d.test": f"v=DKIM1; k=ed25519; p={BatchVerifierTests.key}".encode()}
+        self.work = [(message, None, signatures, keys)]
+
+    def test_answerReadInPieces(self):
+        """
+        The child's answer, however it arrives in pieces, gives the batch
+        its results.
+        """
+        d = self.processes.verify(self.work)
+        (child, transport), = self.reactor.spawned
+        self.assertTrue(transport.written.startswith(b"\0\0"))
+        answer = b'[[["pass", "d.test", "s", "abc", ""]]]'
+        framed = len(answer).to_bytes(4, "big") + answer
+        for octet in framed:
+            self.assertNoResult(d)
+            child.outReceived(bytes([octet]))
+        self.assertEqual(self.successResultOf(d), [[DKIMResult("pass", "d.test", "s", "abc")]])
+
+    def test_deadChildsBatchVerifiedHere(self):
+        """
+        A child that dies with a batch unanswered: the batch is verified
+        here instead; a child that never answered at all means children
+        cannot start, and later batches are verified here without one.
+        """
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        d = self.processes.verify(self.work)
+        (child, _), = self.reactor.spawned
+        child.processEnded(Failure(ProcessTerminated(1)))
+        self.assertEqual([r.result for r in self.successResultOf(d)[0]], ["pass"])
+        again = self.successResultOf(self.processes.verify(self.work))
+        self.assertEqual([r.result for r in again[0]], ["pass"])
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_unreadableAnswer(self):
+        """
+        An answer that is not the expected JSON: the child is killed and
+        the batch verified here.
+        """
+        d = self.processes.verify(self.work)
+        (child, _), = self.reactor.spawned
+        child.outReceived(b"\0\0\0\x02{[")
+        self.assertEqual([r.result for r in self.successResultOf(d)[0]], ["pass"])
+
+
+class ReadSignaturesTests(unittest.TestCase):
+    def test_signaturePrefixUnfolded(self):
+        """
+        What a signature is known by (RFC 6008 header.b): the first 8
+        characters of its b= value, its folding white space dropped.
+        """
+        fields = parseFields(
+            b"DKIM-Signature: v=1; d=D.test; s=Sel; b=ab c\r\n\td\r\n e fgh ijk\r\nFrom: a@d.test\r\n"
+        )
+        (signature,) = readSignatures(fields)
+        self.assertEqual(
+            (signature.domain, signature.selector, signature.signature, signature.keyName),
+            ("d.test", "sel", "abcdefgh", "sel._domainkey.d.test"),
+        )

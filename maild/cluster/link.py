@@ -106,6 +106,12 @@ class _KeepTrying:
             return defer.succeed(None)
         return super().stopTrying()
 
+    def connectionError(self, why):
+        # txredisapi would fail the factory's first-connection Deferred,
+        # which nobody waits for (an unhandled error); the next try may
+        # well succeed.
+        pass
+
 
 class _SubscriberFactory(_KeepTrying, txredisapi.SubscriberFactory):
     protocol = _Subscriber

@@ -145,13 +145,34 @@ class MessageData:
     FETCH (of any session) made it before.
     """
 
-    __slots__ = ("folder", "index", "_data", "_part")
+    __slots__ = ("folder", "uid", "_index", "_data", "_part")
 
     def __init__(self, folder, index: int) -> None:
         self.folder = folder
-        self.index = index
+        self.uid = folder.uids[index]
+        self._index = index
         self._data: bytes | None = None
         self._part: MessagePart | None = None
+
+    @property
+    def index(self) -> int:
+        """
+        The message's index in the folder now.  Reading a file that
+        another process renamed or removed lists the folder again
+        (L{maild.store.folder.Folder.read}), and what that listing learnt
+        (expunges, messages numbered below others) may move every index:
+        one taken before the read may name another message after it.
+
+        @raise MessageGone: if the message was expunged meanwhile.
+        """
+        uids = self.folder.uids
+        i = self._index
+        if i >= len(uids) or uids[i] != self.uid:
+            i = self.folder.position(self.uid)
+            if i is None:
+                raise MessageGone(self.uid)
+            self._index = i
+        return i
 
     @property
     def data(self) -> bytes:
@@ -169,7 +190,7 @@ class MessageData:
         """
         The rendering C{name} of this message, from the folder's cache.
         """
-        return folderCache(self.folder).get(self.folder.uids[self.index], name, make)
+        return folderCache(self.folder).get(self.uid, name, make)
 
     @property
     def header(self) -> bytes:
@@ -217,12 +238,15 @@ def _headerOf(item: FetchItem, header: bytes) -> bytes:
     return selectFields(header, item.fields, negate=item.text.endswith(b".NOT"))
 
 
-def render(item: FetchItem, view: SelectedFolder, index: int, message: MessageData) -> bytes:
+def render(item: FetchItem, view: SelectedFolder, message: MessageData) -> bytes:
     """
     One attribute of one message, as it appears in the FETCH response.
     """
     folder = view.folder
     name = item.name
+    # Asked for each attribute: reading the message for the one before
+    # may have moved it in the folder (MessageData.index).
+    index = message.index
     if name == b"UID":
         return b"UID %d" % folder.uids[index]
     if name == b"FLAGS":
@@ -296,7 +320,8 @@ class FetchRequest:
                 continue
             message = MessageData(view.folder, i)
             try:
-                rendered = [render(item, view, i, message) for item in items]
+                rendered = [render(item, view, message) for item in items]
+                i = message.index
             except (MessageGone, FileNotFoundError):
                 self.missing += 1
                 continue
@@ -368,8 +393,11 @@ class FetchRequest:
             if i is None:
                 self.missing += 1
                 continue
+            message = MessageData(folder, i)
             try:
-                data = folder.readCRLF(i)
+                data = message.data
+                # Where the read left it (MessageData.index).
+                i = message.index
             except (MessageGone, FileNotFoundError):
                 self.missing += 1
                 continue

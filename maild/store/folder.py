@@ -103,6 +103,8 @@ class Folder:
     The shared index of one folder.
 
     @cvar GONE_KEPT: how many expunged UIDs to remember.
+    @cvar nowNs: the wall clock, in nanoseconds, against which directory
+        times are judged settled (a test replaces it).
 
     @ivar name: the IMAP name (C{INBOX}, C{Sent}, C{Lists/Python}).
     @ivar path: the folder's directory (holding C{cur new tmp}).
@@ -111,6 +113,7 @@ class Folder:
     """
 
     GONE_KEPT = 100_000
+    nowNs = staticmethod(time.time_ns)
 
     def __init__(self, name: str, path: Path, store=None, uidValidities: UidValidities | None = None) -> None:
         self.name = name
@@ -126,8 +129,14 @@ class Folder:
         self.uidvalidity = 0
         self._sizes: dict[int, tuple[int, int]] = {}
         self._listeners: list[FolderListener] = []
-        # What stat said of new/ and cur/ (L{_stamp}) when last listed.
+        # What stat said of new/ and cur/ (L{_stamp}) when last listed, or
+        # after a change of ours that nobody else's came between.
         self._mtimes: dict[str, Stamp] = {"new": -1, "cur": -1}
+        # A stamp too recent to trust (L{UNSETTLED_NS}) is trusted all the
+        # same, and the directory owes one more listing once its time has
+        # settled: by then (wall-clock nanoseconds) it is listed, changed
+        # or not.  0: nothing owed.
+        self._listBy: dict[str, int] = {"new": 0, "cur": 0}
         # Every UID below this was given to a file a listing of ours found,
         # or one we placed: a UID list that numbers more calls for a listing.
         self._listedUidnext = 0
@@ -370,7 +379,8 @@ class Folder:
 
     def _refresh(self) -> FolderChange:
         mtimes = self._dirMtimes()
-        if self._loaded and mtimes == self._mtimes:
+        due = self._listingsDue()
+        if self._loaded and mtimes == self._mtimes and not due:
             if not self._numberedUnlisted():
                 return FolderChange()
             # Another process numbered files that a directory time we trust
@@ -378,7 +388,7 @@ class Folder:
             self._mtimes = {"new": _LIST_AGAIN, "cur": _LIST_AGAIN}
         if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
             return self._gone()
-        changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]}
+        changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]} | due
         if "cur" in changed:
             # A file may move from new/ to cur/ between two listings: one of
             # cur/ alone could miss it in both (Dovecot lists both as well).
@@ -386,6 +396,33 @@ class Folder:
         change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
         self._announce(change, own=False)
         return change
+
+    def _listingsDue(self) -> set[str]:
+        """
+        The directories whose owed listing (L{_listBy}) is due: their
+        stamp, trusted while recent, has settled since.
+        """
+        listBy = self._listBy
+        if not (listBy["new"] or listBy["cur"]):
+            return set()
+        now = self.nowNs()
+        return {sub for sub, by in listBy.items() if by and by <= now}
+
+    def _trust(self, stamps: dict[str, Stamp]) -> None:
+        """
+        Take C{stamps} for what the index shows of the directories.  A
+        stamp whose time is too recent to prove that nothing else changed
+        within its clock tick (L{UNSETTLED_NS}) is trusted too, so that a
+        busy folder is not listed at every command, but the directory owes
+        a listing once that time has settled; an earlier debt stands, so a
+        folder that never rests is still listed about once a
+        L{UNSETTLED_NS}.
+        """
+        self._mtimes = dict(stamps)
+        recent = self.nowNs() - UNSETTLED_NS
+        for sub, stamp in stamps.items():
+            if isinstance(stamp, tuple) and stamp[0] > recent and not self._listBy[sub]:
+                self._listBy[sub] = stamp[0] + UNSETTLED_NS
 
     def _numberedUnlisted(self) -> bool:
         """
@@ -456,7 +493,9 @@ class Folder:
         the index with them; entries in the other directory stay as they are.
         """
         # Record the times first: a change made while we list is seen next time.
-        self._mtimes = _settled(mtimes)
+        for sub in subs:
+            self._listBy[sub] = 0
+        self._trust(mtimes)
         self.missing = False
         # What the UID list numbered before we list: all of it is placed.
         listedUidnext = self.uidList.refresh().uidnext
@@ -634,11 +673,12 @@ class Folder:
         return before == self._mtimes
 
     def _ownChangeDone(self, unchanged: bool) -> None:
-        # Trusted although recent: listing a big cur/ again after each of
-        # our own flag changes would cost more than the rare change another
-        # process makes within our own rename's clock tick.
+        # The index already shows our own change: listing a big cur/ again
+        # after each flag change of ours would cost more than the command.
+        # A change another process makes within our rename's clock tick is
+        # found by the listing owed once that tick has settled (L{_trust}).
         if unchanged:
-            self._mtimes = self._dirMtimes()
+            self._trust(self._dirMtimes())
 
     @contextmanager
     def _uidListLocked(self) -> Iterator[None]:
@@ -1038,9 +1078,12 @@ def infoBits(info: str) -> tuple[int, str]:
 
 # A directory time this close to now may be shared by a change still to come
 # (file systems keep times in ticks, NFS servers with their own clock), so
-# it proves nothing yet: the directory is listed again at the next refresh.
-# Dovecot's Maildir code waits the same second (MAILDIR_SYNC_SECS) before it
-# trusts a directory's time, which is what lets both servers share a folder.
+# it proves nothing yet: the directory is listed once more when its time has
+# settled (Folder._trust), changed or not.  Dovecot's Maildir code waits the
+# same second (MAILDIR_SYNC_SECS) before it trusts a directory's time, which
+# is what lets both servers share a folder.  (Listing at every refresh until
+# then, as maild did, cost 1.4 listings of new/ and cur/ per IMAP command on
+# a busy INBOX, whose times never settle.)
 UNSETTLED_NS = 1_000_000_000
 _LIST_AGAIN = -3
 
@@ -1063,19 +1106,6 @@ def _stamp(path: str) -> Stamp:
     except FileNotFoundError:
         return _MISSING
     return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _settled(stamps: dict[str, Stamp]) -> dict[str, Stamp]:
-    """
-    The directory stamps to remember: one whose time is too recent to
-    trust is kept as a value no directory has, so that the next refresh
-    lists it again.
-    """
-    now = time.time_ns()
-    return {
-        sub: (_LIST_AGAIN if isinstance(stamp, tuple) and stamp[0] > now - UNSETTLED_NS else stamp)
-        for sub, stamp in stamps.items()
-    }
 
 
 def _holds(uids: array, uid: int) -> bool:

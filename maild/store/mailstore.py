@@ -32,7 +32,7 @@ from maild.store.delivery import (
 )
 from maild.store.files import folderMustExist, fsyncDirectory, replaceFile
 from maild.store.locking import ExclusiveHold, dotLocked, locked
-from maild.store.folder import SETTABLE, Folder
+from maild.store.folder import SETTABLE, Folder, MessageGone
 from maild.store.interfaces import IMailStore, IUserMailbox
 from maild.store.keywords import FILE_NAME as KEYWORDS_FILE
 from maild.store.uidlist import FILE_NAME as UIDLIST_FILE, UidList, UidValidities
@@ -223,19 +223,28 @@ class MailStore:
             no letter left for a keyword.
         """
         plan = []
-        for i in indexes:
+        # By UID: reading a size from a file that another process renamed
+        # lists the source again, which may move every index after it.
+        for uid in [source.uids[i] for i in indexes]:
+            i = source.position(uid)
+            if i is None:
+                continue  # expunged by the listing a message before it made
+            try:
+                size, crlfSize = source.sizes(i)
+            except MessageGone:
+                continue
+            i = source.position(uid)
             names = source.keywordNames(i)
             try:
                 letters = destination.keywords.letters(names) if names else ""
             except FileNotFoundError:
                 # Deleted since it was looked up.
                 return defer.fail(storageFailure(FolderMissing(str(destination.path))))
-            size, crlfSize = source.sizes(i)
             base = maildir.newBaseName(size, crlfSize)
             bits = source.flags[i] & SETTABLE & ~maildir.FORWARDED  # now a keyword
             name = maildir.curFileName(base, bits, letters) if bits or letters else base
             plan.append(
-                (source.uids[i], source.filePath(i), destination.path / "new" / name)
+                (uid, source.filePath(i), destination.path / "new" / name)
             )
         d = self.committer.callInPool(_linkAll, plan, destination.path / "new")
 

@@ -63,6 +63,9 @@ class TrustChecker:
         section 4.6.4 suggests 20 at least).
     @param trustedNetworks: clients in these networks are not checked.
     @param inThread: runs a blocking callable in a worker thread.
+    @param dkimProcesses: if given, the child processes that verify DKIM
+        (L{maild.trust.dkimprocess.VerifierProcesses}), every signed
+        message going to them.
     @param sample: a number in [0, 1), for DMARC C{pct=}.
     """
 
@@ -77,6 +80,7 @@ class TrustChecker:
         trustedNetworks: tuple[str, ...] = (),
         inThread: Callable[..., defer.Deferred] = threads.deferToThread,
         sample: Callable[[], float] = random.random,
+        dkimProcesses=None,
     ) -> None:
         self._makeResolver = makeResolver
         self._lookup: Lookup | None = None
@@ -85,7 +89,13 @@ class TrustChecker:
         self.policy = policy
         self.clock = clock
         self.spfTimeout = spfTimeout
-        self.verifier = BatchVerifier(inThread)
+        if dkimProcesses is None:
+            self.verifier = BatchVerifier(inThread)
+        else:
+            self.verifier = BatchVerifier(
+                inThread, inlineWork=0, elsewhere=dkimProcesses.verify,
+                inFlight=dkimProcesses.count,
+            )
         self.sample = sample
         self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
 

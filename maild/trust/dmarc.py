@@ -51,11 +51,13 @@ class DMARCRecord:
     spfAlignment: str = "r"
 
 
+@functools.lru_cache(maxsize=1024)
 def parseRecord(text: str) -> DMARCRecord | None:
     """
     A DMARC record (RFC 7489 section 6.3), or None when C{text} is not one.
     A record whose C{p=} is missing or unknown counts as C{p=none} if it
-    has C{rua=} (section 6.6.3), else it is no record.
+    has C{rua=} (section 6.6.3), else it is no record.  Kept per text (the
+    record is frozen): a domain's record comes with much of its mail.
     """
     tags: dict[str, str] = {}
     for index, part in enumerate(text.split(";")):
