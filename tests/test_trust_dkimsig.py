@@ -12,14 +12,14 @@ import base64
 
 import dkim
 import nacl.signing
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import Relaxed
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild import dkimrsa
 from maild.trust.dkimsig import SignedMessage, relaxedBody, relaxedField, withoutSignatureValue
+from tests.test_trust import RSA_PRIVATE
+from tests.test_trust import RSA_PUBLIC as RSA_PUBLIC_TEXT
 
 dkimrsa.install()
 
@@ -41,17 +41,8 @@ signatureValues = st.tuples(st.lists(
 
 ED25519_SEED = b"e" * 32
 ED25519_PUBLIC = base64.b64encode(bytes(nacl.signing.SigningKey(ED25519_SEED).verify_key))
-_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-RSA_PRIVATE = _rsa.private_bytes(
-    serialization.Encoding.PEM,
-    serialization.PrivateFormat.TraditionalOpenSSL,
-    serialization.NoEncryption(),
-)
-RSA_PUBLIC = base64.b64encode(
-    _rsa.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-)
+# The RSA key of the end-to-end trust tests, its public half as bytes.
+RSA_PUBLIC = RSA_PUBLIC_TEXT.encode()
 KEYS = {
     b"ed": (b"ed25519-sha256", base64.b64encode(ED25519_SEED),
             b"v=DKIM1; k=ed25519; p=" + ED25519_PUBLIC),
