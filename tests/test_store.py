@@ -1223,6 +1223,28 @@ class DovecotDotLockTests(unittest.SynchronousTestCase):
         self.assertEqual(UidList(self.path, lockSettings=self.settings(fake)).assign(["a"]), [1])
         self.assertEqual(fake.sleeps, 0)
 
+    def test_holderDyingWhileTakingItLeavesNoEmptyLock(self):
+        """
+        A process that dies while taking the lock (here as its holder's
+        name is being made) leaves no lock that names nobody, which others
+        could only wait out for the stale time (two minutes of a blocked
+        reactor, seen when a node was killed under load): the next taker
+        gets it at once.
+        """
+        from maild.store import locking
+
+        def killed():
+            raise SystemExit("killed")
+
+        self.patch(locking, "_holderId", killed)
+        self.assertRaises(SystemExit, UidList(self.path).assign, ["a"])
+        self.assertFalse(self.lock.exists())
+        self.patch(locking, "_holderId", lambda: f"{os.getpid()}:test".encode())
+        fake = FakeTime()
+        self.assertEqual(UidList(self.path, lockSettings=self.settings(fake)).assign(["a"]), [1])
+        self.assertEqual(fake.sleeps, 0)
+        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist"])
+
     def test_staleLockOverridden(self):
         """
         A lock of another host that nothing changed for the stale timeout

@@ -239,29 +239,46 @@ def _createDotLock(lockPath: str, path: str, settings: DotLockSettings) -> int:
     """
     Create the lock file, waiting for (or overriding) another holder.
 
+    The lock appears with its holder already written in it: a file of
+    ours is written first and linked to the lock's name (Dovecot's
+    try_create_lock_hardlink; link() fails when the name exists, on NFS
+    too).  Created empty and then written, a lock whose holder was killed
+    in between named nobody, and others could only wait it out for the
+    stale time, two minutes of a blocked reactor.
+
     @return: the lock file's inode, to check at release that it is still
         ours.
     """
     deadline = settings.clock() + settings.timeout
     wait = settings.firstWait
     watch = _StaleWatch(lockPath, path, settings)
-    while True:
-        try:
-            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except FileExistsError:
-            pass
-        else:
+    holder = _holderId()
+    own = f"{lockPath}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(own, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, holder)
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    try:
+        while True:
             try:
-                os.write(fd, _holderId())
-                return os.fstat(fd).st_ino
-            finally:
-                os.close(fd)
-        if watch.overrideIfStale():
-            continue
-        if settings.clock() >= deadline:
-            raise LockTimeout(errno.EAGAIN, "lock held too long", lockPath)
-        settings.sleep(wait * (1 + random.random()))
-        wait = min(wait * 1.5, settings.maxWait)
+                os.link(own, lockPath)
+            except FileExistsError:
+                pass
+            else:
+                return inode
+            if watch.overrideIfStale():
+                continue
+            if settings.clock() >= deadline:
+                raise LockTimeout(errno.EAGAIN, "lock held too long", lockPath)
+            settings.sleep(wait * (1 + random.random()))
+            wait = min(wait * 1.5, settings.maxWait)
+    finally:
+        try:
+            os.unlink(own)
+        except FileNotFoundError:
+            pass
 
 
 def _removeDotLock(lockPath: str, inode: int | None) -> None:
