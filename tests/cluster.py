@@ -29,6 +29,28 @@ def missing(*programs: str) -> str | None:
     return None
 
 
+def killProcess(process: subprocess.Popen | None) -> None:
+    """
+    Kill C{process} at once (SIGKILL: no goodbye to anyone), if it runs.
+    """
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def stopProcess(process: subprocess.Popen | None) -> None:
+    """
+    Stop C{process} with SIGTERM, if it runs; killed if it has not ended
+    30 seconds later.
+    """
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            killProcess(process)
+
+
 class DaemonProcess:
     """
     A maild started by a test as its own process (C{self.process}), logging
@@ -39,17 +61,10 @@ class DaemonProcess:
     process: subprocess.Popen | None = None
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
+        killProcess(self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stopProcess(self.process)
 
     def logText(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -158,14 +173,10 @@ class Cluster:
         """
         Kill Redis at once (SIGKILL: no goodbye to its clients).
         """
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.send_signal(signal.SIGKILL)
-            self.redis.wait(timeout=30)
+        killProcess(self.redis)
 
     def stopRedis(self) -> None:
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.terminate()
-            self.redis.wait(timeout=30)
+        stopProcess(self.redis)
 
     def startHAProxy(self) -> None:
         # As for the nodes: a frontend port taken meanwhile by another
@@ -206,9 +217,7 @@ class Cluster:
         )
 
     def stop(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.terminate()
-            self.haproxy.wait(timeout=30)
+        stopProcess(self.haproxy)
         for node in self.nodes:
             node.stop()
         self.stopRedis()

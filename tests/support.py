@@ -354,6 +354,21 @@ def waitForEmptySpool(dataDir: Path, timeout: float = 5.0):
     return spoolMessages(dataDir)
 
 
+def waitFor(condition, timeout: float = 30.0, what: str = "condition"):
+    """
+    Wait (blocking: for tests that drive other processes from the test's
+    thread) until C{condition()} gives a true value, and return it; fail
+    after C{timeout} seconds, naming C{what} was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,6 +23,23 @@ from maild.service import MailService
 from tests.support import PASSWORD, IMAPClient, freePort, makeConfig, waitUntil, writeUsers
 
 
+NO_REDIS = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+
+
+def startRedis(testCase: unittest.TestCase, *options: str) -> "RedisServer":
+    """
+    A real Redis on a free loopback port (with C{options}) for
+    C{testCase}, stopped in its cleanup; the test is skipped where
+    redis-server is not installed.
+    """
+    if shutil.which("redis-server") is None:
+        raise unittest.SkipTest(NO_REDIS)
+    server = RedisServer()
+    server.start(*options)
+    testCase.addCleanup(server.stop)
+    return server
+
+
 class RedisServer:
     def __init__(self) -> None:
         self.port = freePort()
@@ -65,11 +82,7 @@ class RedisServer:
 class TwoNodesTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-        self.redisServer = RedisServer()
-        self.redisServer.start()
-        self.addCleanup(self.redisServer.stop)
+        self.redisServer = startRedis(self)
         self.dataDir = Path(self.mktemp()).resolve()
         writeUsers(self.dataDir, {"alice@localhost": PASSWORD})
         self.nodes = []
@@ -178,11 +191,7 @@ class ReconnectTests(unittest.TestCase):
         same way) is tried again rather than given up for good, as
         txredisapi would: once Redis accepts it, the link answers.
         """
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest("redis-server is not installed (Debian package redis-server)")
-        server = RedisServer()
-        server.start("--databases", "2")
-        self.addCleanup(server.stop)
+        server = startRedis(self, "--databases", "2")
         refusals = []
 
         def observe(event):

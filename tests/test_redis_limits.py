@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import poplib
 import re
-import shutil
 import smtplib
 import subprocess
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,10 +26,10 @@ from twisted.trial import unittest
 from maild.connections import LimitedFactory
 from maild.service import MailService
 from tests.cluster import Cluster, missing
-from tests.support import PASSWORD, IMAPClient, clientContext, freePort, makeConfig, waitUntil, writeUsers
+from tests.support import PASSWORD, IMAPClient, clientContext, freePort, makeConfig, waitFor, waitUntil, writeUsers
 from tests.test_daemon import Daemon, listenOnly
 from tests.test_daemon import waitForPort as daemonPort
-from tests.test_redis import RedisServer
+from tests.test_redis import startRedis
 
 BASE_DELAY = 0.01
 LIMIT = 2
@@ -70,13 +68,7 @@ class SharedLimitsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest(
-                "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-            )
-        self.redisServer = RedisServer()
-        self.redisServer.start()
-        self.addCleanup(self.redisServer.stop)
+        self.redisServer = startRedis(self)
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -385,16 +377,6 @@ def metric(port: int, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def waitFor(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class ThroughHAProxyTests(unittest.TestCase):
     """
     Three maild processes (twistd) behind real HAProxy (PROXY protocol
@@ -509,13 +491,7 @@ class WorkersTests(unittest.TestCase):
     """
 
     def setUp(self):
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest(
-                "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-            )
-        self.redisServer = RedisServer()
-        self.redisServer.start()
-        self.addCleanup(self.redisServer.stop)
+        self.redisServer = startRedis(self)
         self.folder = Path(self.mktemp()).resolve()
         self.folder.mkdir(parents=True)
         writeUsers(self.folder / "maildata", {"alice@localhost": PASSWORD})

@@ -14,7 +14,6 @@ import email
 import json
 import os
 import re
-import shutil
 import smtplib
 import subprocess
 import sys
@@ -32,11 +31,9 @@ from maild.store.locking import tryLockOpenFile
 from tests import test_relay
 from tests.cluster import ROOT, DaemonProcess, waitForPort
 from tests.support import PASSWORD, freePort, writeUsers
+from tests.test_redis import startRedis
 
 ALICE, BOB = test_relay.ALICE, test_relay.BOB
-NO_REDIS = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-
-
 class Sender(DaemonProcess):
     """
     One maild process of A: submission on loopback, sending through the
@@ -99,8 +96,6 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
 
     def setUp(self):
         test_relay.TwoServersTestCase.setUp(self)
-        if self.redis and shutil.which("redis-server") is None:
-            raise unittest.SkipTest(NO_REDIS)
         self.folder = Path(self.mktemp()).resolve()
         self.dataDir = self.folder / "data"
         writeUsers(self.dataDir, {ALICE: PASSWORD})
@@ -117,11 +112,7 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
             + f'[relay.routes]\n"b.test" = "127.0.0.1:{self.bPort}"\n'
         )
         if self.redis:
-            from tests.test_redis import RedisServer
-
-            self.redisServer = RedisServer()
-            self.redisServer.start()
-            self.addCleanup(self.redisServer.stop)
+            self.redisServer = startRedis(self)
             text += f'[cluster]\nredis = "redis://127.0.0.1:{self.redisServer.port}/0"\n'
         elif self.workers > 1:
             text += f"[cluster]\nworkers = {self.workers}\n"
@@ -188,6 +179,23 @@ class SharedQueueTestCase(test_relay.TwoServersTestCase):
     def submit(self, sender: Sender, subjects: list[str]):
         return threads.deferToThread(sender.submit, subjects)
 
+    @defer.inlineCallbacks
+    def deferredThenRaced(self, subjects: list[str]):
+        """
+        Queue C{subjects} while B is down (each tried once and deferred),
+        stop that sender, bring B back and start two senders on the queue
+        at once (both load every message, as a restarted worker does): B
+        must still get each exactly once.
+        """
+        first = yield self.startSender()
+        yield self.submit(first, subjects)
+        yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
+        first.stop()
+        yield self.startB()
+        yield self.startSender()
+        yield self.startSender()
+        yield self.assertEachOnce(subjects)
+
 
 class TwoSendersTests(SharedQueueTestCase):
     @defer.inlineCallbacks
@@ -211,15 +219,7 @@ class TwoSendersTests(SharedQueueTestCase):
         does), B back: they race for every message, and B still gets each
         exactly once.
         """
-        first = yield self.startSender()
-        subjects = [f"m{i}" for i in range(30)]
-        yield self.submit(first, subjects)
-        yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
-        first.stop()
-        yield self.startB()
-        yield self.startSender()
-        yield self.startSender()
-        yield self.assertEachOnce(subjects)
+        yield self.deferredThenRaced([f"m{i}" for i in range(30)])
 
 
 class TakeOverTests(SharedQueueTestCase):
@@ -304,15 +304,7 @@ class RedisLeaseTests(SharedQueueTestCase):
         by the file locks alone, and each message still reaches B once.
         """
         self.redisServer.stop()
-        first = yield self.startSender()
-        subjects = [f"m{i}" for i in range(20)]
-        yield self.submit(first, subjects)
-        yield self.waitFor(lambda: len(first.deliveries()) >= len(subjects))
-        first.stop()
-        yield self.startB()
-        yield self.startSender()
-        yield self.startSender()
-        yield self.assertEachOnce(subjects)
+        yield self.deferredThenRaced([f"m{i}" for i in range(20)])
 
 
 class OneFolderTests(test_relay.TwoServersTestCase):
@@ -539,14 +531,9 @@ class LeaseWithoutFileLocksTests(test_relay.TwoServersTestCase):
         the lease is held, so a message the other finished is not sent
         again).
         """
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest(NO_REDIS)
         from maild.relay import queue as queueModule
-        from tests.test_redis import RedisServer
 
-        redisServer = RedisServer()
-        redisServer.start()
-        self.addCleanup(redisServer.stop)
+        redisServer = startRedis(self)
         self.patch(queueModule, "tryLockOpenFile", lambda fd: True)
         bPort = freePort()
         relay = {
@@ -581,15 +568,10 @@ class LeasesTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest(NO_REDIS)
         from maild.cluster import RedisLink
         from tests.support import waitUntil
-        from tests.test_redis import RedisServer
 
-        self.redisServer = RedisServer()
-        self.redisServer.start()
-        self.addCleanup(self.redisServer.stop)
+        self.redisServer = startRedis(self)
         self.links = []
         for _ in range(2):
             link = RedisLink(f"redis://127.0.0.1:{self.redisServer.port}/0", reactor)

@@ -12,23 +12,12 @@ import os
 import re
 import signal
 import smtplib
-import time
 from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.support import PASSWORD, freePort, writeUsers
+from tests.support import PASSWORD, freePort, waitFor, writeUsers
 from tests.test_daemon import Daemon, listenOnly, waitForPort
-
-
-def waitFor(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:
