@@ -37,10 +37,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from maild.store import maildir
+from maild.store.changelog import ChangeLog, formatOps
 from maild.store.delivery import FolderMissing
 from maild.store.files import folderMustExist
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords, TooManyKeywords
+from maild.store.locking import LockTimeout
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList, UidValidities
 
@@ -122,6 +124,10 @@ class Folder:
         self._dir = str(path) + os.sep
         self.uidList = UidList(path, uidValidities)
         self.keywords = Keywords(path)
+        # What other maild processes changed here (L{maild.store.changelog}).
+        self.changes = ChangeLog(path)
+        # The renames of the change in progress, for the change log.
+        self._renamed: list[tuple[int, str, str]] | None = None
         self.uids = array("I")
         self.flags = bytearray()
         self.bases: list[str] = []
@@ -388,12 +394,102 @@ class Folder:
             self._mtimes = {"new": _LIST_AGAIN, "cur": _LIST_AGAIN}
         if mtimes["cur"] == mtimes["new"] == _MISSING and not self.path.is_dir():
             return self._gone()
+        if self._loaded and not due:
+            followed = self._followLog()
+            if followed is not None:
+                return followed
         changed = {sub for sub in mtimes if mtimes[sub] != self._mtimes[sub]} | due
         if "cur" in changed:
             # A file may move from new/ to cur/ between two listings: one of
             # cur/ alone could miss it in both (Dovecot lists both as well).
             changed.add("new")
-        change = self._scan(mtimes, changed if self._loaded else {"new", "cur"})
+        return self._scanAndAnnounce(mtimes, changed if self._loaded else {"new", "cur"})
+
+    def _followLog(self) -> FolderChange | None:
+        """
+        Learn from the change log what other maild processes did since the
+        index was last in step with the directories, without listing them.
+
+        @return: what changed, when the log explains the directories'
+            present stamps (C{cur/}'s at least: C{new/}, where deliveries
+            are not logged, is then listed alone); None when it does not,
+            and the folder must be listed.
+        """
+        at = dict(self._mtimes)
+        if not (isinstance(at["new"], tuple) and isinstance(at["cur"], tuple)):
+            return None
+        lines = self.changes.unread()
+        if not lines:
+            return None
+        newFollowed = True
+        flagged: dict[int, tuple[str, str]] = {}
+        removed: dict[int, str] = {}
+        for line in lines:
+            if line is None or line.uidvalidity != self.uidvalidity:
+                return None
+            if line.before["cur"] == at["cur"]:
+                at["cur"] = line.after["cur"]
+            elif line.after["cur"] != at["cur"]:
+                return None  # cur/ changed in a way no line tells
+            if line.before["new"] == at["new"]:
+                at["new"] = line.after["new"]
+            elif line.after["new"] != at["new"]:
+                newFollowed = False
+            for kind, uid, base, info in line.ops:
+                if kind == "f":
+                    flagged[uid] = (base, info)
+                else:
+                    flagged.pop(uid, None)
+                    removed[uid] = base
+        now = self._dirMtimes()
+        if at["cur"] != now["cur"]:
+            return None
+        gone = self._expungedUids
+        for uid, (base, _) in flagged.items():
+            i = self.position(uid)
+            if i is None and uid not in gone or i is not None and self.bases[i] != base:
+                return None  # a message we never listed, or another's UID
+        for uid, base in removed.items():
+            i = self.position(uid)
+            if i is not None and self.bases[i] != base:
+                return None
+        change = FolderChange()
+        for uid, (_, info) in flagged.items():
+            i = self.position(uid)
+            if i is None:
+                continue
+            bits, letters = infoBits(info)
+            if bits != self.flags[i] or letters != self.keywordLetters.get(uid, ""):
+                self.flags[i] = bits
+                if letters:
+                    self.keywordLetters[uid] = letters
+                else:
+                    self.keywordLetters.pop(uid, None)
+                change.flagged.append(uid)
+        expunged = {uid for uid in removed if self.position(uid) is not None}
+        if expunged:
+            goneBases = [self.bases[self.position(uid)] for uid in expunged]
+            keep = [j for j, uid in enumerate(self.uids) if uid not in expunged]
+            self.uids = array("I", (self.uids[j] for j in keep))
+            self.flags = bytearray(self.flags[j] for j in keep)
+            self.bases = [self.bases[j] for j in keep]
+            for uid in expunged:
+                self.keywordLetters.pop(uid, None)
+                self._sizes.pop(uid, None)
+            self.uidList.forget(goneBases)
+            self._rememberGone(expunged)
+            change.expunged = sorted(expunged)
+        self._announce(change, own=False)
+        if not newFollowed or at["new"] != now["new"]:
+            # Deliveries into new/ are not logged: list it alone.
+            return _merged(change, self._scanAndAnnounce(now, {"new"}))
+        self._trust(now)
+        if self._numberedUnlisted():
+            return _merged(change, self._scanAndAnnounce(self._dirMtimes(), {"new", "cur"}))
+        return change
+
+    def _scanAndAnnounce(self, mtimes: dict[str, Stamp], subs: set[str]) -> FolderChange:
+        change = self._scan(mtimes, subs)
         self._announce(change, own=False)
         return change
 
@@ -456,6 +552,7 @@ class Folder:
         self._mtimes = {"new": -1, "cur": -1}
         self._listedUidnext = 0
         self._loaded = False
+        self.changes.skipToEnd()
         self.uidList.state = None
         self.missing = True
         change = FolderChange(gone=True)
@@ -493,6 +590,8 @@ class Folder:
         the index with them; entries in the other directory stay as they are.
         """
         # Record the times first: a change made while we list is seen next time.
+        # What the change log says so far, the listing shows too.
+        self.changes.skipToEnd()
         for sub in subs:
             self._listBy[sub] = 0
         self._trust(mtimes)
@@ -664,21 +763,35 @@ class Folder:
 
     # Changing the folder --------------------------------------------------
 
-    def _ownChange(self, subs: Iterable[str]):
+    def _ownChange(self, logged: bool = True) -> tuple[dict[str, Stamp], bool]:
         """
         Remember the directory times before a change of ours, so that
-        L{_ownChangeDone} can tell whether anybody else changed them.
+        L{_ownChangeDone} can tell whether anybody else changed them; when
+        C{logged} (the caller holds the UID list lock), the renames until
+        then are written to the change log.
+
+        @return: the stamps, and whether they are the ones the index shows.
         """
         before = self._dirMtimes()
-        return before == self._mtimes
+        # (A change that failed half-way left its renames unlogged: they
+        # are not this change's.)
+        self._renamed = [] if logged else None
+        return before, before == self._mtimes
 
-    def _ownChangeDone(self, unchanged: bool) -> None:
+    def _ownChangeDone(self, before: dict[str, Stamp], unchanged: bool) -> None:
         # The index already shows our own change: listing a big cur/ again
         # after each flag change of ours would cost more than the command.
         # A change another process makes within our rename's clock tick is
         # found by the listing owed once that tick has settled (L{_trust}).
+        after = self._dirMtimes()
+        renamed, self._renamed = self._renamed, None
+        if renamed:
+            ops = formatOps(renamed, ())
+            written = self.changes.append(self.uidvalidity, before, after, ops) if ops is not None else None
+            if unchanged:
+                self.changes.skipOwn(written)
         if unchanged:
-            self._trust(self._dirMtimes())
+            self._trust(after)
 
     @contextmanager
     def _uidListLocked(self) -> Iterator[None]:
@@ -722,7 +835,7 @@ class Folder:
         # hide the file from it, and it would expunge the UID and number
         # the file again (maildir-sync.c, "Locking, locking, locking").
         with self._uidListLocked():
-            unchanged = self._ownChange(("new", "cur"))
+            before, unchanged = self._ownChange()
             lost = [self.uids[i] for i in positions if not self._changeFlags(i, bits, keywordLetters, mode, changed)]
             if lost:
                 # Renamed (flags) or removed by another process since we
@@ -736,7 +849,7 @@ class Folder:
                     i = self.position(uid)
                     if i is not None:
                         self._changeFlags(i, bits, keywordLetters, mode, changed)
-            self._ownChangeDone(unchanged)
+            self._ownChangeDone(before, unchanged)
         if changed:
             self._announce(FolderChange(flagged=changed, origin=origin))
         return [i for uid in changed if (i := self.position(uid)) is not None]
@@ -801,6 +914,8 @@ class Folder:
             return False
         self.flags[i] = bits
         uid = self.uids[i]
+        if self._renamed is not None:
+            self._renamed.append((uid, self.bases[i], newName.partition(INFO_SEPARATOR)[2]))
         if letters:
             self.keywordLetters[uid] = letters
         else:
@@ -823,14 +938,14 @@ class Folder:
         # A rename: under the UID list lock, as Dovecot moves files (see
         # setFlags).  One another process moved first is its claim.
         with self._uidListLocked():
-            unchanged = self._ownChange(("new", "cur"))
+            before, unchanged = self._ownChange()
             for i in positions:
                 bits = self.flags[i]
                 if bits & IN_NEW:
                     letters = self.keywordLetters.get(self.uids[i], "") if bits & HAS_KEYWORDS else ""
                     if self._rename(i, bits & ~IN_NEW, letters):
                         claimed.append(self.uids[i])
-            self._ownChangeDone(unchanged)
+            self._ownChangeDone(before, unchanged)
         return claimed
 
     def expunge(self, uids: Iterable[int], origin: object | None = None) -> list[int]:
@@ -840,7 +955,7 @@ class Folder:
         @return: the UIDs removed (the others were already gone).
         """
         uids = [uid for uid in uids if self.position(uid) is not None]
-        unchanged = self._ownChange(("new", "cur"))
+        before, unchanged = self._ownChange(logged=False)
         missing = self._unlink(uids)
         if missing:
             # Renamed (flags) or removed by another process: look again,
@@ -849,7 +964,7 @@ class Folder:
             self._mtimes = {"new": -1, "cur": -1}
             self.refresh()
             self._unlink([uid for uid in missing if self.position(uid) is not None])
-        self._ownChangeDone(unchanged)
+        self._ownChangeDone(before, unchanged)
         gone = {uid for uid in uids if self.position(uid) is not None}
         if not gone:
             return []
@@ -872,6 +987,8 @@ class Folder:
             return defer.succeed([])
         names = [self.fileName(i) for _, i in positions]
         bases = [self.bases[i] for _, i in positions]
+        ops = formatOps((), [(uid, self.bases[i]) for uid, i in positions])
+        uidvalidity = self.uidvalidity
         self._unlinking.update(bases)
         expunged, _ = self._forget({uid for uid, _ in positions}, origin)
 
@@ -883,8 +1000,25 @@ class Folder:
                 pass  # the folder was deleted meanwhile, its UID list with it
             return result
 
-        d = threads.deferToThread(_removeFiles, self._dir, names)
+        d = threads.deferToThread(self._removeLogged, names, ops, uidvalidity)
         return d.addCallback(lambda _: expunged).addBoth(removed)
+
+    def _removeLogged(self, names: list[str], ops: list[str] | None, uidvalidity: int) -> None:
+        """
+        In a worker thread: remove the files C{names} holding the UID list
+        lock, as Dovecot removes them, and log it (L{maild.store.changelog})
+        so that other processes need not list the folder to learn it.
+        """
+        try:
+            with self.uidList.locked():
+                before = self._dirMtimes()
+                _removeFiles(self._dir, names)
+                if ops is not None:
+                    self.changes.append(uidvalidity, before, self._dirMtimes(), ops)
+        except (FileNotFoundError, LockTimeout):
+            # The folder is gone (its files with it), or the lock is held
+            # too long: remove them unlogged; the others will list.
+            _removeFiles(self._dir, names)
 
     def _forget(self, gone: set[int], origin: object | None) -> tuple[list[int], list[str]]:
         """
@@ -1106,6 +1240,19 @@ def _stamp(path: str) -> Stamp:
     except FileNotFoundError:
         return _MISSING
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _merged(first: FolderChange, second: FolderChange) -> FolderChange:
+    """
+    Two changes found one after the other, as one (each was announced).
+    """
+    return FolderChange(
+        added=first.added + second.added,
+        expunged=first.expunged + second.expunged,
+        flagged=first.flagged + second.flagged,
+        reset=first.reset or second.reset,
+        gone=first.gone or second.gone,
+    )
 
 
 def _holds(uids: array, uid: int) -> bool:

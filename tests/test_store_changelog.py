@@ -1,0 +1,245 @@
+"""
+Two maild processes on one folder learn each other's flag changes, moves
+out of C{new/} and expunges from its change log
+(L{maild.store.changelog}) instead of listing the folder again, and list
+it as before whenever something the log does not tell changed it
+(Dovecot, a Maildir tool, a delivery).
+
+Each process is a L{Folder} of its own on the same directory, as two
+workers have.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from maild.store import changelog, maildir
+from maild.store.folder import Folder
+from tests.test_store import put
+
+FIRST = "1700000001.M1P1Q1.h,S=17,W=20"
+SECOND = "1700000002.M1P1Q1.h,S=17,W=20"
+THIRD = "1700000003.M1P1Q1.h,S=17,W=20"
+PAST = 1_000_000_000_000_000_000
+
+
+class Process:
+    """
+    One process's view of the folder: its index, what it was told, and
+    the directories it listed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.folder = Folder("INBOX", path)
+        self.changes = []
+        self.listed = []
+        self.folder.addListener(self)
+        listDir = self.folder._listDir
+
+        def counted(sub):
+            self.listed.append(sub)
+            return listDir(sub)
+
+        self.folder._listDir = counted
+        self.folder.refresh()
+
+    def folderChanged(self, folder, change):
+        self.changes.append(change)
+
+    def flagsOf(self, uid: int) -> int:
+        return self.folder.flags[self.folder.position(uid)]
+
+    def forget(self) -> None:
+        self.changes.clear()
+        self.listed.clear()
+
+
+class ChangeLogTests(unittest.TestCase):
+    def setUp(self):
+        self.path = Path(self.mktemp()).resolve()
+        put(self.path, f"cur/{FIRST}:2,S")
+        put(self.path, f"cur/{SECOND}:2,")
+        put(self.path, f"new/{THIRD}")
+        self.a = Process(self.path)
+        self.b = Process(self.path)
+        self.settle()
+
+    def settle(self) -> None:
+        """
+        Give the directories a time long past, and let both processes take
+        it in: a change either makes next is then seen in the directories'
+        times, whatever the file system's clock tick.
+        """
+        for sub in ("new", "cur"):
+            os.utime(self.path / sub, ns=(PAST, PAST))
+        for process in (self.a, self.b):
+            process.folder._mtimes = {"new": -1, "cur": -1}
+            process.folder.refresh()
+            process.forget()
+
+    def test_flagChangeWithoutListing(self):
+        """
+        A flag change one process makes reaches the other, announced as
+        such, without a listing.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        self.assertEqual(self.a.listed, [])
+        change = self.b.folder.refresh()
+        self.assertEqual(change.flagged, [1])
+        self.assertEqual(self.b.flagsOf(1), maildir.SEEN | maildir.FLAGGED)
+        self.assertEqual(self.b.listed, [])
+        self.assertEqual(self.b.folder.refresh().flagged, [])
+
+    def test_claimWithoutListing(self):
+        """
+        A message moved out of new/ by one process is known to the other as
+        in cur/ (no longer \\Recent), without a listing.
+        """
+        self.assertEqual(self.a.folder.claimRecent(), [3])
+        self.assertEqual(self.b.folder.refresh().flagged, [3])
+        self.assertFalse(self.b.flagsOf(3) & maildir.IN_NEW)
+        self.assertEqual(self.b.listed, [])
+        with self.b.folder.open(self.b.folder.position(3)) as f:
+            self.assertTrue(f.read())
+
+    @defer.inlineCallbacks
+    def test_expungeWithoutListing(self):
+        """
+        An expunge one process makes (its files removed under the UID list
+        lock by a thread) reaches the other without a listing; the remover
+        does not list its folder again either.
+        """
+        yield self.a.folder.expungeInThread([1, 3])
+        self.assertEqual(self.b.folder.refresh().expunged, [1, 3])
+        self.assertEqual(list(self.b.folder.uids), [2])
+        self.assertEqual(self.b.listed, [])
+        self.assertEqual(self.b.folder.uidList.refresh().uids, {SECOND: 2})
+        self.assertFalse(self.a.folder.refresh())
+        self.assertEqual(self.a.listed, [])
+
+    def test_severalChangesInTurn(self):
+        """
+        Changes of both processes, one after the other, are followed in
+        order by each.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        self.b.folder.setFlags([1], maildir.ANSWERED, mode=1)
+        self.a.folder.setFlags([0], maildir.SEEN, mode=-1)
+        self.b.folder.claimRecent()
+        for process in (self.a, self.b):
+            process.folder.refresh()
+            self.assertEqual(
+                [process.flagsOf(uid) for uid in (1, 2, 3)], [maildir.FLAGGED, maildir.ANSWERED, 0]
+            )
+            self.assertEqual(process.listed, [])
+
+    def test_unloggedRenameIsListed(self):
+        """
+        A rename nobody logged (Dovecot's, a Maildir tool's) is found by a
+        listing, even after logged changes.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        os.rename(self.path / f"cur/{SECOND}:2,", self.path / f"cur/{SECOND}:2,D")
+        change = self.b.folder.refresh()
+        self.assertEqual(sorted(change.flagged), [1, 2])
+        self.assertEqual(self.b.flagsOf(2), maildir.DRAFT)
+        self.assertIn("cur", self.b.listed)
+
+    def test_unloggedRemovalIsListed(self):
+        """
+        A file another program removed is found missing by a listing (under
+        the lock, as Dovecot's rule wants), though the log says nothing.
+        """
+        os.unlink(self.path / f"cur/{SECOND}:2,")
+        self.assertEqual(self.b.folder.refresh().expunged, [2])
+        self.assertIn("cur", self.b.listed)
+
+    def test_deliveryListsNewAlone(self):
+        """
+        A message delivered into new/ (deliveries are not logged) while a
+        logged flag change was made in cur/: only new/ is listed, and both
+        are known and told to the listeners.
+        """
+        self.a.folder.setFlags([1], maildir.SEEN, mode=1)
+        put(self.path, "new/1700000004.M1P1Q1.h,S=17,W=20")
+        change = self.b.folder.refresh()
+        self.assertEqual((change.flagged, change.added), ([2], [4]))
+        self.assertEqual(self.b.listed, ["new"])
+        # Both are announced to the sessions, not only returned.
+        announced = [(c.flagged, c.added) for c in self.b.changes]
+        self.assertEqual(announced, [([2], []), ([], [4])])
+
+    def test_unlistedMessageIsListed(self):
+        """
+        A logged change to a message the other process never listed (placed
+        and moved out of new/ by the first) makes it list the folder: the
+        log does not number messages.
+        """
+        put(self.path, "new/1700000004.M1P1Q1.h,S=17,W=20")
+        self.a.folder.refresh()
+        self.a.folder.claimRecent()
+        self.settleOnly(self.a)
+        change = self.b.folder.refresh()
+        self.assertIn(4, change.added)
+        self.assertFalse(self.b.flagsOf(4) & maildir.IN_NEW)
+        self.assertIn("cur", self.b.listed)
+
+    def settleOnly(self, process) -> None:
+        """
+        Make new/ look as it did to the other process, so that only the
+        log (not new/'s time) can tell it what happened.
+        """
+        os.utime(self.path / "new", ns=(PAST, PAST))
+        process.folder._mtimes["new"] = self.b.folder._mtimes["new"]
+
+    def test_otherUidValidity(self):
+        """
+        Lines written under another UIDVALIDITY prove nothing: listed.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        self.b.folder.uidvalidity += 1
+        self.b.folder.refresh()
+        self.assertIn("cur", self.b.listed)
+
+    def test_unwritableNameIsListed(self):
+        """
+        A change to a file whose name cannot be written on one line is not
+        logged, and the other process lists the folder.
+        """
+        put(self.path, "cur/odd\tname:2,")
+        self.settle()
+        uid = self.a.folder.uids[self.a.folder.bases.index("odd\tname")]
+        self.a.folder.setFlags([self.a.folder.position(uid)], maildir.SEEN, mode=1)
+        self.assertEqual(self.b.folder.refresh().flagged, [uid])
+        self.assertIn("cur", self.b.listed)
+
+    def test_logStartedAnew(self):
+        """
+        A log grown past its size is started anew by the next writer; a
+        reader takes the end of the old file, then the new one.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        self.b.folder.refresh()
+        self.patch(changelog, "ROTATE_AT", (self.path / changelog.FILE_NAME).stat().st_size + 1)
+        self.a.folder.setFlags([1], maildir.FLAGGED, mode=1)
+        self.a.folder.setFlags([0], maildir.SEEN, mode=-1)
+        self.assertEqual((self.path / changelog.FILE_NAME).read_text().count("\n"), 1)
+        self.b.folder.refresh()
+        self.assertEqual([self.b.flagsOf(uid) for uid in (1, 2)], [maildir.FLAGGED, maildir.FLAGGED])
+        self.assertEqual(self.b.listed, [])
+
+    def test_tornLineIsListed(self):
+        """
+        A line that makes no sense (torn by a full disk, say) proves
+        nothing: the folder is listed.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        with open(self.path / changelog.FILE_NAME, "ab") as f:
+            f.write(b"1 2 3\n")
+        self.b.folder.refresh()
+        self.assertEqual(self.b.flagsOf(1), maildir.SEEN | maildir.FLAGGED)
+        self.assertIn("cur", self.b.listed)
