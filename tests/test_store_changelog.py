@@ -17,7 +17,7 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from maild.store import changelog, maildir
+from maild.store import changelog, folder, maildir
 from maild.store.folder import Folder
 from tests.test_store import put
 
@@ -173,19 +173,34 @@ class ChangeLogTests(unittest.TestCase):
         announced = [(c.flagged, c.added) for c in self.b.changes]
         self.assertEqual(announced, [([2], []), ([], [4])])
 
-    def test_unlistedMessageIsListed(self):
+    def test_placedElsewhereTakenFromLog(self):
         """
-        A logged change to a message the other process never listed (placed
-        and moved out of new/ by the first) makes it list the folder: the
-        log does not number messages.
+        A message the other process placed and moved out of new/ before
+        this one listed new/ is taken from the log line (its UID is above
+        every UID this process knows), without a listing of cur/.
         """
         put(self.path, "new/1700000004.M1P1Q1.h,S=17,W=20")
         self.a.folder.refresh()
         self.a.folder.claimRecent()
         self.settleOnly(self.a)
         change = self.b.folder.refresh()
-        self.assertIn(4, change.added)
-        self.assertFalse(self.b.flagsOf(4) & maildir.IN_NEW)
+        self.assertEqual(change.added, [4])
+        self.assertEqual(self.b.folder.fileName(self.b.folder.position(4)), "cur/1700000004.M1P1Q1.h,S=17,W=20:2,")
+        self.assertNotIn("cur", self.b.listed)
+
+    def test_unknownBelowIsListed(self):
+        """
+        When the other process moved out of new/ a message numbered above
+        one this process never saw, the folder is listed: sessions learn
+        messages in UID order, and would never hear of the lower one.
+        """
+        put(self.path, "new/1700000004.M1P1Q1.h,S=17,W=20")
+        put(self.path, "new/1700000005.M1P1Q1.h,S=17,W=20")
+        self.a.folder.refresh()
+        self.a.folder.claimRecent([self.a.folder.position(5)])
+        self.settleOnly(self.a)
+        change = self.b.folder.refresh()
+        self.assertEqual(change.added, [4, 5])
         self.assertIn("cur", self.b.listed)
 
     def settleOnly(self, process) -> None:
@@ -242,4 +257,70 @@ class ChangeLogTests(unittest.TestCase):
             f.write(b"1 2 3\n")
         self.b.folder.refresh()
         self.assertEqual(self.b.flagsOf(1), maildir.SEEN | maildir.FLAGGED)
+        self.assertIn("cur", self.b.listed)
+
+    def test_disturbedListingFollowedFromLog(self):
+        """
+        A listing the other process's rename disturbed (the directory moved
+        while it was read) is completed from the log at the next look
+        instead of a second listing.
+        """
+        folder = self.b.folder
+        listDir = folder._listDir
+
+        def renameWhileListed(sub):
+            names = listDir(sub)
+            if sub == "cur" and not self.b.listed[:-1].count("cur"):
+                self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+            return names
+
+        folder._listDir = renameWhileListed
+        folder._mtimes = {"new": -1, "cur": -1}
+        folder.refresh()
+        self.b.forget()
+        folder._listDir = listDir
+        self.assertEqual(folder.refresh().flagged, [1])
+        self.assertEqual(self.b.flagsOf(1), maildir.SEEN | maildir.FLAGGED)
+        self.assertEqual(self.b.listed, [])
+
+    def holdLock(self) -> Path:
+        """
+        Another process holds the UID list lock (taken just now).
+        """
+        lock = self.path / "dovecot-uidlist.lock"
+        lock.write_text(f"{os.getpid() + 1}:{os.uname().nodename}")
+        return lock
+
+    def test_changeInProgressWaitsForItsLine(self):
+        """
+        While another process holds the UID list lock, a change of cur/ no
+        line explains yet is its change in progress: the look finds
+        nothing and lists nothing, and once its line is written the change
+        is learnt from it.
+        """
+        lock = self.holdLock()
+        writer = self.a.folder
+        before = writer._dirMtimes()
+        os.rename(self.path / f"cur/{FIRST}:2,S", self.path / f"cur/{FIRST}:2,FS")
+        self.assertFalse(self.b.folder.refresh())
+        self.assertEqual(self.b.listed, [])
+        ops = changelog.formatOps([(1, FIRST, "FS")], ())
+        writer.changes.append(writer.uidvalidity, before, writer._dirMtimes(), ops)
+        lock.unlink()
+        self.assertEqual(self.b.folder.refresh().flagged, [1])
+        self.assertEqual(self.b.listed, [])
+
+    def test_unloggedChangeUnderHeldLockListedSoon(self):
+        """
+        A change nobody logs, made while the lock is held (Dovecot's), is
+        put off at most L{UNSETTLED_NS}: then the folder is listed, though
+        the lock is held again.
+        """
+        self.holdLock()
+        os.rename(self.path / f"cur/{FIRST}:2,S", self.path / f"cur/{FIRST}:2,FS")
+        self.assertFalse(self.b.folder.refresh())
+        later = self.b.folder.nowNs() + folder.UNSETTLED_NS + 1
+        self.patch(Folder, "nowNs", staticmethod(lambda: later))
+        self.holdLock()
+        self.assertEqual(self.b.folder.refresh().flagged, [1])
         self.assertIn("cur", self.b.listed)

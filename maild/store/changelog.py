@@ -214,6 +214,20 @@ class ChangeLog:
         if written is not None and written[0] == self._inode and written[1] == self.offset:
             self.offset = written[2]
 
+    def tell(self) -> tuple[int, int]:
+        """
+        Where reading stands, for L{rewind}.
+        """
+        return self._inode, self.offset
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """
+        Read again from C{mark} (L{tell}'s answer) next time, unless the
+        file was replaced since.
+        """
+        if mark[0] == self._inode:
+            self.offset = mark[1]
+
     def unread(self) -> list[LoggedChange | None] | None:
         """
         The lines written since the last read (None for one that makes no

@@ -42,7 +42,7 @@ from maild.store.delivery import FolderMissing
 from maild.store.files import folderMustExist
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords, TooManyKeywords
-from maild.store.locking import LockTimeout
+from maild.store.locking import DOTLOCK_SUFFIX, LockTimeout
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList, UidValidities
 
@@ -128,6 +128,10 @@ class Folder:
         self.changes = ChangeLog(path)
         # The renames of the change in progress, for the change log.
         self._renamed: list[tuple[int, str, str]] | None = None
+        # The stamps a listing disturbed by a change started from: the
+        # change log may tell what changed since (L{_FOLLOW_LOG}).
+        self._followFrom: dict[str, Stamp] | None = None
+        self._lockPath = os.fspath(self.uidList.path) + DOTLOCK_SUFFIX
         self.uids = array("I")
         self.flags = bytearray()
         self.bases: list[str] = []
@@ -416,10 +420,15 @@ class Folder:
             and the folder must be listed.
         """
         at = dict(self._mtimes)
+        if _FOLLOW_LOG in at.values() and self._followFrom is not None:
+            at = dict(self._followFrom)
         if not (isinstance(at["new"], tuple) and isinstance(at["cur"], tuple)):
             return None
+        mark = self.changes.tell()
         lines = self.changes.unread()
         if not lines:
+            if lines is not None and self._dirMtimes()["cur"] != at["cur"] and self._changeInProgress():
+                return FolderChange()
             return None
         newFollowed = True
         flagged: dict[int, tuple[str, str]] = {}
@@ -443,20 +452,38 @@ class Folder:
                     removed[uid] = base
         now = self._dirMtimes()
         if at["cur"] != now["cur"]:
+            if self._changeInProgress():
+                # Its line is still to come: read it at the next look.
+                self.changes.rewind(mark)
+                return FolderChange()
             return None
         gone = self._expungedUids
+        highest = self.uids[-1] if self.uids else 0
+        fresh = []
         for uid, (base, _) in flagged.items():
             i = self.position(uid)
-            if i is None and uid not in gone or i is not None and self.bases[i] != base:
-                return None  # a message we never listed, or another's UID
+            if i is not None:
+                if self.bases[i] != base:
+                    return None  # another message's UID: the index is wrong
+            elif uid not in gone:
+                fresh.append(uid)
         for uid, base in removed.items():
             i = self.position(uid)
             if i is not None and self.bases[i] != base:
                 return None
+        if fresh:
+            # Placed (and moved to cur/) by another process before we
+            # listed new/: taken from the line, in UID order, unless UIDs
+            # we know nothing of lie below them (sessions learn messages
+            # in UID order: then a listing finds them all).
+            fresh.sort()
+            known = set(fresh) | gone.keys()
+            if fresh[0] <= highest or any(u not in known for u in range(highest + 1, fresh[-1])):
+                return None
         change = FolderChange()
         for uid, (_, info) in flagged.items():
             i = self.position(uid)
-            if i is None:
+            if i is None or uid in fresh:
                 continue
             bits, letters = infoBits(info)
             if bits != self.flags[i] or letters != self.keywordLetters.get(uid, ""):
@@ -466,6 +493,15 @@ class Folder:
                 else:
                     self.keywordLetters.pop(uid, None)
                 change.flagged.append(uid)
+        for uid in fresh:
+            base, info = flagged[uid]
+            bits, letters = infoBits(info)
+            self.uids.append(uid)
+            self.flags.append(bits)
+            self.bases.append(base)
+            if letters:
+                self.keywordLetters[uid] = letters
+            change.added.append(uid)
         expunged = {uid for uid in removed if self.position(uid) is not None}
         if expunged:
             goneBases = [self.bases[self.position(uid)] for uid in expunged]
@@ -487,6 +523,27 @@ class Folder:
         if self._numberedUnlisted():
             return _merged(change, self._scanAndAnnounce(self._dirMtimes(), {"new", "cur"}))
         return change
+
+    def _changeInProgress(self) -> bool:
+        """
+        Whether another process (or a thread of ours) holds the UID list
+        lock, taken less than L{UNSETTLED_NS} ago: it may be renaming or
+        removing files, and write its line when it is done.  A folder whose
+        listing is put off for that owes one within L{UNSETTLED_NS}, so that
+        a lock taken again and again cannot hide a change nobody logged.
+        """
+        if self._lockDepth:
+            return False
+        try:
+            taken = os.lstat(self._lockPath).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        now = self.nowNs()
+        if taken <= now - UNSETTLED_NS:
+            return False
+        if not self._listBy["cur"]:
+            self._listBy["cur"] = now + UNSETTLED_NS
+        return True
 
     def _scanAndAnnounce(self, mtimes: dict[str, Stamp], subs: set[str]) -> FolderChange:
         change = self._scan(mtimes, subs)
@@ -592,6 +649,7 @@ class Folder:
         # Record the times first: a change made while we list is seen next time.
         # What the change log says so far, the listing shows too.
         self.changes.skipToEnd()
+        self._followFrom = None
         for sub in subs:
             self._listBy[sub] = 0
         self._trust(mtimes)
@@ -611,8 +669,13 @@ class Folder:
         # lack is not taken for expunged until a listing is undisturbed.
         after = self._dirMtimes()
         disturbed = {sub for sub in subs if after[sub] != mtimes[sub]}
-        for sub in disturbed:
-            self._mtimes[sub] = _LIST_AGAIN
+        if disturbed:
+            # Listed again at the next look, unless the change log tells
+            # every change since these stamps (then what the listing lacked
+            # or had under an old name is known from it).
+            self._followFrom = dict(mtimes)
+            for sub in disturbed:
+                self._mtimes[sub] = _FOLLOW_LOG
         state = self.uidList.refresh()
         change = FolderChange()
         if self._loaded and state.uidvalidity != self.uidvalidity:
@@ -662,7 +725,8 @@ class Folder:
             with self._uidListLocked():
                 return self._scan(self._dirMtimes(), {"new", "cur"})
         if uncertain:
-            self._mtimes = {sub: _LIST_AGAIN for sub in self._mtimes}
+            again = _FOLLOW_LOG if self._followFrom is not None else _LIST_AGAIN
+            self._mtimes = {sub: again for sub in self._mtimes}
         if goneBases:
             self.uidList.forget(goneBases)
             for uid in change.expunged:
@@ -1220,6 +1284,9 @@ def infoBits(info: str) -> tuple[int, str]:
 # a busy INBOX, whose times never settle.)
 UNSETTLED_NS = 1_000_000_000
 _LIST_AGAIN = -3
+# List again, unless the change log explains every change since
+# Folder._followFrom.
+_FOLLOW_LOG = -4
 
 # What stat says of a directory: (st_mtime_ns, st_size, st_ino), or
 # _MISSING.  A modification time alone can stay put across a change: file
