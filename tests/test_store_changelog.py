@@ -324,3 +324,53 @@ class ChangeLogTests(unittest.TestCase):
         self.holdLock()
         self.assertEqual(self.b.folder.refresh().flagged, [1])
         self.assertIn("cur", self.b.listed)
+
+    def countListings(self) -> list[str]:
+        """
+        Every directory any thread lists from now on.
+        """
+        listed = []
+        listdir = os.listdir
+
+        def counted(path):
+            listed.append(os.fspath(path))
+            return listdir(path)
+
+        self.patch(os, "listdir", counted)
+        return listed
+
+    @defer.inlineCallbacks
+    def test_expungedTwiceWithoutListing(self):
+        """
+        Two sessions on two processes expunge the same message: the second
+        process's thread learns from the log that the file is gone, and
+        lists nothing to look for it under another name.
+        """
+        yield self.a.folder.expungeInThread([1])
+        listed = self.countListings()
+        expunged = yield self.b.folder.expungeInThread([1])
+        self.assertEqual(expunged, [1])
+        self.assertEqual(listed, [])
+        self.assertEqual(sorted(os.listdir(self.path / "cur")), [f"{SECOND}:2,"])
+
+    @defer.inlineCallbacks
+    def test_expungeRenamedWithoutListing(self):
+        """
+        A message the other process renamed (new flags) since this one
+        looked is removed under its new name, told by the log, without a
+        listing.
+        """
+        self.a.folder.setFlags([1], maildir.DELETED, mode=1)
+        listed = self.countListings()
+        yield self.b.folder.expungeInThread([2])
+        self.assertEqual(listed, [])
+        self.assertEqual(sorted(os.listdir(self.path / "cur")), [f"{FIRST}:2,S"])
+
+    def test_readRenamedWithoutListing(self):
+        """
+        Reading a message the other process renamed since this one looked
+        finds it from the log, without a listing.
+        """
+        self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
+        self.assertEqual(self.b.folder.read(self.b.folder.position(1)), b"Subject: x\n\nbody\n")
+        self.assertEqual(self.b.listed, [])

@@ -335,8 +335,13 @@ class Folder:
 
     def _relocate(self, uid: int) -> int:
         """
-        Another process renamed or removed the file: list the folder again.
+        Another process renamed or removed the file: look again (the
+        change log may tell where it went), else list the folder again.
         """
+        self.refresh()
+        i = self.position(uid)
+        if i is not None and os.path.exists(self.filePath(i)):
+            return i
         self._mtimes = {"new": -1, "cur": -1}
         self.refresh()
         i = self.position(uid)
@@ -1064,19 +1069,25 @@ class Folder:
                 pass  # the folder was deleted meanwhile, its UID list with it
             return result
 
-        d = threads.deferToThread(self._removeLogged, names, ops, uidvalidity)
+        d = threads.deferToThread(self._removeLogged, names, ops, uidvalidity, self.changes.tell())
         return d.addCallback(lambda _: expunged).addBoth(removed)
 
-    def _removeLogged(self, names: list[str], ops: list[str] | None, uidvalidity: int) -> None:
+    def _removeLogged(
+        self, names: list[str], ops: list[str] | None, uidvalidity: int, known: tuple[int, int]
+    ) -> None:
         """
         In a worker thread: remove the files C{names} holding the UID list
         lock, as Dovecot removes them, and log it (L{maild.store.changelog})
-        so that other processes need not list the folder to learn it.
+        so that other processes need not list the folder to learn it.  The
+        log's lines since C{known} (where the index stood) tell which files
+        another process already removed (two sessions on two workers
+        expunge the same \\Deleted messages) or renamed: only a file they
+        do not account for is looked for in a listing.
         """
         try:
             with self.uidList.locked():
                 before = self._dirMtimes()
-                _removeFiles(self._dir, names)
+                _removeFiles(self._dir, names, self.changes.fatesSince(known))
                 if ops is not None:
                     self.changes.append(uidvalidity, before, self._dirMtimes(), ops)
         except (FileNotFoundError, LockTimeout):
@@ -1349,14 +1360,22 @@ def _deliveryOrder(base: str) -> tuple[int, int, str]:
     return (int(sec) if sec.isdigit() else 0, usec, base)
 
 
-def _removeFiles(directory: str, names: list[str]) -> None:
+def _removeFiles(directory: str, names: list[str], fates: dict[str, str | None] | None = None) -> None:
     """
     In a worker thread: remove the files C{names} (relative to
     C{directory}); one another process renamed meanwhile (new flags) is
-    found by its base name and removed under its new name.
+    found by its base name and removed under its new name.  C{fates}
+    (L{ChangeLog.fatesSince}) already says, by base name, where some went
+    (None: removed).
     """
     missing = set()
     for name in names:
+        if fates:
+            base = maildir.splitFileName(name.split("/", 1)[1])[0]
+            if base in fates:
+                name = fates[base]
+                if name is None:
+                    continue
         try:
             os.unlink(directory + name)
         except FileNotFoundError:
