@@ -374,3 +374,32 @@ class ChangeLogTests(unittest.TestCase):
         self.a.folder.setFlags([0], maildir.FLAGGED, mode=1)
         self.assertEqual(self.b.folder.read(self.b.folder.position(1)), b"Subject: x\n\nbody\n")
         self.assertEqual(self.b.listed, [])
+
+    def test_watcherLooksAgainAfterPutOff(self):
+        """
+        A watched folder whose look was put off (another process's change
+        in progress) is looked at again shortly by the watcher, since the
+        end of that change may make no event: an IDLE client hears of it.
+        """
+        from twisted.internet.task import Clock
+
+        from maild.store.watch import FolderWatcher
+
+        clock = Clock()
+        watcher = FolderWatcher(clock, pollInterval=60.0, settle=0.02, useInotify=False)
+        self.addCleanup(watcher.stop)
+        watcher.watch(self.b.folder)
+        lock = self.holdLock()
+        writer = self.a.folder
+        before = writer._dirMtimes()
+        os.rename(self.path / f"cur/{FIRST}:2,S", self.path / f"cur/{FIRST}:2,FS")
+        watcher._changed(self.b.folder)
+        clock.advance(0.02)
+        self.assertTrue(self.b.folder.lookAgainSoon)
+        self.assertEqual(self.b.changes, [])
+        ops = changelog.formatOps([(1, FIRST, "FS")], ())
+        writer.changes.append(writer.uidvalidity, before, writer._dirMtimes(), ops)
+        lock.unlink()
+        clock.advance(0.02)
+        self.assertEqual([c.flagged for c in self.b.changes], [[1]])
+        self.assertFalse(self.b.folder.lookAgainSoon)

@@ -132,6 +132,10 @@ class Folder:
         # change log may tell what changed since (L{_FOLLOW_LOG}).
         self._followFrom: dict[str, Stamp] | None = None
         self._lockPath = os.fspath(self.uidList.path) + DOTLOCK_SUFFIX
+        # The last look was put off while another process changed the
+        # folder (L{_changeInProgress}): whoever watches it looks again
+        # soon, since the end of that change may make no event.
+        self.lookAgainSoon = False
         self.uids = array("I")
         self.flags = bytearray()
         self.bases: list[str] = []
@@ -393,6 +397,7 @@ class Folder:
         return self._refresh()
 
     def _refresh(self) -> FolderChange:
+        self.lookAgainSoon = False
         mtimes = self._dirMtimes()
         due = self._listingsDue()
         if self._loaded and mtimes == self._mtimes and not due:
@@ -548,6 +553,7 @@ class Folder:
             return False
         if not self._listBy["cur"]:
             self._listBy["cur"] = now + UNSETTLED_NS
+        self.lookAgainSoon = True
         return True
 
     def _scanAndAnnounce(self, mtimes: dict[str, Stamp], subs: set[str]) -> FolderChange:

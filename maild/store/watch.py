@@ -168,6 +168,11 @@ class FolderWatcher:
             folder.refresh()
         except OSError as e:
             log.error("cannot look at {path}: {error}", path=str(folder.path), error=e)
+            return
+        if folder.lookAgainSoon:
+            # Another process was changing it: its end may make no event
+            # (its last rename was what we saw), so look again shortly.
+            self._changed(folder)
 
     # Between processes (Redis) ----------------------------------------------
 
