@@ -109,9 +109,10 @@ class ChangeLogTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_expungeWithoutListing(self):
         """
-        An expunge one process makes (its files removed under the UID list
-        lock by a thread) reaches the other without a listing; the remover
-        does not list its folder again either.
+        An expunge one process makes (its files moved out of the folder
+        under the UID list lock, then removed by a thread) reaches the
+        other without a listing; the remover does not list its folder
+        again either.
         """
         yield self.a.folder.expungeInThread([1, 3])
         self.assertEqual(self.b.folder.refresh().expunged, [1, 3])
@@ -343,13 +344,13 @@ class ChangeLogTests(unittest.TestCase):
     def test_expungedTwiceWithoutListing(self):
         """
         Two sessions on two processes expunge the same message: the second
-        process's thread learns from the log that the file is gone, and
-        lists nothing to look for it under another name.
+        process learns from the log that the file is gone (and tells its
+        sessions so), and lists nothing to look for it under another name.
         """
         yield self.a.folder.expungeInThread([1])
         listed = self.countListings()
-        expunged = yield self.b.folder.expungeInThread([1])
-        self.assertEqual(expunged, [1])
+        yield self.b.folder.expungeInThread([1])
+        self.assertEqual([c.expunged for c in self.b.changes], [[1]])
         self.assertEqual(listed, [])
         self.assertEqual(sorted(os.listdir(self.path / "cur")), [f"{SECOND}:2,"])
 
@@ -403,3 +404,25 @@ class ChangeLogTests(unittest.TestCase):
         clock.advance(0.02)
         self.assertEqual([c.flagged for c in self.b.changes], [[1]])
         self.assertFalse(self.b.folder.lookAgainSoon)
+
+    @defer.inlineCallbacks
+    def test_expungeHoldsNoLockWhileRemoving(self):
+        """
+        The thread that removes expunged files holds no lock: the files
+        are out of the folder (in tmp/) before it starts, so a flag change
+        meanwhile waits for nothing, and a listing never finds them.
+        """
+        from maild.store import folder as folderModule
+
+        held = []
+        unlinkAll = folderModule._unlinkAll
+
+        def unlinking(paths):
+            held.append((self.path / "dovecot-uidlist.lock").exists())
+            self.assertEqual(sorted(os.listdir(self.path / "cur")), [f"{SECOND}:2,"])
+            return unlinkAll(paths)
+
+        self.patch(folderModule, "_unlinkAll", unlinking)
+        expunged = yield self.a.folder.expungeInThread([1])
+        self.assertEqual((expunged, held), ([1], [False]))
+        self.assertEqual(os.listdir(self.path / "tmp"), [])

@@ -252,32 +252,6 @@ class ChangeLog:
         lines += self._read(self._fd, st.st_size)
         return [_parseLine(line.decode("utf-8", "surrogateescape")) for line in lines]
 
-    def fatesSince(self, mark: tuple[int, int]) -> dict[str, str | None]:
-        """
-        Where the lines written after C{mark} (L{tell}'s answer) say files
-        went, by base name: their name in the folder (C{cur/...}), or None
-        for one removed.  Any thread may ask (it reads the file on a
-        descriptor of its own); lines it cannot read are simply not told.
-        """
-        fates: dict[str, str | None] = {}
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return fates
-        try:
-            st = os.fstat(fd)
-            start = mark[1] if st.st_ino == mark[0] else 0
-            if st.st_size <= start:
-                return fates
-            data = os.pread(fd, st.st_size - start, start)
-        finally:
-            os.close(fd)
-        for raw in data[: data.rfind(b"\n") + 1].splitlines():
-            line = _parseLine(raw.decode("utf-8", "surrogateescape"))
-            for kind, _, base, info in line.ops if line is not None else ():
-                fates[base] = f"cur/{base}:2,{info}" if kind == "f" else None
-        return fates
-
     def _read(self, fd: int, size: int) -> list[bytes]:
         if size <= self.offset:
             return []

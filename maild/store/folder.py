@@ -42,7 +42,7 @@ from maild.store.delivery import FolderMissing
 from maild.store.files import folderMustExist
 from maild.store.interfaces import IFolder
 from maild.store.keywords import Keywords, TooManyKeywords
-from maild.store.locking import DOTLOCK_SUFFIX, LockTimeout
+from maild.store.locking import DOTLOCK_SUFFIX
 from maild.store.maildir import HAS_KEYWORDS, IN_NEW, INFO_SEPARATOR
 from maild.store.uidlist import UidList, UidValidities
 
@@ -160,8 +160,6 @@ class Folder:
         self._expungedUids: dict[int, None] = {}
         # The last look found the folder deleted or renamed.
         self.missing = False
-        # Base names of expunged messages whose files a thread is removing.
-        self._unlinking: set[str] = set()
         # Called after each change this process makes (not those it finds
         # on disk), to tell other processes (L{maild.store.watch}).
         self.onOwnChange: Callable[["Folder"], None] | None = None
@@ -648,8 +646,6 @@ class Folder:
             names = [n for n in self._listDir("cur") if not n.startswith(".")]
             # (base, ":2,", info) -> base: info, without a call per file.
             listing.update(n.partition(INFO_SEPARATOR)[::2] for n in names)
-        for base in self._unlinking:
-            listing.pop(base, None)
         return listing
 
     def _scan(self, mtimes: dict[str, Stamp], subs: set[str]) -> FolderChange:
@@ -853,15 +849,17 @@ class Folder:
         self._renamed = [] if logged else None
         return before, before == self._mtimes
 
-    def _ownChangeDone(self, before: dict[str, Stamp], unchanged: bool) -> None:
+    def _ownChangeDone(
+        self, before: dict[str, Stamp], unchanged: bool, removed: Sequence[tuple[int, str]] = ()
+    ) -> None:
         # The index already shows our own change: listing a big cur/ again
         # after each flag change of ours would cost more than the command.
         # A change another process makes within our rename's clock tick is
         # found by the listing owed once that tick has settled (L{_trust}).
         after = self._dirMtimes()
         renamed, self._renamed = self._renamed, None
-        if renamed:
-            ops = formatOps(renamed, ())
+        if renamed or removed:
+            ops = formatOps(renamed or (), removed)
             written = self.changes.append(self.uidvalidity, before, after, ops) if ops is not None else None
             if unchanged:
                 self.changes.skipOwn(written)
@@ -1052,54 +1050,81 @@ class Folder:
         As L{expunge}, but the files are removed by a worker thread: a
         removal waits for the file system's journal behind other threads'
         fsyncs (milliseconds each, measured under imaptest's stress), and
-        every session of the process would wait with it.  The index
-        forgets the messages at once (a listing meanwhile skips their
-        files); the UID list forgets them, and the Deferred fires with
-        their UIDs, once the files are gone.
+        every session of the process would wait with it.  Under the UID
+        list lock this thread only moves the files out of the folder, into
+        its C{tmp/} (renames, made and logged as flag changes are: see
+        L{maild.store.changelog}); the removal from there holds no lock,
+        so nothing else waits for it.  The index forgets the messages at
+        once; the UID list forgets them, and the Deferred fires with their
+        UIDs, once the files are gone.
         """
-        positions = [(uid, i) for uid in uids if (i := self.position(uid)) is not None]
-        if not positions:
+        uids = [uid for uid in uids if self.position(uid) is not None]
+        if not uids:
             return defer.succeed([])
-        names = [self.fileName(i) for _, i in positions]
-        bases = [self.bases[i] for _, i in positions]
-        ops = formatOps((), [(uid, self.bases[i]) for uid, i in positions])
-        uidvalidity = self.uidvalidity
-        self._unlinking.update(bases)
-        expunged, _ = self._forget({uid for uid, _ in positions}, origin)
+        try:
+            with self._uidListLocked():
+                moved = self._moveOut(uids)
+        except FolderMissing:
+            moved = []  # deleted meanwhile: its files went with it
+        expunged, bases = self._forget({uid for uid in uids if self.position(uid) is not None}, origin)
 
         def removed(result):
-            self._unlinking.difference_update(bases)
             try:
                 self.uidList.forget(bases)
             except FileNotFoundError:
                 pass  # the folder was deleted meanwhile, its UID list with it
             return result
 
-        d = threads.deferToThread(self._removeLogged, names, ops, uidvalidity, self.changes.tell())
+        d = threads.deferToThread(_unlinkAll, moved)
         return d.addCallback(lambda _: expunged).addBoth(removed)
 
-    def _removeLogged(
-        self, names: list[str], ops: list[str] | None, uidvalidity: int, known: tuple[int, int]
-    ) -> None:
+    def _moveOut(self, uids: list[int]) -> list[str]:
         """
-        In a worker thread: remove the files C{names} holding the UID list
-        lock, as Dovecot removes them, and log it (L{maild.store.changelog})
-        so that other processes need not list the folder to learn it.  The
-        log's lines since C{known} (where the index stood) tell which files
-        another process already removed (two sessions on two workers
-        expunge the same \\Deleted messages) or renamed: only a file they
-        do not account for is looked for in a listing.
+        Move the files of C{uids} into the folder's C{tmp/}, where no
+        reader of the folder looks, and log it.  The caller holds the UID
+        list lock.  A file another process renamed or removed since we
+        looked is looked for again (from the change log, else a listing).
+
+        @return: the paths the files now have.
         """
-        try:
-            with self.uidList.locked():
-                before = self._dirMtimes()
-                _removeFiles(self._dir, names, self.changes.fatesSince(known))
-                if ops is not None:
-                    self.changes.append(uidvalidity, before, self._dirMtimes(), ops)
-        except (FileNotFoundError, LockTimeout):
-            # The folder is gone (its files with it), or the lock is held
-            # too long: remove them unlogged; the others will list.
-            _removeFiles(self._dir, names)
+        before, unchanged = self._ownChange()
+        moved: list[str] = []
+        done: list[tuple[int, str]] = []
+        missing = self._moveFiles(uids, moved, done)
+        if missing:
+            unchanged = False
+            self.refresh()
+            missing = self._moveFiles([uid for uid in missing if self.position(uid) is not None], moved, done)
+        if missing:
+            self._mtimes = {"new": -1, "cur": -1}
+            self.refresh()
+            self._moveFiles([uid for uid in missing if self.position(uid) is not None], moved, done)
+        self._ownChangeDone(before, unchanged, removed=done)
+        return moved
+
+    def _moveFiles(self, uids: list[int], moved: list[str], done: list[tuple[int, str]]) -> list[int]:
+        """
+        Rename the files of C{uids} into C{tmp/}, adding their new paths
+        to C{moved} and their UIDs and base names to C{done}.
+
+        @return: the UIDs whose file was not where the index said.
+        """
+        missing = []
+        tmp = self._dir + "tmp/"
+        for uid in uids:
+            i = self.position(uid)
+            source, target = self.filePath(i), tmp + self.bases[i]
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                if not os.path.exists(source):
+                    missing.append(uid)
+                    continue
+                os.makedirs(tmp, exist_ok=True)  # a folder some tool made without tmp/
+                os.rename(source, target)
+            moved.append(target)
+            done.append((uid, self.bases[i]))
+        return missing
 
     def _forget(self, gone: set[int], origin: object | None) -> tuple[list[int], list[str]]:
         """
@@ -1366,34 +1391,12 @@ def _deliveryOrder(base: str) -> tuple[int, int, str]:
     return (int(sec) if sec.isdigit() else 0, usec, base)
 
 
-def _removeFiles(directory: str, names: list[str], fates: dict[str, str | None] | None = None) -> None:
+def _unlinkAll(paths: list[str]) -> None:
     """
-    In a worker thread: remove the files C{names} (relative to
-    C{directory}); one another process renamed meanwhile (new flags) is
-    found by its base name and removed under its new name.  C{fates}
-    (L{ChangeLog.fatesSince}) already says, by base name, where some went
-    (None: removed).
+    In a worker thread: remove the files C{paths}.
     """
-    missing = set()
-    for name in names:
-        if fates:
-            base = maildir.splitFileName(name.split("/", 1)[1])[0]
-            if base in fates:
-                name = fates[base]
-                if name is None:
-                    continue
+    for path in paths:
         try:
-            os.unlink(directory + name)
+            os.unlink(path)
         except FileNotFoundError:
-            missing.add(maildir.splitFileName(name.split("/", 1)[1])[0])
-    for sub in ("new", "cur") if missing else ():
-        try:
-            present = os.listdir(directory + sub)
-        except FileNotFoundError:
-            continue
-        for name in present:
-            if maildir.splitFileName(name)[0] in missing:
-                try:
-                    os.unlink(directory + sub + "/" + name)
-                except FileNotFoundError:
-                    pass
+            pass
