@@ -426,3 +426,18 @@ class ChangeLogTests(unittest.TestCase):
         expunged = yield self.a.folder.expungeInThread([1])
         self.assertEqual((expunged, held), ([1], [False]))
         self.assertEqual(os.listdir(self.path / "tmp"), [])
+
+    def test_claimOfClaimedTakesNoLock(self):
+        """
+        A session told of messages that were claimed already (by another
+        session, of this process or of another) takes no lock to claim
+        nothing: most sessions of a busy folder are in that case.
+        """
+        self.a.folder.claimRecent()
+        self.b.folder.refresh()
+
+        def locked():
+            raise AssertionError("the UID list lock was taken")
+
+        self.b.folder.uidList.locked = locked
+        self.assertEqual(self.b.folder.claimRecent(range(len(self.b.folder))), [])

@@ -1005,6 +1005,11 @@ class Folder:
         """
         if positions is None:
             positions = self.positionsWith(IN_NEW)
+        else:
+            # Most new messages a session learns of were claimed already, by
+            # the first session of this process (or of another, as the log
+            # told) to see them: no lock for nothing to move.
+            positions = [i for i in positions if self.flags[i] & IN_NEW]
         if not positions:
             return []
         claimed = []
