@@ -30,7 +30,7 @@ from maild.trust.dmarc import (
 from maild.trust.headers import HeaderFilter, parseFields, splitFields
 from maild.trust.lookup import CachingLookup, TemporaryDNSError
 from maild.trust.results import authenticationResults
-from maild.trust.spf import SPFResult, checkSPF
+from maild.trust.spf import RecentResults, SPFResult, checkSPF
 from tests.dnsserver import ZoneResolver
 
 SETTINGS = settings(max_examples=200, deadline=None)
@@ -384,6 +384,72 @@ class SPFTimeoutTests(unittest.TestCase):
         d = checkSPF(lookup, "192.0.2.1", "a@silent.test", "h.test")
         clock.advance(2)
         self.assertEqual(self.successResultOf(d).result, "temperror")
+
+
+class RecentSPFResultsTests(unittest.TestCase):
+    """
+    An SPF result is given again for the same client, sender and HELO name
+    only while every answer it was drawn from still stands.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.resolver = ZoneResolver({"x.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")]})
+        self.lookup = CachingLookup(self.resolver, 1.0, self.clock)
+        self.recent = RecentResults()
+
+    def check(self, ip="192.0.2.1"):
+        return self.successResultOf(
+            checkSPF(self.lookup, ip, "a@x.test", "h.test", recent=self.recent)
+        ).result
+
+    def test_keptWhileAnswersStand(self):
+        """
+        A second message from the same client and sender within the
+        record's TTL gets the kept result (the evaluation is not run, so it
+        does not see a record changed behind the cache's back); another
+        client is evaluated on its own.
+        """
+        self.assertEqual(self.check(), "pass")
+        self.resolver.zone["x.test"] = [("TXT", "v=spf1 ?all")]
+        self.assertEqual(
+            self.recent.get(("192.0.2.1", "a@x.test", "h.test", "unknown"), self.lookup.cached),
+            SPFResult("pass", "mailfrom", "x.test", "sender SPF authorized"),
+        )
+        self.assertEqual(self.check(), "pass")
+        self.assertEqual(self.check("198.51.100.1"), "fail")
+
+    def test_expiredAnswerEvaluatedAgain(self):
+        """
+        Once an answer the result was drawn from has expired, the record
+        is asked for again and the result follows it.
+        """
+        self.assertEqual(self.check(), "pass")
+        self.resolver.zone["x.test"] = [("TXT", "v=spf1 ?all")]
+        self.clock.advance(61)
+        self.assertEqual(self.check(), "neutral")
+
+    def test_failNotKept(self):
+        """
+        A fail is evaluated every time: its explanation may name the time.
+        """
+        self.assertEqual(self.check("198.51.100.1"), "fail")
+        self.assertIsNone(
+            self.recent.get(("198.51.100.1", "a@x.test", "h.test", "unknown"), self.lookup.cached)
+        )
+
+    def test_oldestGoes(self):
+        """
+        The results kept are bounded.
+        """
+        self.recent = RecentResults(maxEntries=2)
+        for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            self.assertEqual(self.check(ip), "pass")
+        kept = [
+            self.recent.get((ip, "a@x.test", "h.test", "unknown"), self.lookup.cached)
+            for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3")
+        ]
+        self.assertEqual([k is not None for k in kept], [False, True, True])
 
 
 class ExemptTests(unittest.TestCase):

@@ -25,7 +25,7 @@ from maild.trust.dmarc import DMARCResult, checkDMARC, fromDomains, policyNames
 from maild.trust.headers import HeaderFilter, parseFields
 from maild.trust.lookup import Lookup, makeLookup
 from maild.trust.results import authenticationResults, logSummary
-from maild.trust.spf import SPFResult, checkSPF
+from maild.trust.spf import RecentResults, SPFResult, checkSPF
 
 log = Logger()
 
@@ -97,6 +97,7 @@ class TrustChecker:
                 inFlight=dkimProcesses.count,
             )
         self.sample = sample
+        self.recentSPF = RecentResults()
         self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
 
     @property
@@ -139,7 +140,8 @@ class MessageChecks:
         self._signatures: list = []
         self._fromDomains: list[str] | None = None
         self._spf = checkSPF(
-            checker.lookup, clientAddress, sender, helo, receiver=checker.hostname
+            checker.lookup, clientAddress, sender, helo, receiver=checker.hostname,
+            recent=checker.recentSPF,
         )
         self._spf.addTimeout(checker.spfTimeout, checker.clock)
         self._spf.addErrback(self._spfFailed, sender, helo)
