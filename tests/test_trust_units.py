@@ -8,12 +8,13 @@ result, never an exception.
 from __future__ import annotations
 
 import base64
+import re
 
 import dkim
 import nacl.signing
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, task
-from twisted.names import dns, error
+from twisted.names import dns
 from twisted.trial import unittest
 
 from maild.trust.checker import DEFER, TrustChecker, ENFORCE, INBOX, JUNK, QUARANTINE, REJECT, REPORT, decide
@@ -145,6 +146,22 @@ class HeaderFilterTests(unittest.TestCase):
         self.assertLessEqual(len(out), len(data))
         parseFields(data)
         self.assertEqual(b"".join(splitFields(data)), data)
+
+    @SETTINGS
+    @given(st.lists(st.sampled_from([b"A: x", b"\r", b"\n", b"\r\n", b" ", b"\t", b"y", b":",
+                                     b"\xc3\xa9", b"B:"]), max_size=30).map(b"".join))
+    def test_unfoldedValues(self, section):
+        """
+        Each value is unfolded exactly as removing every LF, with the CR
+        before it if any, would (RFC 5322 section 2.2.3), then decoded.
+        """
+        expected = []
+        for field in splitFields(section):
+            name, colon, value = field.partition(b":")
+            if colon:
+                text = re.sub(rb"\r?\n", b"", value).decode("utf-8", "replace").strip()
+                expected.append((name.strip().decode("ascii", "replace").lower(), text))
+        self.assertEqual(parseFields(section), expected)
 
 
 class DMARCRecordTests(unittest.TestCase):

@@ -200,12 +200,27 @@ async def verifyDKIM(
         except TemporaryDNSError as e:
             keys[name] = e
             return
-        # RFC 6376 section 3.6.2.2: the strings of one record are joined;
-        # several records make the key unusable.
-        keys[name] = b"".join(records[0]) if len(records) == 1 else None
+        keys[name] = _keyRecord(records)
 
-    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in keyNames(signatures)])
+    # The keys were asked for when the header section arrived: most are
+    # kept by the lookup by now.
+    cached = getattr(lookup, "cached", lambda name, qtype: None)
+    missing = []
+    for name in keyNames(signatures):
+        records = cached(name, "TXT")
+        if records is None:
+            missing.append(name)
+        else:
+            keys[name] = _keyRecord(records)
+    if missing:
+        await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in missing])
     return await verifier.verify(message, headerLength, signatures, keys)
+
+
+def _keyRecord(records: list) -> bytes | None:
+    # RFC 6376 section 3.6.2.2: the strings of one record are joined;
+    # several records make the key unusable.
+    return b"".join(records[0]) if len(records) == 1 else None
 
 
 def _verifySafely(message: bytes, headerLength, signatures, keys) -> list[DKIMResult]:
