@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -133,7 +134,10 @@ class MXSettings:
     spf_timeout: float = 20.0
     # Child processes verifying DKIM signatures (maild.trust.dkimprocess),
     # so that signed mail is checked on another core; 0: in the daemon.
-    dkim_processes: int = 0
+    # One wherever there is another core: verifying in the daemon keeps
+    # its reactor thread busy, and every file sync of the committer's
+    # threads then waits for the GIL (futex storms measured at C=50).
+    dkim_processes: int = field(default_factory=lambda: 1 if (os.cpu_count() or 1) > 1 else 0)
 
 
 DMARC_POLICIES = ("enforce", "quarantine", "report")
