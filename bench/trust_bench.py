@@ -100,7 +100,7 @@ def cpuSeconds(pid: int) -> tuple[float, float, float, float]:
 
 # The checkout whose daemon is measured (--source).
 SOURCE = ROOT
-# Where py-spy's samples of checked runs go (--profile), if anywhere.
+# Where py-spy's samples of the runs go (--profile), if anywhere.
 PROFILE: Path | None = None
 
 
@@ -112,7 +112,7 @@ def environment() -> dict:
 
 def runOnce(
     work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str,
-    dkimProcesses: int = 0, canonicalization: str = "relaxed/simple",
+    dkimProcesses: int | None = None, canonicalization: str = "relaxed/simple",
 ) -> dict:
     """
     One daemon, one load run: the rate, the daemon's CPU per message, and
@@ -133,7 +133,8 @@ def runOnce(
                       checks=str(checks).lower(),
                       # Written only when asked for: a daemon from before
                       # the key (--source) would refuse it.
-                      dkimProcesses=f"dkim_processes = {dkimProcesses}\n" if dkimProcesses else "")
+                      dkimProcesses=f"dkim_processes = {dkimProcesses}\n"
+                      if dkimProcesses is not None else "")
     )
     log = work / f"maild-{label}.log"
     daemon = subprocess.Popen(
@@ -258,8 +259,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kinds", default="unsigned,ed25519,rsa,both")
     parser.add_argument("--json", type=Path, help="also write every run to this file")
     parser.add_argument(
-        "--dkim-processes", type=int, default=0,
-        help="[mx] dkim_processes of the daemon: DKIM verified in that many child processes",
+        "--dkim-processes", type=int, default=None,
+        help="[mx] dkim_processes of the daemon: DKIM verified in that many child processes"
+        " (0: in the daemon; by default the daemon's own default)",
     )
     parser.add_argument(
         "--canonicalization", default="relaxed/simple",
@@ -271,7 +273,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--profile", type=Path,
-        help="record the daemon's checked runs with py-spy (raw stacks) into this folder",
+        help="record the daemon's runs with py-spy (raw stacks) into this folder",
     )
     options = parser.parse_args(argv)
     global SOURCE, PROFILE
