@@ -163,7 +163,7 @@ def runOnce(
             # Samples of the daemon and its DKIM processes during the load.
             profiler = subprocess.Popen(
                 [str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(daemon.pid),
-                 "--subprocesses", "--rate", "200", "--format", "raw",
+                 "--subprocesses", "--nonblocking", "--rate", "200", "--format", "raw",
                  "--output", str(PROFILE / f"{label}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
