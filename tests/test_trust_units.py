@@ -653,6 +653,7 @@ class VerifierProcessesTests(unittest.TestCase):
             transport = VerifierProcessesTests.Transport()
             child.makeConnection(transport)
             self.spawned.append((child, transport))
+            return transport
 
     class Transport:
         def __init__(self):

@@ -144,7 +144,10 @@ class VerifierProcesses(service.Service):
             env=env,
             childFDs={0: "w", 1: "r", 2: 2},
         )
-        _widenPipe(process.pipes[0].fileno())
+        # The transport of a POSIX reactor's process has its pipes.
+        toChild = getattr(process, "pipes", {}).get(0)
+        if toChild is not None:
+            _widenPipe(toChild.fileno())
         return child
 
     def childEnded(self, child: _Child) -> None:
