@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -71,33 +72,35 @@ checks = {checks}
 {dkimProcesses}"""
 
 
-def cpuSeconds(pid: int) -> tuple[float, float, float]:
+def cpuSeconds(pid: int) -> tuple[float, float, float, float]:
     """
     The user and system CPU seconds of process C{pid}, all threads and its
-    running children (the DKIM processes) included, and the CPU seconds of
-    C{pid} alone.
+    running children (the DKIM processes) included, the CPU seconds of
+    C{pid} alone, and those of its main thread, the reactor's (which bounds
+    the rate when it is busy all the time, however many cores are idle).
     """
 
-    def ownSeconds(pid: int) -> tuple[float, float]:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def ownSeconds(pid: int, stat: str = "stat") -> tuple[float, float]:
+        fields = Path(f"/proc/{pid}/{stat}").read_text().rsplit(")", 1)[1].split()
         # utime and stime (fields 14 and 15 of proc(5), counted from the state).
         tick = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / tick, int(fields[12]) / tick
 
     user, system = ownSeconds(pid)
     own = user + system
+    reactor = sum(ownSeconds(pid, f"task/{pid}/stat"))
     for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
         try:
             childUser, childSystem = ownSeconds(int(child))
         except FileNotFoundError:
             continue
         user, system = user + childUser, system + childSystem
-    return user, system, own
+    return user, system, own, reactor
 
 
 # The checkout whose daemon is measured (--source).
 SOURCE = ROOT
-# Where py-spy's samples of checked runs go (--profile), if anywhere.
+# Where py-spy's samples of the runs go (--profile), if anywhere.
 PROFILE: Path | None = None
 
 
@@ -109,7 +112,7 @@ def environment() -> dict:
 
 def runOnce(
     work: Path, dnsPort: int, kind: str, checks: bool, messages: int, label: str,
-    dkimProcesses: int = 0, canonicalization: str = "relaxed/simple",
+    dkimProcesses: int | None = None, canonicalization: str = "relaxed/simple",
 ) -> dict:
     """
     One daemon, one load run: the rate, the daemon's CPU per message, and
@@ -130,7 +133,8 @@ def runOnce(
                       checks=str(checks).lower(),
                       # Written only when asked for: a daemon from before
                       # the key (--source) would refuse it.
-                      dkimProcesses=f"dkim_processes = {dkimProcesses}\n" if dkimProcesses else "")
+                      dkimProcesses=f"dkim_processes = {dkimProcesses}\n"
+                      if dkimProcesses is not None else "")
     )
     log = work / f"maild-{label}.log"
     daemon = subprocess.Popen(
@@ -155,17 +159,20 @@ def runOnce(
         # smtp_load.py signs before its run (and times the run alone); the
         # daemon waits meanwhile, at no cost.
         profiler = None
-        if PROFILE is not None and checks:
+        if PROFILE is not None:
             # Samples of the daemon and its DKIM processes during the load.
             profiler = subprocess.Popen(
                 [str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(daemon.pid),
-                 "--subprocesses", "--rate", "200", "--format", "raw",
+                 "--subprocesses", "--nonblocking", "--rate", "200", "--format", "raw",
                  "--output", str(PROFILE / f"{label}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
         before = cpuSeconds(daemon.pid)
+        # The load generator is the only child waited for during the run.
+        clientBefore = resource.getrusage(resource.RUSAGE_CHILDREN)
         output = subprocess.run(load, env=env, stdout=subprocess.PIPE).stdout
+        clientAfter = resource.getrusage(resource.RUSAGE_CHILDREN)
         after = cpuSeconds(daemon.pid)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -189,6 +196,10 @@ def runOnce(
         # The daemon's process alone (what bounds its rate on one core).
         "own_us": (after[2] - before[2]) / messages * 1e6,
         "system_us": (after[1] - before[1]) / messages * 1e6,
+        "reactor_us": (after[3] - before[3]) / messages * 1e6,
+        # smtp_load.py's CPU, its signing before the run included.
+        "client_us": (clientAfter.ru_utime + clientAfter.ru_stime - clientBefore.ru_utime
+                      - clientBefore.ru_stime) / messages * 1e6,
         "tracebacks": text.count("Traceback"),
         "results": ("spf=" + summary) if summary else "",
         "load": loadAverage,
@@ -218,7 +229,7 @@ def _mean(metrics: dict[str, float], histogram: str) -> float:
 def table(runs: list[dict], kinds: list[str]) -> str:
     lines = [
         f"{'mail':9} {'on msg/s':>18} {'off msg/s':>18} {'ratio on/off':>22} {'median':>7}"
-        f" {'CPU µs/msg on/off':>18} {'own on':>7} {'load':>10}",
+        f" {'CPU µs/msg on/off':>18} {'own on':>7} {'reactor on/off':>15} {'load':>10}",
     ]
     for kind in kinds:
         on = [r for r in runs if r["kind"] == kind and r["checks"]]
@@ -226,6 +237,8 @@ def table(runs: list[dict], kinds: list[str]) -> str:
         ratios = [a["rate"] / b["rate"] for a, b in zip(on, off)]
         cpuOn = statistics.median(r["cpu_us"] for r in on)
         ownOn = statistics.median(r["own_us"] for r in on)
+        reactorOn = statistics.median(r["reactor_us"] for r in on)
+        reactorOff = statistics.median(r["reactor_us"] for r in off)
         cpuOff = statistics.median(r["cpu_us"] for r in off)
         loads = [r["load"] for r in on + off]
         onRates = ", ".join(f"{r['rate']:.0f}" for r in on)
@@ -233,7 +246,8 @@ def table(runs: list[dict], kinds: list[str]) -> str:
         ratioText = ", ".join(f"{x:.2f}" for x in ratios)
         lines.append(
             f"{kind:9} {onRates:>18} {offRates:>18} {ratioText:>22} {statistics.median(ratios):7.2f}"
-            f" {cpuOn:8.0f}/{cpuOff:<9.0f} {ownOn:7.0f} {min(loads):4.1f}-{max(loads):<4.1f}"
+            f" {cpuOn:8.0f}/{cpuOff:<9.0f} {ownOn:7.0f} {reactorOn:7.0f}/{reactorOff:<7.0f}"
+            f" {min(loads):4.1f}-{max(loads):<4.1f}"
         )
     return "\n".join(lines)
 
@@ -245,8 +259,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kinds", default="unsigned,ed25519,rsa,both")
     parser.add_argument("--json", type=Path, help="also write every run to this file")
     parser.add_argument(
-        "--dkim-processes", type=int, default=0,
-        help="[mx] dkim_processes of the daemon: DKIM verified in that many child processes",
+        "--dkim-processes", type=int, default=None,
+        help="[mx] dkim_processes of the daemon: DKIM verified in that many child processes"
+        " (0: in the daemon; by default the daemon's own default)",
     )
     parser.add_argument(
         "--canonicalization", default="relaxed/simple",
@@ -258,7 +273,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--profile", type=Path,
-        help="record the daemon's checked runs with py-spy (raw stacks) into this folder",
+        help="record the daemon's runs with py-spy (raw stacks) into this folder",
     )
     options = parser.parse_args(argv)
     global SOURCE, PROFILE
@@ -285,7 +300,8 @@ def main(argv: list[str]) -> int:
                     print(
                         f"{kind:9} checks={'on ' if checks else 'off'} {run['rate']:6.0f} msg/s"
                         f"  accepted {run['accepted']}  CPU {run['cpu_us']:5.0f} µs/msg"
-                        f" (system {run['system_us']:4.0f}, daemon's own {run['own_us']:5.0f})"
+                        f" (system {run['system_us']:4.0f}, daemon's own {run['own_us']:5.0f},"
+                        f" reactor thread {run['reactor_us']:5.0f}, client {run['client_us']:4.0f})"
                         f"  group {run['group']:4.1f}  reply {run['reply_ms']:5.1f} ms"
                         f"  load {run['load']:.1f}  tracebacks {run['tracebacks']}  {run['results']}",
                         flush=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -133,7 +134,12 @@ class MXSettings:
     spf_timeout: float = 20.0
     # Child processes verifying DKIM signatures (maild.trust.dkimprocess),
     # so that signed mail is checked on another core; 0: in the daemon.
-    dkim_processes: int = 0
+    # One wherever there is another core: verifying in the daemon keeps
+    # its reactor thread busy, and every file sync of the committer's
+    # threads then waits for the GIL (futex storms measured at C=50).
+    dkim_processes: int = field(
+        default_factory=lambda: 1 if (os.cpu_count() or 1) > 1 else 0, metadata={"zero": True}
+    )
 
 
 DMARC_POLICIES = ("enforce", "quarantine", "report")
@@ -389,7 +395,8 @@ def _parseTable(
     C{cls}, checking each value against the field's annotation: C{int},
     C{float}, C{bool}, C{str}, C{Path}, C{tuple[str, ...]} and
     C{Mapping[str, str]} (a sub-table), each optionally C{| None}.
-    Numbers must be positive.  Relative paths are taken from C{base}.
+    Numbers must be positive (or 0, for a field whose metadata says
+    C{zero}).  Relative paths are taken from C{base}.
     """
     if not _checkType(problems, section, raw, (dict,)):
         return {}
@@ -403,8 +410,12 @@ def _parseTable(
         kind = str(fields[key].type).replace(" | None", "")
         if kind in ("int", "float"):
             if _checkType(problems, name, value, (int,) if kind == "int" else (int, float)):
-                if value <= 0:
-                    problems.append(f"{name}: must be greater than 0, got {value}")
+                # A field whose 0 means something says so in its metadata.
+                if fields[key].metadata.get("zero") and value == 0:
+                    parsed[key] = value
+                elif value <= 0:
+                    allowed = "0 or more" if fields[key].metadata.get("zero") else "greater than 0"
+                    problems.append(f"{name}: must be {allowed}, got {value}")
                 else:
                     parsed[key] = value
         elif kind == "bool":
@@ -671,8 +682,6 @@ def loadConfig(
         fieldName: dataclasses.replace(getattr(defaults, fieldName), **values.pop(fieldName, {}))
         for fieldName in TABLES.values()
     }
-    if tables["mx"].dkim_processes < 0:
-        problems.append(f"mx.dkim_processes: must be 0 or more, got {tables['mx'].dkim_processes}")
     if tables["mx"].dmarc not in DMARC_POLICIES:
         problems.append(
             f"mx.dmarc: must be one of {', '.join(DMARC_POLICIES)}, got {tables['mx'].dmarc!r}"

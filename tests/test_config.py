@@ -5,6 +5,7 @@ for each mistake.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from twisted.trial import unittest
@@ -35,6 +36,43 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.assertEqual(config.listeners["smtp"], "tcp:8025")
         self.assertEqual(config.limits.message_size, 25 * 1024 * 1024)
         self.assertEqual(config.limits.recipients, 100)
+
+    def test_dkimProcessesZero(self):
+        """
+        [mx] dkim_processes = 0 (verify in the daemon) is accepted; a
+        negative count is refused, saying what is allowed.
+        """
+        self.assertEqual(loadConfig(self.write("[mx]\ndkim_processes = 0\n")).mx.dkim_processes, 0)
+        self.assertEqual(loadConfig(self.write("[mx]\ndkim_processes = 2\n")).mx.dkim_processes, 2)
+        self.assertEqual(
+            self.problems("[mx]\ndkim_processes = -1\n"),
+            ["mx.dkim_processes: must be 0 or more, got -1"],
+        )
+        self.assertIn(
+            "limits.recipients: must be greater than 0, got 0",
+            self.problems("[limits]\nrecipients = 0\n"),
+        )
+
+    def test_readmeSampleLoads(self):
+        """
+        The README's "Every key, with its default" file loads as it is:
+        a user may start from it.
+        """
+        readme = (Path(__file__).parent.parent / "README.rst").read_text()
+        block = readme.split("Every key, with its default:", 1)[1].split(".. code-block:: toml", 1)[1]
+        lines = []
+        for line in block.splitlines()[1:]:
+            if line and not line.startswith("    "):
+                break
+            # A default computed at start ("<this machine's FQDN>") is
+            # shown as a placeholder, not a value to copy.
+            if not re.search(r'= "<[^">]*>"', line):
+                lines.append(line[4:])
+        sample = "\n".join(lines)
+        self.assertIn("[mx]", sample)
+        dataDir = Path(self.mktemp()).absolute()
+        config = loadConfig(self.write(sample.replace('data_dir = "maildata"', f'data_dir = "{dataDir}"')))
+        self.assertEqual(config.data_dir, dataDir)
 
     def test_fileThenOptions(self):
         """

@@ -17,7 +17,14 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from maild import dkimrsa
-from maild.trust.dkimsig import SignedMessage, relaxedBody, relaxedField, withoutSignatureValue
+from maild.trust.dkimsig import (
+    SignedMessage,
+    parseHeaders,
+    parseTags,
+    relaxedBody,
+    relaxedField,
+    withoutSignatureValue,
+)
 from tests.test_trust import RSA_PRIVATE
 from tests.test_trust import RSA_PUBLIC as RSA_PUBLIC_TEXT
 
@@ -121,12 +128,12 @@ def dkimpyAnswer(message: bytes, index: int):
 
 def maildAnswer(message: bytes, index: int, signed: SignedMessage | None = None):
     signed = signed or SignedMessage(dkim.DKIM(message))
-    return _answer(signed.verifier, index, signed.verify)
+    return _answer(signed.verifier, index, signed.verify, signed.prepare)
 
 
-def _answer(verifier, index: int, verify):
+def _answer(verifier, index: int, verify, prepare=None):
     try:
-        prepared = verifier.verify_headerprep(index)
+        prepared = (prepare or verifier.verify_headerprep)(index)
         if not prepared:
             return "no signature"
         tags, include, fields = prepared
@@ -175,6 +182,110 @@ class CanonicalizationTests(unittest.TestCase):
         value = b" v=1; bh=abc=;\r\n b=AbC+/\r\n dE=\r\n"
         self.assertEqual(withoutSignatureValue(value), b" v=1; bh=abc=;\r\n b=")
         self.assertEqual(withoutSignatureValue(value), dkim.RE_BTAG.sub(b"\\1", value))
+
+
+def _outcome(f, *args):
+    """
+    What C{f(*args)} gives: its value, or its exception's type and text.
+    """
+    try:
+        return f(*args)
+    except Exception as e:
+        return (type(e), str(e))
+
+
+# Header sections: field lines, continuation lines, lines that are
+# neither, and every kind of line end.
+headerSections = st.lists(
+    st.sampled_from(
+        [b"From: a@d.test", b"DKIM-Signature: v=1; d=d.test", b"dkim-signature:", b" folded",
+         b"\tfolded", b"Subject:x", b"::", b":a:b", b"no colon", b"From mbox line", b"X\x7f: y",
+         b"N\xc3\xa9: v", b"", b"\r", b"a:b:c"]
+    ),
+    max_size=10,
+).flatmap(lambda lines: st.tuples(
+    st.just(lines), st.lists(st.sampled_from([b"\r\n", b"\n", b"\r"]), min_size=len(lines),
+                             max_size=len(lines)),
+)).map(lambda pair: b"".join(line + end for line, end in zip(*pair)))
+
+
+# Tag lists: names good and bad, with or without "=", repeated or not,
+# with or without a trailing ";".
+tagLists = st.tuples(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"v", b"a", b"b", b"bh", b"d", b"s", b"h", b"9x", b"_x", b"", b" d ",
+                             b"\xc3\xa9", b"Z"]),
+            st.sampled_from([b"=", b" = ", b"", b"=="]),
+            st.sampled_from([b"1", b"rsa-sha256", b"d.test", b"from : to", b"", b" x ", b"a=b"]),
+        ).map(b"".join),
+        max_size=8,
+    ).map(b";".join),
+    st.sampled_from([b"", b";", b"; ", b";;", b" \r\n"]),
+).map(b"".join)
+
+
+class ParsingTests(unittest.TestCase):
+    @SETTINGS
+    @given(tagLists | signatureValues | st.binary().map(bytes))
+    def test_tagsSameAsDkimpy(self, value):
+        """
+        A tag list is read as dkimpy's parse_tag_value reads it: the same
+        tags, or the same exception.
+        """
+        self.assertEqual(_outcome(parseTags, value), _outcome(dkim.util.parse_tag_value, value))
+
+    @SETTINGS
+    @given(headerSections | st.binary().map(bytes))
+    def test_headersSameAsDkimpy(self, section):
+        """
+        A header section is parsed into dkimpy's fields, or gets dkimpy's
+        exception.
+        """
+        self.assertEqual(
+            _outcome(parseHeaders, section),
+            _outcome(lambda: dkim.rfc822_parse(section)[0]),
+        )
+
+    @SETTINGS
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from([b"DKIM-Signature", b"dkim-signature", b"DKIM-Signatures"]),
+                      tagLists | signatureValues),
+            min_size=1, max_size=3,
+        ),
+        st.integers(0, 3),
+    )
+    def test_prepareSameAsDkimpy(self, fields, index):
+        """
+        A signature, however broken its tag list, is prepared as dkimpy's
+        verify_headerprep prepares it: the same tags, signed names and
+        fields, or the same exception.
+        """
+        message = b"".join(
+            name + b":" + value.replace(b"\n", b" ").replace(b"\r", b" ") + b"\r\n"
+            for name, value in fields
+        ) + b"From: a@d.test\r\n\r\nbody\r\n"
+        self.assertEqual(
+            _outcome(SignedMessage(dkim.DKIM(message)).prepare, index),
+            _outcome(dkim.DKIM(message).verify_headerprep, index),
+        )
+
+    def test_prepareRealSignatures(self):
+        """
+        Well-formed signatures, second one included, are prepared as
+        dkimpy prepares them.
+        """
+        message = b"From: a@d.test\r\nTo: b@d.test\r\n\r\nbody\r\n"
+        for selector in (b"rsa", b"ed"):
+            algorithm, private, _ = KEYS[selector]
+            message = dkim.sign(message, selector, b"d.test", private,
+                                signature_algorithm=algorithm) + message
+        for index in range(3):
+            self.assertEqual(
+                SignedMessage(dkim.DKIM(message)).prepare(index),
+                dkim.DKIM(message).verify_headerprep(index),
+            )
 
 
 class SignatureTests(unittest.TestCase):

@@ -8,12 +8,13 @@ result, never an exception.
 from __future__ import annotations
 
 import base64
+import re
 
 import dkim
 import nacl.signing
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, task
-from twisted.names import dns, error
+from twisted.names import dns
 from twisted.trial import unittest
 
 from maild.trust.checker import DEFER, TrustChecker, ENFORCE, INBOX, JUNK, QUARANTINE, REJECT, REPORT, decide
@@ -30,7 +31,7 @@ from maild.trust.dmarc import (
 from maild.trust.headers import HeaderFilter, parseFields, splitFields
 from maild.trust.lookup import CachingLookup, TemporaryDNSError
 from maild.trust.results import authenticationResults
-from maild.trust.spf import SPFResult, checkSPF
+from maild.trust.spf import RecentResults, SPFResult, checkSPF
 from tests.dnsserver import ZoneResolver
 
 SETTINGS = settings(max_examples=200, deadline=None)
@@ -145,6 +146,22 @@ class HeaderFilterTests(unittest.TestCase):
         self.assertLessEqual(len(out), len(data))
         parseFields(data)
         self.assertEqual(b"".join(splitFields(data)), data)
+
+    @SETTINGS
+    @given(st.lists(st.sampled_from([b"A: x", b"\r", b"\n", b"\r\n", b" ", b"\t", b"y", b":",
+                                     b"\xc3\xa9", b"B:"]), max_size=30).map(b"".join))
+    def test_unfoldedValues(self, section):
+        """
+        Each value is unfolded exactly as removing every LF, with the CR
+        before it if any, would (RFC 5322 section 2.2.3), then decoded.
+        """
+        expected = []
+        for field in splitFields(section):
+            name, colon, value = field.partition(b":")
+            if colon:
+                text = re.sub(rb"\r?\n", b"", value).decode("utf-8", "replace").strip()
+                expected.append((name.strip().decode("ascii", "replace").lower(), text))
+        self.assertEqual(parseFields(section), expected)
 
 
 class DMARCRecordTests(unittest.TestCase):
@@ -386,6 +403,72 @@ class SPFTimeoutTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d).result, "temperror")
 
 
+class RecentSPFResultsTests(unittest.TestCase):
+    """
+    An SPF result is given again for the same client, sender and HELO name
+    only while every answer it was drawn from still stands.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.resolver = ZoneResolver({"x.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")]})
+        self.lookup = CachingLookup(self.resolver, 1.0, self.clock)
+        self.recent = RecentResults()
+
+    def check(self, ip="192.0.2.1"):
+        return self.successResultOf(
+            checkSPF(self.lookup, ip, "a@x.test", "h.test", recent=self.recent)
+        ).result
+
+    def test_keptWhileAnswersStand(self):
+        """
+        A second message from the same client and sender within the
+        record's TTL gets the kept result (the evaluation is not run, so it
+        does not see a record changed behind the cache's back); another
+        client is evaluated on its own.
+        """
+        self.assertEqual(self.check(), "pass")
+        self.resolver.zone["x.test"] = [("TXT", "v=spf1 ?all")]
+        self.assertEqual(
+            self.recent.get(("192.0.2.1", "a@x.test", "h.test", "unknown"), self.lookup.cached),
+            SPFResult("pass", "mailfrom", "x.test", "sender SPF authorized"),
+        )
+        self.assertEqual(self.check(), "pass")
+        self.assertEqual(self.check("198.51.100.1"), "fail")
+
+    def test_expiredAnswerEvaluatedAgain(self):
+        """
+        Once an answer the result was drawn from has expired, the record
+        is asked for again and the result follows it.
+        """
+        self.assertEqual(self.check(), "pass")
+        self.resolver.zone["x.test"] = [("TXT", "v=spf1 ?all")]
+        self.clock.advance(61)
+        self.assertEqual(self.check(), "neutral")
+
+    def test_failNotKept(self):
+        """
+        A fail is evaluated every time: its explanation may name the time.
+        """
+        self.assertEqual(self.check("198.51.100.1"), "fail")
+        self.assertIsNone(
+            self.recent.get(("198.51.100.1", "a@x.test", "h.test", "unknown"), self.lookup.cached)
+        )
+
+    def test_oldestGoes(self):
+        """
+        The results kept are bounded.
+        """
+        self.recent = RecentResults(maxEntries=2)
+        for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            self.assertEqual(self.check(ip), "pass")
+        kept = [
+            self.recent.get((ip, "a@x.test", "h.test", "unknown"), self.lookup.cached)
+            for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3")
+        ]
+        self.assertEqual([k is not None for k in kept], [False, True, True])
+
+
 class ExemptTests(unittest.TestCase):
     def test_trustedNetworks(self):
         """
@@ -570,6 +653,7 @@ class VerifierProcessesTests(unittest.TestCase):
             transport = VerifierProcessesTests.Transport()
             child.makeConnection(transport)
             self.spawned.append((child, transport))
+            return transport
 
     class Transport:
         def __init__(self):

@@ -11,6 +11,7 @@ verifies DKIM, looks DMARC up, and says where the message goes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from maild.trust.dmarc import DMARCResult, checkDMARC, fromDomains, policyNames
 from maild.trust.headers import HeaderFilter, parseFields
 from maild.trust.lookup import Lookup, makeLookup
 from maild.trust.results import authenticationResults, logSummary
-from maild.trust.spf import SPFResult, checkSPF
+from maild.trust.spf import RecentResults, SPFResult, checkSPF
 
 log = Logger()
 
@@ -97,6 +98,7 @@ class TrustChecker:
                 inFlight=dkimProcesses.count,
             )
         self.sample = sample
+        self.recentSPF = RecentResults()
         self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
 
     @property
@@ -139,10 +141,13 @@ class MessageChecks:
         self._signatures: list = []
         self._fromDomains: list[str] | None = None
         self._spf = checkSPF(
-            checker.lookup, clientAddress, sender, helo, receiver=checker.hostname
+            checker.lookup, clientAddress, sender, helo, receiver=checker.hostname,
+            recent=checker.recentSPF,
         )
-        self._spf.addTimeout(checker.spfTimeout, checker.clock)
-        self._spf.addErrback(self._spfFailed, sender, helo)
+        if not self._spf.called:
+            # (A result kept from a recent evaluation has no time to run out.)
+            self._spf.addTimeout(checker.spfTimeout, checker.clock)
+            self._spf.addErrback(self._spfFailed, sender, helo)
 
     @staticmethod
     def _spfFailed(reason, sender: str, helo: str) -> SPFResult:
@@ -212,11 +217,17 @@ class MessageChecks:
 
 
 def _count(spf: SPFResult, dkim: list[DKIMResult], dmarc: DMARCResult) -> None:
-    # Results are a fixed set of words (RFC 8601 section 2.7): bounded labels.
-    metrics.trustResults.labels("spf", spf.result).inc()
+    _counter("spf", spf.result).inc()
     for result in dkim or [DKIMResult("none")]:
-        metrics.trustResults.labels("dkim", result.result).inc()
-    metrics.trustResults.labels("dmarc", dmarc.result).inc()
+        _counter("dkim", result.result).inc()
+    _counter("dmarc", dmarc.result).inc()
+
+
+@functools.lru_cache(maxsize=None)
+def _counter(check: str, result: str):
+    # Results are a fixed set of words (RFC 8601 section 2.7): bounded
+    # labels, each looked up once.
+    return metrics.trustResults.labels(check, result)
 
 
 def decide(policy: str, dmarc: DMARCResult) -> tuple[str, tuple[int, bytes] | None]:

@@ -15,12 +15,12 @@ import functools
 from dataclasses import dataclass
 
 import dkim as dkimpy
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import InvalidTagValueList
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from maild import dkimrsa
-from maild.trust.dkimsig import SignedMessage
+from maild.trust.dkimsig import SignedMessage, parseHeaders, parseTags
 from maild.trust.lookup import Lookup, TemporaryDNSError
 
 # Signatures verified per message at most; more are reported as
@@ -74,7 +74,7 @@ def readSignatures(fields: list[tuple[str, str]]) -> list[Signature | str]:
         if name != "dkim-signature":
             continue
         try:
-            tags = parse_tag_value(value.encode("utf-8"))
+            tags = parseTags(value.encode("utf-8"))
         except InvalidTagValueList as e:
             found.append(f"bad tag list: {type(e).__name__}")
             continue
@@ -200,12 +200,27 @@ async def verifyDKIM(
         except TemporaryDNSError as e:
             keys[name] = e
             return
-        # RFC 6376 section 3.6.2.2: the strings of one record are joined;
-        # several records make the key unusable.
-        keys[name] = b"".join(records[0]) if len(records) == 1 else None
+        keys[name] = _keyRecord(records)
 
-    await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in keyNames(signatures)])
+    # The keys were asked for when the header section arrived: most are
+    # kept by the lookup by now.
+    cached = getattr(lookup, "cached", lambda name, qtype: None)
+    missing = []
+    for name in keyNames(signatures):
+        records = cached(name, "TXT")
+        if records is None:
+            missing.append(name)
+        else:
+            keys[name] = _keyRecord(records)
+    if missing:
+        await defer.gatherResults([defer.ensureDeferred(fetch(n)) for n in missing])
     return await verifier.verify(message, headerLength, signatures, keys)
+
+
+def _keyRecord(records: list) -> bytes | None:
+    # RFC 6376 section 3.6.2.2: the strings of one record are joined;
+    # several records make the key unusable.
+    return b"".join(records[0]) if len(records) == 1 else None
 
 
 def _verifySafely(message: bytes, headerLength, signatures, keys) -> list[DKIMResult]:
@@ -245,18 +260,19 @@ def _verifyAll(message: bytes, headerLength, signatures, keys) -> list[DKIMResul
 
 def _readMessage(message: bytes, headerLength: int | None) -> dkimpy.DKIM:
     """
-    dkimpy's view of C{message}: its header section parsed by dkimpy, its
-    body sliced off rather than split into lines and joined again, which
-    is the same body when every line ends in CRLF (SMTP refuses bare CR
-    and LF) and the header section ends at the blank line.  Otherwise
-    dkimpy parses the whole message.
+    dkimpy's view of C{message}: its header section parsed as dkimpy
+    parses it (L{parseHeaders}), its body sliced off rather than split
+    into lines and joined again, which is the same body when every line
+    ends in CRLF (SMTP refuses bare CR and LF) and the header section ends
+    at the blank line.  Otherwise dkimpy parses the whole message.
     """
     if headerLength is not None and message.count(b"\n") == message.count(b"\r\n"):
         atBlankLine = message.startswith(b"\r\n", headerLength) and (
             headerLength == 0 or message.endswith(b"\r\n", 0, headerLength)
         )
         if atBlankLine or headerLength == len(message):
-            verifier = dkimpy.DKIM(message[:headerLength])
+            verifier = dkimpy.DKIM()
+            verifier.headers = parseHeaders(message[:headerLength])
             verifier.body = message[headerLength + 2 :]
             return verifier
     return dkimpy.DKIM(message)
@@ -269,7 +285,7 @@ def _verifyOne(signed: SignedMessage, index: int, signature: Signature, keys) ->
         return DKIMResult(kind, signature.domain, signature.selector, signature.signature, reason)
 
     try:
-        prepared = verifier.verify_headerprep(index)
+        prepared = signed.prepare(index)
     except dkimpy.DKIMException as e:
         # RFC 6376 section 6.1.1: a signature that cannot be read.
         return result("permerror", f"bad signature: {_short(e)}")

@@ -15,10 +15,16 @@ canonicalizations done faster:
   signature), each once per message, and relaxed canonicalization runs
   its regular expressions only on fields they change;
 - the C{b=} value is emptied (section 3.7) with an equivalent of dkimpy's
-  expression that does not backtrack at each character.
+  expression that does not backtrack at each character;
+- the header section is parsed, the DKIM-Signature fields found and their
+  tag lists read by equivalents of dkimpy's C{rfc822_parse},
+  C{verify_headerprep} and C{parse_tag_value} with their expressions
+  compiled once (dkimpy's module-level C{re} calls look each one up in
+  C{re}'s cache, per line and per tag), the fields found once per
+  message rather than once per signature.
 
-Everything else is dkimpy's: tag parsing and validation, the
-canonicalization policies, header selection, the hash algorithms, the key
+Everything else is dkimpy's: tag validation, the canonicalization
+policies, header selection, the hash algorithms, the key
 types and the signature arithmetic (RSA by OpenSSL, L{maild.dkimrsa}).
 The answers and exceptions are dkimpy's: tests/test_trust_dkimsig.py
 compares them with dkimpy's own on arbitrary messages and signatures.
@@ -31,6 +37,7 @@ import re
 
 import dkim as dkimpy
 import nacl.exceptions
+from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 from dkim.canonicalization import (
     CanonicalizationPolicy,
     InvalidCanonicalizationPolicyError,
@@ -52,9 +59,63 @@ _WSP_RUN_TO_SPACE = re.compile(rb"\t[\t ]*| [\t ]+")
 # RE_BTAG's does, so sub() gives the same bytes.
 _B_TAG_VALUE = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=]+)*(?:\r?\n\Z)?")
 
-_BLANKS = re.compile(rb"\s+")
-_LINE_BREAK = re.compile(rb"\r?\n")
+# dkimpy's rfc822_parse: a field's name, and its line breaks.
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+_LINE_BREAKS = re.compile(rb"\r?\n")
+# dkimpy's verify_headerprep: the separator of the h= names.
+_NAME_SEPARATOR = re.compile(rb"\s*:\s*")
 _WSP_RUN = re.compile(rb"[\t ]+")
+
+
+def _withoutBlanks(value: bytes) -> bytes:
+    # dkimpy's re.sub(rb"\s+", b"", value): bytes.split() splits at the
+    # same six ASCII white space octets.
+    return b"".join(value.split())
+
+
+def parseTags(tagList: bytes) -> dict[bytes, bytes]:
+    """
+    dkimpy's C{parse_tag_value} (RFC 6376 section 3.2): the same tags, or
+    the same exception.  Its test of a tag name, C{re.match(br'^[a-zA-Z](\w)*',
+    name)}, asks only for a first ASCII letter.
+    """
+    tags: dict[bytes, bytes] = {}
+    specs = tagList.strip().split(b";")
+    # Trailing semicolons are valid.
+    if not specs[-1]:
+        specs.pop()
+    for spec in specs:
+        name, equals, value = spec.partition(b"=")
+        if not equals:
+            raise InvalidTagSpec(spec)
+        name = name.strip()
+        if not name[:1].isalpha():
+            raise InvalidTagSpec(spec)
+        if name in tags:
+            raise DuplicateTag(name)
+        tags[name] = value.strip()
+    return tags
+
+
+def parseHeaders(section: bytes) -> list[list[bytes]]:
+    """
+    The header fields of dkimpy's C{rfc822_parse(section)}: C{[name,
+    value]} pairs, each value with its line breaks turned into CRLF; the
+    same exception for a line that is not a field.
+    """
+    headers: list[list[bytes]] = []
+    for line in _LINE_BREAKS.split(section):
+        if not line:
+            break
+        if line[0] in (0x09, 0x20):
+            headers[-1][1] += line + b"\r\n"
+            continue
+        match = _FIELD_NAME.match(line)
+        if match is not None:
+            headers.append([match.group(1), line[match.end(0) :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkimpy.MessageFormatError("Unexpected characters in RFC822 header: %s" % line)
+    return headers
 
 
 def relaxedBody(body: bytes) -> bytes:
@@ -87,7 +148,9 @@ def relaxedField(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     something.
     """
     if b"\n" in value:
-        value = _LINE_BREAK.sub(b"", value)
+        # re.sub(rb"\r?\n", b"", value), as dkimpy, without an expression
+        # tried at every octet.
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
     if b"\t" in value or b"  " in value:
         value = _WSP_RUN.sub(b" ", value)
     return name.lower().rstrip(), value.strip() + b"\r\n"
@@ -104,9 +167,31 @@ class SignedMessage:
 
     def __init__(self, verifier: dkimpy.DKIM) -> None:
         self.verifier = verifier
+        self._signatureFields: list | None = None
         self._bodies: dict = {}
         self._bodyHashes: dict = {}
         self._relaxedFields: dict = {}
+
+    def prepare(self, index: int):
+        """
+        dkimpy's C{verify_headerprep(index)}: the tags of signature
+        C{index}, validated, the names of the fields it signs, and the
+        DKIM-Signature fields; False when there is no such signature.
+        """
+        fields = self._signatureFields
+        if fields is None:
+            fields = self._signatureFields = [
+                (name, value) for name, value in self.verifier.headers
+                if name.lower() == b"dkim-signature"
+            ]
+        if len(fields) <= index:
+            return False
+        try:
+            tags = parseTags(fields[index][1])
+        except InvalidTagValueList as e:
+            raise dkimpy.MessageFormatError(e)
+        dkimpy.validate_signature_fields(tags)
+        return tags, [name.lower() for name in _NAME_SEPARATOR.split(tags[b"h"])], fields
 
     def canonicalFields(self, algorithm, fields: list) -> list:
         """
@@ -164,7 +249,7 @@ class SignedMessage:
             length = sig[b"l"] if b"l" in sig and not verifier.tlsrpt else None
             bodyHash = self.bodyHash(policy.body_algorithm, length, hasher)
             try:
-                expected = base64.b64decode(_BLANKS.sub(b"", sig[b"bh"]))
+                expected = base64.b64decode(_withoutBlanks(sig[b"bh"]))
             except TypeError as e:
                 raise dkimpy.MessageFormatError(str(e))
             if bodyHash != expected:
@@ -193,7 +278,7 @@ class SignedMessage:
             headerHash.update(b":")
             headerHash.update(value)
 
-        signature = base64.b64decode(_BLANKS.sub(b"", sig[b"b"]))
+        signature = base64.b64decode(_withoutBlanks(sig[b"b"]))
         if verifier.ktag == b"rsa":
             try:
                 # Looked up at each call, as dkimpy does (maild.dkimrsa

@@ -94,14 +94,21 @@ def fromDomains(fields: list[tuple[str, str]]) -> list[str] | None:
     repeats; None when there is no From: field or no address with a
     domain in it.
     """
-    values = [value for name, value in fields if name == "from"]
+    domains = _domainsOf(tuple(value for name, value in fields if name == "from"))
+    return list(domains) if domains else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _domainsOf(values: tuple[str, ...]) -> tuple[str, ...]:
+    # Kept per From: field: a sender's mail repeats it, and the email
+    # package's address parser is slow.
     domains: list[str] = []
     for _, address in getaddresses(values):
         local, at, domain = address.rpartition("@")
         domain = domain.strip().lower().rstrip(".")
         if at and domain and domain not in domains:
             domains.append(domain)
-    return domains or None
+    return tuple(domains)
 
 
 def policyNames(domains: list[str] | None) -> list[str]:
@@ -185,6 +192,8 @@ async def checkDMARC(
         # Each would cost lookups: a From: listing many domains is refused
         # the checks (section 6.6.1 lets the receiver reject it).
         return DMARCResult("permerror", domains[0], reason="too many From: domains")
+    if len(domains) == 1:
+        return await _checkDomain(lookup, domains[0], spf, dkim, sample)
     results = await defer.gatherResults(
         [defer.ensureDeferred(_checkDomain(lookup, d, spf, dkim, sample)) for d in domains]
     )

@@ -8,6 +8,12 @@ when the evaluation needs one it does not have, the evaluation stops, the
 answer is fetched through twisted.names, and the evaluation runs again
 from the start.  Every run is a pure computation over known answers, so
 the reactor never waits on DNS, and the result is pyspf's own.
+
+Being pure, an evaluation need not run again while its answers stand:
+L{RecentResults} gives a result again for the same client, sender and
+HELO name as long as every answer it was drawn from is still the one the
+lookup keeps (a sender's mail mostly comes in runs from the same
+servers).
 """
 
 from __future__ import annotations
@@ -90,6 +96,54 @@ class _ReplayQuery(pyspf.query):
         return list(result)
 
 
+class RecentResults:
+    """
+    Recent SPF results, by client address, sender, HELO name and receiver,
+    each with the DNS answers its evaluation read.  A result is given again
+    only while the lookup still keeps every one of those answers, fresh
+    (within its TTL) and unchanged: then a new evaluation would read the
+    same answers and, being a pure function of them, reach the same
+    result.  Not kept: results drawn from a temporary DNS error (the
+    lookup keeps no such answer) and C{fail}, whose explanation (an
+    C{exp=} text) may name the time (macro C{%{t}}, RFC 7208 section 7.3).
+
+    @param maxEntries: results kept at most (the oldest goes first).
+    """
+
+    def __init__(self, maxEntries: int = 4096) -> None:
+        self.maxEntries = maxEntries
+        self._results: dict[tuple, tuple[SPFResult, dict]] = {}
+
+    def get(self, key: tuple, cached) -> SPFResult | None:
+        """
+        The result kept for C{key} if its answers still stand in
+        C{cached} (the lookup's C{cached(name, qtype)}).
+        """
+        kept = self._results.get(key)
+        if kept is None:
+            return None
+        result, answers = kept
+        for (name, qtype), answer in answers.items():
+            if cached(name, qtype) != answer:
+                del self._results[key]
+                return None
+        return result
+
+    def put(self, key: tuple, result: SPFResult, answers: dict) -> None:
+        if result.result == "fail" or any(
+            isinstance(answer, TemporaryDNSError) for answer in answers.values()
+        ):
+            return
+        if len(self._results) >= self.maxEntries:
+            del self._results[next(iter(self._results))]
+        # A question of a type DNS is never asked (pyspf's SPF type) has
+        # an empty answer for good: nothing to check again.
+        self._results[key] = (
+            result,
+            {key: answer for key, answer in answers.items() if key[1] in TYPES},
+        )
+
+
 async def _fetch(lookup: Lookup, answers: dict, key: tuple[str, str], addressType: str) -> None:
     name, qtype = key
     if qtype not in ("A", "AAAA", "MX", "PTR", "TXT"):
@@ -124,6 +178,7 @@ def checkSPF(
     helo: str,
     receiver: str = "unknown",
     answers: dict | None = None,
+    recent: RecentResults | None = None,
 ) -> defer.Deferred[SPFResult]:
     """
     The SPF result for mail from C{sender} (the MAIL FROM address, "" for
@@ -132,8 +187,24 @@ def checkSPF(
 
     @param answers: the DNS answers known already (tests, or a cache
         shared between the identities of one message); filled in.
+    @param recent: where results are kept and looked for first (needs a
+        lookup that keeps answers: L{maild.trust.lookup.CachingLookup}).
     """
+    cached = getattr(lookup, "cached", None)
+    if recent is not None and cached is not None and answers is None:
+        key = (ip, sender, helo, receiver)
+        result = recent.get(key, cached)
+        if result is not None:
+            return defer.succeed(result)
+        answers = {}
+        d = defer.ensureDeferred(_check(lookup, ip, sender, helo, receiver, answers))
+        return d.addCallback(_remember, recent, key, answers)
     return defer.ensureDeferred(_check(lookup, ip, sender, helo, receiver, answers))
+
+
+def _remember(result: SPFResult, recent: RecentResults, key: tuple, answers: dict) -> SPFResult:
+    recent.put(key, result, answers)
+    return result
 
 
 async def _check(lookup, ip, sender, helo, receiver, answers) -> SPFResult:
