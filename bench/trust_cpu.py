@@ -33,27 +33,44 @@ from trust_dns import SELECTORS, BenchZone, makeKey  # noqa: E402
 KINDS = (("unsigned", ()), ("ed25519", ("ed",)), ("rsa 2048", ("rsa",)), ("both", ("rsa", "ed")))
 
 
-def main(argv: list[str]) -> int:
-    count = int(argv[0]) if argv else 1000
-    size = int(argv[1]) if len(argv) > 1 else 10240
-    canonicalization = argv[2] if len(argv) > 2 else "relaxed/simple"
-    repeat = int(argv[3]) if len(argv) > 3 else 3
+def keysAndZone() -> tuple[dict, BenchZone]:
+    """
+    New signing keys, by selector (C{(private key, algorithm)}), and the
+    zone of C{bench.test} publishing them (trust_dns.py's).
+    """
     keys, published = {}, {}
     for selector, algorithm, _ in SELECTORS:
         private, public, keyType = makeKey(algorithm)
         keys[selector] = (private, algorithm)
         published[selector] = (keyType, public)
-    zone = BenchZone("bench.test", published)
+    return keys, BenchZone("bench.test", published)
+
+
+def benchMessages(keys: dict, selectors, count: int, size: int,
+                  canonicalization: str = "relaxed/simple") -> list[bytes]:
+    """
+    C{count} messages of C{size} octets from C{bench.test}, each signed
+    with the keys of C{selectors}.
+    """
+    factory = smtp_load.MessageFactory("bench@bench.test", "alice@localhost", size, count)
+    for selector in selectors:
+        factory.sign(keys[selector][0], selector, keys[selector][1], count, canonicalization)
+    return [
+        (factory.signatures[n] if selectors else b"") + factory.header(n) + factory.body
+        for n in range(count)
+    ]
+
+
+def main(argv: list[str]) -> int:
+    count = int(argv[0]) if argv else 1000
+    size = int(argv[1]) if len(argv) > 1 else 10240
+    canonicalization = argv[2] if len(argv) > 2 else "relaxed/simple"
+    repeat = int(argv[3]) if len(argv) > 3 else 3
+    keys, zone = keysAndZone()
     for kind, selectors in KINDS:
         checker = TrustChecker(lambda: zone, "mx.bench.local", "enforce", task.Clock(),
                                inThread=defer.maybeDeferred)
-        factory = smtp_load.MessageFactory("bench@bench.test", "alice@localhost", size, count)
-        for selector in selectors:
-            factory.sign(keys[selector][0], selector, keys[selector][1], count, canonicalization)
-        messages = [
-            (factory.signatures[n] if selectors else b"") + factory.header(n) + factory.body
-            for n in range(count)
-        ]
+        messages = benchMessages(keys, selectors, count, size, canonicalization)
 
         def run():
             for message in messages:

@@ -25,37 +25,23 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 
 from twisted.internet import defer, reactor  # noqa: E402
 
-import smtp_load  # noqa: E402
 from maild.trust.checker import TrustChecker  # noqa: E402
 from maild.trust.dkimprocess import VerifierProcesses  # noqa: E402
-from trust_cpu import KINDS  # noqa: E402
-from trust_dns import SELECTORS, BenchZone, makeKey  # noqa: E402
+from trust_cpu import KINDS, benchMessages, keysAndZone  # noqa: E402
 
 # Messages checked at once (SMTP's concurrency in trust_bench.py).
 CONCURRENCY = 50
 
 
 async def measure(count: int, size: int) -> None:
-    keys, published = {}, {}
-    for selector, algorithm, _ in SELECTORS:
-        private, public, keyType = makeKey(algorithm)
-        keys[selector] = (private, algorithm)
-        published[selector] = (keyType, public)
-    zone = BenchZone("bench.test", published)
+    keys, zone = keysAndZone()
     processes = VerifierProcesses(reactor, 1)
     processes.startService()
     try:
         for kind, selectors in KINDS:
             checker = TrustChecker(lambda: zone, "mx.bench.local", "enforce", reactor,
                                    dkimProcesses=processes)
-            factory = smtp_load.MessageFactory("bench@bench.test", "alice@localhost", size, count)
-            for selector in selectors:
-                factory.sign(keys[selector][0], selector, keys[selector][1], count,
-                             "relaxed/simple")
-            messages = [
-                (factory.signatures[n] if selectors else b"") + factory.header(n) + factory.body
-                for n in range(count)
-            ]
+            messages = benchMessages(keys, selectors, count, size)
 
             async def check(message: bytes) -> None:
                 checks = checker.begin("127.0.0.1", "client.bench.test", "bench@bench.test")

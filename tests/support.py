@@ -501,3 +501,19 @@ def sampleMessage(subject: str = "Hello", body: str = "Hi there.\r\n", sender: s
         f"Date: Wed, 25 Nov 2026 10:00:00 +0000\r\n"
         f"Message-ID: <{subject.replace(' ', '.')}@remote.test>\r\n\r\n{body}"
     ).encode("utf-8")
+
+
+def countListings(folder) -> list[str]:
+    """
+    Make C{folder} (a L{maild.store.folder.Folder}) record each directory
+    it lists (C{"new"} or C{"cur"}) in the list returned.
+    """
+    listed: list[str] = []
+    listDir = folder._listDir
+
+    def counted(sub):
+        listed.append(sub)
+        return listDir(sub)
+
+    folder._listDir = counted
+    return listed

@@ -32,7 +32,7 @@ from maild.store.folder import Folder
 from maild.store.keywords import Keywords, TooManyKeywords
 from maild.store.uidlist import UidList, UidValidities
 from maild.store.watch import FolderWatcher
-from tests.support import waitForEmptySpool
+from tests.support import countListings, waitForEmptySpool
 
 
 def put(folder: Path, name: str, data: bytes = b"Subject: x\n\nbody\n") -> Path:
@@ -822,14 +822,7 @@ class BusyFolderListingTests(unittest.SynchronousTestCase):
         # still until a test moves it, so they stay recent.
         self.now = time.time_ns()
         self.folder.nowNs = lambda: self.now
-        self.listed = []
-        listDir = self.folder._listDir
-
-        def counted(sub):
-            self.listed.append(sub)
-            return listDir(sub)
-
-        self.folder._listDir = counted
+        self.listed = countListings(self.folder)
         self.folder.refresh()
         self.listed.clear()
 

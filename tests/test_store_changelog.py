@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from maild.store import changelog, folder, maildir
 from maild.store.folder import Folder
+from tests.support import countListings
 from tests.test_store import put
 
 FIRST = "1700000001.M1P1Q1.h,S=17,W=20"
@@ -36,15 +37,8 @@ class Process:
     def __init__(self, path: Path) -> None:
         self.folder = Folder("INBOX", path)
         self.changes = []
-        self.listed = []
         self.folder.addListener(self)
-        listDir = self.folder._listDir
-
-        def counted(sub):
-            self.listed.append(sub)
-            return listDir(sub)
-
-        self.folder._listDir = counted
+        self.listed = countListings(self.folder)
         self.folder.refresh()
 
     def folderChanged(self, folder, change):
