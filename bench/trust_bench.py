@@ -278,6 +278,8 @@ def main(argv: list[str]) -> int:
     options = parser.parse_args(argv)
     global SOURCE, PROFILE
     SOURCE = options.source.resolve()
+    if not (SOURCE / "maild" / "__init__.py").is_file():
+        parser.error(f"--source {SOURCE}: no maild package there")
     PROFILE = options.profile
     kinds = options.kinds.split(",")
     work = Path(tempfile.mkdtemp(prefix="trust-bench-"))
