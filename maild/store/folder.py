@@ -512,17 +512,8 @@ class Folder:
             change.added.append(uid)
         expunged = {uid for uid in removed if self.position(uid) is not None}
         if expunged:
-            goneBases = [self.bases[self.position(uid)] for uid in expunged]
-            keep = [j for j, uid in enumerate(self.uids) if uid not in expunged]
-            self.uids = array("I", (self.uids[j] for j in keep))
-            self.flags = bytearray(self.flags[j] for j in keep)
-            self.bases = [self.bases[j] for j in keep]
-            for uid in expunged:
-                self.keywordLetters.pop(uid, None)
-                self._sizes.pop(uid, None)
+            change.expunged, goneBases = self._drop(expunged)
             self.uidList.forget(goneBases)
-            self._rememberGone(expunged)
-            change.expunged = sorted(expunged)
         self._announce(change, own=False)
         if not newFollowed or at["new"] != now["new"]:
             # Deliveries into new/ are not logged: list it alone.
@@ -1137,6 +1128,16 @@ class Folder:
 
         @return: their UIDs, sorted, and their base names.
         """
+        expunged, goneBases = self._drop(gone)
+        self._announce(FolderChange(expunged=expunged, origin=origin))
+        return expunged, goneBases
+
+    def _drop(self, gone: set[int]) -> tuple[list[int], list[str]]:
+        """
+        Drop the messages C{gone} from the index (and remember them gone).
+
+        @return: their UIDs, sorted, and their base names.
+        """
         keep = [j for j, uid in enumerate(self.uids) if uid not in gone]
         goneBases = [self.bases[j] for j, uid in enumerate(self.uids) if uid in gone]
         self.uids = array("I", (self.uids[j] for j in keep))
@@ -1146,9 +1147,7 @@ class Folder:
             self.keywordLetters.pop(uid, None)
             self._sizes.pop(uid, None)
         self._rememberGone(gone)
-        expunged = sorted(gone)
-        self._announce(FolderChange(expunged=expunged, origin=origin))
-        return expunged, goneBases
+        return sorted(gone), goneBases
 
     def _unlink(self, uids: list[int]) -> list[int]:
         """
