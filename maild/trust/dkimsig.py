@@ -46,6 +46,8 @@ from dkim.canonicalization import (
     strip_trailing_lines,
 )
 
+from maild.trust.headers import unfold
+
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 # A run of WSP other than one space: the only runs "reduce to a single
 # SP" (RFC 6376 section 3.4.4) changes.  A run is matched whole from its
@@ -147,10 +149,8 @@ def relaxedField(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     the same octets, the regular expressions run only where they change
     something.
     """
-    if b"\n" in value:
-        # re.sub(rb"\r?\n", b"", value), as dkimpy, without an expression
-        # tried at every octet.
-        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    # dkimpy's re.sub(rb"\r?\n", b"", value).
+    value = unfold(value)
     if b"\t" in value or b"  " in value:
         value = _WSP_RUN.sub(b" ", value)
     return name.lower().rstrip(), value.strip() + b"\r\n"

@@ -31,6 +31,17 @@ def splitFields(section: bytes) -> list[bytes]:
     return fields
 
 
+def unfold(value: bytes) -> bytes:
+    """
+    C{value} without its line breaks: every LF, and the CR before it if
+    any (RFC 5322 section 2.2.3), as C{re.sub(rb"\r?\n", b"", value)}
+    gives it, without an expression tried at every octet.
+    """
+    if b"\n" not in value:
+        return value
+    return value.replace(b"\r\n", b"").replace(b"\n", b"")
+
+
 def parseFields(section: bytes) -> list[tuple[str, str]]:
     """
     The fields of a header section as C{(lower-case name, unfolded value)},
@@ -41,11 +52,7 @@ def parseFields(section: bytes) -> list[tuple[str, str]]:
         name, colon, value = field.partition(b":")
         if not colon:
             continue
-        if b"\n" in value:
-            # What re.sub(rb"\r?\n", b"", value) gives, without a regular
-            # expression tried at every octet.
-            value = value.replace(b"\r\n", b"").replace(b"\n", b"")
-        text = value.decode("utf-8", "replace").strip()
+        text = unfold(value).decode("utf-8", "replace").strip()
         parsed.append((name.strip().decode("ascii", "replace").lower(), text))
     return parsed
 
@@ -58,7 +65,7 @@ def isOurResults(field: bytes, hostname: str) -> bool:
     name, colon, value = field.partition(b":")
     if not colon or name.strip().lower() != b"authentication-results":
         return False
-    match = _AUTHSERV_ID.match(re.sub(rb"\r?\n", b"", value))
+    match = _AUTHSERV_ID.match(unfold(value))
     return bool(match) and match.group(1).lower() == hostname.lower().encode("utf-8", "replace")
 
 
