@@ -603,6 +603,56 @@ def _signed(body: bytes) -> bytes:
     ) + message
 
 
+class ChildCodeTests(unittest.TestCase):
+    """
+    The DKIM child runs the daemon's own maild, wherever the daemon was
+    started from.
+    """
+
+    @defer.inlineCallbacks
+    def test_notTheWorkingDirectorysMaild(self):
+        """
+        A daemon started in a folder holding another maild (an older
+        checkout, say) still gets its own code's answers: C{python -m}
+        puts the working directory first on the path, so the child is
+        started in the folder of the daemon's maild.
+        """
+        import os
+        from pathlib import Path
+
+        from twisted.internet import reactor
+
+        from maild.trust.dkimprocess import VerifierProcesses
+
+        other = Path(self.mktemp())
+        (other / "maild" / "trust").mkdir(parents=True)
+        (other / "maild" / "__init__.py").write_text("")
+        (other / "maild" / "trust" / "__init__.py").write_text("")
+        # Another maild's child: it answers every signature "fail".
+        (other / "maild" / "trust" / "dkimprocess.py").write_text(
+            "import json, struct, sys\n"
+            "while True:\n"
+            "    head = sys.stdin.buffer.read(4)\n"
+            "    if len(head) < 4:\n"
+            "        break\n"
+            "    sys.stdin.buffer.read(struct.unpack('>I', head)[0])\n"
+            "    answer = json.dumps([[['fail', 'd.test', 's', '', 'other maild']]]).encode()\n"
+            "    sys.stdout.buffer.write(struct.pack('>I', len(answer)) + answer)\n"
+            "    sys.stdout.buffer.flush()\n"
+        )
+        here = os.getcwd()
+        os.chdir(other)
+        self.addCleanup(os.chdir, here)
+        processes = VerifierProcesses(reactor, 1)
+        processes.startService()
+        self.addCleanup(processes.stopService)
+        message = _signed(b"x")
+        signatures = readSignatures(parseFields(message.split(b"\r\n\r\n")[0] + b"\r\n"))
+        keys = {"s._domainkey.d.test": f"v=DKIM1; k=ed25519; p={BatchVerifierTests.key}".encode()}
+        (results,) = yield processes.verify([(message, None, signatures, keys)])
+        self.assertEqual([r.result for r in results], ["pass"])
+
+
 class AnyRecordTests(unittest.TestCase):
     @SETTINGS
     @given(st.text(alphabet=st.sampled_from(list("v=spf1 :/.%{}-+~?_ail4x6includerdmp0123")), max_size=60))
@@ -649,7 +699,7 @@ class VerifierProcessesTests(unittest.TestCase):
         def __init__(self):
             self.spawned = []
 
-        def spawnProcess(self, child, executable, args, env, childFDs):
+        def spawnProcess(self, child, executable, args, env, path, childFDs):
             transport = VerifierProcessesTests.Transport()
             child.makeConnection(transport)
             self.spawned.append((child, transport))

@@ -133,15 +133,18 @@ class VerifierProcesses(service.Service):
     def _spawn(self) -> _Child:
         child = _Child(self)
         env = os.environ.copy()
-        # This maild, wherever it was imported from (a checkout, a test run).
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(Path(maild.__file__).parent.parent), env.get("PYTHONPATH")])
-        )
+        # This maild, wherever it was imported from (a checkout, a test
+        # run): "python -m" puts the working directory first on the path,
+        # so the child starts in the folder holding this maild, whatever
+        # other maild the daemon's working directory may hold.
+        home = str(Path(maild.__file__).parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
         process = self.reactor.spawnProcess(
             child,
             sys.executable,
             [sys.executable, "-m", "maild.trust.dkimprocess"],
             env=env,
+            path=home,
             childFDs={0: "w", 1: "r", 2: 2},
         )
         # The transport of a POSIX reactor's process has its pipes.
