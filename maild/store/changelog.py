@@ -175,13 +175,17 @@ class ChangeLog:
 
     # Reading ---------------------------------------------------------------
 
+    def _forgetFile(self) -> None:
+        # No file: nothing read, nothing to read from.
+        self.close()
+        self._inode = 0
+        self.offset = 0
+
     def _open(self) -> os.stat_result | None:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.close()
-            self._inode = 0
-            self.offset = 0
+            self._forgetFile()
             return None
         self.close()
         self._fd = fd
@@ -198,9 +202,7 @@ class ChangeLog:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self.close()
-            self._inode = 0
-            self.offset = 0
+            self._forgetFile()
             return
         if st.st_ino != self._inode or self._fd is None:
             st = self._open() or st
