@@ -166,7 +166,7 @@ class Phase:
 
 
 class Daemon:
-    def __init__(self, workers: int, folder: Path) -> None:
+    def __init__(self, workers: int, folder: Path, scheduling: str | None = None) -> None:
         self.folder = folder
         self.workers = workers
         self.ports = {"smtp": freePort(), "imap": freePort()}
@@ -176,7 +176,10 @@ class Daemon:
              "user", "add", RECIPIENT, "--password-stdin"],
             input=PASSWORD + "\n", text=True, check=True, env=env, stdout=subprocess.DEVNULL,
         )
-        (folder / "maild.toml").write_text("[limits]\nconnections_per_ip = 1000\n")
+        settings = "[limits]\nconnections_per_ip = 1000\n"
+        if scheduling is not None:
+            settings += f"[cluster]\nscheduling = \"{scheduling}\"\n"
+        (folder / "maild.toml").write_text(settings)
         listeners = [
             f"--{name}=tcp:{self.ports[name]}:interface=127.0.0.1" if name in self.ports else f"--{name}=none"
             for name in LISTENERS
@@ -277,12 +280,19 @@ def main() -> None:
     parser.add_argument("--imap-clients", type=int, default=20)
     parser.add_argument("--imap-seconds", type=int, default=20)
     parser.add_argument("--no-perf", action="store_true", help="do not count system calls with perf")
+    parser.add_argument(
+        "--scheduling", default="",
+        help="[cluster] scheduling policies to compare, e.g. batch,normal (default: the daemon's)",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
+    policies = args.scheduling.split(",") if args.scheduling else [None]
+    # Each setting: (workers, scheduling policy or None for the default).
+    settings = [(n, policy) for policy in policies for n in counts]
     countCalls = not args.no_perf and SyscallCounter.available()
     sendMail = smtpSource if args.smtp_client == "smtp-source" else smtpLoad
     print(f"SMTP client: {args.smtp_client}; system calls counted: {'yes' if countCalls else 'no'}")
-    results: dict[int, dict[str, list[Phase]]] = {n: {"smtp": [], "imap": []} for n in counts}
+    results: dict[tuple, dict[str, list[Phase]]] = {key: {"smtp": [], "imap": []} for key in settings}
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as top:
         mbox = Path(top) / "corpus.mbox"
         subprocess.run([sys.executable, str(ROOT / "tests" / "corpus" / "gen_mbox.py"), str(mbox), "500"],
@@ -296,55 +306,67 @@ def main() -> None:
             # workers' CPU after the previous run's 3,000 files were
             # removed), so a run that followed removals (a data folder's, or
             # imaptest's expunges) paid for them.
-            order = counts if run % 2 == 0 else counts[::-1]
+            order = settings if run % 2 == 0 else settings[::-1]
             daemons = {}
             try:
-                for n in order:
-                    folder = Path(top) / f"run{run}-w{n}"
+                for key in order:
+                    n, policy = key
+                    folder = Path(top) / f"run{run}-w{n}-{policy or 'default'}"
                     folder.mkdir()
-                    daemons[n] = Daemon(n, folder)
-                for n in order:
-                    daemon = daemons[n]
+                    daemons[key] = Daemon(n, folder, policy)
+                for key in order:
+                    daemon = daemons[key]
                     phase = measure(daemon, countCalls, lambda: sendMail(
                         daemon.ports["smtp"], args.smtp_messages, args.smtp_concurrency))
                     stored = daemon.inbox()
                     if stored != args.smtp_messages:
                         raise SystemExit(f"{stored} messages stored of {args.smtp_messages} sent")
-                    results[n]["smtp"].append(phase)
-                    print(f"run {run + 1}, {n} worker(s): smtp {phase.describe('msg')}", flush=True)
-                for n in order if args.imaptest else ():
-                    daemon = daemons[n]
+                    results[key]["smtp"].append(phase)
+                    print(f"run {run + 1}, {label(key)}: smtp {phase.describe('msg')}", flush=True)
+                for key in order if args.imaptest else ():
+                    daemon = daemons[key]
                     phase = measure(daemon, countCalls, lambda: imaptest(
                         args.imaptest, daemon.ports["imap"], mbox, args.imap_clients, args.imap_seconds))
-                    results[n]["imap"].append(phase)
-                    print(f"run {run + 1}, {n} worker(s): imap {phase.describe('cmd')}", flush=True)
+                    results[key]["imap"].append(phase)
+                    print(f"run {run + 1}, {label(key)}: imap {phase.describe('cmd')}", flush=True)
             finally:
                 for daemon in daemons.values():
                     daemon.stop()
-    summarize(results, counts)
+    summarize(results, settings)
 
 
-def summarize(results: dict[int, dict[str, list[Phase]]], counts: list[int]) -> None:
+def label(key: tuple) -> str:
+    n, policy = key
+    return f"{n} worker(s)" + (f", {policy}" if policy else "")
+
+
+def summarize(results: dict[tuple, dict[str, list[Phase]]], settings: list[tuple]) -> None:
     """
-    Mean rates, their ratio to the first worker count's, and mean CPU
-    milliseconds per operation of all server processes and of the client.
+    Mean rates, their ratio to the first worker count's under the same
+    scheduling policy, and mean CPU milliseconds per operation of all
+    server processes and of the client.
     """
     def mean(values):
         values = list(values)
         return sum(values) / len(values)
 
-    base = counts[0]
-    print(f"\n{'workers':>8} {'load':>5} {'rate/s':>9} {'ratio':>6} {'server ms/op':>13} {'client ms/op':>13}")
-    for n in counts:
-        for key in ("smtp", "imap"):
-            phases = results[n][key]
+    print(f"\n{'setting':>20} {'load':>5} {'rate/s':>9} {'ratio':>6} {'per round':>18} "
+          f"{'server ms/op':>13} {'client ms/op':>13}")
+    for key in settings:
+        base = (settings[0][0], key[1])
+        for load in ("smtp", "imap"):
+            phases = results[key][load]
             if not phases:
                 continue
             rate = mean(p.rate for p in phases)
-            ratio = rate / mean(p.rate for p in results[base][key])
+            ratio = rate / mean(p.rate for p in results[base][load])
+            # Each round ran both settings on the same machine minutes apart.
+            rounds = [p.rate / b.rate for p, b in zip(phases, results[base][load])]
+            perRound = " ".join(f"{r:.2f}" for r in rounds)
             server = mean(p.perOperation(sum(p.serverCPU.values())) for p in phases)
             client = mean(p.perOperation(p.clientCPU) for p in phases)
-            print(f"{n:>8} {key:>5} {rate:>9,.0f} {ratio:>6.2f} {server:>13.3f} {client:>13.3f}")
+            print(f"{label(key):>20} {load:>5} {rate:>9,.0f} {ratio:>6.2f} {perRound:>18} "
+                  f"{server:>13.3f} {client:>13.3f}")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ class MXSettings:
 
 
 DMARC_POLICIES = ("enforce", "quarantine", "report")
+SCHEDULING_POLICIES = ("batch", "normal")
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,9 @@ class ClusterSettings:
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     # redis://host:port/db shared by every node; empty for none.
     redis: str = ""
+    # Linux CPU policy of maild's processes and threads (SCHED_BATCH or
+    # SCHED_OTHER): see maild.scheduling.
+    scheduling: str = "batch"
 
 
 @dataclass(frozen=True)
@@ -691,6 +695,11 @@ def loadConfig(
     except BadUidlFormat as e:
         problems.append(str(e))
     problems += _relayProblems(tables["relay"])
+    if tables["cluster"].scheduling not in SCHEDULING_POLICIES:
+        problems.append(
+            "cluster.scheduling: must be one of "
+            f"{', '.join(SCHEDULING_POLICIES)}, got {tables['cluster'].scheduling!r}"
+        )
     if values.get("watch", defaults.watch) not in ("inotify", "poll", "redis"):
         problems.append(
             f"store.watch: must be 'inotify', 'poll' or 'redis', got {values['watch']!r}"

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
 from maild.logs import twistdDestination
+from maild.scheduling import applyScheduling
 from maild.service import MailService
 from maild.workers import WorkerSupervisor
 
@@ -55,6 +56,8 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
+    # Before any thread or worker starts, so that they inherit it.
+    applyScheduling(options.config.cluster.scheduling)
     if options.config.cluster.workers > 1:
         top = WorkerSupervisor(options.config, options)
     else:

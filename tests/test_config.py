@@ -157,6 +157,17 @@ class ConfigTests(unittest.SynchronousTestCase):
             loadConfig("/nonexistent/maild.toml")
         self.assertIn("cannot read the config file", caught.exception.problems[0])
 
+    def test_schedulingPolicy(self):
+        """
+        [cluster] scheduling: batch by default, normal on request, anything
+        else reported.
+        """
+        self.assertEqual(loadConfig().cluster.scheduling, "batch")
+        config = loadConfig(self.write('[cluster]\nscheduling = "normal"\n'))
+        self.assertEqual(config.cluster.scheduling, "normal")
+        problems = "\n".join(self.problems('[cluster]\nscheduling = "fifo"\n'))
+        self.assertIn("cluster.scheduling: must be one of batch, normal, got 'fifo'", problems)
+
     def test_mxTable(self):
         """
         [mx]: the DMARC policy (enforce by default), whether checks run,

@@ -37,7 +37,7 @@ class Daemon:
     twistd running maild in the foreground, in its own folder.
     """
 
-    def __init__(self, folder: Path, args: list[str], env: dict | None = None) -> None:
+    def __init__(self, folder: Path, args: list[str], env: dict | None = None, preexec_fn=None) -> None:
         self.folder = folder
         environment = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
         self.process = subprocess.Popen(
@@ -47,6 +47,7 @@ class Daemon:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=preexec_fn,
         )
 
     def stop(self, sig=signal.SIGTERM) -> str:
@@ -150,6 +151,26 @@ class PluginTests(unittest.TestCase):
             output = daemon.process.communicate(timeout=30)[0]
         self.assertNotEqual(daemon.process.returncode, 0)
         self.assertIn(f"cannot listen for smtp on tcp:{port}:interface=127.0.0.1", output)
+
+    def test_schedulingNormalOnRequest(self):
+        """
+        With C{[cluster] scheduling = "normal"} the daemon and its threads
+        (the sync threads, started by a delivery) keep the default policy,
+        even when started from a process under C{SCHED_BATCH}.
+        """
+        folder = Path(self.mktemp()).resolve()
+        writeUsers(folder / "data", {"alice@localhost": "pw"})
+        port = freePort()
+        (folder / "maild.toml").write_text('data_dir = "data"\n[cluster]\nscheduling = "normal"\n')
+        args = ["-n", "maild", "--config", "maild.toml", *listenOnly(smtp=f"tcp:{port}:interface=127.0.0.1")]
+        daemon = Daemon(folder, args, preexec_fn=lambda: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0)))
+        self.addCleanup(daemon.stop)
+        waitForPort(port, daemon.process)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.sendmail("bob@example.org", ["alice@localhost"], "Subject: x\r\n\r\nx\r\n")
+        threads = [int(t) for t in os.listdir(f"/proc/{daemon.process.pid}/task")]
+        self.assertGreater(len(threads), 1)
+        self.assertEqual({os.sched_getscheduler(t) for t in threads}, {os.SCHED_OTHER})
 
 
 class ReloadTests(unittest.TestCase):

@@ -113,6 +113,20 @@ class WorkersTests(unittest.TestCase):
         )
         self.assertEqual(set(logins), {"1", "2"})
 
+    def test_scheduledForThroughput(self):
+        """
+        The parent, every worker and every thread they started (after some
+        mail, the sync threads too) run under C{SCHED_BATCH}, the default
+        C{[cluster] scheduling}: a woken maild thread does not preempt a
+        running one.
+        """
+        self.send(20, "threads")
+        processes = [self.daemon.process.pid, *self.pids.values()]
+        threads = [int(t) for pid in processes for t in os.listdir(f"/proc/{pid}/task")]
+        self.assertGreater(len(threads), len(processes))
+        policies = {tid: os.sched_getscheduler(tid) for tid in threads}
+        self.assertEqual(set(policies.values()), {os.SCHED_BATCH}, policies)
+
     def test_deadWorkerRestarted(self):
         """
         A worker killed with SIGKILL is started again by the parent, and
