@@ -166,16 +166,17 @@ class Phase:
 
 
 class Daemon:
-    def __init__(self, workers: int, folder: Path, scheduling: str | None = None) -> None:
+    def __init__(self, workers: int, folder: Path, scheduling: str | None = None, imapUsers: int = 1) -> None:
         self.folder = folder
         self.workers = workers
         self.ports = {"smtp": freePort(), "imap": freePort()}
         env = daemonEnv()
-        subprocess.run(
-            [sys.executable, "-m", "maild.cli", "--data-dir", str(folder / "data"),
-             "user", "add", RECIPIENT, "--password-stdin"],
-            input=PASSWORD + "\n", text=True, check=True, env=env, stdout=subprocess.DEVNULL,
-        )
+        for user in [RECIPIENT] + [imapUser(n) for n in range(1, imapUsers + 1) if imapUsers > 1]:
+            subprocess.run(
+                [sys.executable, "-m", "maild.cli", "--data-dir", str(folder / "data"),
+                 "user", "add", user, "--password-stdin"],
+                input=PASSWORD + "\n", text=True, check=True, env=env, stdout=subprocess.DEVNULL,
+            )
         settings = "[limits]\nconnections_per_ip = 1000\n"
         if scheduling is not None:
             settings += f"[cluster]\nscheduling = \"{scheduling}\"\n"
@@ -256,9 +257,20 @@ def smtpLoad(port: int, messages: int, concurrency: int) -> tuple[int, float]:
     return summary["accepted"], summary["seconds"]
 
 
-def imaptest(binary: str, port: int, mbox: Path, clients: int, seconds: int) -> tuple[int, float]:
+def imapUser(n: int) -> str:
+    """
+    The C{n}th of the users --imap-users makes (imaptest's template below).
+    """
+    return f"u{n}@localhost"
+
+
+def imaptest(binary: str, port: int, mbox: Path, clients: int, seconds: int, users: int = 1) -> tuple[int, float]:
+    # One user: every client works on alice's INBOX, which the SMTP run
+    # filled.  Several: each client logs in as one of them at random, to
+    # an INBOX that imaptest fills by APPEND.
+    who = [f"user={RECIPIENT}"] if users == 1 else ["user=u%d@localhost", f"users=1-{users}"]
     result = subprocess.run(
-        [binary, "host=127.0.0.1", f"port={port}", f"user={RECIPIENT}", f"pass={PASSWORD}",
+        [binary, "host=127.0.0.1", f"port={port}", *who, f"pass={PASSWORD}",
          f"mbox={mbox}", f"clients={clients}", f"secs={seconds}", "logout=0"],
         capture_output=True, text=True, timeout=seconds + 120,
     )
@@ -279,6 +291,11 @@ def main() -> None:
     parser.add_argument("--imaptest", help="path to Dovecot's imaptest binary")
     parser.add_argument("--imap-clients", type=int, default=20)
     parser.add_argument("--imap-seconds", type=int, default=20)
+    parser.add_argument(
+        "--imap-users", type=int, default=1,
+        help="users the IMAP clients log in as (default 1: all on one INBOX, the hardest case for "
+             "several workers, each of which must follow the others' changes)",
+    )
     parser.add_argument("--no-perf", action="store_true", help="do not count system calls with perf")
     parser.add_argument(
         "--scheduling", default="",
@@ -313,7 +330,7 @@ def main() -> None:
                     n, policy = key
                     folder = Path(top) / f"run{run}-w{n}-{policy or 'default'}"
                     folder.mkdir()
-                    daemons[key] = Daemon(n, folder, policy)
+                    daemons[key] = Daemon(n, folder, policy, args.imap_users)
                 for key in order:
                     daemon = daemons[key]
                     phase = measure(daemon, countCalls, lambda: sendMail(
@@ -326,7 +343,8 @@ def main() -> None:
                 for key in order if args.imaptest else ():
                     daemon = daemons[key]
                     phase = measure(daemon, countCalls, lambda: imaptest(
-                        args.imaptest, daemon.ports["imap"], mbox, args.imap_clients, args.imap_seconds))
+                        args.imaptest, daemon.ports["imap"], mbox, args.imap_clients, args.imap_seconds,
+                        args.imap_users))
                     results[key]["imap"].append(phase)
                     print(f"run {run + 1}, {label(key)}: imap {phase.describe('cmd')}", flush=True)
             finally:
