@@ -133,8 +133,11 @@ class RealSocketBackpressureTests(ServerTestCase):
         """
         session, sent, total = yield self.flood("smtp", b"EHLO x\r\n")
         # The client's sends may all fit in the kernel's buffers: the
-        # server reads on at its own pace until its reader is full.
-        yield waitUntil(lambda: session._readingPaused)
+        # server reads on at its own pace until its reader is full.  Its
+        # replies must first fill the kernel's send buffer (megabytes, tens
+        # of thousands of EHLOs), which a loaded machine takes more than
+        # ten seconds to do.
+        yield waitUntil(lambda: session._readingPaused, timeout=60)
         self.assertTrue(session._outputPaused)
         # (What the kernel's socket buffers hold is not the server's.)
         self.assertLess(session.reader.pending, 256 * 1024)
@@ -145,6 +148,6 @@ class RealSocketBackpressureTests(ServerTestCase):
         CAPABILITY x 400,000 on IMAP: the same.
         """
         session, sent, total = yield self.flood("imap", b"a CAPABILITY\r\n")
-        yield waitUntil(lambda: session._paused)
+        yield waitUntil(lambda: session._paused, timeout=60)
         self.assertTrue(session._outputPaused)
         self.assertLess(session.framer.pending, 2 * 1024 * 1024)
