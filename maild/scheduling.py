@@ -51,13 +51,3 @@ def applyScheduling(policy: str) -> bool:
         return False
     return True
 
-
-def currentPolicy() -> str | None:
-    """
-    The name under which this thread is scheduled, if it is one of ours.
-    """
-    current = os.sched_getscheduler(0)
-    for name, constant in POLICIES.items():
-        if getattr(os, constant, None) == current:
-            return name
-    return None

@@ -455,3 +455,46 @@ class ImplicitTLSEndpointTests(unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("listen.imaps", result.stdout + result.stderr)
         self.assertIn("does TLS itself", result.stdout + result.stderr)
+
+
+class SchedulingPolicyTests(unittest.TestCase):
+    def test_refusedPolicyIsNotFatal(self):
+        """
+        Where the system refuses the policy (a container whose seccomp
+        filter forbids sched_setscheduler), the daemon says so and runs on.
+        """
+        from twisted.logger import globalLogPublisher
+
+        from maild import scheduling
+
+        def refuse(pid, policy, param):
+            raise PermissionError(1, "Operation not permitted")
+
+        self.patch(scheduling.os, "sched_setscheduler", refuse)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertFalse(scheduling.applyScheduling("batch"))
+        self.assertEqual([e["log_level"].name for e in events if e.get("policy") == "batch"], ["warn"])
+
+    def test_appliedToThisThread(self):
+        """
+        The policy is set on the calling thread, here a thread of the test's
+        own, which then reports it.
+        """
+        import threading
+
+        from maild import scheduling
+
+        seen = []
+
+        def run():
+            seen.append(scheduling.applyScheduling("batch"))
+            seen.append(os.sched_getscheduler(0))
+            seen.append(scheduling.applyScheduling("normal"))
+            seen.append(os.sched_getscheduler(0))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        self.assertEqual(seen, [True, os.SCHED_BATCH, True, os.SCHED_OTHER])
