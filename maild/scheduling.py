@@ -12,9 +12,10 @@ each pays two context switches and cold caches.  Under C{SCHED_BATCH} a
 woken thread waits for the running one to block or use up its time slice
 (a few milliseconds at most, unnoticeable for mail) and the cores switch
 far less often.  Measured on 2 cores with 2 workers under imaptest, the
-reactor threads were preempted 0.26 times per IMAP command instead of 1.8,
-and two workers served 1.38 times one process's commands instead of 1.31
-(SMTP: 1.43 instead of 1.26 times its messages; README, "Every core").
+reactor threads were preempted 0.26 times per IMAP command instead of 1.8;
+two workers delivered 1.43 and 1.59 times one process's SMTP messages in
+two runs, against 1.26 and 1.22 under the default policy (for IMAP the
+difference stayed within the rounds' spread; README, "Every core").
 
 The policy is set for the calling thread; threads and processes started
 from it afterwards (the thread pools, the workers) inherit it.  Switching
