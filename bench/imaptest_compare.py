@@ -3,7 +3,7 @@ Dovecot's imaptest stress against maild and a private Dovecot, back to
 back on the same machine, and the ratio of their command rates.
 
     python bench/imaptest_compare.py --imaptest /path/to/imaptest [--clients 20] [--secs 30]
-        [--runs 3] [--checkpoint] [--dovecot-script ../shared/tools/reference-dovecot.sh]
+        [--runs 3] [--checkpoint] [--workers N] [--dovecot-script ../shared/tools/reference-dovecot.sh]
 
 Each run starts maild (twistd, a fresh data folder, IMAP on a free
 loopback port) and runs imaptest against it, then does the same with
@@ -112,7 +112,7 @@ def runMaild(imaptest: str, mbox: Path, args) -> Result:
         daemon = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "-l", str(log),
              "maild", f"--config={config}", f"--data-dir={data}", "--hostname=mx.test", "--domain=localhost",
-             f"--imap=tcp:{port}:interface=127.0.0.1", *listeners],
+             f"--imap=tcp:{port}:interface=127.0.0.1", f"--workers={args.workers}", *listeners],
             cwd=ROOT,
             env=env,
         )
@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--imaptest", required=True, help="the imaptest binary (../shared/tools/build-imaptest.sh)")
     parser.add_argument("--dovecot-script", default=str(ROOT.parent / "shared" / "tools" / "reference-dovecot.sh"))
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="maild processes (Dovecot runs a process per session, on every core)")
     parser.add_argument("--secs", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--checkpoint", type=int, default=0, help="imaptest's checkpoint interval (0: none)")
