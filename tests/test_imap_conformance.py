@@ -549,6 +549,6 @@ class ExpungeIssuedTests(IMAPTestCase):
                 b.close()
 
         fetch, store, silent = yield self.inThread(run)
-        self.assertEqual(fetch, b"b2 NO [EXPUNGEISSUED] Some of the requested messages no longer exist")
-        self.assertEqual(store, b"b3 NO [EXPUNGEISSUED] Some of the requested messages no longer exist")
+        self.assertEqual(fetch, b"b2 NO [EXPUNGEISSUED] Some of the requested messages no longer exist: they have been deleted")
+        self.assertEqual(store, b"b3 NO [EXPUNGEISSUED] Some of the requested messages no longer exist: they have been deleted")
         self.assertEqual(silent, b"b4 OK STORE completed")

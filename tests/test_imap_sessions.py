@@ -65,7 +65,7 @@ class TwoSessionTests(IMAPTestCase):
         r = yield self.inThread(run)
         self.assertEqual(
             r["fetch"],
-            ([b"* 1 FETCH (UID 1)", b"* 3 FETCH (UID 3)"], b"b2 NO [EXPUNGEISSUED] Some of the requested messages no longer exist"),
+            ([b"* 1 FETCH (UID 1)", b"* 3 FETCH (UID 3)"], b"b2 NO [EXPUNGEISSUED] Some of the requested messages no longer exist: they have been deleted"),
         )
         self.assertEqual(r["search"], ([b"* SEARCH 1 3"], b"b3 OK SEARCH completed"))
         self.assertEqual(r["store"][0], [b"* 3 FETCH (FLAGS (\\Flagged))"])
