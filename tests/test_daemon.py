@@ -107,7 +107,8 @@ class PluginTests(unittest.TestCase):
 
     def test_tacFile(self):
         """
-        `twistd -ny mail.tac` builds the same service from maild.toml.
+        `twistd -ny mail.tac` builds the same service from maild.toml,
+        under the same CPU policy.
         """
         port = freePort()
         config = self.folder / "maild.toml"
@@ -120,9 +121,11 @@ class PluginTests(unittest.TestCase):
             waitForPort(port, daemon.process)
             with smtplib.SMTP("127.0.0.1", port) as client:
                 code, _ = client.ehlo()
+            policy = os.sched_getscheduler(daemon.process.pid)
         finally:
             daemon.stop()
         self.assertEqual(code, 250)
+        self.assertEqual(policy, os.SCHED_BATCH)
         self.assertTrue((self.folder / "data").is_dir())
 
     def test_badConfigurationExits(self):
