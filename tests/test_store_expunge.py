@@ -63,3 +63,34 @@ class ThreadedExpungeTests(unittest.TestCase):
         self.assertEqual(expunged, [1])
         self.assertEqual(os.listdir(self.path / "cur"), [])
         self.assertEqual(Folder("INBOX", self.path).refresh().added, [2])
+
+
+class UidOrderTests(unittest.TestCase):
+    """
+    Sessions learn a folder's messages in UID order, so the index never
+    takes in a UID above one another process gave to a file it has not
+    seen: a session told of the higher UID would never be told of the
+    lower one (imaptest's checkpoints with two workers found clients
+    lacking a message, "UID 7329 != 7323").
+    """
+
+    def test_listingOfNewAloneTakesNoUidAboveAnUnseenOne(self):
+        """
+        Another process numbers two files and moves the first to cur/
+        before a listing of new/ alone: that listing finds only the
+        second; the folder is then listed whole under the lock, and both
+        come in order.
+        """
+        path = Path(self.mktemp())
+        put(path, "cur/1700000001.M1P1Q1.h:2,")
+        ours, theirs = Folder("INBOX", path), Folder("INBOX", path)
+        ours.refresh()
+        theirs.refresh()
+        put(path, "new/1700000002.M2P1Q1.h")
+        put(path, "new/1700000003.M3P1Q1.h")
+        theirs.refresh()
+        self.assertEqual(list(theirs.uids), [1, 2, 3])
+        theirs.claimRecent([theirs.position(2)])
+        change = ours._scan(ours._dirMtimes(), {"new"})
+        self.assertEqual(list(ours.uids), [1, 2, 3])
+        self.assertEqual(change.added, [2, 3])

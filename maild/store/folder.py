@@ -766,6 +766,22 @@ class Folder:
                 pairs = sorted(zip(newUids + assigned, newBases + unnumbered))
                 newUids = [uid for uid, _ in pairs]
                 newBases = [base for _, base in pairs]
+            # (Not at the first reading, nor after a new UIDVALIDITY: no
+            # session has been told of any UID then.)
+            gaps = self._gapsBelow(keptUids, newUids) if self._loaded and not change.reset else []
+            if gaps:
+                if not self._lockDepth:
+                    # UIDs given (by another process) between what we hold
+                    # and what we add, to files this listing did not see:
+                    # one moved from new/ to cur/ while we listed, say.
+                    # Sessions learn messages in UID order, and one told of
+                    # a higher UID would never see these: list both
+                    # directories under the lock, where nothing moves and
+                    # every numbered file that is not expunged is found.
+                    with self._uidListLocked():
+                        return self._scan(self._dirMtimes(), {"new", "cur"})
+                # Not there under the lock: expunged before we saw them.
+                self._rememberGone(gaps)
             infos = list(map(onDisk.__getitem__, newBases))
             parsed = {info: infoBits(info) for info in set(infos)}
             bitsOf = {info: bits for info, (bits, _) in parsed.items()}
@@ -801,6 +817,21 @@ class Folder:
         """
         bases = self.bases
         return any(bases[i] not in listedNew for i in self.positionsWith(IN_NEW))
+
+    def _gapsBelow(self, held: Sequence[int], adding: Sequence[int]) -> list[int]:
+        """
+        The UIDs between the highest of C{held} and the highest of
+        C{adding} (sorted) that neither holds and that we did not see
+        expunged.
+        """
+        if not adding:
+            return []
+        gone = self._expungedUids
+        start = held[-1] + 1 if held else max(gone, default=0) + 1
+        if adding[-1] - start > len(adding) + 10000:
+            return []  # too far apart to be one change: not worth a look
+        added = set(adding)
+        return [u for u in range(start, adding[-1]) if u not in added and u not in gone]
 
     def _unknownBelow(self, uid: int) -> bool:
         """
