@@ -143,7 +143,7 @@ class ThunderbirdTests(IMAPTestCase):
         self.assertEqual(out["store"][0], [b"* 1 FETCH (UID 1 FLAGS (\\Seen \\Recent))"])
         untagged, tagged = out["move"]
         self.assertTrue(re.match(rb"\* OK \[COPYUID \d+ 2 1\]", untagged[0]), untagged)
-        self.assertEqual(untagged[1:], [b"* 2 EXPUNGE"])
+        self.assertEqual(untagged[1:], [b"* 2 EXPUNGE", b"* 2 RECENT"])
         self.assertEqual(tagged, b"15 OK MOVE completed")
         self.assertEqual(out["above"][0], [b"* 2 FETCH (UID 3 FLAGS (\\Recent))"])
         self.assertEqual(
@@ -571,8 +571,11 @@ class CommandTests(IMAPTestCase):
             return uidExpunge, expunge, close, status
 
         uidExpunge, expunge, close, status = yield self.session(run, select=b"INBOX")
-        self.assertEqual(uidExpunge, ([b"* 2 EXPUNGE"], b"b OK EXPUNGE completed"))
-        self.assertEqual(expunge, ([b"* 3 EXPUNGE", b"* 2 EXPUNGE", b"* 1 EXPUNGE"], b"c OK EXPUNGE completed"))
+        # Each expunge of \Recent messages tells the new RECENT count.
+        self.assertEqual(uidExpunge, ([b"* 2 EXPUNGE", b"* 4 RECENT"], b"b OK EXPUNGE completed"))
+        self.assertEqual(
+            expunge, ([b"* 3 EXPUNGE", b"* 2 EXPUNGE", b"* 1 EXPUNGE", b"* 1 RECENT"], b"c OK EXPUNGE completed")
+        )
         self.assertEqual(close, ([], b"e OK CLOSE completed"))
         self.assertEqual(status, [b'* STATUS "INBOX" (MESSAGES 0)'])
         self.assertEqual(self.messages("alice@localhost"), [])

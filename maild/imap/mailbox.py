@@ -213,13 +213,25 @@ class SelectedFolder:
         The untagged responses that bring the client up to date, applied
         to this view: EXPUNGE (only when C{expunges}: never during FETCH,
         STORE or SEARCH by sequence number, RFC 3501 section 7.4.1), then
-        EXISTS and RECENT, then FETCH FLAGS of messages others changed.
+        EXISTS and RECENT (RECENT alone when expunges took recent
+        messages), then FETCH FLAGS of messages others changed.
         """
         lines: list[bytes] = []
+        # What the client was last told (SELECT's, or the last RECENT).
+        recentTold = len(self.recent)
         if expunges and self._expunged:
             lines += self._applyExpunges()
         if self._added:
-            lines += self._applyAdded()
+            added = self._applyAdded()
+            if added:
+                lines += added  # ends with RECENT
+                recentTold = len(self.recent)
+        if len(self.recent) != recentTold:
+            # Recent messages were expunged: the count the client keeps
+            # from RECENT responses is too high now (RFC 3501 section
+            # 7.3.2: sent when the mailbox's size changes; Dovecot sends
+            # it too, and imaptest's checkpoints sum the counts).
+            lines.append(b"* %d RECENT" % len(self.recent))
         if self._flagged:
             folder = self.folder
             lines += self.newKeywordLines()
