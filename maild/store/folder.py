@@ -485,8 +485,7 @@ class Folder:
             # we know nothing of lie below them (sessions learn messages
             # in UID order: then a listing finds them all).
             fresh.sort()
-            known = set(fresh) | gone.keys()
-            if fresh[0] <= highest or any(u not in known for u in range(highest + 1, fresh[-1])):
+            if fresh[0] <= highest or self._gapsBelow(highest, fresh):
                 return None
         change = FolderChange()
         for uid, (_, info) in flagged.items():
@@ -766,9 +765,13 @@ class Folder:
                 pairs = sorted(zip(newUids + assigned, newBases + unnumbered))
                 newUids = [uid for uid, _ in pairs]
                 newBases = [base for _, base in pairs]
-            # (Not at the first reading, nor after a new UIDVALIDITY: no
-            # session has been told of any UID then.)
-            gaps = self._gapsBelow(keptUids, newUids) if self._loaded and not change.reset else []
+            # Not looked for at the first reading, nor after a new
+            # UIDVALIDITY (no session has been told of any UID then), nor
+            # when the UIDs lie too far apart to be one change.
+            gaps = []
+            floor = keptUids[-1] if keptUids else max(self._expungedUids, default=0)
+            if self._loaded and not change.reset and newUids and newUids[-1] - floor <= len(newUids) + 10001:
+                gaps = self._gapsBelow(floor, newUids)
             if gaps:
                 if not self._lockDepth:
                     # UIDs given (by another process) between what we hold
@@ -818,29 +821,17 @@ class Folder:
         bases = self.bases
         return any(bases[i] not in listedNew for i in self.positionsWith(IN_NEW))
 
-    def _gapsBelow(self, held: Sequence[int], adding: Sequence[int]) -> list[int]:
+    def _gapsBelow(self, highest: int, adding: Sequence[int]) -> list[int]:
         """
-        The UIDs between the highest of C{held} and the highest of
-        C{adding} (sorted) that neither holds and that we did not see
-        expunged.
+        The UIDs above C{highest} and below the last of C{adding} (sorted)
+        that C{adding} lacks and that we did not see expunged: given to
+        files we have not seen.
         """
         if not adding:
             return []
-        gone = self._expungedUids
-        start = held[-1] + 1 if held else max(gone, default=0) + 1
-        if adding[-1] - start > len(adding) + 10000:
-            return []  # too far apart to be one change: not worth a look
         added = set(adding)
-        return [u for u in range(start, adding[-1]) if u not in added and u not in gone]
-
-    def _unknownBelow(self, uid: int) -> bool:
-        """
-        Whether UIDs between our highest and C{uid} were given to files we
-        neither hold nor saw expunged.
-        """
-        start = self.uids[-1] + 1 if self.uids else 1
         gone = self._expungedUids
-        return any(u not in gone for u in range(start, uid))
+        return [u for u in range(highest + 1, adding[-1]) if u not in added and u not in gone]
 
     def _rememberGone(self, uids: Iterable[int]) -> None:
         """
@@ -1241,7 +1232,7 @@ class Folder:
         # file first, and is its UID; numbering it again would give the
         # message two UIDs.
         uids = self.uidList.assign([base for base, _ in fresh])
-        if uids and self._unknownBelow(min(uids)):
+        if uids and self._gapsBelow(self.uids[-1] if self.uids else 0, [min(uids)]):
             # Another process numbered files we have not listed below
             # these: list them first, so that sessions learn the messages
             # in UID order (one told of a higher UID would never see them).
