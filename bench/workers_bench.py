@@ -47,6 +47,8 @@ LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "h
 PASSWORD = "bench-password"
 SENDER = "bench@example.org"
 RECIPIENT = "alice@localhost"
+# --imap-users N: u1@localhost to uN@localhost (imaptest's template).
+IMAP_USERS = "u%d@localhost"
 MESSAGE_SIZE = 10240
 TICKS = os.sysconf("SC_CLK_TCK")
 COUNTED_CALLS = ("fsync", "fdatasync", "syncfs", "getdents64")
@@ -171,7 +173,7 @@ class Daemon:
         self.workers = workers
         self.ports = {"smtp": freePort(), "imap": freePort()}
         env = daemonEnv()
-        for user in [RECIPIENT] + [imapUser(n) for n in range(1, imapUsers + 1) if imapUsers > 1]:
+        for user in [RECIPIENT] + [IMAP_USERS % n for n in range(1, imapUsers + 1) if imapUsers > 1]:
             subprocess.run(
                 [sys.executable, "-m", "maild.cli", "--data-dir", str(folder / "data"),
                  "user", "add", user, "--password-stdin"],
@@ -257,18 +259,11 @@ def smtpLoad(port: int, messages: int, concurrency: int) -> tuple[int, float]:
     return summary["accepted"], summary["seconds"]
 
 
-def imapUser(n: int) -> str:
-    """
-    The C{n}th of the users --imap-users makes (imaptest's template below).
-    """
-    return f"u{n}@localhost"
-
-
 def imaptest(binary: str, port: int, mbox: Path, clients: int, seconds: int, users: int = 1) -> tuple[int, float]:
     # One user: every client works on alice's INBOX, which the SMTP run
     # filled.  Several: each client logs in as one of them at random, to
     # an INBOX that imaptest fills by APPEND.
-    who = [f"user={RECIPIENT}"] if users == 1 else ["user=u%d@localhost", f"users=1-{users}"]
+    who = [f"user={RECIPIENT}"] if users == 1 else [f"user={IMAP_USERS}", f"users=1-{users}"]
     result = subprocess.run(
         [binary, "host=127.0.0.1", f"port={port}", *who, f"pass={PASSWORD}",
          f"mbox={mbox}", f"clients={clients}", f"secs={seconds}", "logout=0"],

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from maild.names import InvalidName, normalizeAddress, normalizeDomain
+from maild.scheduling import POLICIES as SCHEDULING_POLICIES
 
 PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
 
@@ -142,7 +143,6 @@ class MXSettings:
 
 
 DMARC_POLICIES = ("enforce", "quarantine", "report")
-SCHEDULING_POLICIES = ("batch", "normal")
 
 
 @dataclass(frozen=True)

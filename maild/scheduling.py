@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 log = Logger()
 
+# [cluster] scheduling's values, and the os module's names for them.
 POLICIES = {"batch": "SCHED_BATCH", "normal": "SCHED_OTHER"}
 
 
@@ -51,4 +52,3 @@ def applyScheduling(policy: str) -> bool:
         log.warn("could not set CPU scheduling policy {policy!r}: {error}", policy=policy, error=e)
         return False
     return True
-
