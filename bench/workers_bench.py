@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _harness import ROOT, TWISTD, daemonEnv, freePort, waitForPort
+from _harness import ROOT, TWISTD, Settling, daemonEnv, freePort, settleDefault, waitForPort
 
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
 PASSWORD = "bench-password"
@@ -287,6 +287,11 @@ def main() -> None:
     parser.add_argument("--imap-clients", type=int, default=20)
     parser.add_argument("--imap-seconds", type=int, default=20)
     parser.add_argument(
+        "--settle", type=float, default=None,
+        help="seconds a phase waits after the removals before it (default: 70 on an ext4 "
+             "without a journal, else 0; see _harness.Settling)",
+    )
+    parser.add_argument(
         "--imap-users", type=int, default=1,
         help="users the IMAP clients log in as (default 1: all on one INBOX, the hardest case for "
              "several workers, each of which must follow the others' changes)",
@@ -306,18 +311,18 @@ def main() -> None:
     print(f"SMTP client: {args.smtp_client}; system calls counted: {'yes' if countCalls else 'no'}")
     results: dict[tuple, dict[str, list[Phase]]] = {key: {"smtp": [], "imap": []} for key in settings}
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as top:
+        if args.settle is None:
+            args.settle = settleDefault(Path(top))
+        print(f"each phase starts {args.settle:g} s after the removals before it")
+        settling = Settling(args.settle)
         mbox = Path(top) / "corpus.mbox"
         subprocess.run([sys.executable, str(ROOT / "tests" / "corpus" / "gen_mbox.py"), str(mbox), "500"],
                        check=True, stdout=subprocess.DEVNULL)
         for run in range(args.repeat):
             # Interleaved, so both settings see the same machine, and in
-            # turns first; all SMTP runs before the IMAP runs, and no data
-            # folder removed before the end: ext4 gives a new file an inode
-            # near its directory's, skipping those freed in the last minutes
-            # (the kernel's recently_deleted(), measured at 14-35% of the
-            # workers' CPU after the previous run's 3,000 files were
-            # removed), so a run that followed removals (a data folder's, or
-            # imaptest's expunges) paid for them.
+            # turns first; all SMTP runs before the IMAP runs, no data
+            # folder removed before the end, and each phase a while after
+            # the removals before it (Settling).
             order = settings if run % 2 == 0 else settings[::-1]
             daemons = {}
             try:
@@ -328,6 +333,7 @@ def main() -> None:
                     daemons[key] = Daemon(n, folder, policy, args.imap_users)
                 for key in order:
                     daemon = daemons[key]
+                    settling.wait()
                     phase = measure(daemon, countCalls, lambda: sendMail(
                         daemon.ports["smtp"], args.smtp_messages, args.smtp_concurrency))
                     stored = daemon.inbox()
@@ -337,10 +343,12 @@ def main() -> None:
                     print(f"run {run + 1}, {label(key)}: smtp {phase.describe('msg')}", flush=True)
                 for key in order if args.imaptest else ():
                     daemon = daemons[key]
+                    settling.wait()
                     phase = measure(daemon, countCalls, lambda: imaptest(
                         args.imaptest, daemon.ports["imap"], mbox, args.imap_clients, args.imap_seconds,
                         args.imap_users))
                     results[key]["imap"].append(phase)
+                    settling.removed()
                     print(f"run {run + 1}, {label(key)}: imap {phase.describe('cmd')}", flush=True)
             finally:
                 for daemon in daemons.values():
