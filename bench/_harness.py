@@ -63,20 +63,21 @@ class Settling:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self._since: float | None = None
         # What was removed before we started is unknown: owed at once.
-        os.sync()
-        self._since: float | None = time.monotonic()
+        self.removed()
 
     def removed(self) -> None:
         """
         Files were just removed (an IMAP run ended, a data folder was
         removed).
         """
-        os.sync()
-        self._since = time.monotonic()
+        if self.seconds > 0:
+            os.sync()  # the freed inodes' blocks written: skipped for a minute only
+            self._since = time.monotonic()
 
     def wait(self) -> None:
-        if self._since is not None and self.seconds > 0:
+        if self._since is not None:
             time.sleep(max(0.0, self._since + self.seconds - time.monotonic()))
         self._since = None
 
