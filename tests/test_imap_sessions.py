@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import select
 import smtplib
-import socket
 
 from twisted.internet import defer
 
@@ -275,50 +274,3 @@ class BigStoreTests(IMAPTestCase):
         self.assertEqual(untagged, [b"* %d FETCH (FLAGS (\\Flagged \\Recent))" % n for n in range(2, 30)])
         flagged = [p for p in self.messages("alice@localhost") if p.name.endswith(":2,F")]
         self.assertEqual(len(flagged), 28)
-
-
-class OtherProcessLockTests(IMAPTestCase):
-    @defer.inlineCallbacks
-    def test_lockHeldElsewhereHoldsOnlyItsSession(self):
-        """
-        While another process (Dovecot, another worker or node) holds a
-        folder's lock, a command on that folder waits for it alone: the
-        process's other sessions are answered meanwhile (a wait that slept
-        would stop them all), and the command runs once the lock is gone.
-        """
-        import maild.store.folder
-
-        self.patch(maild.store.folder, "LOCK_PATIENCE", 60.0)
-        yield self.deliver(sampleMessage("m1"))
-        lock = self.maildir("alice@localhost") / "dovecot-uidlist.lock"
-
-        def run():
-            a = self.connect()
-            b = self.connect(user="bob@example.org")
-            try:
-                a.command(b"a1 SELECT INBOX")
-                # A live process of this host (pid 1) holds it.
-                lock.write_text(f"1:{socket.gethostname()}")
-                a.send(b"a2 STORE 1 +FLAGS (\\Flagged)\r\n")
-                b.sock.settimeout(10)
-                listed = b.command(b'b1 LIST "" "*"')
-                a.sock.settimeout(0.3)
-                try:
-                    early = a.readLine()
-                except socket.timeout:
-                    early = None
-                lock.unlink()
-                a.sock.settimeout(10)
-                stored = a.readUntilTagged(b"a2")
-                return listed, early, stored
-            finally:
-                if lock.exists():
-                    lock.unlink()
-                a.close()
-                b.close()
-
-        listed, early, stored = yield self.inThread(run)
-        self.assertEqual(listed[1], b"b1 OK LIST completed")
-        self.assertIsNone(early)
-        self.assertEqual(stored, ([b"* 1 FETCH (FLAGS (\\Flagged \\Recent))"], b"a2 OK STORE completed"))
-        self.assertEqual([p.name.rpartition(",")[2] for p in self.messages("alice@localhost")], ["F"])

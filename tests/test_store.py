@@ -271,36 +271,6 @@ class FolderTests(unittest.SynchronousTestCase):
         self.assertEqual(list(self.folder.uids), [1, 2, 3, 4])
         self.assertEqual([uid for change in self.changes for uid in change.added], [3, 4])
 
-    def test_whenUnlockedWaitsOnTheClock(self):
-        """
-        While another process holds the folder's UID list lock, whenUnlocked
-        gives a Deferred that fires on the first look after the lock is
-        gone; with the lock free, it gives None (go on at once); a lock held
-        past its patience lets the caller go on (to the blocking wait, which
-        knows stale locks).
-        """
-        clock = Clock()
-        self.assertIsNone(self.folder.whenUnlocked(clock))
-        lock = self.path / "dovecot-uidlist.lock"
-        lock.write_text(f"1:{os.uname().nodename}")
-        waited = self.folder.whenUnlocked(clock)
-        fired = []
-        waited.addCallback(fired.append)
-        clock.advance(0.01)
-        self.assertEqual(fired, [])
-        lock.unlink()
-        clock.advance(0.01)
-        self.assertEqual(fired, [None])
-
-        lock.write_text(f"1:{os.uname().nodename}")
-        waited = self.folder.whenUnlocked(clock)
-        waited.addCallback(fired.append)
-        clock.pump([0.005] * int(maild.store.folder.LOCK_PATIENCE / 0.005 - 1))
-        self.assertEqual(fired, [None])
-        clock.advance(0.01)
-        self.assertEqual(fired, [None, None])
-        self.assertTrue(lock.exists())
-
     def test_numberedElsewhereKeepsItsUid(self):
         """
         A file another process numbered keeps that UID in our index even

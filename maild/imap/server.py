@@ -77,10 +77,6 @@ _STORE_CHUNK = 1000
 # Sequence-number commands during which no EXPUNGE may be sent
 # (RFC 3501 section 7.4.1).
 _NO_EXPUNGE = frozenset({b"FETCH", b"STORE", b"SEARCH", b"COPY"})
-# Commands that change the selected folder's files (or claim \Recent for
-# new ones), under its lock: one of them waits while another process holds
-# it (L{maild.store.folder.Folder.whenUnlocked}); the others go on.
-_FOLDER_CHANGES = frozenset({b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CLOSE", b"NOOP", b"CHECK"})
 # RFC 2180 section 4.1.2 (and RFC 5530's code): a FETCH or STORE that
 # named messages another session expunged.  Clients match the words: "no
 # longer exist" as Dovecot 2.0 said them (and imaptest accepts after a
@@ -397,32 +393,6 @@ class IMAPServer(imap4.IMAP4Server):
         return LiteralDecision(accept=True, sink=self._incoming)
 
     def commandReceived(self, parts: list) -> None:
-        if self.view is not None and _changesFolder(parts[0]):
-            waiting = self.view.folder.whenUnlocked(self.settings.clock)
-            if waiting is not None:
-                self._runWhenUnlocked(waiting, parts)
-                return
-        self._runCommand(parts)
-
-    def _runWhenUnlocked(self, waiting: defer.Deferred, parts: list) -> None:
-        """
-        Run the command once another process let go of the selected
-        folder's lock, taking no further command meanwhile (the reactor
-        serves the other sessions).
-        """
-        self._answering = True
-        self.framer.held = True
-
-        def run(_) -> None:
-            self._answering = False
-            if self.closing or self.transport is None:
-                return
-            self._runCommand(parts)
-            self._takeCommands()
-
-        waiting.addCallback(run).addErrback(lambda reason: log.failure("IMAP command failed", reason))
-
-    def _runCommand(self, parts: list) -> None:
         tag, name, rest = splitTag(parts[0])
         if tag is None:
             self._send(b"* BAD Invalid tag")
@@ -1201,17 +1171,6 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(tag + b" BAD Expected DONE")
             return
         self._done(tag, b"OK IDLE terminated")
-
-
-def _changesFolder(line: bytes) -> bool:
-    """
-    Whether the command that starts with C{line} is one of
-    L{_FOLDER_CHANGES} (a UID command's name is its second word).
-    """
-    _, name, rest = splitTag(line)
-    if name == b"UID":
-        name = rest.split(b" ", 1)[0].upper()
-    return name in _FOLDER_CHANGES
 
 
 class _InvalidMailbox(Exception):

@@ -99,15 +99,6 @@ class MessageGone(Exception):
     """
 
 
-# How long L{Folder.whenUnlocked} waits at most, and how often it looks: a
-# holder keeps the lock for a rename or a short write, well under a
-# millisecond.  One held longer than Dovecot's pid check age may be left by
-# a process that died: the blocking wait can tell, and takes it over.
-LOCK_PATIENCE = 2.0
-_LOCK_POLL_FIRST = 0.0002
-_LOCK_POLL_MAX = 0.005
-
-
 @implementer(IFolder)
 class Folder:
     """
@@ -530,42 +521,6 @@ class Folder:
         if self._numberedUnlisted():
             return _merged(change, self._scanAndAnnounce(self._dirMtimes(), {"new", "cur"}))
         return change
-
-    def whenUnlocked(self, clock=None) -> "defer.Deferred[None] | None":
-        """
-        Wait, without stopping the reactor, while another process holds the
-        folder's UID list lock.
-
-        A change of the folder (numbering new files, renaming for flags,
-        expunging) takes that lock, and L{maild.store.locking.dotLocked}
-        waits for it by sleeping: every session of this process would wait
-        with the one that needs the lock.  A caller that asks here first
-        waits alone, while the process serves its other sessions (of
-        Dovecot holding the lock, of a node whose NFS server is slow to
-        answer, of another worker).
-
-        @return: None when nobody holds the lock (go on at once), else a
-            Deferred that fires when it is released, or after
-            L{LOCK_PATIENCE} seconds (then the blocking wait, which knows
-            when a lock is stale, takes over).
-        """
-        if self._lockDepth or not os.path.lexists(self._lockPath):
-            return None
-        if clock is None:
-            from twisted.internet import reactor as clock
-        waited = defer.Deferred()
-        deadline = clock.seconds() + LOCK_PATIENCE
-        pause = [_LOCK_POLL_FIRST]
-
-        def look() -> None:
-            if not os.path.lexists(self._lockPath) or clock.seconds() >= deadline:
-                waited.callback(None)
-                return
-            pause[0] = min(pause[0] * 2, _LOCK_POLL_MAX)
-            clock.callLater(pause[0], look)
-
-        clock.callLater(pause[0], look)
-        return waited
 
     def _changeInProgress(self) -> bool:
         """

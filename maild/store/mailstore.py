@@ -204,17 +204,7 @@ class MailStore:
                     self.watcher.tellOthersAbout(path.parent.parent)
             return paths
 
-        def announceUnlocked(paths: list[Path]):
-            # Numbering them takes the folder's lock: wait for another
-            # process to let go of it without stopping the reactor.
-            for path in paths:
-                folder = self._folders.get(path.parent.parent)
-                waiting = folder.whenUnlocked() if folder is not None else None
-                if waiting is not None:
-                    return waiting.addCallback(lambda _: announce(paths))
-            return announce(paths)
-
-        return d.addCallback(announceUnlocked)
+        return d.addCallback(announce)
 
     def copy(
         self, source: Folder, indexes: Sequence[int], destination: Folder, origin=None
@@ -258,10 +248,6 @@ class MailStore:
             )
         d = self.committer.callInPool(_linkAll, plan, destination.path / "new")
 
-        def linkedUnlocked(done: list[tuple[int, Path]]):
-            waiting = destination.whenUnlocked()
-            return linked(done) if waiting is None else waiting.addCallback(lambda _: linked(done))
-
         def linked(done: list[tuple[int, Path]]) -> list[tuple[int, int]]:
             try:
                 uids = destination.addPlaced([path for _, path in done], origin=origin)
@@ -269,7 +255,7 @@ class MailStore:
                 raise storageFailure(e)
             return [(uid, new) for (uid, _), new in zip(done, uids)]
 
-        return d.addCallback(linkedUnlocked)
+        return d.addCallback(linked)
 
     def removeStaleTemporaries(self, grace: float, now: float | None = None) -> int:
         """
