@@ -34,6 +34,7 @@ from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.logger import Logger
 
 from maild.config import PROTOCOLS, Config
+from maild.imap.sharedcache import RENDERINGS_FD_ENV, makeShared
 from maild.logs import WORKER_LOG_FORMAT_ENV, WORKER_NAME_ENV, WorkerLogReader, useAsTwistdLog
 from maild.tls import certificateFiles
 
@@ -188,6 +189,9 @@ class WorkerSupervisor(service.Service):
         self.processes: dict[int, _WorkerProcess] = {}
         self._crashes: dict[int, int] = {}
         self._stopping = False
+        # The shared memory file of FETCH renderings, made for the first
+        # worker and kept for their restarts.
+        self._renderings: int | None = None
         # Where the parent logs (what its workers send it too); see
         # maild.tap.
         self.logDestination = config.log.file
@@ -256,6 +260,14 @@ class WorkerSupervisor(service.Service):
             env[WORKER_LOG_FORMAT_ENV] = self.config.log.format
         else:
             env.pop(WORKER_LOG_FORMAT_ENV, None)
+        # FETCH renderings the workers share (L{maild.imap.sharedcache}).
+        if self._renderings is None and hasattr(os, "memfd_create"):
+            self._renderings = makeShared(self.count)
+        env.pop(RENDERINGS_FD_ENV, None)
+        if self._renderings is not None:
+            renderingsFD = 3 + len(names)
+            fds[renderingsFD] = self._renderings
+            env[RENDERINGS_FD_ENV] = f"{renderingsFD}:{number - 1}"
         args = [
             sys.executable, "-c", _BOOTSTRAP, "--nodaemon", "--pidfile=",
             "--logger=maild.logs.workerLogObserver", "maild",

@@ -113,6 +113,54 @@ class WorkersTests(unittest.TestCase):
         )
         self.assertEqual(set(logins), {"1", "2"})
 
+    def test_renderingsShared(self):
+        """
+        What one worker rendered for FETCH (ENVELOPE, BODYSTRUCTURE, the
+        header) the other takes from their shared memory file rather than
+        rendering it again, and serves the same answer.
+        """
+        self.send(1, "shared")
+        fetch = ("1", "(ENVELOPE BODYSTRUCTURE BODY.PEEK[HEADER])")
+
+        def loggedIn(client) -> str:
+            before = re.findall(r"\[worker (\d+)\] login: service=imap", self.logText())
+            client.login("alice@localhost", PASSWORD)
+            return waitFor(
+                lambda: (now := re.findall(r"\[worker (\d+)\] login: service=imap", self.logText()))
+                and len(now) > len(before) and now[-1],
+                what="the login to be logged",
+            )
+
+        first = imaplib.IMAP4("127.0.0.1", self.imap)
+        firstWorker = loggedIn(first)
+        first.select("INBOX")
+        answers = [first.fetch(*fetch)]
+        clients = [first]
+        for _ in range(30):
+            client = imaplib.IMAP4("127.0.0.1", self.imap)
+            clients.append(client)
+            if loggedIn(client) != firstWorker:
+                break
+        else:
+            self.fail("the kernel gave every connection to one worker")
+        client.select("INBOX")
+        answers.append(client.fetch(*fetch))
+        for c in clients:
+            c.logout()
+        self.assertEqual(answers[0], answers[1])
+        self.assertIn(b"shared 0", answers[0][1][0][0])
+        # The renderings are in the file once, in the first worker's segment.
+        worker = self.pids[int(firstWorker)]
+        memfd = next(
+            f"/proc/{worker}/fd/{fd}" for fd in os.listdir(f"/proc/{worker}/fd")
+            if os.readlink(f"/proc/{worker}/fd/{fd}").startswith("/memfd:maild-renderings")
+        )
+        with open(memfd, "rb") as f:
+            shared = f.read()
+        inbox = os.fsencode(self.folder / "maildata/mail/localhost/alice")
+        for name in (b"ENVELOPE", b"BODYSTRUCTURE"):
+            self.assertEqual(len(re.findall(re.escape(inbox) + rb"\0\d+\0\d+\0" + name, shared)), 1, name)
+
     def test_scheduledForThroughput(self):
         """
         The parent, every worker and every thread they started (after some

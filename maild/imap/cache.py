@@ -11,9 +11,12 @@ parses no MIME.  Dovecot keeps the same in its index cache file.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections import OrderedDict
 from typing import Callable
+
+from maild.imap.sharedcache import SharedRenderings
 
 # Messages remembered per folder (the least recently used are forgotten);
 # each costs a few kilobytes at most.
@@ -27,10 +30,20 @@ class FolderCache:
     Renderings of one folder's messages by UID, for one UIDVALIDITY.
     """
 
-    def __init__(self, uidvalidity: int, limit: int = MESSAGES_PER_FOLDER) -> None:
+    def __init__(
+        self,
+        uidvalidity: int,
+        limit: int = MESSAGES_PER_FOLDER,
+        shared: SharedRenderings | None = None,
+        folderKey: bytes = b"",
+    ) -> None:
         self.uidvalidity = uidvalidity
         self.limit = limit
         self._messages: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
+        # The other workers' renderings (L{maild.imap.sharedcache}), under
+        # keys that name the folder and its UIDVALIDITY.
+        self._shared = shared
+        self._sharedKey = b"%s\0%d\0" % (folderKey, uidvalidity)
 
     def get(self, uid: int, name: bytes, make: Callable[[], bytes]) -> bytes:
         """
@@ -46,8 +59,30 @@ class FolderCache:
             self._messages.move_to_end(uid)
         value = entry.get(name)
         if value is None:
-            value = entry[name] = make()
+            shared = self._shared
+            if shared is None:
+                value = entry[name] = make()
+            else:
+                key = b"%s%d\0%s" % (self._sharedKey, uid, name)
+                value = shared.get(key)
+                if value is None:
+                    value = make()
+                    shared.put(key, value)
+                entry[name] = value
         return value
+
+
+_shared: list[SharedRenderings | None] = []
+
+
+def _sharedRenderings() -> SharedRenderings | None:
+    """
+    This worker's view of the renderings its siblings share, if the
+    parent handed it one.
+    """
+    if not _shared:
+        _shared.append(SharedRenderings.fromEnvironment())
+    return _shared[0]
 
 
 def folderCache(folder) -> FolderCache:
@@ -58,5 +93,7 @@ def folderCache(folder) -> FolderCache:
     """
     cache = _caches.get(folder)
     if cache is None or cache.uidvalidity != folder.uidvalidity:
-        cache = _caches[folder] = FolderCache(folder.uidvalidity)
+        shared = _sharedRenderings()
+        folderKey = os.fsencode(os.path.abspath(folder.path)) if shared is not None else b""
+        cache = _caches[folder] = FolderCache(folder.uidvalidity, shared=shared, folderKey=folderKey)
     return cache
