@@ -121,3 +121,22 @@ class SharedRenderingsTests(unittest.SynchronousTestCase):
                     self.assertIn(got, (None, latest[k]))
         finally:
             os.close(fd)
+
+
+class WorkerViewTests(unittest.SynchronousTestCase):
+    def test_unusableFileLogged(self):
+        """
+        A worker handed a descriptor it cannot use logs why and renders for
+        itself: FETCH still works.
+        """
+        from maild.imap import cache
+        from maild.imap.sharedcache import RENDERINGS_FD_ENV
+
+        other = os.memfd_create("other")
+        self.addCleanup(os.close, other)
+        os.ftruncate(other, 4096)
+        self.patch(os, "environ", {RENDERINGS_FD_ENV: f"{other}:0"})
+        self.patch(cache, "_shared", [])
+        self.assertIsNone(cache._sharedRenderings())
+        [error] = self.flushLoggedErrors(ValueError)
+        self.assertIn("not a renderings file", str(error.value))

@@ -16,7 +16,11 @@ import weakref
 from collections import OrderedDict
 from typing import Callable
 
+from twisted.logger import Logger
+
 from maild.imap.sharedcache import SharedRenderings
+
+log = Logger()
 
 # Messages remembered per folder (the least recently used are forgotten);
 # each costs a few kilobytes at most.
@@ -81,7 +85,11 @@ def _sharedRenderings() -> SharedRenderings | None:
     parent handed it one.
     """
     if not _shared:
-        _shared.append(SharedRenderings.fromEnvironment())
+        try:
+            _shared.append(SharedRenderings.fromEnvironment())
+        except (OSError, ValueError):
+            log.failure("cannot use the renderings the workers share: each renders its own")
+            _shared.append(None)
     return _shared[0]
 
 
