@@ -6,7 +6,8 @@ that has it selected.
 A message's octets never change under its UID (RFC 3501 section
 2.3.1.1), so neither does anything rendered from them: a session fetching
 ENVELOPE for messages another session just fetched reads no file and
-parses no MIME.  Dovecot keeps the same in its index cache file.
+parses no MIME.  Dovecot keeps the same in its index cache file.  Workers
+of one machine also share what they rendered (L{maild.imap.sharedcache}).
 """
 
 from __future__ import annotations
