@@ -12,6 +12,7 @@ dataReceived once the session pauses it.
 from __future__ import annotations
 
 import socket
+import threading
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -100,44 +101,50 @@ class RealSocketBackpressureTests(ServerTestCase):
     listeners = ("smtp", "imap")
 
     @defer.inlineCallbacks
-    def flood(self, name: str, command: bytes):
+    def flood(self, name: str, command: bytes, paused):
         """
-        Send C{command} 400,000 times (as much as the connection takes until
-        it blocks for a second) without reading, then return the server's
-        session.
+        Send C{command} over and over without reading any reply, until
+        C{paused(session)} holds for the server's session (or a minute has
+        passed), then return that session.
+
+        The client sends for as long as it takes rather than a fixed
+        amount: how much the kernel's buffers hold (hence how many replies
+        it takes before the server's transport is full) differs from
+        machine to machine, and a loaded one reads slowly.
         """
+        stop = threading.Event()
+        client = socket.create_connection(("127.0.0.1", self.port(name)))
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(0.2)
+        data = command * 8192
 
         def send():
-            client = socket.create_connection(("127.0.0.1", self.port(name)))
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.settimeout(1)
-            data = command * 400_000
-            sent = 0
-            try:
-                while sent < len(data):
-                    sent += client.send(data[sent : sent + 65536])
-            except socket.timeout:
-                pass
-            return client, sent
+            while not stop.is_set():
+                try:
+                    client.sendall(data)
+                except socket.timeout:
+                    # The server does not read: keep trying until told
+                    # to stop, the connection stays open.
+                    continue
 
-        client, sent = yield self.inThread(send)
-        self.addCleanup(client.close)
-        [session] = self.service.listeners[name].factory.sessions
-        return session, sent, len(command) * 400_000
+        sending = self.inThread(send)
+        try:
+            yield waitUntil(lambda: self.service.listeners[name].factory.sessions, timeout=60)
+            [session] = self.service.listeners[name].factory.sessions
+            yield waitUntil(lambda: paused(session), timeout=60)
+        finally:
+            stop.set()
+            yield sending
+        return session
 
     @defer.inlineCallbacks
     def test_smtp(self):
         """
-        EHLO x 400,000 on the MX port: the session's replies stop at the
-        transport's limit, and it stops reading.
+        EHLO x over and over on the MX port: the session's replies stop at
+        the transport's limit, and it stops reading.
         """
-        session, sent, total = yield self.flood("smtp", b"EHLO x\r\n")
-        # The client's sends may all fit in the kernel's buffers: the
-        # server reads on at its own pace until its reader is full.  Its
-        # replies must first fill the kernel's send buffer (megabytes, tens
-        # of thousands of EHLOs), which a loaded machine takes more than
-        # ten seconds to do.
-        yield waitUntil(lambda: session._readingPaused, timeout=60)
+        session = yield self.flood("smtp", b"EHLO x\r\n", lambda s: s._readingPaused)
         self.assertTrue(session._outputPaused)
         # (What the kernel's socket buffers hold is not the server's.)
         self.assertLess(session.reader.pending, 256 * 1024)
@@ -145,9 +152,8 @@ class RealSocketBackpressureTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_imap(self):
         """
-        CAPABILITY x 400,000 on IMAP: the same.
+        CAPABILITY over and over on IMAP: the same.
         """
-        session, sent, total = yield self.flood("imap", b"a CAPABILITY\r\n")
-        yield waitUntil(lambda: session._paused, timeout=60)
+        session = yield self.flood("imap", b"a CAPABILITY\r\n", lambda s: s._paused)
         self.assertTrue(session._outputPaused)
         self.assertLess(session.framer.pending, 2 * 1024 * 1024)
