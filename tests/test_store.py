@@ -1139,6 +1139,137 @@ class FakeTime:
             self.onSleep(self.sleeps)
 
 
+class RecordLockTests(unittest.SynchronousTestCase):
+    """
+    maild processes meet in an fcntl record lock on maild-uidlist.lock
+    before Dovecot's dot-lock (issue 14: NFSv4, CephFS and GlusterFS pass
+    fcntl locks to every node, and the kernel drops a dead holder's).
+    """
+
+    def setUp(self):
+        self.path = Path(self.mktemp()).resolve()
+        self.path.mkdir()
+        self.recordLock = self.path / "maild-uidlist.lock"
+        self.dotLock = self.path / "dovecot-uidlist.lock"
+        self.held: list[int] = []
+
+    def settings(self, fake: FakeTime, **values):
+        from maild.store.locking import DotLockSettings
+
+        return DotLockSettings(sleep=fake.sleep, clock=fake.clock, **values)
+
+    def holdElsewhere(self) -> int:
+        """
+        Take the record lock as another holder would: an open file
+        description lock on a descriptor of our own, which conflicts with
+        any other open of the file, in this process too.
+        """
+        from maild.store.locking import _tryRecordLock
+
+        fd = os.open(self.recordLock, os.O_RDWR | os.O_CREAT)
+        self.held.append(fd)
+        self.addCleanup(lambda: fd in self.held and self.letGo(fd))
+        self.assertTrue(_tryRecordLock(fd))
+        return fd
+
+    def letGo(self, fd: int) -> None:
+        self.held.remove(fd)
+        os.close(fd)
+
+    def test_waitsForTheRecordLockFirst(self):
+        """
+        While another maild holds the record lock, numbering waits, and
+        does not take Dovecot's dot-lock meanwhile; once the holder lets
+        go, it numbers after what the holder appended.
+        """
+        held = self.holdElsewhere()
+        seen = []
+
+        def holderFinishes(sleeps):
+            seen.append(self.dotLock.exists())
+            if sleeps == 3:
+                with open(self.path / "dovecot-uidlist", "a") as f:
+                    f.write("3 V1 N4\n1 :first\n2 :second\n3 :third\n")
+                self.letGo(held)
+
+        fake = FakeTime(holderFinishes)
+        uids = UidList(self.path, lockSettings=self.settings(fake))
+        self.assertEqual(uids.assign(["b"]), [4])
+        self.assertEqual(fake.sleeps, 3)
+        self.assertEqual(seen, [False, False, False])
+
+    def test_deadHoldersLockDropped(self):
+        """
+        A process killed (SIGKILL) while it holds the record lock does not
+        hold up the next one: the kernel dropped its lock.
+        """
+        import signal
+
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import os, sys, time
+                from maild.store.locking import _tryRecordLock
+                fd = os.open({str(self.recordLock)!r}, os.O_RDWR | os.O_CREAT)
+                assert _tryRecordLock(fd)
+                print("held", flush=True)
+                time.sleep(60)
+            """)],
+            stdout=subprocess.PIPE,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        self.addCleanup(holder.wait)
+        self.addCleanup(lambda: holder.poll() is None and holder.kill())
+        self.assertEqual(holder.stdout.readline(), b"held\n")
+        from maild.store.locking import _tryRecordLock
+
+        probe = os.open(self.recordLock, os.O_RDWR)
+        self.addCleanup(os.close, probe)
+        self.assertFalse(_tryRecordLock(probe))
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        fake = FakeTime()
+        self.assertEqual(UidList(self.path, lockSettings=self.settings(fake)).assign(["a"]), [1])
+        self.assertEqual(fake.sleeps, 0)
+
+    def test_timeout(self):
+        """
+        A record lock held longer than the timeout is an error, not a wait
+        without end.
+        """
+        from maild.store.locking import LockTimeout
+
+        self.holdElsewhere()
+        fake = FakeTime()
+        uids = UidList(self.path, lockSettings=self.settings(fake, timeout=5.0))
+        self.assertRaises(LockTimeout, uids.assign, ["a"])
+        self.assertGreater(fake.sleeps, 0)
+        self.assertFalse(self.dotLock.exists())
+
+    def test_lockFileReplacedWhileWaiting(self):
+        """
+        A lock file removed and made again while we waited for it is locked
+        anew: a lock on the file no longer at that name would keep nobody
+        out.
+        """
+        from maild.store import locking
+
+        held = self.holdElsewhere()
+
+        def replaced(sleeps):
+            os.unlink(self.recordLock)
+            self.letGo(held)
+            self.recordLock.touch()
+
+        fake = FakeTime(replaced)
+        settings = self.settings(fake)
+        fd = locking._takeRecordLock(str(self.recordLock), settings, fake.clock() + 10)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.fstat(fd).st_ino, self.recordLock.stat().st_ino)
+        other = os.open(self.recordLock, os.O_RDWR)
+        self.addCleanup(os.close, other)
+        self.assertFalse(locking._tryRecordLock(other))
+
+
 class DovecotDotLockTests(unittest.SynchronousTestCase):
     """
     maild takes Dovecot's own lock on dovecot-uidlist (the dot-lock
@@ -1166,7 +1297,8 @@ class DovecotDotLockTests(unittest.SynchronousTestCase):
         """
         While maild numbers messages, dovecot-uidlist.lock exists and names
         this process as Dovecot writes it (pid:hostname); it is removed
-        after, also after a nested hold; no maild-only lock file is made.
+        after, also after a nested hold.  Beside it stays only maild's
+        record lock file (the lock itself is gone with its descriptor).
         """
         import socket
 
@@ -1177,7 +1309,7 @@ class DovecotDotLockTests(unittest.SynchronousTestCase):
                 self.assertEqual(self.lock.read_text(), f"{os.getpid()}:{socket.gethostname()}")
             self.assertTrue(self.lock.exists())
         self.assertFalse(self.lock.exists())
-        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist"])
+        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist", "maild-uidlist.lock"])
 
     def test_waitsWhileDovecotHoldsIt(self):
         """
@@ -1236,7 +1368,7 @@ class DovecotDotLockTests(unittest.SynchronousTestCase):
         fake = FakeTime()
         self.assertEqual(UidList(self.path, lockSettings=self.settings(fake)).assign(["a"]), [1])
         self.assertEqual(fake.sleeps, 0)
-        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist"])
+        self.assertEqual(sorted(p.name for p in self.path.iterdir()), ["dovecot-uidlist", "maild-uidlist.lock"])
 
     def test_staleLockOverridden(self):
         """

@@ -1,9 +1,10 @@
 """
 Locks that hold between processes.
 
-L{dotLocked} is Dovecot's own dot-lock, taken on the files maild shares
-with Dovecot (C{dovecot-uidlist}, C{dovecot-keywords}): both servers may
-then serve one Maildir at the same time.  L{locked} is a POSIX record lock
+L{dotLocked} guards the files maild shares with Dovecot
+(C{dovecot-uidlist}, C{dovecot-keywords}): a POSIX record lock that maild
+processes and nodes meet in, then Dovecot's own dot-lock, so that both
+servers may serve one Maildir at the same time.  L{locked} is a POSIX record lock
 on a lock file, for maild's own files (the users file); the kernel drops it
 when its holder dies.  L{tryLockOpenFile} locks one open file for as long
 as it stays open (the outbound queue's claim on a message).
@@ -216,69 +217,170 @@ _dotHeld: dict[str, _Held] = {}
 @contextmanager
 def dotLocked(path: Path, settings: DotLockSettings = DOVECOT_MAILDIR) -> Iterator[None]:
     """
-    Hold Dovecot's dot-lock on C{path} (the file C{path.lock}) for the
-    duration of the block, waiting while another process (Dovecot, or
-    another maild) holds it.  Taken again inside the block by this
-    process, it is held once: the lock file is removed when the outermost
-    block ends.
+    Hold the lock on C{path} for the duration of the block: first maild's
+    record lock on the file L{recordLockPath} names, then Dovecot's
+    dot-lock (the file C{path.lock}), waiting while another process holds
+    either.  Taken again inside the block by this process, it is held
+    once: both are given back when the outermost block ends.
 
-    @raise LockTimeout: when the lock stays held, and not stale, longer
+    maild processes and nodes meet in the record lock, an C{fcntl} lock:
+    NFSv4, CephFS and GlusterFS pass it to every node, and the kernel (or
+    the file server, for a node that is gone) drops the lock of a process
+    that dies, at once, where a dead holder's dot-lock is overridden only
+    after its age and pid are checked (2 seconds), or its stale time (2
+    minutes) for another host's.  Holding it, a maild process finds the
+    dot-lock free unless Dovecot holds it.
+
+    @raise LockTimeout: when a lock stays held, and not stale, longer
         than C{settings.timeout}.
     """
     lockPath = os.fspath(path) + DOTLOCK_SUFFIX
-    with _heldOnce(
-        _dotHeld,
-        lockPath,
-        lambda: _createDotLock(lockPath, os.fspath(path), settings),
-        lambda inode: _removeDotLock(lockPath, inode),
-    ):
+    recordPath = recordLockPath(os.fspath(path))
+
+    def acquire() -> tuple[int, int]:
+        deadline = settings.clock() + settings.timeout
+        # The holder file is written before the record lock is taken: the
+        # other maild processes wait only for the link.
+        own, inode = _writeHolder(lockPath)
+        try:
+            fd = _takeRecordLock(recordPath, settings, deadline)
+            try:
+                _linkDotLock(own, lockPath, os.fspath(path), settings, deadline)
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            _unlinkQuietly(own)
+        return fd, inode
+
+    def release(token: tuple[int, int]) -> None:
+        fd, inode = token
+        try:
+            _removeDotLock(lockPath, inode)
+        finally:
+            os.close(fd)
+
+    with _heldOnce(_dotHeld, lockPath, acquire, release):
         yield
 
 
-def _createDotLock(lockPath: str, path: str, settings: DotLockSettings) -> int:
+def recordLockPath(path: str) -> str:
     """
-    Create the lock file, waiting for (or overriding) another holder.
-
-    The lock appears with its holder already written in it: a file of
-    ours is written first and linked to the lock's name (Dovecot's
-    try_create_lock_hardlink; link() fails when the name exists, on NFS
-    too).  Created empty and then written, a lock whose holder was killed
-    in between named nobody, and others could only wait it out for the
-    stale time, two minutes of a blocked reactor.
-
-    @return: the lock file's inode, to check at release that it is still
-        ours.
+    The maild-only file whose record lock guards C{path}:
+    C{maild-uidlist.lock} beside C{dovecot-uidlist}.
     """
-    deadline = settings.clock() + settings.timeout
+    directory, name = os.path.split(path)
+    return os.path.join(directory, "maild-" + name.removeprefix("dovecot-") + DOTLOCK_SUFFIX)
+
+
+def _tryRecordLock(fd: int) -> bool:
+    """
+    Lock the whole file open as C{fd} without waiting: an open file
+    description lock where there are (Linux), which belongs to this open
+    file, so this process's other descriptors of it neither share nor drop
+    it; a process-wide C{lockf} lock elsewhere.
+
+    @return: whether the lock was taken.
+    """
+    command = getattr(fcntl, "F_OFD_SETLK", None)
+    try:
+        if command is None:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            fcntl.fcntl(fd, command, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+    return True
+
+
+def _takeRecordLock(path: str, settings: DotLockSettings, deadline: float) -> int:
+    """
+    Take the record lock on C{path} (created if missing), trying again on
+    the dot-lock's schedule until C{deadline}.  A blocking wait (F_SETLKW)
+    would wake at the release, but over NFSv4.0 the client only polls a
+    blocked lock, backing off up to 30 seconds, and a stopped holder would
+    stop the waiting reactor for good.
+
+    @return: the locked descriptor (closing it releases the lock).
+    @raise LockTimeout: past C{deadline}.
+    """
     wait = settings.firstWait
-    watch = _StaleWatch(lockPath, path, settings)
-    holder = _holderId()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            while not _tryRecordLock(fd):
+                if settings.clock() >= deadline:
+                    raise LockTimeout(errno.EAGAIN, "lock held too long", path)
+                settings.sleep(wait * (1 + random.random()))
+                wait = min(wait * 1.5, settings.maxWait)
+            held = os.fstat(fd)
+            try:
+                named = os.stat(path)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev):
+            return fd
+        # Removed (or replaced) while we waited: a lock on a file no longer
+        # at that name keeps nobody out.
+        os.close(fd)
+
+
+def _writeHolder(lockPath: str) -> tuple[str, int]:
+    """
+    Write a file naming this process as the lock's holder, to be linked to
+    the lock's name: the lock then appears with its holder already written
+    in it (Dovecot's try_create_lock_hardlink; link() fails when the name
+    exists, on NFS too).  Created empty and then written, a lock whose
+    holder was killed in between named nobody, and others could only wait
+    it out for the stale time, two minutes of a blocked reactor.
+
+    @return: the file's path and inode.
+    """
     own = f"{lockPath}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}"
     fd = os.open(own, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        os.write(fd, holder)
-        inode = os.fstat(fd).st_ino
+        os.write(fd, _holderId())
+        return own, os.fstat(fd).st_ino
     finally:
         os.close(fd)
-    try:
-        while True:
-            try:
-                os.link(own, lockPath)
-            except FileExistsError:
-                pass
-            else:
-                return inode
-            if watch.overrideIfStale():
-                continue
-            if settings.clock() >= deadline:
-                raise LockTimeout(errno.EAGAIN, "lock held too long", lockPath)
-            settings.sleep(wait * (1 + random.random()))
-            wait = min(wait * 1.5, settings.maxWait)
-    finally:
+
+
+def _linkDotLock(
+    own: str, lockPath: str, path: str, settings: DotLockSettings, deadline: float | None = None
+) -> None:
+    """
+    Link the holder file C{own} to the lock's name, waiting for (or
+    overriding) another holder.
+    """
+    if deadline is None:
+        deadline = settings.clock() + settings.timeout
+    wait = settings.firstWait
+    watch = _StaleWatch(lockPath, path, settings)
+    while True:
         try:
-            os.unlink(own)
-        except FileNotFoundError:
+            os.link(own, lockPath)
+        except FileExistsError:
             pass
+        else:
+            return
+        if watch.overrideIfStale():
+            continue
+        if settings.clock() >= deadline:
+            raise LockTimeout(errno.EAGAIN, "lock held too long", lockPath)
+        settings.sleep(wait * (1 + random.random()))
+        wait = min(wait * 1.5, settings.maxWait)
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _removeDotLock(lockPath: str, inode: int | None) -> None:
