@@ -1231,6 +1231,31 @@ class RecordLockTests(unittest.SynchronousTestCase):
         self.assertEqual(UidList(self.path, lockSettings=self.settings(fake)).assign(["a"]), [1])
         self.assertEqual(fake.sleeps, 0)
 
+    def test_releasedAfterTheBlock(self):
+        """
+        The lock is given back when the outermost block ends, though this
+        process keeps the file open for its next hold; a lock file removed
+        meanwhile (the folder deleted and made again) is opened anew.
+        """
+        from maild.store.locking import _tryRecordLock
+
+        uids = UidList(self.path)
+
+        def lockedElsewhere() -> bool:
+            probe = os.open(self.recordLock, os.O_RDWR)
+            try:
+                return not _tryRecordLock(probe)
+            finally:
+                os.close(probe)
+
+        for round in range(2):
+            with uids.locked():
+                with uids.locked():
+                    self.assertTrue(lockedElsewhere())
+                self.assertTrue(lockedElsewhere())
+            self.assertFalse(lockedElsewhere())
+            self.recordLock.unlink()
+
     def test_timeout(self):
         """
         A record lock held longer than the timeout is an error, not a wait
@@ -1262,7 +1287,7 @@ class RecordLockTests(unittest.SynchronousTestCase):
 
         fake = FakeTime(replaced)
         settings = self.settings(fake)
-        fd = locking._takeRecordLock(str(self.recordLock), settings, fake.clock() + 10)
+        fd = locking._takeRecordLock(str(self.recordLock), settings, fake.clock() + 10).fd
         self.addCleanup(os.close, fd)
         self.assertEqual(os.fstat(fd).st_ino, self.recordLock.stat().st_ino)
         other = os.open(self.recordLock, os.O_RDWR)

@@ -237,28 +237,28 @@ def dotLocked(path: Path, settings: DotLockSettings = DOVECOT_MAILDIR) -> Iterat
     lockPath = os.fspath(path) + DOTLOCK_SUFFIX
     recordPath = recordLockPath(os.fspath(path))
 
-    def acquire() -> tuple[int, int]:
+    def acquire() -> tuple[_RecordFile, int]:
         deadline = settings.clock() + settings.timeout
         # The holder file is written before the record lock is taken: the
         # other maild processes wait only for the link.
         own, inode = _writeHolder(lockPath)
         try:
-            fd = _takeRecordLock(recordPath, settings, deadline)
+            record = _takeRecordLock(recordPath, settings, deadline, _recordFiles.checkout(recordPath))
             try:
                 _linkDotLock(own, lockPath, os.fspath(path), settings, deadline)
             except BaseException:
-                os.close(fd)
+                _recordFiles.checkin(record)
                 raise
         finally:
             _unlinkQuietly(own)
-        return fd, inode
+        return record, inode
 
-    def release(token: tuple[int, int]) -> None:
-        fd, inode = token
+    def release(token: tuple[_RecordFile, int]) -> None:
+        record, inode = token
         try:
             _removeDotLock(lockPath, inode)
         finally:
-            os.close(fd)
+            _recordFiles.checkin(record)
 
     with _heldOnce(_dotHeld, lockPath, acquire, release):
         yield
@@ -271,6 +271,61 @@ def recordLockPath(path: str) -> str:
     """
     directory, name = os.path.split(path)
     return os.path.join(directory, "maild-" + name.removeprefix("dovecot-") + DOTLOCK_SUFFIX)
+
+
+@dataclass
+class _RecordFile:
+    """
+    A record lock file kept open: its path, descriptor and identity.
+    """
+
+    path: str
+    fd: int
+    identity: tuple[int, int]
+
+
+class _OpenRecordFiles:
+    """
+    The record lock files of the folders used last, kept open and
+    unlocked between holds: opening and closing one at every hold cost
+    more than the lock itself.  A file is taken out while it is held, so
+    only files nobody holds are ever closed to make room.
+    """
+
+    def __init__(self, kept: int = 64) -> None:
+        self.kept = kept
+        self._files: dict[str, _RecordFile] = {}
+        self._guard = threading.Lock()
+
+    def checkout(self, path: str) -> "_RecordFile | None":
+        with self._guard:
+            return self._files.pop(path, None)
+
+    def checkin(self, record: _RecordFile) -> None:
+        """
+        Unlock C{record} and keep it open for the next hold (closing the
+        least recently used file past C{kept}).
+        """
+        try:
+            _unlockRecord(record.fd)
+        except OSError:
+            os.close(record.fd)
+            return
+        with self._guard:
+            previous = self._files.pop(record.path, None)
+            self._files[record.path] = record
+            evicted = [previous] if previous is not None else []
+            while len(self._files) > self.kept:
+                evicted.append(self._files.pop(next(iter(self._files))))
+        for old in evicted:
+            os.close(old.fd)
+
+
+_recordFiles = _OpenRecordFiles()
+
+# struct flock: l_type, l_whence, l_start, l_len (0: to the end, whatever
+# it grows to), l_pid (0, as OFD locks require).
+_FLOCK = "hhqqi4x"
 
 
 def _tryRecordLock(fd: int) -> bool:
@@ -287,7 +342,7 @@ def _tryRecordLock(fd: int) -> bool:
         if command is None:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         else:
-            fcntl.fcntl(fd, command, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            fcntl.fcntl(fd, command, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return False
@@ -295,39 +350,57 @@ def _tryRecordLock(fd: int) -> bool:
     return True
 
 
-def _takeRecordLock(path: str, settings: DotLockSettings, deadline: float) -> int:
-    """
-    Take the record lock on C{path} (created if missing), trying again on
-    the dot-lock's schedule until C{deadline}.  A blocking wait (F_SETLKW)
-    would wake at the release, but over NFSv4.0 the client only polls a
-    blocked lock, backing off up to 30 seconds, and a stopped holder would
-    stop the waiting reactor for good.
+def _unlockRecord(fd: int) -> None:
+    command = getattr(fcntl, "F_OFD_SETLK", None)
+    if command is None:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    else:
+        fcntl.fcntl(fd, command, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
 
-    @return: the locked descriptor (closing it releases the lock).
+
+def _takeRecordLock(
+    path: str, settings: DotLockSettings, deadline: float, record: "_RecordFile | None" = None
+) -> _RecordFile:
+    """
+    Take the record lock on C{path} (created if missing; C{record}: the
+    file as this process last had it open), trying again on the dot-lock's
+    schedule until C{deadline}.  A blocking wait (F_SETLKW) would wake at
+    the release, but over NFSv4.0 the client only polls a blocked lock,
+    backing off up to 30 seconds, and a stopped holder would stop the
+    waiting reactor for good.
+
+    @return: the locked file (unlocking or closing it releases the lock).
     @raise LockTimeout: past C{deadline}.
     """
     wait = settings.firstWait
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        if record is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            record = _RecordFile(path, fd, (st.st_ino, st.st_dev))
         try:
-            while not _tryRecordLock(fd):
+            while not _tryRecordLock(record.fd):
                 if settings.clock() >= deadline:
                     raise LockTimeout(errno.EAGAIN, "lock held too long", path)
                 settings.sleep(wait * (1 + random.random()))
                 wait = min(wait * 1.5, settings.maxWait)
-            held = os.fstat(fd)
             try:
                 named = os.stat(path)
             except FileNotFoundError:
                 named = None
         except BaseException:
-            os.close(fd)
+            os.close(record.fd)
             raise
-        if named is not None and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev):
-            return fd
-        # Removed (or replaced) while we waited: a lock on a file no longer
-        # at that name keeps nobody out.
-        os.close(fd)
+        if named is not None and (named.st_ino, named.st_dev) == record.identity:
+            return record
+        # Removed (or replaced, the folder deleted and made again) since we
+        # opened it: a lock on a file no longer at that name keeps nobody out.
+        os.close(record.fd)
+        record = None
 
 
 def _writeHolder(lockPath: str) -> tuple[str, int]:
