@@ -203,9 +203,19 @@ class WorkerSupervisor(service.Service):
         service.Service.setServiceParent(self, parent)
         self.logOutput = useAsTwistdLog(parent, self.logDestination, self.config.log, self.reactor)
 
-    @defer.inlineCallbacks
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
+        # Bind here, as twistd binds privileged ports, so that a port that
+        # cannot be had stops the daemon at once with a clear message (as
+        # it does with one process), before any worker starts.
         service.Service.privilegedStartService(self)
+        failure = []
+        self._openSockets().addErrback(failure.append)
+        if failure:
+            # _openSockets has logged why.
+            raise SystemExit(1)
+
+    @defer.inlineCallbacks
+    def _openSockets(self):
         # Made once here, or every worker would race to make it.
         certificateFiles(self.config)
         for name, description in self.config.enabledListeners().items():
@@ -213,10 +223,21 @@ class WorkerSupervisor(service.Service):
             inner = description[len("haproxy:"):] if proxied else description
             sockets = ReusePortReactor(self.reactor) if hasattr(socket, "SO_REUSEPORT") else self.reactor
             endpoint = endpoints.serverFromString(sockets, inner)
-            ports = [(yield endpoint.listen(_NotServed()))]
-            if getattr(sockets, "portNumber", None) is not None:
-                for _ in range(1, self.count):
-                    ports.append((yield endpoint.listen(_NotServed())))
+            ports: list[Any] = []
+            try:
+                ports.append((yield endpoint.listen(_NotServed())))
+                if getattr(sockets, "portNumber", None) is not None:
+                    for _ in range(1, self.count):
+                        ports.append((yield endpoint.listen(_NotServed())))
+            except Exception as e:
+                log.critical(
+                    "cannot listen for {name} on {description}: {error}",
+                    name=name, description=description, error=e,
+                )
+                for port in ports + [p for opened in self.ports.values() for p in opened]:
+                    port.stopListening()
+                self.ports.clear()
+                raise
             for port in ports:
                 port.stopReading()
             address = ports[0].getHost()
@@ -237,10 +258,11 @@ class WorkerSupervisor(service.Service):
         service.Service.startService(self)
         if not self.ports:
             # Not started privileged (a test, say): open the sockets now.
-            d = self.privilegedStartService()
+            d = self._openSockets()
         else:
             d = defer.succeed(None)
-        d.addCallback(lambda _: [self._spawn(n) for n in range(1, self.count + 1)])
+        # (A failure to listen was logged: then no worker starts.)
+        d.addCallbacks(lambda _: [self._spawn(n) for n in range(1, self.count + 1)], lambda _: None)
         if _isMainThread():
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.signalAll, signal.SIGHUP))
 

@@ -155,6 +155,32 @@ class PluginTests(unittest.TestCase):
         self.assertNotEqual(daemon.process.returncode, 0)
         self.assertIn(f"cannot listen for smtp on tcp:{port}:interface=127.0.0.1", output)
 
+    def test_portInUseExitsWithWorkers(self):
+        """
+        The same with workers: the parent, which opens the listeners, logs
+        which one it could not have and stops before starting any worker.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            free = freePort()
+            daemon = Daemon(
+                self.folder,
+                ["-n", "maild", "--workers=2", *listenOnly(
+                    smtp=f"tcp:{free}:interface=127.0.0.1", imap=f"tcp:{port}:interface=127.0.0.1"
+                )],
+            )
+            # (Without the fix it went on running, without workers.)
+            self.addCleanup(lambda: daemon.process.poll() is None and daemon.stop(signal.SIGKILL))
+            output = daemon.process.communicate(timeout=30)[0]
+        self.assertEqual(daemon.process.returncode, 1, output)
+        self.assertIn(f"cannot listen for imap on tcp:{port}:interface=127.0.0.1", output)
+        self.assertNotIn("worker 1 started", output)
+        # The listener it had opened first was closed again.
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", free))
+
     def test_schedulingNormalOnRequest(self):
         """
         With C{[cluster] scheduling = "normal"} the daemon and its threads
