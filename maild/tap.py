@@ -4,14 +4,15 @@ The twistd plugin's options and service maker (C{twistd maild}).
 
 from __future__ import annotations
 
+import os
 
 from twisted.python import usage
 
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
-from maild.logs import twistdDestination
+from maild.logs import WORKER_NAME_ENV, twistdDestination
 from maild.scheduling import applyScheduling
 from maild.service import MailService
-from maild.workers import WorkerSupervisor
+from maild.workers import WorkerSupervisor, stopOnce
 
 
 class Options(usage.Options):
@@ -62,6 +63,10 @@ def makeService(options: Options):
         top = WorkerSupervisor(options.config, options)
     else:
         top = MailService(options.config)
+    if os.environ.get(WORKER_NAME_ENV):
+        from twisted.internet import reactor
+
+        stopOnce(reactor)
     twistd = getattr(options, "parent", None)
     if twistd is not None and twistd.get("logger"):
         # A log observer given to twistd (a worker's, say) is used as is.

@@ -346,5 +346,30 @@ class WorkerSupervisor(service.Service):
         return d.addCallback(closePorts)
 
 
+def stopOnce(reactor) -> None:
+    """
+    In a worker: stop at the first SIGTERM, SIGINT or SIGBREAK and let
+    later ones be.  A worker is often told twice, by its parent, which
+    passes SIGTERM on, and by whoever signalled the parent's whole process
+    group or cgroup (Ctrl-C in a terminal, systemd's default C{KillMode},
+    C{timeout}); Twisted's handlers would stop the reactor again and log
+    C{ReactorNotRunning} as an error.
+
+    Set before the reactor runs: it reads its handlers when it starts.
+    """
+    told: list[int] = []
+    for name in ("sigInt", "sigTerm", "sigBreak"):
+        handler = getattr(reactor, name, None)
+        if handler is None:
+            continue
+
+        def once(number, frame=None, handler=handler):
+            if not told:
+                told.append(number)
+                handler(number, frame)
+
+        setattr(reactor, name, once)
+
+
 def _isMainThread() -> bool:
     return threading.current_thread() is threading.main_thread()

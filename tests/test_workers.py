@@ -200,6 +200,29 @@ class WorkersTests(unittest.TestCase):
             self.assertFalse(alive(pid), pid)
 
 
+    def test_toldTwiceToStop(self):
+        """
+        A worker signalled directly as well as by its parent (Ctrl-C or
+        systemd signal the whole group) stops once, without an error.
+        """
+        def catchesSigterm(pid: int) -> bool:
+            # The reactor's handlers are in place once it runs.
+            status = Path(f"/proc/{pid}/status").read_text()
+            caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16)
+            return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+        for pid in self.pids.values():
+            waitFor(lambda: catchesSigterm(pid), what=f"worker {pid} to run")
+            os.kill(pid, signal.SIGTERM)
+        self.daemon.stop()
+        self.assertIn(self.daemon.process.returncode, (0, -signal.SIGTERM))
+        log = self.logText()
+        self.assertEqual(log.count("] Server Shut Down."), 3, log)
+        self.assertNotIn("ReactorNotRunning", log)
+        for pid in self.pids.values():
+            self.assertFalse(alive(pid), pid)
+
+
 class WorkerLogReaderTests(unittest.SynchronousTestCase):
     def test_recordsAcrossChunks(self):
         """
