@@ -12,6 +12,7 @@ workers have.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from twisted.internet import defer
@@ -435,3 +436,46 @@ class ChangeLogTests(unittest.TestCase):
 
         self.b.folder.uidList.locked = locked
         self.assertEqual(self.b.folder.claimRecent(range(len(self.b.folder))), [])
+
+
+class FolderMadeAgainTests(unittest.TestCase):
+    """
+    One process deletes a folder and makes it again under the same name
+    while another holds it open (two workers, a DELETE and a CREATE on
+    one and a SELECT on the other): the other reads the new folder as it
+    is, whatever it knew of the old one.
+    """
+
+    @defer.inlineCallbacks
+    def test_expungedUidsOfTheOldFolderForgotten(self):
+        """
+        The UIDs the other process saw expunged in the old folder are
+        those the new folder gives its first messages: they keep them, and
+        are not numbered a second time as expunged messages come back.
+        (imaptest's expunge2 and store tests, with two workers, found the
+        new folder's messages under UIDs 4 to 6, each listed twice in
+        dovecot-uidlist.)
+        """
+        path = Path(self.mktemp()).resolve()
+        for name in (FIRST, SECOND, THIRD):
+            put(path, f"cur/{name}:2,")
+        other = Process(path)
+        yield other.folder.expungeInThread([1, 2, 3])
+        self.assertEqual(len(other.folder), 0)
+
+        shutil.rmtree(path)
+        fresh = ["1700000011.M1P1Q1.h,S=17,W=20", "1700000012.M1P1Q1.h,S=17,W=20"]
+        for name in fresh:
+            put(path, f"new/{name}")
+        uidvalidity = other.folder.uidvalidity + 1
+        (path / "dovecot-uidlist").write_text(
+            f"3 V{uidvalidity} N3 G0123456789abcdef0123456789abcdef\n1 :{fresh[0]}\n2 :{fresh[1]}\n"
+        )
+
+        change = other.folder.refresh()
+        self.assertEqual(other.folder.uidvalidity, uidvalidity)
+        self.assertEqual(list(other.folder.uids), [1, 2])
+        self.assertEqual(other.folder.bases, fresh)
+        self.assertEqual(change.added, [1, 2])
+        records = (path / "dovecot-uidlist").read_text().splitlines()[1:]
+        self.assertEqual(records, [f"1 :{fresh[0]}", f"2 :{fresh[1]}"])

@@ -602,11 +602,8 @@ class Folder:
         so that a folder made later under this name is read afresh, and
         tell the listeners.
         """
-        self.uids, self.flags, self.bases = array("I"), bytearray(), []
-        self.keywordLetters = {}
-        self._sizes = {}
+        self._forgetMessages()
         self._mtimes = {"new": -1, "cur": -1}
-        self._listedUidnext = 0
         self._loaded = False
         self.changes.skipToEnd()
         self.uidList.state = None
@@ -614,6 +611,22 @@ class Folder:
         change = FolderChange(gone=True)
         self._announce(change)
         return change
+
+    def _forgetMessages(self) -> None:
+        """
+        Forget everything known of the folder's messages: it is gone, or
+        another folder (a new UIDVALIDITY) is now under its name.  The
+        UIDs seen expunged go too: kept, they would make the new folder's
+        messages that reuse those UIDs look like expunged ones come back,
+        and number them a second time (seen with two workers, when one
+        deleted and made again a folder the other had open).
+        """
+        self.uids, self.flags, self.bases = array("I"), bytearray(), []
+        self.keywordLetters = {}
+        self._sizes = {}
+        self._expungedUids = {}
+        self._listedUidnext = 0
+        self.uidList.forgotten = {}
 
     def _listDir(self, sub: str) -> list[str]:
         try:
@@ -677,8 +690,7 @@ class Folder:
         change = FolderChange()
         if self._loaded and state.uidvalidity != self.uidvalidity:
             change.reset = True
-            self.uids, self.flags, self.bases = array("I"), bytearray(), []
-            self.keywordLetters = {}
+            self._forgetMessages()
         self.uidvalidity = state.uidvalidity
 
         keptUids = array("I")
