@@ -99,12 +99,7 @@ class Listener(service.Service):
         return port
 
     def _failed(self, reason):
-        log.critical(
-            "cannot listen for {name} on {description}: {error}",
-            name=self.name,
-            description=self.description,
-            error=reason.getErrorMessage(),
-        )
+        logCannotListen(self.name, self.description, reason.getErrorMessage())
         return reason
 
     def stopService(self):
@@ -115,6 +110,14 @@ class Listener(service.Service):
             stopped.append(defer.maybeDeferred(port.stopListening))
         stopped.append(self.factory.closeSessions(self.clock))
         return defer.gatherResults(stopped)
+
+
+def logCannotListen(name: str, description: str, error: object) -> None:
+    """
+    Say which listener could not be opened, and why (the daemon then
+    stops): one line, the same with workers and without.
+    """
+    log.critical("cannot listen for {name} on {description}: {error}", name=name, description=description, error=error)
 
 
 class MailService(service.MultiService):

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from maild.config import PROTOCOLS, Config
 from maild.imap.sharedcache import RENDERINGS_FD_ENV, makeShared
 from maild.logs import WORKER_LOG_FORMAT_ENV, WORKER_NAME_ENV, WorkerLogReader, useAsTwistdLog
+from maild.service import logCannotListen
 from maild.tls import certificateFiles
 
 log = Logger()
@@ -230,10 +231,7 @@ class WorkerSupervisor(service.Service):
                     for _ in range(1, self.count):
                         ports.append((yield endpoint.listen(_NotServed())))
             except Exception as e:
-                log.critical(
-                    "cannot listen for {name} on {description}: {error}",
-                    name=name, description=description, error=e,
-                )
+                logCannotListen(name, description, e)
                 for port in ports + [p for opened in self.ports.values() for p in opened]:
                     port.stopListening()
                 self.ports.clear()

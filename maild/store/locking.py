@@ -31,12 +31,13 @@ class _Held:
     This process's hold on one lock file.
 
     @ivar token: what took the lock gave back (the locked descriptor, or
-        the dot-lock file's inode), for giving it back.
+        the record lock file and the dot-lock file's inode), for giving it
+        back.
     """
 
     def __init__(self) -> None:
         self.threadLock = threading.RLock()
-        self.token: int | None = None
+        self.token: object = None
         self.depth = 0
 
 
@@ -46,7 +47,7 @@ _heldGuard = threading.Lock()
 
 @contextmanager
 def _heldOnce(
-    table: dict[str, _Held], key: str, acquire: Callable[[], int], release: Callable[[int], None]
+    table: dict[str, _Held], key: str, acquire: Callable[[], object], release: Callable[[object], None]
 ) -> Iterator[None]:
     """
     Hold the lock C{key} of C{table} for the block, taking it with
@@ -147,14 +148,35 @@ def tryLockOpenFile(fd: int) -> bool:
 
     @return: whether the lock was taken (False: someone else holds it).
     """
-    command = getattr(fcntl, "F_OFD_SETLK", None)
+    return _tryWholeFileLock(fd, fcntl.flock)
+
+
+# struct flock: l_type, l_whence, l_start, l_len (0: to the end, whatever
+# it grows to), l_pid (0, as OFD locks require).
+_FLOCK = "hhqqi4x"
+
+
+def _setOpenFileLock(fd: int, lockType: int) -> None:
+    """
+    Set (C{F_WRLCK}) or clear (C{F_UNLCK}) an open file description lock
+    on the whole file, without waiting.
+    """
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, lockType, os.SEEK_SET, 0, 0, 0))
+
+
+def _tryWholeFileLock(fd: int, fallback: Callable[[int, int], None]) -> bool:
+    """
+    Lock the whole file open as C{fd} without waiting: an open file
+    description lock where there are (Linux 3.15 and later), else
+    C{fallback} (C{fcntl.flock} or C{fcntl.lockf}).
+
+    @return: whether the lock was taken (False: someone else holds it).
+    """
     try:
-        if command is None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if hasattr(fcntl, "F_OFD_SETLK"):
+            _setOpenFileLock(fd, fcntl.F_WRLCK)
         else:
-            # struct flock: l_type, l_whence, l_start, l_len (0: to the
-            # end, whatever it grows to), l_pid (0, as OFD locks require).
-            fcntl.fcntl(fd, command, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            fallback(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return False
@@ -323,10 +345,6 @@ class _OpenRecordFiles:
 
 _recordFiles = _OpenRecordFiles()
 
-# struct flock: l_type, l_whence, l_start, l_len (0: to the end, whatever
-# it grows to), l_pid (0, as OFD locks require).
-_FLOCK = "hhqqi4x"
-
 
 def _tryRecordLock(fd: int) -> bool:
     """
@@ -337,25 +355,14 @@ def _tryRecordLock(fd: int) -> bool:
 
     @return: whether the lock was taken.
     """
-    command = getattr(fcntl, "F_OFD_SETLK", None)
-    try:
-        if command is None:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            fcntl.fcntl(fd, command, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return False
-        raise
-    return True
+    return _tryWholeFileLock(fd, fcntl.lockf)
 
 
 def _unlockRecord(fd: int) -> None:
-    command = getattr(fcntl, "F_OFD_SETLK", None)
-    if command is None:
-        fcntl.lockf(fd, fcntl.LOCK_UN)
+    if hasattr(fcntl, "F_OFD_SETLK"):
+        _setOpenFileLock(fd, fcntl.F_UNLCK)
     else:
-        fcntl.fcntl(fd, command, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+        fcntl.lockf(fd, fcntl.LOCK_UN)
 
 
 def _takeRecordLock(
@@ -423,15 +430,11 @@ def _writeHolder(lockPath: str) -> tuple[str, int]:
         os.close(fd)
 
 
-def _linkDotLock(
-    own: str, lockPath: str, path: str, settings: DotLockSettings, deadline: float | None = None
-) -> None:
+def _linkDotLock(own: str, lockPath: str, path: str, settings: DotLockSettings, deadline: float) -> None:
     """
     Link the holder file C{own} to the lock's name, waiting for (or
-    overriding) another holder.
+    overriding) another holder until C{deadline}.
     """
-    if deadline is None:
-        deadline = settings.clock() + settings.timeout
     wait = settings.firstWait
     watch = _StaleWatch(lockPath, path, settings)
     while True:
