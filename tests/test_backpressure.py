@@ -120,19 +120,38 @@ class RealSocketBackpressureTests(ServerTestCase):
         data = command * 8192
 
         def send():
+            # Whole commands only: a sendall that times out has sent an
+            # unknown part of its data, and sending it all again would cut
+            # a command in two; the server answers BAD (500) to the pieces
+            # and, past its error limit, closes the connection.
+            sent = 0
             while not stop.is_set():
                 try:
-                    client.sendall(data)
+                    sent += client.send(data[sent:])
                 except socket.timeout:
                     # The server does not read: keep trying until told
                     # to stop, the connection stays open.
                     continue
+                sent %= len(data)
 
         sending = self.inThread(send)
         try:
             yield waitUntil(lambda: self.service.listeners[name].factory.sessions, timeout=60)
             [session] = self.service.listeners[name].factory.sessions
-            yield waitUntil(lambda: paused(session), timeout=60)
+            try:
+                yield waitUntil(lambda: paused(session), timeout=60)
+            except AssertionError as e:
+                # What the session was doing, for a run that fails.
+                state = {
+                    key: value for key, value in vars(session).items()
+                    if key in ("_outputPaused", "_answering", "closing", "_errors", "mode", "state")
+                }
+                reader = getattr(session, "framer", None) or session.reader
+                raise AssertionError(
+                    f"{e}; session {state}, {reader.pending} octets waiting, "
+                    f"{len(getattr(session.transport, 'dataBuffer', b'')) + getattr(session.transport, '_tempDataLen', 0)}"
+                    " to write"
+                ) from None
         finally:
             stop.set()
             yield sending
