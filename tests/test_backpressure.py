@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -113,11 +114,15 @@ class RealSocketBackpressureTests(ServerTestCase):
         machine to machine, and a loaded one reads slowly.
         """
         stop = threading.Event()
-        client = socket.create_connection(("127.0.0.1", self.port(name)))
+        # A small receive buffer, set before connecting so that the window
+        # the client offers (and its scale) is small from the start.
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(client.close)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", self.port(name)))
         client.settimeout(0.2)
         data = command * 8192
+        progress = {"sent": 0, "lastSend": time.monotonic(), "error": None}
 
         def send():
             # Whole commands only: a sendall that times out has sent an
@@ -125,32 +130,46 @@ class RealSocketBackpressureTests(ServerTestCase):
             # a command in two; the server answers BAD (500) to the pieces
             # and, past its error limit, closes the connection.
             sent = 0
-            while not stop.is_set():
-                try:
-                    sent += client.send(data[sent:])
-                except socket.timeout:
-                    # The server does not read: keep trying until told
-                    # to stop, the connection stays open.
-                    continue
-                sent %= len(data)
+            try:
+                while not stop.is_set():
+                    try:
+                        n = client.send(data[sent:])
+                    except socket.timeout:
+                        # The server does not read: keep trying until
+                        # told to stop, the connection stays open.
+                        continue
+                    progress["sent"] += n
+                    progress["lastSend"] = time.monotonic()
+                    sent = (sent + n) % len(data)
+            except OSError as e:
+                progress["error"] = e
+                raise
 
         sending = self.inThread(send)
         try:
             yield waitUntil(lambda: self.service.listeners[name].factory.sessions, timeout=60)
             [session] = self.service.listeners[name].factory.sessions
+            # The server's kernel send buffer kept small too (autotuning
+            # lets it grow to megabytes on some machines): what is tested
+            # is the session's own buffering, not the kernel's.
+            session.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
             try:
                 yield waitUntil(lambda: paused(session), timeout=60)
             except AssertionError as e:
-                # What the session was doing, for a run that fails.
+                # What the session and the client were doing, for a run
+                # that fails.
                 state = {
                     key: value for key, value in vars(session).items()
                     if key in ("_outputPaused", "_answering", "closing", "_errors", "mode", "state")
                 }
                 reader = getattr(session, "framer", None) or session.reader
+                transport = session.transport
                 raise AssertionError(
                     f"{e}; session {state}, {reader.pending} octets waiting, "
-                    f"{len(getattr(session.transport, 'dataBuffer', b'')) + getattr(session.transport, '_tempDataLen', 0)}"
-                    " to write"
+                    f"{len(getattr(transport, 'dataBuffer', b'')) + getattr(transport, '_tempDataLen', 0)}"
+                    f" to write, reading {transport in reactor.getReaders()}; client sent"
+                    f" {progress['sent']} octets, the last {time.monotonic() - progress['lastSend']:.1f} s ago,"
+                    f" error {progress['error']!r}"
                 ) from None
         finally:
             stop.set()
