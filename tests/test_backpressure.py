@@ -11,7 +11,10 @@ dataReceived once the session pauses it.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 import threading
 import time
 
@@ -156,21 +159,7 @@ class RealSocketBackpressureTests(ServerTestCase):
             try:
                 yield waitUntil(lambda: paused(session), timeout=60)
             except AssertionError as e:
-                # What the session and the client were doing, for a run
-                # that fails.
-                state = {
-                    key: value for key, value in vars(session).items()
-                    if key in ("_outputPaused", "_answering", "closing", "_errors", "mode", "state")
-                }
-                reader = getattr(session, "framer", None) or session.reader
-                transport = session.transport
-                raise AssertionError(
-                    f"{e}; session {state}, {reader.pending} octets waiting, "
-                    f"{len(getattr(transport, 'dataBuffer', b'')) + getattr(transport, '_tempDataLen', 0)}"
-                    f" to write, reading {transport in reactor.getReaders()}; client sent"
-                    f" {progress['sent']} octets, the last {time.monotonic() - progress['lastSend']:.1f} s ago,"
-                    f" error {progress['error']!r}"
-                ) from None
+                raise AssertionError(f"{e}; {_describeStall(session, client, progress)}") from None
         finally:
             stop.set()
             yield sending
@@ -195,3 +184,39 @@ class RealSocketBackpressureTests(ServerTestCase):
         session = yield self.flood("imap", b"a CAPABILITY\r\n", lambda s: s._paused)
         self.assertTrue(session._outputPaused)
         self.assertLess(session.framer.pending, 2 * 1024 * 1024)
+
+
+def _queued(sock, request: int) -> int:
+    """
+    What a socket's kernel holds: unread octets (FIONREAD) or octets not yet
+    acknowledged by the peer (TIOCOUTQ).
+    """
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    except OSError:
+        return -1
+
+
+def _describeStall(session, client: socket.socket, progress: dict) -> str:
+    """
+    Where the octets are when a flood did not make the session pause: in
+    the client's kernel, the server's kernel, the session's reader or its
+    transport, and whether the reactor still reads the connection.
+    """
+    state = {
+        key: value for key, value in vars(session).items()
+        if key in ("_outputPaused", "_answering", "closing", "_errors", "mode", "state")
+    }
+    reader = getattr(session, "framer", None) or session.reader
+    # (The session's transport is the metering wrapper; the socket is under it.)
+    transport = session.transport
+    handle = transport.getHandle()
+    reading = any(getattr(r, "socket", None) is handle for r in reactor.getReaders())
+    toWrite = len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
+    return (
+        f"session {state}, {reader.pending} octets in its reader, {toWrite} to write,"
+        f" reading {reading}; server kernel: {_queued(handle, termios.FIONREAD)} unread;"
+        f" client kernel: {_queued(client, termios.TIOCOUTQ)} unsent or unacknowledged,"
+        f" {_queued(client, termios.FIONREAD)} unread; client sent {progress['sent']} octets,"
+        f" the last {time.monotonic() - progress['lastSend']:.1f} s ago, error {progress['error']!r}"
+    )
