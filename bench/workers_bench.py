@@ -28,6 +28,7 @@ directory listings per IMAP command (getdents64: folder rescans).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -168,7 +169,7 @@ class Phase:
 
 
 class Daemon:
-    def __init__(self, workers: int, folder: Path, scheduling: str | None = None, imapUsers: int = 1) -> None:
+    def __init__(self, workers: int, folder: Path, variant: tuple = (), imapUsers: int = 1) -> None:
         self.folder = folder
         self.workers = workers
         self.ports = {"smtp": freePort(), "imap": freePort()}
@@ -180,8 +181,9 @@ class Daemon:
                 input=PASSWORD + "\n", text=True, check=True, env=env, stdout=subprocess.DEVNULL,
             )
         settings = "[limits]\nconnections_per_ip = 1000\n"
-        if scheduling is not None:
-            settings += f"[cluster]\nscheduling = \"{scheduling}\"\n"
+        if variant:
+            # [cluster] settings, as ("scheduling", "normal") pairs.
+            settings += "[cluster]\n" + "".join(f'{name} = "{value}"\n' for name, value in variant)
         (folder / "maild.toml").write_text(settings)
         listeners = [
             f"--{name}=tcp:{self.ports[name]}:interface=127.0.0.1" if name in self.ports else f"--{name}=none"
@@ -306,11 +308,20 @@ def main() -> None:
         "--scheduling", default="",
         help="[cluster] scheduling policies to compare, e.g. batch,normal (default: the daemon's)",
     )
+    parser.add_argument(
+        "--cpu-affinity", default="",
+        help="[cluster] cpu_affinity settings to compare, e.g. auto,none (default: the daemon's)",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
-    policies = args.scheduling.split(",") if args.scheduling else [None]
-    # Each setting: (workers, scheduling policy or None for the default).
-    settings = [(n, policy) for policy in policies for n in counts]
+    # Each setting: (workers, the [cluster] settings that differ from the
+    # daemon's defaults, as (name, value) pairs).
+    choices = [
+        [(name, value) for value in values.split(",")] if values else [None]
+        for name, values in (("scheduling", args.scheduling), ("cpu_affinity", args.cpu_affinity))
+    ]
+    variants = [tuple(pair for pair in combination if pair) for combination in itertools.product(*choices)]
+    settings = list(dict.fromkeys(onlyWhatMatters(n, variant) for variant in variants for n in counts))
     countCalls = not args.no_perf and SyscallCounter.available()
     sendMail = smtpSource if args.smtp_client == "smtp-source" else smtpLoad
     print(f"SMTP client: {args.smtp_client}; system calls counted: {'yes' if countCalls else 'no'}")
@@ -331,7 +342,7 @@ def main() -> None:
             # whichever setting went first: always one process.
             warmup = Path(top) / "warmup"
             warmup.mkdir()
-            daemon = Daemon(counts[0], warmup, None, args.imap_users)
+            daemon = Daemon(counts[0], warmup, (), args.imap_users)
             try:
                 sendMail(daemon.ports["smtp"], args.smtp_messages, args.smtp_concurrency)
                 if args.imaptest:
@@ -350,10 +361,10 @@ def main() -> None:
             daemons = {}
             try:
                 for key in order:
-                    n, policy = key
-                    folder = Path(top) / f"run{run}-w{n}-{policy or 'default'}"
+                    n, variant = key
+                    folder = Path(top) / f"run{run}-w{n}-{'-'.join(v for _, v in variant) or 'default'}"
                     folder.mkdir()
-                    daemons[key] = Daemon(n, folder, policy, args.imap_users)
+                    daemons[key] = Daemon(n, folder, variant, args.imap_users)
                 for key in order:
                     daemon = daemons[key]
                     settling.wait()
@@ -379,25 +390,36 @@ def main() -> None:
     summarize(results, settings)
 
 
+def onlyWhatMatters(workers: int, variant: tuple) -> tuple:
+    """
+    A setting as run: one process has no CPUs to share out, so it is run
+    once whatever C{cpu_affinity} is compared.
+    """
+    if workers == 1:
+        variant = tuple((name, value) for name, value in variant if name != "cpu_affinity")
+    return workers, variant
+
+
 def label(key: tuple) -> str:
-    n, policy = key
-    return f"{n} worker(s)" + (f", {policy}" if policy else "")
+    n, variant = key
+    return f"{n} worker(s)" + "".join(f", {name} {value}" for name, value in variant)
 
 
 def summarize(results: dict[tuple, dict[str, list[Phase]]], settings: list[tuple]) -> None:
     """
     Mean rates, their ratio to the first worker count's under the same
-    scheduling policy, and mean CPU milliseconds per operation of all
+    [cluster] settings, and mean CPU milliseconds per operation of all
     server processes and of the client.
     """
     def mean(values):
         values = list(values)
         return sum(values) / len(values)
 
-    print(f"\n{'setting':>20} {'load':>5} {'rate/s':>9} {'ratio':>6} {'per round':>18} "
+    width = max(len(label(key)) for key in settings)
+    print(f"\n{'setting':>{width}} {'load':>5} {'rate/s':>9} {'ratio':>6} {'per round':>18} "
           f"{'server ms/op':>13} {'client ms/op':>13}")
     for key in settings:
-        base = (settings[0][0], key[1])
+        base = onlyWhatMatters(settings[0][0], key[1])
         for load in ("smtp", "imap"):
             phases = results[key][load]
             if not phases:
@@ -409,7 +431,7 @@ def summarize(results: dict[tuple, dict[str, list[Phase]]], settings: list[tuple
             perRound = " ".join(f"{r:.2f}" for r in rounds)
             server = mean(p.perOperation(sum(p.serverCPU.values())) for p in phases)
             client = mean(p.perOperation(p.clientCPU) for p in phases)
-            print(f"{label(key):>20} {load:>5} {rate:>9,.0f} {ratio:>6.2f} {perRound:>18} "
+            print(f"{label(key):>{width}} {load:>5} {rate:>9,.0f} {ratio:>6.2f} {perRound:>18} "
                   f"{server:>13.3f} {client:>13.3f}")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from maild.names import InvalidName, normalizeAddress, normalizeDomain
+from maild.scheduling import AFFINITIES
 from maild.scheduling import POLICIES as SCHEDULING_POLICIES
 
 PROTOCOLS = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
@@ -256,6 +257,9 @@ class ClusterSettings:
     # Linux CPU policy of maild's processes and threads (SCHED_BATCH or
     # SCHED_OTHER): see maild.scheduling.
     scheduling: str = "batch"
+    # Several workers each on a share of the CPUs ("auto"), or wherever
+    # the kernel puts them ("none"): see maild.scheduling.
+    cpu_affinity: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -699,6 +703,11 @@ def loadConfig(
         problems.append(
             "cluster.scheduling: must be one of "
             f"{', '.join(SCHEDULING_POLICIES)}, got {tables['cluster'].scheduling!r}"
+        )
+    if tables["cluster"].cpu_affinity not in AFFINITIES:
+        problems.append(
+            f"cluster.cpu_affinity: must be one of {', '.join(AFFINITIES)},"
+            f" got {tables['cluster'].cpu_affinity!r}"
         )
     if values.get("watch", defaults.watch) not in ("inotify", "poll", "redis"):
         problems.append(

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from maild.config import PROTOCOLS, ConfigError, configFromOptions
 from maild.logs import WORKER_NAME_ENV, twistdDestination
-from maild.scheduling import applyScheduling
+from maild.scheduling import applyScheduling, placeWorker
 from maild.service import MailService
 from maild.workers import WorkerSupervisor, stopOnce
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -59,6 +62,9 @@ class Options(usage.Options):
 def makeService(options: Options):
     # Before any thread or worker starts, so that they inherit it.
     applyScheduling(options.config.cluster.scheduling)
+    cpus = placeWorker()
+    if cpus is not None:
+        log.info("running on CPU {cpus}", cpus=",".join(map(str, cpus)))
     if options.config.cluster.workers > 1:
         top = WorkerSupervisor(options.config, options)
     else:

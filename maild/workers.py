@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from maild.config import PROTOCOLS, Config
 from maild.imap.sharedcache import RENDERINGS_FD_ENV, makeShared
 from maild.logs import WORKER_LOG_FORMAT_ENV, WORKER_NAME_ENV, WorkerLogReader, useAsTwistdLog
+from maild.scheduling import WORKER_CPUS_ENV, availableCPUs, workerCPUs
 from maild.service import logCannotListen
 from maild.tls import certificateFiles
 
@@ -276,6 +277,10 @@ class WorkerSupervisor(service.Service):
         env.update(LISTEN_FDS=str(len(names)), LISTEN_FDNAMES=":".join(names))
         env.pop("LISTEN_PID", None)
         env[WORKER_NAME_ENV] = f"worker {number}"
+        env.pop(WORKER_CPUS_ENV, None)
+        cpus = availableCPUs() if self.config.cluster.cpu_affinity == "auto" else None
+        if cpus:
+            env[WORKER_CPUS_ENV] = ",".join(str(cpu) for cpu in workerCPUs(number, self.count, cpus))
         if self.logOutput is not None:
             env[WORKER_LOG_FORMAT_ENV] = self.config.log.format
         else:

@@ -168,6 +168,17 @@ class ConfigTests(unittest.SynchronousTestCase):
         problems = "\n".join(self.problems('[cluster]\nscheduling = "fifo"\n'))
         self.assertIn("cluster.scheduling: must be one of batch, normal, got 'fifo'", problems)
 
+    def test_cpuAffinity(self):
+        """
+        [cluster] cpu_affinity: auto by default, none on request, anything
+        else reported.
+        """
+        self.assertEqual(loadConfig().cluster.cpu_affinity, "auto")
+        config = loadConfig(self.write('[cluster]\ncpu_affinity = "none"\n'))
+        self.assertEqual(config.cluster.cpu_affinity, "none")
+        problems = "\n".join(self.problems('[cluster]\ncpu_affinity = "0-3"\n'))
+        self.assertIn("cluster.cpu_affinity: must be one of auto, none, got '0-3'", problems)
+
     def test_mxTable(self):
         """
         [mx]: the DMARC policy (enforce by default), whether checks run,

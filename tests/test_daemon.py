@@ -527,3 +527,38 @@ class SchedulingPolicyTests(unittest.TestCase):
         thread.start()
         thread.join()
         self.assertEqual(seen, [True, os.SCHED_BATCH, True, os.SCHED_OTHER])
+
+
+class WorkerCPUsTests(unittest.TestCase):
+    def test_sharesOfTheCPUs(self):
+        """
+        Each worker gets every count-th CPU of those the parent may use,
+        from its own; with more workers than CPUs, one CPU each, in turn.
+        """
+        from maild.scheduling import workerCPUs
+
+        self.assertEqual([workerCPUs(n, 2, [0, 1]) for n in (1, 2)], [[0], [1]])
+        self.assertEqual([workerCPUs(n, 2, [3, 0, 2, 1]) for n in (1, 2)], [[0, 2], [1, 3]])
+        self.assertEqual([workerCPUs(n, 3, [4, 6]) for n in (1, 2, 3)], [[4], [6], [4]])
+        self.assertEqual(workerCPUs(1, 1, [0, 1]), [0, 1])
+
+    def test_placedFromTheEnvironment(self):
+        """
+        In a worker, the CPUs its parent named are set on the calling
+        thread; without them nothing is set.
+        """
+        from maild.scheduling import WORKER_CPUS_ENV, placeWorker
+
+        cpus = sorted(os.sched_getaffinity(0))
+        seen = []
+
+        def run():
+            seen.append(placeWorker({WORKER_CPUS_ENV: str(cpus[-1])}))
+            seen.append(sorted(os.sched_getaffinity(0)))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        self.assertEqual(seen, [[cpus[-1]], [cpus[-1]]])
+        self.assertIsNone(placeWorker({}))
+        self.assertEqual(sorted(os.sched_getaffinity(0)), cpus)

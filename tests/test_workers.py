@@ -175,6 +175,27 @@ class WorkersTests(unittest.TestCase):
         policies = {tid: os.sched_getscheduler(tid) for tid in threads}
         self.assertEqual(set(policies.values()), {os.SCHED_BATCH}, policies)
 
+    def test_workersOnCPUsOfTheirOwn(self):
+        """
+        With the default C{[cluster] cpu_affinity}, each worker and every
+        thread it started runs on its own share of the CPUs; the parent is
+        left where it was.
+        """
+        available = sorted(os.sched_getaffinity(0))
+        if len(available) < 2:
+            raise unittest.SkipTest("one CPU: nothing to share out")
+        self.send(20, "threads")
+
+        def allowed(pid: int) -> dict[int, frozenset]:
+            return {int(t): frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+
+        placed = {number: allowed(pid) for number, pid in self.pids.items()}
+        for number, threads in placed.items():
+            self.assertGreater(len(threads), 1, number)
+            self.assertEqual(set(threads.values()), {frozenset(available[number - 1 :: 2])}, number)
+        self.assertEqual(set(allowed(self.daemon.process.pid).values()), {frozenset(available)})
+        self.assertIn("[worker 1] running on CPU", self.logText())
+
     def test_deadWorkerRestarted(self):
         """
         A worker killed with SIGKILL is started again by the parent, and
@@ -264,3 +285,32 @@ class WorkerLogReaderTests(unittest.SynchronousTestCase):
             output.getvalue(), "2026-12-01T03:04:21+0000 [worker 2] accepted 1\nsecond line\n"
         )
         self.assertEqual(events, [])
+
+
+class UnplacedWorkersTests(unittest.TestCase):
+    def test_cpuAffinityNone(self):
+        """
+        With C{[cluster] cpu_affinity = "none"} the workers may run on every
+        CPU their parent may.
+        """
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir()
+        writeUsers(folder / "maildata", {"alice@localhost": PASSWORD})
+        (folder / "maild.toml").write_text('[cluster]\ncpu_affinity = "none"\n')
+        smtp, log = freePort(), folder / "twistd.log"
+        daemon = Daemon(
+            folder,
+            ["-n", "--pidfile=", "--logfile", str(log), "maild", "--config", "maild.toml", "--workers=2"]
+            + listenOnly(smtp=f"tcp:{smtp}:interface=127.0.0.1"),
+        )
+        self.addCleanup(daemon.stop)
+        waitForPort(smtp, daemon.process)
+        def started():
+            text = log.read_text() if log.exists() else ""
+            pids = [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", text)]
+            return pids if len(pids) >= 2 and text.count("] maild starting") >= 2 else None
+
+        pids = waitFor(started, what="both workers to be up")
+        available = os.sched_getaffinity(0)
+        self.assertEqual([os.sched_getaffinity(pid) for pid in pids], [available, available])
+        self.assertNotIn("running on CPU", log.read_text())
