@@ -157,27 +157,21 @@ class ConfigTests(unittest.SynchronousTestCase):
             loadConfig("/nonexistent/maild.toml")
         self.assertIn("cannot read the config file", caught.exception.problems[0])
 
-    def test_schedulingPolicy(self):
+    def test_cpuChoices(self):
         """
-        [cluster] scheduling: batch by default, normal on request, anything
-        else reported.
+        [cluster] scheduling (batch by default, normal on request) and
+        cpu_affinity (auto by default, none on request): anything else is
+        reported.
         """
-        self.assertEqual(loadConfig().cluster.scheduling, "batch")
-        config = loadConfig(self.write('[cluster]\nscheduling = "normal"\n'))
-        self.assertEqual(config.cluster.scheduling, "normal")
-        problems = "\n".join(self.problems('[cluster]\nscheduling = "fifo"\n'))
-        self.assertIn("cluster.scheduling: must be one of batch, normal, got 'fifo'", problems)
-
-    def test_cpuAffinity(self):
-        """
-        [cluster] cpu_affinity: auto by default, none on request, anything
-        else reported.
-        """
-        self.assertEqual(loadConfig().cluster.cpu_affinity, "auto")
-        config = loadConfig(self.write('[cluster]\ncpu_affinity = "none"\n'))
-        self.assertEqual(config.cluster.cpu_affinity, "none")
-        problems = "\n".join(self.problems('[cluster]\ncpu_affinity = "0-3"\n'))
-        self.assertIn("cluster.cpu_affinity: must be one of auto, none, got '0-3'", problems)
+        for key, default, other, bad, choices in [
+            ("scheduling", "batch", "normal", "fifo", "batch, normal"),
+            ("cpu_affinity", "auto", "none", "0-3", "auto, none"),
+        ]:
+            self.assertEqual(getattr(loadConfig().cluster, key), default)
+            config = loadConfig(self.write(f'[cluster]\n{key} = "{other}"\n'))
+            self.assertEqual(getattr(config.cluster, key), other)
+            problems = "\n".join(self.problems(f'[cluster]\n{key} = "{bad}"\n'))
+            self.assertIn(f"cluster.{key}: must be one of {choices}, got '{bad}'", problems)
 
     def test_mxTable(self):
         """
