@@ -33,6 +33,26 @@ def alive(pid: int) -> bool:
         return False
 
 
+def logText(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def waitForWorkers(log: Path, count: int) -> dict[int, int]:
+    """
+    Wait until C{count} workers have started and come up, as their parent's
+    log C{log} says.
+
+    @return: each worker's number and pid.
+    """
+
+    def up():
+        text = logText(log)
+        pids = {int(n): int(p) for n, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", text)}
+        return pids if len(pids) >= count and text.count("] maild starting") >= count else None
+
+    return waitFor(up, what=f"{count} workers to be up")
+
+
 class WorkersTests(unittest.TestCase):
     def setUp(self):
         self.folder = Path(self.mktemp()).resolve()
@@ -50,20 +70,10 @@ class WorkersTests(unittest.TestCase):
         )
         self.addCleanup(self.daemon.stop)
         waitForPort(self.smtp, self.daemon.process)
-        self.pids = self.workerPids(2)
-        waitFor(lambda: self.logText().count("] maild starting") >= 2, what="both workers to be up")
+        self.pids = waitForWorkers(self.log, 2)
 
     def logText(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def workerPids(self, count: int) -> dict[int, int]:
-        def found():
-            pids = dict(
-                (int(n), int(p)) for n, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", self.logText())
-            )
-            return pids if len(pids) >= count else None
-
-        return waitFor(found, what="the workers to start")
+        return logText(self.log)
 
     def send(self, count: int, subject: str) -> None:
         def one(i):
@@ -305,12 +315,7 @@ class UnplacedWorkersTests(unittest.TestCase):
         )
         self.addCleanup(daemon.stop)
         waitForPort(smtp, daemon.process)
-        def started():
-            text = log.read_text() if log.exists() else ""
-            pids = [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", text)]
-            return pids if len(pids) >= 2 and text.count("] maild starting") >= 2 else None
-
-        pids = waitFor(started, what="both workers to be up")
+        pids = waitForWorkers(log, 2)
         available = os.sched_getaffinity(0)
-        self.assertEqual([os.sched_getaffinity(pid) for pid in pids], [available, available])
+        self.assertEqual([os.sched_getaffinity(pid) for pid in pids.values()], [available, available])
         self.assertNotIn("running on CPU", log.read_text())
